@@ -1,0 +1,163 @@
+"""A contiguous shard of a model's decoder layers, runnable for any subnet. Knows nothing of Ray.
+
+An evaluator replica is a chain of shards: the first embeds tokens, the last applies the final norm and
+LM head and returns the negative log-likelihood. One shard holding every layer is the whole model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.adapters import ModelAdapter
+from .models.sliced import LayerSlice, SlicedBlock, rms_norm
+from .models.weights import SharedState, unshare
+from .scores import GramAccumulator, LayerScores, layer_scores
+
+
+@dataclass
+class ShardSpec:
+    start: int
+    stop: int
+    first: bool
+    last: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+
+def split_layers(num_layers: int, stages: int) -> list[ShardSpec]:
+    if not 1 <= stages <= num_layers:
+        raise ValueError(f"ray.stages={stages} must be between 1 and the model's {num_layers} layers")
+    bounds = np.linspace(0, num_layers, stages + 1).round().astype(int)
+    return [ShardSpec(int(a), int(b), i == 0, i == stages - 1) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def shard_state_names(adapter: ModelAdapter, spec: ShardSpec) -> list[str]:
+    names = [n for i in spec.layers for n in adapter.block_state_keys(i).values()]
+    outer = adapter.outer_state_keys()
+    if spec.first:
+        names.append(outer["embed"])
+    if spec.last:
+        names += [outer["norm"], outer["lm_head"]]
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class NLL:
+    total: float  # summed negative log-likelihood (nats)
+    tokens: int
+    seconds: float = 0.0
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.total / self.tokens))
+
+
+class ShardRunner:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        state: SharedState | Mapping[str, torch.Tensor],
+        spec: ShardSpec,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.adapter, self.spec, self.device, self.dtype = adapter, spec, torch.device(device), dtype
+        self.geometry = adapter.geometry()
+        tensors = unshare(state) if any(isinstance(v, np.ndarray) for v in state.values()) else dict(state)
+
+        def get(name: str) -> torch.Tensor:
+            # On CPU at the stored dtype this is the shared tensor itself (no copy); never written.
+            return tensors[name].to(device=self.device, dtype=dtype)
+
+        self.blocks_w = {i: {k: get(n) for k, n in adapter.block_state_keys(i).items()} for i in spec.layers}
+        outer = adapter.outer_state_keys()
+        self.embed_w = get(outer["embed"]) if spec.first else None
+        self.norm_w = get(outer["norm"]) if spec.last else None
+        self.head_w = get(outer["lm_head"]) if spec.last else None
+        self.rotary = adapter.rotary().to(self.device)
+        self.scale, self.eps, self.act = adapter.attention_scale, adapter.norm_eps, adapter.hidden_act
+        self._cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scores: dict[int, LayerScores] = {}
+
+    # -- building -------------------------------------------------------------------------------------
+    def blocks(self, slices: Sequence[LayerSlice]) -> nn.ModuleDict:
+        """Physically sliced blocks of this shard's active layers (slices indexed by global layer)."""
+        return nn.ModuleDict(
+            {
+                str(i): SlicedBlock(self.blocks_w[i], slices[i], self.geometry, self.scale, self.eps, self.act)
+                for i in self.spec.layers
+                if slices[i].active
+            }
+        )
+
+    def cos_sin(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seqlen not in self._cos_sin:
+            pos = torch.arange(seqlen, device=self.device)[None]
+            probe = torch.empty(1, device=self.device, dtype=self.dtype)
+            self._cos_sin[seqlen] = self.rotary(probe, pos)
+        return self._cos_sin[seqlen]
+
+    # -- running --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens.to(self.device), self.embed_w)
+
+    @torch.no_grad()
+    def run_blocks(self, blocks: nn.ModuleDict, hidden: torch.Tensor, batch: int = 1, record=None) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        cos, sin = self.cos_sin(hidden.shape[1])
+        outs = []
+        for s in range(0, hidden.shape[0], batch):
+            h = hidden[s : s + batch]
+            c, si = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+            for name, block in blocks.items():
+                rec = None if record is None else (lambda key, x, _i=int(name): record(_i, key, x))
+                h = block(h, c, si, rec)
+            outs.append(h)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def nll(self, hidden: torch.Tensor, tokens: torch.Tensor) -> NLL:
+        total, count = 0.0, 0
+        tokens = tokens.to(self.device)
+        for h, t in zip(hidden, tokens):  # one window at a time: logits are vocab-wide
+            logits = F.linear(rms_norm(h.to(self.device), self.norm_w, self.eps), self.head_w).float()
+            total += float(F.cross_entropy(logits[:-1], t[1:], reduction="sum"))
+            count += t.numel() - 1
+        return NLL(total, count)
+
+    def forward(
+        self, slices: Sequence[LayerSlice], inp: torch.Tensor, tokens: torch.Tensor | None = None, batch: int = 1
+    ) -> torch.Tensor | NLL:
+        """Embed (first shard) or take hidden states, run this shard's blocks, and score (last shard)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hidden = self.embed(inp) if self.spec.first else inp
+            hidden = self.run_blocks(self.blocks(slices), hidden, batch)
+            if self.spec.last:
+                out = self.nll(hidden, tokens if tokens is not None else inp)
+                out.seconds = time.perf_counter() - t0
+                return out
+        return hidden
+
+    # -- calibration (dense model) ---------------------------------------------------------------------
+    def calibrate(self, inp: torch.Tensor, batch: int = 1, damp: float = 0.01) -> torch.Tensor:
+        """Run the dense shard layer by layer over all calibration windows, scoring each layer's channels
+        from its input Gram matrices (only one layer's Grams alive at a time); returns the output hidden."""
+        full = LayerSlice.full(self.geometry)
+        with torch.no_grad():
+            hidden = self.embed(inp) if self.spec.first else inp.to(self.device, self.dtype)
+            for i in self.spec.layers:
+                grams = GramAccumulator()
+                block = SlicedBlock(self.blocks_w[i], full, self.geometry, self.scale, self.eps, self.act)
+                hidden = self.run_blocks(nn.ModuleDict({str(i): block}), hidden, batch, record=grams.add)
+                self.scores[i] = layer_scores(self.blocks_w[i], grams, i, self.geometry, damp)
+        return hidden

@@ -1,0 +1,43 @@
+"""Reference computations the tests compare searchllm against."""
+import copy
+
+import torch
+
+from searchllm.models.adapters import ModelAdapter
+from searchllm.models.sliced import LayerSlice
+
+
+def masked_model(model, adapter: ModelAdapter, slices: list[LayerSlice]):
+    """The original HF model with every dropped row/column (and dropped layer) zeroed: the 'masked' subnet."""
+    m = copy.deepcopy(model)
+    g = adapter.geometry()
+    sd = m.state_dict()
+    with torch.no_grad():
+        for i, s in enumerate(slices):
+            keys = adapter.block_state_keys(i)
+            if not s.active:
+                for k, name in keys.items():
+                    if "norm" not in k:
+                        sd[name].zero_()
+                continue
+            keep_kv = torch.zeros(g.num_kv_heads * g.head_dim, dtype=torch.bool)
+            for h, dims in enumerate(s.kv_dims(g.head_dim)):
+                keep_kv[[h * g.head_dim + d for d in dims]] = True
+            keep_q = keep_kv.view(g.num_kv_heads, 1, g.head_dim).expand(-1, g.group_size, -1).reshape(-1)
+            keep_m = torch.zeros(g.intermediate, dtype=torch.bool)
+            keep_m[list(s.mlp)] = True
+            for k, keep in (("q", keep_q), ("k", keep_kv), ("v", keep_kv), ("gate", keep_m), ("up", keep_m)):
+                sd[keys[k]][~keep] = 0
+                if f"{k}_bias" in keys:
+                    sd[keys[f"{k}_bias"]][~keep] = 0
+            sd[keys["o"]][:, ~keep_q] = 0
+            sd[keys["down"]][:, ~keep_m] = 0
+    return m
+
+
+def hf_ppl(model, tokens: torch.Tensor) -> float:
+    """Perplexity over windows, each window scored on its own (tokens 1..T given the prefix)."""
+    with torch.no_grad():
+        logits = model(tokens).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    return float(torch.exp(nll))

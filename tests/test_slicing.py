@@ -1,0 +1,76 @@
+"""A physically sliced subnet computes exactly what the masked original model computes."""
+import numpy as np
+import pytest
+import torch
+
+from searchllm.models.adapters import adapter_for
+from searchllm.models.sliced import LayerSlice
+from searchllm.models.weights import share
+from searchllm.shard import ShardRunner, split_layers
+
+from conftest import tiny_model
+from helpers import hf_ppl, masked_model
+
+
+def whole(adapter, model):
+    return ShardRunner(adapter, share(model.state_dict()), split_layers(adapter.geometry().num_layers, 1)[0])
+
+
+def random_slices(g, rng, heads_only=False, drop_layer=None):
+    out = []
+    for i in range(g.num_layers):
+        if heads_only:
+            kept = rng.random(g.num_kv_heads) < 0.6
+            kept[rng.integers(g.num_kv_heads)] = True
+            pairs = tuple(tuple(range(g.head_dim // 2)) if k else () for k in kept)
+        else:  # different widths per head, arbitrary (non-contiguous) pairs
+            pairs = tuple(
+                tuple(sorted(rng.choice(g.head_dim // 2, rng.integers(2, g.head_dim // 2 + 1), replace=False).tolist()))
+                for _ in range(g.num_kv_heads)
+            )
+        mlp = tuple(sorted(rng.choice(g.intermediate, rng.integers(8, g.intermediate), replace=False).tolist()))
+        out.append(LayerSlice(pairs, mlp, active=i != drop_layer))
+    return out
+
+
+def test_full_subnet_gives_the_original_perplexity(llama, adapter, tokens):
+    runner = whole(adapter, llama)
+    full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
+    assert runner.forward(full, tokens).ppl == pytest.approx(hf_ppl(llama, tokens), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("heads_only", [False, True])
+def test_sliced_subnet_equals_masked_model(model_type, heads_only, tokens):
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config)
+    slices = random_slices(adapter.geometry(), np.random.default_rng(3), heads_only=heads_only)
+    got = whole(adapter, model).forward(slices, tokens).ppl
+    want = hf_ppl(masked_model(model, adapter, slices), tokens)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got != pytest.approx(hf_ppl(model, tokens), rel=1e-3)  # the subnet really differs
+
+
+def test_dropped_layer_equals_zeroed_layer(llama, adapter, tokens):
+    slices = random_slices(adapter.geometry(), np.random.default_rng(5), drop_layer=1)
+    got = whole(adapter, llama).forward(slices, tokens).ppl
+    assert got == pytest.approx(hf_ppl(masked_model(llama, adapter, slices), tokens), rel=1e-4)
+
+
+def test_gqa_query_heads_follow_their_kv_head(llama, adapter, tokens):
+    """Dropping a KV head removes all query heads of its group: the q projection shrinks by group size."""
+    g = adapter.geometry()
+    full = LayerSlice.full(g)
+    one_head = LayerSlice((full.kv_pairs[0], ()), full.mlp)
+    block = whole(adapter, llama).blocks([one_head] * g.num_layers)["0"]
+    assert block.attn.q.weight.shape[0] == g.group_size * g.head_dim
+    assert block.attn.k.weight.shape[0] == g.head_dim
+
+
+def test_two_shards_give_the_same_loss_as_one(llama, adapter, tokens):
+    g = adapter.geometry()
+    slices = random_slices(g, np.random.default_rng(7))
+    state = share(llama.state_dict())
+    a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
+    two = b.forward(slices, a.forward(slices, tokens), tokens).ppl
+    assert two == pytest.approx(whole(adapter, llama).forward(slices, tokens).ppl, rel=1e-6)
