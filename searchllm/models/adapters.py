@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,24 +41,25 @@ class Geometry:
 
     @property
     def layer_params(self) -> int:
-        return self.layer_count([self.head_dim] * self.num_kv_heads, self.intermediate)
+        return int(self.layer_count(self.num_kv_heads * self.head_dim, self.intermediate))
 
     @property
     def total_params(self) -> int:
         return self.outer_params + self.num_layers * self.layer_params
 
-    def layer_count(self, kv_dims: list[int] | "torch.Tensor", mlp: int) -> int:
-        """Parameters of one block keeping `kv_dims[g]` dims in each KV head and `mlp` channels."""
-        kv = int(sum(int(d) for d in kv_dims))
+    def layer_count(self, kv: Any, mlp: Any) -> Any:
+        """Parameters of a block keeping `kv` dims summed over its KV heads and `mlp` MLP channels.
+
+        Works elementwise on numpy arrays, so whole populations are counted at once."""
         q = kv * self.group_size
         h = self.hidden
         n = h * (q + 2 * kv) + q * h + 3 * h * mlp + self.norm_params
         if self.qkv_bias:
-            n += q + 2 * kv
-        if self.o_bias and q:
-            n += h
-        if self.mlp_bias and mlp:
-            n += 2 * mlp + h
+            n = n + q + 2 * kv
+        if self.o_bias:
+            n = n + h * (q > 0)
+        if self.mlp_bias:
+            n = n + 2 * mlp + h * (mlp > 0)
         return n
 
 
