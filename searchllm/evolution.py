@@ -53,38 +53,6 @@ def mutate_mask(mask: np.ndarray, count: int, alpha: float, rng: np.random.Gener
     return out
 
 
-class EvolutionParams:
-    population: int = 100
-    parents: int = 10
-    mutations: int = 50
-    crossovers: int = 30
-    prob_mask_init: float = 0.6
-    prob_ratio_init: float = 0.3
-    prob_mask: float = 0.3
-    prob_ratio: float = 0.1
-    prob_depth: float = 0.1
-    alpha: float = 0.8
-    max_tries: int = 1000
-
-
-def mutate_mask(mask: np.ndarray, count: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
-    kept = np.flatnonzero(mask)
-    dropped = np.flatnonzero(~mask)
-    base = min(len(kept), count)
-    retain = int(rng.integers(math.ceil(alpha * base), base + 1)) if base else 0
-    retained = rng.choice(kept, retain, replace=False)
-    need = count - retain
-    pool = dropped if need <= len(dropped) else np.concatenate([dropped, np.setdiff1d(kept, retained)])
-    fill = rng.choice(pool, need, replace=False) if need <= len(dropped) else np.concatenate(
-        [dropped, rng.choice(np.setdiff1d(kept, retained), need - len(dropped), replace=False)]
-    )
-    del pool
-    out = np.zeros_like(mask)
-    out[retained] = True
-    out[fill] = True
-    return out
-
-
 class Evolution:
     def __init__(self, space: SearchSpace, budget: Budget, params: EvolutionParams) -> None:
         self.space, self.budget, self.p = space, budget, params
@@ -150,28 +118,28 @@ class Evolution:
         return c
 
     # -- generations -------------------------------------------------------------------------------
-    def _children(self, n: int, make, seen: set[str], rng: np.random.Generator) -> list[Candidate]:
+    def _children(self, n: int, make, seen: set[str], rng: np.random.Generator, origin: str) -> list[tuple[Candidate, str]]:
         out = []
         for _ in range(n):
             for _try in range(self.p.max_tries):
                 child = self.repair(make(), rng)
                 if self.valid(child) and child.key() not in seen:
                     seen.add(child.key())
-                    out.append(child)
+                    out.append((child, origin))
                     break
             else:
                 self.skipped += 1
         return out
 
-    def first_generation(self, init: Candidate, rng: np.random.Generator, seen: set[str]) -> list[Candidate]:
+    def first_generation(self, init: Candidate, rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
         p = self.p
-        first = [init] if init.key() not in seen else []
+        first = [(init, "init")] if init.key() not in seen else []
         seen.add(init.key())
         return first + self._children(
-            p.population - len(first), lambda: self.mutate(init, rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng
+            p.population - len(first), lambda: self.mutate(init, rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng, "mutation"
         )
 
-    def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[Candidate]:
+    def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
         p = self.p
 
         def pick() -> Candidate:
@@ -183,9 +151,9 @@ class Evolution:
 
         rest = p.population - p.mutations - p.crossovers
         return (
-            self._children(p.mutations, lambda: self.mutate(pick(), rng, p.prob_mask, p.prob_ratio, p.prob_depth), seen, rng)
-            + self._children(p.crossovers, cross, seen, rng)
-            + self._children(rest, lambda: self.mutate(pick(), rng, p.prob_mask_init, p.prob_ratio_init, p.prob_depth), seen, rng)
+            self._children(p.mutations, lambda: self.mutate(pick(), rng, p.prob_mask, p.prob_ratio, p.prob_depth), seen, rng, "mutation")
+            + self._children(p.crossovers, cross, seen, rng, "crossover")
+            + self._children(rest, lambda: self.mutate(pick(), rng, p.prob_mask_init, p.prob_ratio_init, p.prob_depth), seen, rng, "random")
         )
 
     @staticmethod

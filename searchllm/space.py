@@ -95,6 +95,35 @@ class SearchSpace:
         self.depth_range = depth_range or (g.num_layers, g.num_layers)
         self.attn_range, self.mlp_range = attn_range, mlp_range
 
+    @classmethod
+    def for_target(
+        cls,
+        g: Geometry,
+        target: float,
+        attention: str = "channels",
+        attn_min: float | None = None,
+        attn_max: float = 1.0,
+        attn_step: float = 0.01,
+        mlp_min: float | None = None,
+        mlp_max: float = 1.0,
+        mlp_step: float = 0.05,
+        depth_min: int | None = None,
+    ) -> "SearchSpace":
+        """The paper's Table 1 space for a target ratio; any bound given explicitly wins."""
+        a, m, drop = table1_row(target)
+        depth_lo = depth_min if depth_min is not None else g.num_layers - round(g.num_layers * drop)
+        if not 1 <= depth_lo <= g.num_layers:
+            raise BudgetError(f"space.depth_min={depth_lo} must be between 1 and the model's {g.num_layers} layers")
+        return cls(
+            g,
+            attention,
+            (attn_min if attn_min is not None else a, attn_max),
+            attn_step,
+            (mlp_min if mlp_min is not None else m, mlp_max),
+            mlp_step,
+            (depth_lo, g.num_layers),
+        )
+
     # -- shapes and conversions ---------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

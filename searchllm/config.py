@@ -1,0 +1,235 @@
+"""Run configuration: OmegaConf structured configs, defaults in conf/*.yaml, `key=value` overrides.
+
+`load_config(argv)` is the one entry: it merges the dataclass defaults, conf/default.yaml (or
+`--config FILE`), and dotted overrides, then validates. Any problem raises ConfigError with a one-line
+message naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .space import ATTENTION_MODES, BUDGET_COUNTS
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "conf" / "default.yaml"
+CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
+DTYPES = ("float32", "bfloat16", "float16")
+SEARCH_MODES = ("paper",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2" (the bundled SmolLM2-135M-Instruct GGUF), a local HF checkpoint dir, a .gguf file, or a hub id.
+    path: str = "smollm2"
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "float32"
+    cache_dir: str = "~/.cache/searchllm"
+
+
+@dataclass
+class CorpusConfig:
+    name: str = "wikitext2"  # wikitext2 (tokenized, <unk>), wikitext2-raw, ptb, c4, or text (a local file)
+    split: str = "validation"
+    path: Optional[str] = None  # a local file; when unset, data.root is searched, then the hub
+    samples: int = 5  # windows
+    seqlen: int = 2048
+
+
+@dataclass
+class DataConfig:
+    # Folder with local corpora (the layout of ../shared/data); "auto": $SEARCHLLM_DATA, else ../shared/data.
+    root: str = "auto"
+    seed: int = 0  # draws the random calibration windows
+    batch: int = 1  # windows per forward pass
+    calibration: CorpusConfig = field(default_factory=lambda: CorpusConfig(samples=128))
+    fitness: CorpusConfig = field(default_factory=CorpusConfig)
+    report: CorpusConfig = field(default_factory=lambda: CorpusConfig(name="wikitext2-raw", split="test", samples=0))
+
+
+@dataclass
+class SpaceConfig:
+    attention: str = "channels"  # channels (inside each head, the paper's space) | heads (whole GQA groups)
+    attn_min: Optional[float] = None  # None: paper Table 1 row for budget.target
+    attn_max: float = 1.0
+    attn_step: float = 0.01
+    mlp_min: Optional[float] = None
+    mlp_max: float = 1.0
+    mlp_step: float = 0.05
+    depth_min: Optional[int] = None  # None: paper Table 1 (LLaMA-7B share of blocks)
+
+
+@dataclass
+class BudgetConfig:
+    target: float = 0.8  # inheriting ratio: kept / original parameters
+    tol: float = 0.01
+    count: str = "total"  # total (embeddings and LM head included, as the paper) | decoder
+
+
+@dataclass
+class SearchConfig:
+    mode: str = "paper"
+    seed: int = 0
+    generations: int = 50
+    population: int = 100
+    parents: int = 10
+    mutations: int = 50
+    crossovers: int = 30
+    prob_mask_init: float = 0.6
+    prob_ratio_init: float = 0.3
+    prob_mask: float = 0.3
+    prob_ratio: float = 0.1
+    prob_depth: float = 0.1
+    alpha: float = 0.8
+    max_tries: int = 1000
+    score_damp: float = 0.01  # damping of the Gram inverse in the importance scores
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: $RAY_ADDRESS, else a running local cluster, else start one
+    replicas: int = 1  # evaluator replicas
+    stages: int = 1  # actors per replica, each a contiguous shard of layers
+    in_flight: int = 2  # candidates queued per replica
+    num_cpus: Optional[int] = None  # only when the driver starts its own Ray
+    device: str = "auto"  # auto: a GPU per actor when Ray lists GPUs
+    max_restarts: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: Optional[str] = None  # None: runs/<time>
+    resume: Optional[str] = None  # a run dir to continue
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": DTYPES,
+    "data.calibration.name": CORPORA,
+    "data.fitness.name": CORPORA,
+    "data.report.name": CORPORA,
+    "space.attention": ATTENTION_MODES,
+    "budget.count": BUDGET_COUNTS,
+    "search.mode": SEARCH_MODES,
+    "ray.device": DEVICES,
+}
+
+# Overrides allowed when resuming: they change how the run is executed, not what it computes.
+RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations")
+
+
+def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        if "not in struct" in msg or "Key '" in msg and "not" in msg:
+            raise ConfigError(f"unknown config key {key!r} ({where}); see conf/default.yaml for the keys") from None
+        raise ConfigError(f"bad value for {key!r} ({where}): {msg}") from None
+
+
+def parse_overrides(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    config_file, dotlist, it = None, [], iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_file = next(it, None)
+            if config_file is None:
+                raise ConfigError("--config needs a file path, e.g. --config conf/default.yaml")
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif "=" in arg and not arg.startswith("-"):
+            dotlist.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; use --config FILE and key=value overrides")
+    return config_file, dotlist
+
+
+def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
+    config_file, dotlist = parse_overrides(argv)
+    cfg = OmegaConf.structured(Config)
+    path = Path(config_file) if config_file else (base_file or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML with --config")
+    cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    try:
+        overrides = OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {dotlist}: {str(e).splitlines()[0]}") from None
+    cfg = _merge(cfg, overrides, "command line")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def validate(c: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(c), key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    if not 0 < c.budget.target <= 1:
+        raise ConfigError(f"budget.target={c.budget.target} must be in (0, 1]: the kept share of parameters")
+    if not 0 <= c.budget.tol < 1:
+        raise ConfigError(f"budget.tol={c.budget.tol} must be in [0, 1)")
+    for key in ("attn", "mlp"):
+        lo, hi, step = getattr(c.space, f"{key}_min"), getattr(c.space, f"{key}_max"), getattr(c.space, f"{key}_step")
+        if lo is not None and not 0 < lo <= hi:
+            raise ConfigError(f"space.{key}_min={lo} must be in (0, space.{key}_max={hi}]")
+        if not 0 < hi <= 1:
+            raise ConfigError(f"space.{key}_max={hi} must be in (0, 1]")
+        if not 0 < step <= 1:
+            raise ConfigError(f"space.{key}_step={step} must be in (0, 1]")
+    s = c.search
+    for key in ("generations", "population", "parents", "max_tries"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"search.{key}={getattr(s, key)} must be >= 1")
+    if s.mutations < 0 or s.crossovers < 0 or s.mutations + s.crossovers > s.population:
+        raise ConfigError(
+            f"search.mutations={s.mutations} + search.crossovers={s.crossovers} must be >= 0 and <= search.population={s.population}"
+        )
+    if s.parents > s.population:
+        raise ConfigError(f"search.parents={s.parents} must be <= search.population={s.population}")
+    for key in ("prob_mask_init", "prob_ratio_init", "prob_mask", "prob_ratio", "prob_depth", "alpha"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise ConfigError(f"search.{key}={getattr(s, key)} must be in [0, 1]")
+    for name in ("calibration", "fitness", "report"):
+        corpus: CorpusConfig = getattr(c.data, name)
+        if corpus.samples < 0 or corpus.seqlen < 2:
+            raise ConfigError(f"data.{name}: samples={corpus.samples} must be >= 0 and seqlen={corpus.seqlen} >= 2")
+        if corpus.name == "text" and not corpus.path:
+            raise ConfigError(f"data.{name}.name=text needs data.{name}.path=<a local text file>")
+    if c.data.fitness.samples < 1 or c.data.calibration.samples < 1:
+        raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
+    r = c.ray
+    for key in ("replicas", "stages", "in_flight"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"ray.{key}={getattr(r, key)} must be >= 1")
+
+
+def check_resume_overrides(argv: list[str]) -> None:
+    _, dotlist = parse_overrides(argv)
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        if not key.startswith(RESUMABLE_PREFIXES):
+            raise ConfigError(
+                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.* and search.generations can"
+            )
+
+
+def to_yaml(c: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(c))

@@ -1,0 +1,211 @@
+"""`python -m searchllm.driver [--config FILE] [key=value ...]`: calibrate, score, search on Ray.
+
+Flow: config -> model config/adapter -> search space and budget (checked before any weights load) ->
+corpora -> Ray -> evaluator pool -> dense baseline -> calibration scores -> initial subnet -> evolution
+-> report. Bad input stops early with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import Config, ConfigError, check_resume_overrides, load_config, to_yaml
+from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
+from .evolution import Evolution, EvolutionParams
+from .models.adapters import UnsupportedModelError
+from .models.loading import ModelError, load, load_config_only
+from .rundir import RunDir
+from .search import Search, SearchResult, summarize
+from .space import Budget, BudgetError, SearchSpace
+
+log = logging.getLogger("searchllm")
+USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError)
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    run: RunDir
+    space: SearchSpace
+    budget: Budget
+    hf_config: object
+
+
+def resolve_config(argv: list[str]) -> tuple[Config, RunDir]:
+    cfg = load_config(argv)
+    if cfg.resume:
+        run = RunDir(cfg.resume)
+        if not run.started:
+            raise ConfigError(f"resume={cfg.resume!r} is not a searchllm run directory (no config.yaml); give the run dir of a started search")
+        check_resume_overrides(argv)
+        saved = run.path / "config.yaml"
+        # The run's own config decides what is computed; the command line may only change execution.
+        cfg = load_config([a for a in argv if not a.startswith("resume=")], base_file=saved)
+        cfg.resume, cfg.run_dir = str(run.path), str(run.path)
+        return cfg, run
+    path = cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    if RunDir(path).load_checkpoint() is not None:
+        raise ConfigError(f"run_dir={path!r} already holds a search; pass resume={path} to continue it or pick a new run_dir")
+    cfg.run_dir = path
+    return cfg, RunDir(path)
+
+
+def prepare(argv: list[str]) -> Prepared:
+    cfg, run = resolve_config(argv)
+    _, hf_config, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
+    g = adapter.geometry()
+    s = cfg.space
+    space = SearchSpace.for_target(
+        g, cfg.budget.target, s.attention, s.attn_min, s.attn_max, s.attn_step, s.mlp_min, s.mlp_max, s.mlp_step, s.depth_min
+    )
+    budget = Budget(cfg.budget.target, cfg.budget.tol, cfg.budget.count)
+    lo, hi = space.bounds(budget.count)
+    if budget.high < lo or budget.low > hi:
+        raise BudgetError(space.infeasible_message(budget))
+    return Prepared(cfg, run, space, budget, hf_config)
+
+
+def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    d, texts, where = cfg.data, {}, {}
+    for name in ("calibration", "fitness", "report"):
+        corpus = getattr(d, name)
+        key = (corpus.name, corpus.split, corpus.path)
+        if key not in texts:
+            text, src = load_text(corpus, d.root)
+            texts[key] = tokenize(text, tokenizer)
+        where[name] = f"{corpus.name}/{corpus.split} ({key[2] or 'auto'})"
+    c, f, r = d.calibration, d.fitness, d.report
+    tokens = {
+        "calibration": random_windows(texts[(c.name, c.split, c.path)], c.samples, c.seqlen, d.seed, "data.calibration"),
+        "fitness": first_windows(texts[(f.name, f.split, f.path)], f.samples, f.seqlen, "data.fitness"),
+        "report": first_windows(texts[(r.name, r.split, r.path)], r.samples, r.seqlen, "data.report"),
+    }
+    return tokens, where
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    try:
+        p = prepare(sys.argv[1:] if argv is None else argv)
+        return run(p)
+    except USER_ERRORS as e:
+        print(f"searchllm: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .distributed import ClusterError
+
+        if isinstance(e, ClusterError):
+            print(f"searchllm: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def run(p: Prepared) -> int:
+    from tqdm import tqdm
+
+    from .distributed import EvaluatorPool, RayEvaluator, connect
+
+    cfg, run_dir, space, budget = p.cfg, p.run, p.space, p.budget
+    g = space.geometry
+    log.info(
+        "model %s: %d layers, %d heads / %d KV heads, MLP %d, %.1fM params; target kept ratio %.3f ± %.3f (%s)",
+        cfg.model.path, g.num_layers, g.num_heads, g.num_kv_heads, g.intermediate, g.total_params / 1e6,
+        budget.target, budget.tol, budget.count,
+    )
+    log.info(
+        "space: attention=%s, per-group ratio %s, MLP ratio %s, depth %s", space.attention, space.attn_range, space.mlp_range, space.depth_range
+    )
+    loaded = load(cfg.model, data_root(cfg.data.root))
+    tokens, where = token_sets(cfg, loaded.tokenizer)
+    log.info("%s", connect(cfg.ray))
+    run_dir.create()
+    if not run_dir.started:
+        run_dir.write_text("config.yaml", to_yaml(cfg))
+    pool = EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens)
+    batch = cfg.data.batch
+    del loaded.model  # the object store holds the weights now
+
+    dense = space.full()
+    fit = {i: nll for i, nll, _ in pool.stream(space, [dense], "fitness", batch)}[0]
+    log.info("dense model: fitness ppl %.3f on %s, %d tokens", fit.ppl, where["fitness"], fit.tokens)
+
+    scores = run_dir.load_scores()
+    if scores is None:
+        c = cfg.data.calibration
+        log.info("calibrating on %d windows x %d tokens of %s", c.samples, c.seqlen, where["calibration"])
+        t0 = time.perf_counter()
+        scores = pool.calibrate(batch, cfg.search.score_damp)
+        run_dir.save_scores(*scores)
+        log.info("channel scores ready in %.1fs", time.perf_counter() - t0)
+    init = space.initial(scores[0], scores[1], budget)
+    log.info("initial subnet: kept ratio %.4f, %d attention units and %d MLP channels per block", space.ratio(init, budget.count),
+             int(init.attn[0].sum()) // space.groups, int(init.mlp[0].sum()))
+
+    s = cfg.search
+    params = EvolutionParams(
+        s.population, s.parents, s.mutations, s.crossovers, s.prob_mask_init, s.prob_ratio_init, s.prob_mask,
+        s.prob_ratio, s.prob_depth, s.alpha, s.max_tries,
+    )
+    bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
+    search = Search(space, Evolution(space, budget, params), RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
+    t0 = time.perf_counter()
+    result = search.run_search(init)
+    wall = time.perf_counter() - t0
+
+    dense_rep, best_rep = (nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0]))
+    report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
+    return 0
+
+
+def report(run_dir: RunDir, cfg: Config, space: SearchSpace, result: SearchResult, dense_fit: float, dense_rep: float,
+           best_rep: float, where: dict[str, str], wall: float, tokens: dict[str, torch.Tensor]) -> None:
+    g = space.geometry
+    best = {
+        "key": result.best.key(),
+        "params": result.params,
+        "ratio": result.ratio,
+        "fitness": result.fitness,
+        "genes": result.best.to_bytes(),
+        "attention": space.attention,
+        **summarize(space, result.best),
+    }
+    run_dir.save_json("best.json", best)
+    summary = {
+        "model": cfg.model.path,
+        "total_params": g.total_params,
+        "target": cfg.budget.target,
+        "best_params": result.params,
+        "best_ratio": result.ratio,
+        "fitness_corpus": where["fitness"],
+        "fitness_tokens": list(tokens["fitness"].shape),
+        "dense_fitness_ppl": dense_fit,
+        "best_fitness_ppl": result.fitness,
+        "report_corpus": where["report"],
+        "report_tokens": list(tokens["report"].shape),
+        "dense_report_ppl": dense_rep,
+        "best_report_ppl": best_rep,
+        "generations": result.generations,
+        "evaluations": result.evaluations,
+        "search_seconds": wall,
+        "history": result.history,
+    }
+    run_dir.save_json("summary.json", summary)
+    n, t = tokens["report"].shape
+    print(
+        f"\nbest subnet: kept ratio {result.ratio:.4f} ({result.params / 1e6:.2f}M of {g.total_params / 1e6:.2f}M params), "
+        f"depth {result.best.depth}/{g.num_layers}, after {result.generations} generations / {result.evaluations} evaluations "
+        f"in {wall:.0f}s\n"
+        f"  fitness ppl ({where['fitness']}): dense {dense_fit:.2f} -> subnet {result.fitness:.2f}\n"
+        f"  report ppl  ({where['report']}, {n}x{t} tokens): dense {dense_rep:.2f} -> subnet {best_rep:.2f}\n"
+        f"  run dir: {run_dir.path}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

