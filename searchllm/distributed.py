@@ -100,8 +100,9 @@ class Placement:
             raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
         if cfg.device != "cpu" and gpus >= 1:
             return cls(1, min(1.0, gpus / actors), 1)
-        per = max(1, int(cpus // actors))  # never ask for GPUs a cluster does not list: such actors never start
-        return cls(per, 0, per)
+        # Never ask for GPUs a cluster does not list, nor more CPUs than it has: such actors never start.
+        per = cpus / actors if actors > cpus else float(int(cpus // actors))
+        return cls(per, 0, max(1, int(per)))
 
 
 class EvaluatorPool:
@@ -136,6 +137,18 @@ class EvaluatorPool:
         for r, chain in enumerate(self.replicas):
             log.info("replica %d: %s", r, "; ".join(ray.get([a.ready.remote() for a in chain])))
         self.alive = list(range(len(self.replicas)))
+
+    def shutdown(self) -> None:
+        for chain in self.replicas:
+            for actor in chain:
+                ray.kill(actor, no_restart=True)
+        self.replicas, self.alive = [], []
+
+    def __enter__(self) -> "EvaluatorPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def _submit(self, replica: int, slices: list[LayerSlice], which: str, batch: int) -> ray.ObjectRef:
         out = None

@@ -19,7 +19,7 @@ from .config import Config, ConfigError, check_resume_overrides, load_config, to
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
 from .evolution import Evolution, EvolutionParams
 from .models.adapters import UnsupportedModelError
-from .models.loading import ModelError, load, load_config_only
+from .models.loading import ModelError, load, load_config_only, load_tokenizer
 from .rundir import RunDir
 from .search import Search, SearchResult, summarize
 from .space import Budget, BudgetError, SearchSpace
@@ -34,7 +34,8 @@ class Prepared:
     run: RunDir
     space: SearchSpace
     budget: Budget
-    hf_config: object
+    tokens: dict[str, torch.Tensor]
+    where: dict[str, str]  # corpus descriptions for the report
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, RunDir]:
@@ -58,7 +59,7 @@ def resolve_config(argv: list[str]) -> tuple[Config, RunDir]:
 
 def prepare(argv: list[str]) -> Prepared:
     cfg, run = resolve_config(argv)
-    _, hf_config, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
+    _, _, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
     g = adapter.geometry()
     s = cfg.space
     space = SearchSpace.for_target(
@@ -68,7 +69,8 @@ def prepare(argv: list[str]) -> Prepared:
     lo, hi = space.bounds(budget.count)
     if budget.high < lo or budget.low > hi:
         raise BudgetError(space.infeasible_message(budget))
-    return Prepared(cfg, run, space, budget, hf_config)
+    tokens, where = token_sets(cfg, load_tokenizer(cfg.model, data_root(cfg.data.root)))
+    return Prepared(cfg, run, space, budget, tokens, where)
 
 
 def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,6 +92,9 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
         p = prepare(sys.argv[1:] if argv is None else argv)
@@ -107,9 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(p: Prepared) -> int:
-    from tqdm import tqdm
-
-    from .distributed import EvaluatorPool, RayEvaluator, connect
+    from .distributed import EvaluatorPool, connect
 
     cfg, run_dir, space, budget = p.cfg, p.run, p.space, p.budget
     g = space.geometry
@@ -121,15 +124,23 @@ def run(p: Prepared) -> int:
     log.info(
         "space: attention=%s, per-group ratio %s, MLP ratio %s, depth %s", space.attention, space.attn_range, space.mlp_range, space.depth_range
     )
+    tokens, where = p.tokens, p.where
     loaded = load(cfg.model, data_root(cfg.data.root))
-    tokens, where = token_sets(cfg, loaded.tokenizer)
     log.info("%s", connect(cfg.ray))
     run_dir.create()
     if not run_dir.started:
         run_dir.write_text("config.yaml", to_yaml(cfg))
-    pool = EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens)
+    with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens) as pool:
+        del loaded.model  # the object store holds the weights now
+        return search_and_report(cfg, run_dir, space, budget, pool, tokens, where)
+
+
+def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where) -> int:
+    from tqdm import tqdm
+
+    from .distributed import RayEvaluator
+
     batch = cfg.data.batch
-    del loaded.model  # the object store holds the weights now
 
     dense = space.full()
     fit = {i: nll for i, nll, _ in pool.stream(space, [dense], "fitness", batch)}[0]

@@ -44,3 +44,68 @@ def tokens():
 @pytest.fixture
 def adapter(llama):
     return adapter_for(llama.config)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session, never attached to a user's cluster."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+WORDS = "the of and to in a is was for on as with by he at from his it an that were are which this be".split()
+
+
+def word_tokenizer(path):
+    """A small word-level tokenizer built offline (no hub), saved next to a tiny checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A tiny random LLaMA saved as a Hugging Face checkpoint with its tokenizer, plus a text corpus."""
+    path = tmp_path / "tiny-llama"
+    tok = word_tokenizer(path)
+    model = tiny_model("llama", layers=4, vocab_size=len(tok))
+    model.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(words))
+    return path, corpus
+
+
+def tiny_run_args(path, corpus, run_dir, *extra):
+    data = [f"data.{n}.name=text data.{n}.path={corpus} data.{n}.seqlen=32" for n in ("calibration", "fitness", "report")]
+    return [
+        f"model.path={path}", f"run_dir={run_dir}", *" ".join(data).split(),
+        "data.calibration.samples=8", "data.fitness.samples=2", "data.report.samples=2",
+        "search.generations=3", "search.population=8", "search.parents=3", "search.mutations=4", "search.crossovers=2",
+        "budget.target=0.7", "budget.tol=0.03", *extra,
+    ]
+
+
+SMOLLM2_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (converted once from the GGUF and cached); skipped when the GGUF is absent."""
+    from searchllm.config import ModelConfig
+    from searchllm.data import data_root
+    from searchllm.models.loading import ModelError, load
+
+    try:
+        return load(ModelConfig(), data_root("auto"))
+    except ModelError as e:
+        pytest.skip(str(e))

@@ -104,10 +104,16 @@ def load_config_only(cfg: ModelConfig, data_root: Path | None):
     return where, hf_cfg, adapter_for(hf_cfg)
 
 
+def load_tokenizer(cfg: ModelConfig, data_root: Path | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve(cfg, data_root), revision=cfg.revision)
+
+
 def load(cfg: ModelConfig, data_root: Path | None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     where, _, adapter = load_config_only(cfg, data_root)
     model = AutoModelForCausalLM.from_pretrained(where, revision=cfg.revision, dtype=DTYPES[cfg.dtype]).eval()
-    tok = AutoTokenizer.from_pretrained(where, revision=cfg.revision)
+    tok = load_tokenizer(cfg, data_root)
     return LoadedModel(model, tok, adapter_for(model.config), source=f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else ""), checkpoint=where)

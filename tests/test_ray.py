@@ -1,0 +1,119 @@
+"""Evaluator actors on a local Ray: sharding, replicas, streaming, and the driver end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from searchllm.config import RayConfig
+from searchllm.distributed import EvaluatorPool, RayEvaluator
+from searchllm.driver import main
+from searchllm.evolution import Evolution, EvolutionParams
+from searchllm.rundir import RunDir
+from searchllm.search import Search
+from searchllm.space import Budget, SearchSpace
+
+from conftest import tiny_model, tiny_run_args
+
+pytestmark = pytest.mark.ray
+
+
+def pool(model, adapter, tokens, replicas=1, stages=1):
+    tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
+    return EvaluatorPool(model, adapter, RayConfig(replicas=replicas, stages=stages, max_restarts=0), "float32", tok)
+
+
+def test_two_stage_replica_gives_the_same_fitness_as_one_stage(ray_cluster, llama, adapter, tokens):
+    space = SearchSpace(adapter.geometry())
+    cand = space.full()
+    cand.mlp[:, ::3] = False
+    with pool(llama, adapter, tokens) as p:
+        one = [n.ppl for _, n, _ in p.stream(space, [cand, space.full()])]
+    with pool(llama, adapter, tokens, stages=2) as p:
+        two = [n.ppl for _, n, _ in p.stream(space, [cand, space.full()])]
+    assert sorted(one) == pytest.approx(sorted(two), rel=1e-6)
+
+
+def test_scores_from_a_sharded_calibration_equal_the_unsharded(ray_cluster, llama, adapter, tokens):
+    with pool(llama, adapter, tokens) as p:
+        a1, m1 = p.calibrate(1, 0.01)
+    with pool(llama, adapter, tokens, stages=3) as p:
+        a2, m2 = p.calibrate(1, 0.01)
+    np.testing.assert_allclose(a1, a2, rtol=1e-5)
+    np.testing.assert_allclose(m1, m2, rtol=1e-5)
+    assert a1.shape == (3, 2, 8) and m1.shape == (3, 96)
+
+
+def test_results_stream_back_from_every_replica(ray_cluster, llama, adapter, tokens):
+    space = SearchSpace(adapter.geometry())
+    cands = [space.full() for _ in range(6)]
+    for i, c in enumerate(cands):
+        c.mlp[:, i::7] = False
+    with pool(llama, adapter, tokens, replicas=2) as p:
+        got = list(p.stream(space, cands))
+    assert sorted(i for i, _, _ in got) == list(range(6))
+    assert {r for _, _, r in got} == {0, 1}
+
+
+def search_best(model, adapter, tokens, run_dir, replicas):
+    g = adapter.geometry()
+    space = SearchSpace.for_target(g, 0.7)
+    budget = Budget(0.7, 0.03)
+    with pool(model, adapter, tokens, replicas=replicas) as p:
+        attn, mlp = p.calibrate(1, 0.01)
+        params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
+        s = Search(space, Evolution(space, budget, params), RayEvaluator(p, space, 1), RunDir(run_dir).create(), 7, 3)
+        r = s.run_search(space.initial(attn, mlp, budget))
+    return r.best.key(), r.fitness, RunDir(run_dir).archive().sort_values("key").key.tolist()
+
+
+def test_one_and_two_replicas_with_the_same_seed_find_the_same_best(ray_cluster, llama, adapter, tokens, tmp_path):
+    assert search_best(llama, adapter, tokens, tmp_path / "one", 1) == search_best(llama, adapter, tokens, tmp_path / "two", 2)
+
+
+def test_driver_runs_the_search_end_to_end_and_resumes(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(tiny_run_args(path, corpus, run, "search.generations=2")) == 0
+    out = capsys.readouterr().out
+    assert "best subnet: kept ratio" in out and "dense" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.67 <= summary["best_ratio"] <= 0.73 and summary["generations"] == 2
+    # Continue the same run for one more generation: the first two are not evaluated again.
+    assert main([f"resume={run}", "search.generations=3"]) == 0
+    arch = RunDir(run).archive()
+    assert sorted(arch.generation.unique()) == [0, 1, 2] and arch.key.is_unique
+
+
+def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(tiny_run_args(path, corpus, run, "search.generations=1")) == 0
+    assert main(tiny_run_args(path, corpus, run)) == 2
+    assert "already holds a search; pass resume=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("budget.target=1.5", "budget.target=1.5 must be in (0, 1]"),
+        ("space.attention=blocks", "space.attention='blocks' is not allowed; choose one of: channels, heads"),
+        ("search.populaton=5", "unknown config key 'search.populaton'"),
+        ("model.path=/nonexistent/model", "model.path='/nonexistent/model' does not exist"),
+        ("budget.target=0.1", "cannot be met"),
+        ("data.fitness.seqlen=100000", "shorter than one sequence of 100000"),
+    ],
+)
+def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tmp_path, override, message):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run), override],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (run / "checkpoint.json").exists() and not (run / "evals.jsonl").exists()
