@@ -1,0 +1,33 @@
+"""Corpora and token windows."""
+import pytest
+import torch
+
+from searchllm.config import CorpusConfig
+from searchllm.data import DataError, first_windows, join_rows, load_text, random_windows, rows_of_file
+
+
+def test_first_windows_are_non_overlapping_and_drop_the_partial_tail():
+    w = first_windows(torch.arange(10), 0, 3, "x")
+    assert w.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert first_windows(torch.arange(10), 2, 3, "x").shape == (2, 3)
+
+
+def test_random_windows_are_seeded():
+    ids = torch.arange(1000)
+    assert torch.equal(random_windows(ids, 4, 16, 0, "x"), random_windows(ids, 4, 16, 0, "x"))
+    assert not torch.equal(random_windows(ids, 4, 16, 0, "x"), random_windows(ids, 4, 16, 1, "x"))
+
+
+def test_corpus_shorter_than_one_sequence_names_the_fix():
+    with pytest.raises(DataError, match="shorter than one sequence of 64; lower its seqlen"):
+        first_windows(torch.arange(10), 1, 64, "data.fitness")
+
+
+def test_wikitext_rows_are_joined_like_the_hf_recipe():
+    raw = " = Title = \n \n text line \n"
+    assert join_rows("wikitext2", rows_of_file("wikitext2", raw)) == " = Title = \n" + "\n\n" + "" + "\n\n" + " text line \n"
+
+
+def test_missing_local_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_text(CorpusConfig("text", path=str(tmp_path / "none.txt")), "auto")
