@@ -13,6 +13,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .evolution import EvolutionParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,21 +78,13 @@ class BudgetConfig:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(EvolutionParams):
+    """The paper's search hyper-parameters (EvolutionParams: population, parents, mutations, crossovers,
+    mutation probabilities, alpha, max_tries) plus how the run is driven."""
+
     mode: str = "paper"
     seed: int = 0
     generations: int = 50
-    population: int = 100
-    parents: int = 10
-    mutations: int = 50
-    crossovers: int = 30
-    prob_mask_init: float = 0.6
-    prob_ratio_init: float = 0.3
-    prob_mask: float = 0.3
-    prob_ratio: float = 0.1
-    prob_depth: float = 0.1
-    alpha: float = 0.8
-    max_tries: int = 1000
     score_damp: float = 0.01  # damping of the Gram inverse in the importance scores
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .config import Config, ConfigError, check_resume_overrides, load_config, to_yaml
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
-from .evolution import Evolution, EvolutionParams
+from .evolution import Evolution
 from .models.adapters import UnsupportedModelError
 from .models.loading import ModelError, load, load_config_only, load_tokenizer
 from .rundir import RunDir
@@ -159,12 +159,8 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
              int(init.attn[0].sum()) // space.groups, int(init.mlp[0].sum()))
 
     s = cfg.search
-    params = EvolutionParams(
-        s.population, s.parents, s.mutations, s.crossovers, s.prob_mask_init, s.prob_ratio_init, s.prob_mask,
-        s.prob_ratio, s.prob_depth, s.alpha, s.max_tries,
-    )
     bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
-    search = Search(space, Evolution(space, budget, params), RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
+    search = Search(space, Evolution(space, budget, s), RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
     t0 = time.perf_counter()
     result = search.run_search(init)
     wall = time.perf_counter() - t0

@@ -24,7 +24,7 @@ import numpy as np
 from .space import Budget, Candidate, SearchSpace
 
 
-@dataclass(frozen=True)
+@dataclass
 class EvolutionParams:
     population: int = 100
     parents: int = 10
