@@ -18,7 +18,6 @@ class GramAccumulator:
 
     def __init__(self) -> None:
         self.grams: dict[tuple[int, str], torch.Tensor] = {}
-        self.tokens: dict[tuple[int, str], int] = {}
 
     def add(self, layer: int, key: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -26,9 +25,8 @@ class GramAccumulator:
         k = (layer, key)
         if k in self.grams:
             self.grams[k] += g
-            self.tokens[k] += x.shape[0]
         else:
-            self.grams[k], self.tokens[k] = g, x.shape[0]
+            self.grams[k] = g
 
     def gram(self, layer: int, key: str) -> torch.Tensor:
         return self.grams[(layer, key)]

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from searchllm.config import RayConfig
 from searchllm.distributed import EvaluatorPool, RayEvaluator
@@ -15,7 +14,7 @@ from searchllm.rundir import RunDir
 from searchllm.search import Search
 from searchllm.space import Budget, SearchSpace
 
-from conftest import tiny_model, tiny_run_args
+from conftest import tiny_run_args
 
 pytestmark = pytest.mark.ray
 

@@ -1,10 +1,8 @@
 """The search loop: improvement over the initial population, checkpoints and identical resumes."""
 import json
-import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from searchllm.evolution import Evolution, EvolutionParams
 from searchllm.models.weights import share

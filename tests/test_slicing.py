@@ -1,7 +1,6 @@
 """A physically sliced subnet computes exactly what the masked original model computes."""
 import numpy as np
 import pytest
-import torch
 
 from searchllm.models.adapters import adapter_for
 from searchllm.models.sliced import LayerSlice
