@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .evolution import EvolutionParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
@@ -132,7 +132,7 @@ def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
-        if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        if isinstance(e, ConfigKeyError):
             raise ConfigError(f"unknown config key {key!r} ({where}); see conf/default.yaml for the keys") from None
         raise ConfigError(f"bad value for {key!r} ({where}): {msg}") from None
 

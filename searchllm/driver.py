@@ -73,20 +73,17 @@ def prepare(argv: list[str]) -> Prepared:
 
 
 def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    d, texts, where = cfg.data, {}, {}
+    d, ids, tokens, where = cfg.data, {}, {}, {}
     for name in ("calibration", "fitness", "report"):
         corpus = getattr(d, name)
         key = (corpus.name, corpus.split, corpus.path)
-        if key not in texts:
-            text, src = load_text(corpus, d.root)
-            texts[key] = tokenize(text, tokenizer)
-        where[name] = f"{corpus.name}/{corpus.split} ({key[2] or 'auto'})"
-    c, f, r = d.calibration, d.fitness, d.report
-    tokens = {
-        "calibration": random_windows(texts[(c.name, c.split, c.path)], c.samples, c.seqlen, d.seed, "data.calibration"),
-        "fitness": first_windows(texts[(f.name, f.split, f.path)], f.samples, f.seqlen, "data.fitness"),
-        "report": first_windows(texts[(r.name, r.split, r.path)], r.samples, r.seqlen, "data.report"),
-    }
+        if key not in ids:  # a corpus shared by several roles is read and tokenized once
+            ids[key] = tokenize(load_text(corpus, d.root)[0], tokenizer)
+        where[name] = f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
+        if name == "calibration":
+            tokens[name] = random_windows(ids[key], corpus.samples, corpus.seqlen, d.seed, f"data.{name}")
+        else:
+            tokens[name] = first_windows(ids[key], corpus.samples, corpus.seqlen, f"data.{name}")
     return tokens, where
 
 
