@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.adapters import ModelAdapter
-from .models.sliced import LayerSlice, SlicedBlock, rms_norm
+from .models.modeling_searchllm import rms_norm
+from .models.sliced import LayerSlice, build_block
 from .models.weights import SharedState, unshare
 from .scores import GramAccumulator, LayerScores, layer_scores
 
@@ -83,7 +84,8 @@ class ShardRunner:
         self.norm_w = get(outer["norm"]) if spec.last else None
         self.head_w = get(outer["lm_head"]) if spec.last else None
         self.rotary = adapter.rotary().to(self.device)
-        self.scale, self.eps, self.act = adapter.attention_scale, adapter.norm_eps, adapter.hidden_act
+        self.eps = adapter.norm_eps
+        self.block_config = adapter.sliced_config()
         self._cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scores: dict[int, LayerScores] = {}
 
@@ -92,7 +94,7 @@ class ShardRunner:
         """Physically sliced blocks of this shard's active layers (slices indexed by global layer)."""
         return nn.ModuleDict(
             {
-                str(i): SlicedBlock(self.blocks_w[i], slices[i], self.geometry, self.scale, self.eps, self.act)
+                str(i): build_block(self.block_config, self.blocks_w[i], slices[i], self.geometry)
                 for i in self.spec.layers
                 if slices[i].active
             }
@@ -157,7 +159,7 @@ class ShardRunner:
             hidden = self.embed(inp) if self.spec.first else inp.to(self.device, self.dtype)
             for i in self.spec.layers:
                 grams = GramAccumulator()
-                block = SlicedBlock(self.blocks_w[i], full, self.geometry, self.scale, self.eps, self.act)
+                block = build_block(self.block_config, self.blocks_w[i], full, self.geometry)
                 hidden = self.run_blocks(nn.ModuleDict({str(i): block}), hidden, batch, record=grams.add)
                 self.scores[i] = layer_scores(self.blocks_w[i], grams, i, self.geometry, damp)
         return hidden

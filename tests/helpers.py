@@ -21,8 +21,7 @@ def masked_model(model, adapter: ModelAdapter, slices: list[LayerSlice]):
                         sd[name].zero_()
                 continue
             keep_kv = torch.zeros(g.num_kv_heads * g.head_dim, dtype=torch.bool)
-            for h, dims in enumerate(s.kv_dims(g.head_dim)):
-                keep_kv[[h * g.head_dim + d for d in dims]] = True
+            keep_kv[s.kv_rows(g)] = True
             keep_q = keep_kv.view(g.num_kv_heads, 1, g.head_dim).expand(-1, g.group_size, -1).reshape(-1)
             keep_m = torch.zeros(g.intermediate, dtype=torch.bool)
             keep_m[list(s.mlp)] = True

@@ -62,8 +62,8 @@ def test_gqa_query_heads_follow_their_kv_head(llama, adapter, tokens):
     full = LayerSlice.full(g)
     one_head = LayerSlice((full.kv_pairs[0], ()), full.mlp)
     block = whole(adapter, llama).blocks([one_head] * g.num_layers)["0"]
-    assert block.attn.q.weight.shape[0] == g.group_size * g.head_dim
-    assert block.attn.k.weight.shape[0] == g.head_dim
+    assert block.self_attn.q_proj.weight.shape[0] == g.group_size * g.head_dim
+    assert block.self_attn.k_proj.weight.shape[0] == g.head_dim
 
 
 def test_two_shards_give_the_same_loss_as_one(llama, adapter, tokens):

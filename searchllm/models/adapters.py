@@ -157,6 +157,46 @@ class LlamaAdapter(ModelAdapter):
             "lm_head": "model.embed_tokens.weight" if tied else "lm_head.weight",
         }
 
+    def sliced_config(self, layer_kv_pairs: list | None = None, layer_intermediate: list | None = None):
+        """The export's SearchLLMConfig: this model's LlamaConfig fields plus each kept layer's structure."""
+        import dataclasses
+
+        from transformers import LlamaConfig
+
+        from .modeling_searchllm import SearchLLMConfig
+
+        g, src = self.geometry(), self.config.to_dict()
+        fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"num_hidden_layers", "head_dim", "num_key_value_heads", "mlp_bias"}
+        kw = {k: src[k] for k in fields if k in src}
+        return SearchLLMConfig(
+            **kw,
+            head_dim=g.head_dim,
+            num_key_value_heads=g.num_kv_heads,
+            num_hidden_layers=len(layer_kv_pairs or []),
+            layer_kv_pairs=layer_kv_pairs or [],
+            layer_intermediate=layer_intermediate or [],
+            qkv_bias=g.qkv_bias,
+            o_bias=g.o_bias,
+            mlp_bias=g.mlp_bias,
+            source_model_type=self.config.model_type,
+        )
+
+    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int):
+        """This family's own config for a subnet whose layers all keep the same whole heads and MLP size."""
+        g = self.geometry()
+        changes = dict(
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_kv_heads * g.group_size,
+            num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate,
+            head_dim=g.head_dim,
+        )
+        src = self.config.to_dict()
+        if isinstance(src.get("layer_types"), list):  # per-layer lists (Qwen2) follow the kept depth
+            changes["layer_types"] = src["layer_types"][:num_layers]
+        src.update(changes)
+        return type(self.config).from_dict(src)
+
     def rotary(self) -> nn.Module:
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 

@@ -1,0 +1,242 @@
+"""A LLaMA-family decoder whose layers keep their own heads, head widths and MLP sizes.
+
+Self-contained (torch and transformers only): the exporter copies this file next to every non-uniform
+checkpoint, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without
+searchllm. searchllm's search builds its sliced blocks from the same classes, so what the search scores
+is what the export runs.
+
+Attention of a layer is described by `kv_pairs`: for each original KV head, the rotary pairs it keeps
+(pair d is dims (d, d + head_dim/2) of the original head; an empty list drops the head and its query
+heads). A kept head's dims are stored as [first halves..., second halves...], so rotating with the
+original cos/sin of the kept frequencies equals rotating the full head and dropping dims. Query heads
+share their KV head's dims (GQA). The scale stays 1/sqrt(original head_dim). Heads of one layer that keep
+different widths are zero-padded to the widest at run time only: weights hold exactly the kept rows and
+columns, so parameter counts are exact; the padding costs attention FLOPs, not parameters.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+Recorder = Optional[Callable[[str, torch.Tensor], None]]
+
+
+@strict
+class SearchLLMConfig(LlamaConfig):
+    """LlamaConfig of the source model (original head_dim, heads and rope) plus each layer's kept structure."""
+
+    model_type = "searchllm"
+    layer_kv_pairs: list | None = None  # [layer][original KV head] -> kept rotary-pair indices
+    layer_intermediate: list | None = None  # [layer] -> kept MLP channels
+    qkv_bias: bool = False
+    o_bias: bool = False
+    source_model_type: str = "llama"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as LlamaRMSNorm (fp32 statistics, cast back before the weight).
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def kv_dims(pairs: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
+    return list(pairs) + [p + head_dim // 2 for p in pairs]
+
+
+class SlicedAttention(nn.Module):
+    def __init__(self, hidden: int, kv_pairs, head_dim: int, group: int, scale: float, qkv_bias: bool, o_bias: bool,
+                 device=None, dtype=None, buffer_device=None) -> None:
+        super().__init__()
+        kept = [h for h, p in enumerate(kv_pairs) if len(p)]
+        widths = [2 * len(kv_pairs[h]) for h in kept]
+        self.n_kv, self.rep, self.scale = len(kept), group, scale
+        self.width = max(widths, default=0)
+        self.uniform = len(set(widths)) <= 1
+        q_dim, kv_dim = sum(widths) * group, sum(widths)
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias, **kw)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias and q_dim > 0, **kw)
+        # Frequency index of every (padded) dim per kept KV head; padding dims carry zeros, any index works.
+        wh = self.width // 2
+        freq = torch.zeros(self.n_kv, self.width, dtype=torch.long)
+        pos = []
+        for j, h in enumerate(kept):
+            n = len(kv_pairs[h])
+            freq[j, :n] = torch.tensor(list(kv_pairs[h]))
+            freq[j, wh : wh + n] = torch.tensor(list(kv_pairs[h])) + head_dim // 2
+            pos.append(list(range(n)) + list(range(wh, wh + n)))
+        dev = buffer_device if buffer_device is not None else (None if str(device) == "meta" else device)
+        self.register_buffer("freq", freq.to(dev), persistent=False)
+        if not self.uniform:
+            kv_pos = [j * self.width + p for j, ps in enumerate(pos) for p in ps]
+            q_pos = [(j * group + r) * self.width + p for j, ps in enumerate(pos) for r in range(group) for p in ps]
+            self.register_buffer("kv_pos", torch.tensor(kv_pos, dtype=torch.long, device=dev), persistent=False)
+            self.register_buffer("q_pos", torch.tensor(q_pos, dtype=torch.long, device=dev), persistent=False)
+
+    def _heads(self, x: torch.Tensor, n_heads: int, pos_name: str) -> torch.Tensor:
+        b, t, _ = x.shape
+        if not self.uniform:
+            x = x.new_zeros(b, t, n_heads * self.width).index_copy_(-1, getattr(self, pos_name), x)
+        return x.view(b, t, n_heads, self.width).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
+                mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        if self.n_kv == 0:
+            return torch.zeros_like(x)
+        b, t, _ = x.shape
+        nq = self.n_kv * self.rep
+        q = self._heads(self.q_proj(x), nq, "q_pos")
+        k = self._heads(self.k_proj(x), self.n_kv, "kv_pos")
+        v = self._heads(self.v_proj(x), self.n_kv, "kv_pos")
+        # cos/sin: (b, t, head_dim) of the original head -> per kept KV head (b, n_kv, t, width).
+        idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
+        ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
+        sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
+        cq, sq = ck.repeat_interleave(self.rep, dim=1), sk.repeat_interleave(self.rep, dim=1)
+        q = q * cq + rotate_half(q) * sq
+        k = k * ck + rotate_half(k) * sk
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1)
+        out = out.transpose(1, 2).reshape(b, t, nq * self.width)
+        if not self.uniform:
+            out = out.index_select(-1, self.q_pos)
+        if record is not None:
+            record("o", out)
+        return self.o_proj(out)
+
+
+class SlicedMLP(nn.Module):
+    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.empty = channels == 0
+        self.gate_proj = nn.Linear(hidden, channels, bias=bias, **kw)
+        self.up_proj = nn.Linear(hidden, channels, bias=bias, **kw)
+        self.down_proj = nn.Linear(channels, hidden, bias=bias and channels > 0, **kw)
+        self.act = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor, record: Recorder = None) -> torch.Tensor:
+        if self.empty:
+            return torch.zeros_like(x)
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        if record is not None:
+            record("down", h)
+        return self.down_proj(h)
+
+
+class SlicedDecoderLayer(nn.Module):
+    """A pre-norm block. `record(key, x)` sees the inputs of q/k/v ("qkv"), o ("o"), gate/up ("mlp"), down ("down")."""
+
+    def __init__(self, config: SearchLLMConfig, kv_pairs, channels: int, device=None, dtype=None, buffer_device=None) -> None:
+        super().__init__()
+        c, kw = config, dict(device=device, dtype=dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        group = c.num_attention_heads // c.num_key_value_heads
+        self.self_attn = SlicedAttention(c.hidden_size, kv_pairs, c.head_dim, group, c.head_dim**-0.5, c.qkv_bias, c.o_bias,
+                                        buffer_device=buffer_device, **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, **kw)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
+                mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if record is not None:
+            record("qkv", h)
+        x = x + self.self_attn(h, cos, sin, record, mask, cache, layer_idx)
+        h = self.post_attention_layernorm(x)
+        if record is not None:
+            record("mlp", h)
+        return x + self.mlp(h, record)
+
+
+class SearchLLMPreTrainedModel(PreTrainedModel):
+    config_class = SearchLLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SlicedDecoderLayer"]
+    _supports_sdpa = True
+
+
+class SearchLLMModel(SearchLLMPreTrainedModel):
+    def __init__(self, config: SearchLLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            SlicedDecoderLayer(config, p, m) for p, m in zip(config.layer_kv_pairs, config.layer_intermediate)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)  # at the original head_dim; heads gather their pairs
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids,
+        )
+        h = inputs_embeds
+        cos, sin = self.rotary_emb(h, position_ids)
+        cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None, mask, past_key_values if use_cache else None, i)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values if use_cache else None)
+
+
+class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SearchLLMConfig) -> None:
+        super().__init__(config)
+        self.model = SearchLLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
