@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .evolution import EvolutionParams
+from .reform import FEATURES, INPUTS, SOLVERS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +90,21 @@ class SearchConfig(EvolutionParams):
 
 
 @dataclass
+class ReformConfig(ReformParams):
+    """Reformation of the best subnet after the search (ReformParams: solver, inputs, features, damp,
+    rho, iters); calibrates on data.calibration."""
+
+    enabled: bool = True
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dir: Optional[str] = None  # None: <run_dir>/export
+    dtype: Optional[str] = None  # None: model.dtype
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: $RAY_ADDRESS, else a running local cluster, else start one
     replicas: int = 1  # evaluator replicas
@@ -106,6 +122,8 @@ class Config:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    reform: ReformConfig = field(default_factory=ReformConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_dir: Optional[str] = None  # None: runs/<time>
     resume: Optional[str] = None  # a run dir to continue
@@ -119,11 +137,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "space.attention": ATTENTION_MODES,
     "budget.count": BUDGET_COUNTS,
     "search.mode": SEARCH_MODES,
+    "reform.solver": SOLVERS,
+    "reform.inputs": INPUTS,
+    "reform.features": FEATURES,
     "ray.device": DEVICES,
 }
 
 # Overrides allowed when resuming: they change how the run is executed, not what it computes.
-RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations")
+RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.")
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -208,6 +229,11 @@ def validate(c: Config) -> None:
             raise ConfigError(f"data.{name}.name=text needs data.{name}.path=<a local text file>")
     if c.data.fitness.samples < 1 or c.data.calibration.samples < 1:
         raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
+    f = c.reform
+    if f.damp < 0 or f.rho <= 0 or f.iters < 1:
+        raise ConfigError(f"reform.damp={f.damp} must be >= 0, reform.rho={f.rho} > 0 and reform.iters={f.iters} >= 1")
+    if c.export.dtype is not None and c.export.dtype not in DTYPES:
+        raise ConfigError(f"export.dtype={c.export.dtype!r} is not allowed; choose one of: {', '.join(DTYPES)} (or null: model.dtype)")
     r = c.ray
     for key in ("replicas", "stages", "in_flight"):
         if getattr(r, key) < 1:
@@ -220,7 +246,7 @@ def check_resume_overrides(argv: list[str]) -> None:
         key = item.split("=", 1)[0]
         if not key.startswith(RESUMABLE_PREFIXES):
             raise ConfigError(
-                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.* and search.generations can"
+                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, search.generations, reform.* and export.* can"
             )
 
 

@@ -22,7 +22,8 @@ import torch
 from .config import RayConfig
 from .models.adapters import ModelAdapter, adapter_for
 from .models.sliced import LayerSlice
-from .models.weights import share
+from .models.weights import share, unshare
+from .reform import LayerResult, ReformParams, reform_shard
 from .scores import LayerScores
 from .shard import NLL, ShardRunner, ShardSpec, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
@@ -84,6 +85,22 @@ class StageActor:
 
     def scores(self) -> dict[int, LayerScores]:
         return self.runner.scores
+
+    def dense_forward(self, inp: Any) -> Any:
+        """The original model's hidden state leaving this shard (on the calibration windows)."""
+        full = LayerSlice.full(self.runner.geometry)
+        src = self.tokens["calibration"] if self.spec.first else inp
+        return self.runner.forward({i: full for i in self.spec.layers}, src)
+
+    def reform(self, slices: dict[int, LayerSlice], dense: Any, stream: Any, params: ReformParams, batch: int) -> tuple:
+        src = self.tokens["calibration"] if self.spec.first else dense
+        return reform_shard(self.runner, slices, src, stream, params, batch)
+
+    def set_reformed(self, reformed: dict[int, tuple[LayerSlice, dict[str, torch.Tensor]]]) -> None:
+        device = self.runner.device
+        for i, (s, w) in reformed.items():
+            if i in self.spec.layers:
+                self.runner.reformed[i] = (s, {k: v.to(device, self.runner.dtype) for k, v in w.items()})
 
 
 @dataclass
@@ -188,6 +205,35 @@ class EvaluatorPool:
                 else:
                     log.warning("candidate %d failed twice (%s); recorded as failed", i, str(e).splitlines()[0][:200])
                     yield i, NLL(float("inf"), 1), r
+
+    def original_state(self) -> dict[str, torch.Tensor]:
+        """The original weights from the object store (zero-copy on this node)."""
+        state: dict[str, torch.Tensor] = {}
+        for ref in self.shard_refs:
+            state |= unshare(ray.get(ref))
+        return state
+
+    def reform(self, slices: list[LayerSlice], params: ReformParams, batch: int) -> list[LayerResult]:
+        """Layer-wise reformation on replica 0's stage actors; the reformed weights then reach every replica.
+
+        Sequential inputs chain the stages (each hands on the original and the reformed hidden states).
+        Independent inputs hand on only the original hidden state, computed first by a dense pass, so
+        every stage solves its layers while the next one already works on its own."""
+        dense = stream = None
+        pending = []
+        for spec, actor in zip(self.specs, self.replicas[0]):
+            part = {i: slices[i] for i in spec.layers}
+            if params.inputs == "independent":
+                nxt = None if spec.last else actor.dense_forward.remote(dense)
+                _, _, res = actor.reform.options(num_returns=3).remote(part, dense, None, params, batch)
+                dense = nxt
+            else:
+                dense, stream, res = actor.reform.options(num_returns=3).remote(part, dense, stream, params, batch)
+            pending.append(res)
+        results = [r for ref in pending for r in ray.get(ref)]
+        reformed = {r.layer: (slices[r.layer], r.weights) for r in results}
+        ray.get([a.set_reformed.remote(reformed) for chain in self.replicas[1:] for a in chain])
+        return results
 
     def calibrate(self, batch: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
         """Dense calibration pass through replica 0, returning (attn, mlp) scores of every layer."""

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ from .config import Config, ConfigError, check_resume_overrides, load_config, to
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
 from .evolution import Evolution
 from .models.adapters import UnsupportedModelError
+from .models.loading import DTYPES as DTYPES_BY_NAME
 from .models.loading import ModelError, load, load_config_only, load_tokenizer
 from .rundir import RunDir
 from .search import Search, SearchResult, summarize
@@ -128,10 +130,10 @@ def run(p: Prepared) -> int:
         run_dir.write_text("config.yaml", to_yaml(cfg))
     with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens) as pool:
         del loaded.model  # the object store holds the weights now
-        return search_and_report(cfg, run_dir, space, budget, pool, tokens, where)
+        return search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded)
 
 
-def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where) -> int:
+def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where, loaded) -> int:
     from tqdm import tqdm
 
     from .distributed import RayEvaluator
@@ -163,7 +165,69 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
 
     dense_rep, best_rep = (nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0]))
     report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
+    if cfg.reform.enabled or cfg.export.enabled:
+        reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl)
     return 0
+
+
+def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, tokens, where,
+                      loaded, dense_ppl: float, searched_ppl: float) -> dict:
+    """Reform the best subnet on the actor pool, export it, reload the export from disk, and write
+    manifest.json with the perplexity of every stage on the report windows."""
+    from .evaluate import perplexity
+    from .export import build, save
+    from .models.loading import load_pretrained
+
+    best, batch, g = result.best, cfg.data.batch, space.geometry
+    slices = space.slices(best)
+    reformed, layers, seconds = {}, [], 0.0
+    ppl = {"original": dense_ppl, "searched": searched_ppl}
+    if cfg.reform.enabled:
+        r = cfg.reform
+        c = cfg.data.calibration
+        log.info("reforming o/down of the best subnet: solver=%s inputs=%s features=%s damp=%g on %d x %d tokens of %s",
+                 r.solver, r.inputs, r.features, r.damp, c.samples, c.seqlen, where["calibration"])
+        t0 = time.perf_counter()
+        results = pool.reform(slices, r, batch)
+        seconds = time.perf_counter() - t0
+        reformed = {x.layer: x.weights for x in results}
+        layers = [{"layer": x.layer, "error_before": x.error_before, "error_after": x.error_after, "seconds": x.seconds} for x in results]
+        ppl["reformed"] = next(nll for _, nll, _ in pool.stream(space, [best], "report", batch)).ppl
+        log.info("reformed in %.1fs: report ppl %.3f -> %.3f", seconds, searched_ppl, ppl["reformed"])
+    manifest = {
+        "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
+                   "model_type": loaded.adapter.config.model_type},
+        "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
+                        "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
+        "search": {"seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
+                   "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness},
+        "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
+        "params": {"original": g.total_params, "subnet": space.params(best),
+                   "decoder_original": g.num_layers * g.layer_params, "decoder_subnet": int(space.layer_params(best).sum())},
+        "structure": summarize(space, best),
+        "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "layers": layers},
+        "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape), **ppl},
+    }
+    if cfg.export.enabled:
+        state = pool.original_state()
+        model, info = build(loaded.adapter, state, slices, reformed, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype])
+        out = Path(cfg.export.dir or run_dir.path / "export")
+        save(model, info, out, loaded.tokenizer, loaded.checkpoint)
+        del model, state
+        reloaded, _ = load_pretrained(str(out))
+        ppl["exported"] = perplexity(reloaded, tokens["report"], batch).ppl
+        ref_ppl = ppl.get("reformed", searched_ppl)
+        rel = abs(ppl["exported"] - ref_ppl) / ref_ppl
+        manifest["export"] = {"dir": str(out), "kind": info.kind, "params": info.params, "layers": info.layers,
+                              "attention_padding": info.padding, "reload_rel_diff": rel}
+        if info.params != space.params(best):
+            log.warning("exported model has %d params, the search counted %d", info.params, space.params(best))
+        log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
+                 info.kind, out, info.params, ppl["exported"], rel)
+    manifest["perplexity"] |= ppl
+    run_dir.save_json("manifest.json", manifest)
+    print("  perplexity (" + where["report"] + "): " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    return manifest
 
 
 def report(run_dir: RunDir, cfg: Config, space: SearchSpace, result: SearchResult, dense_fit: float, dense_rep: float,

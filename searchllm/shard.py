@@ -88,17 +88,23 @@ class ShardRunner:
         self.block_config = adapter.sliced_config()
         self._cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scores: dict[int, LayerScores] = {}
+        # Reformed o/down weights per layer, valid for the slice they were solved for.
+        self.reformed: dict[int, tuple[LayerSlice, dict[str, torch.Tensor]]] = {}
 
     # -- building -------------------------------------------------------------------------------------
     def blocks(self, slices: Sequence[LayerSlice]) -> nn.ModuleDict:
         """Physically sliced blocks of this shard's active layers (slices indexed by global layer)."""
         return nn.ModuleDict(
             {
-                str(i): build_block(self.block_config, self.blocks_w[i], slices[i], self.geometry)
+                str(i): build_block(self.block_config, self.blocks_w[i], slices[i], self.geometry, self._overrides(i, slices[i]))
                 for i in self.spec.layers
                 if slices[i].active
             }
         )
+
+    def _overrides(self, layer: int, s: LayerSlice) -> dict[str, torch.Tensor] | None:
+        got = self.reformed.get(layer)
+        return got[1] if got is not None and got[0] == s else None
 
     def cos_sin(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seqlen not in self._cos_sin:

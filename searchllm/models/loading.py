@@ -117,3 +117,29 @@ def load(cfg: ModelConfig, data_root: Path | None) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(where, revision=cfg.revision, dtype=DTYPES[cfg.dtype]).eval()
     tok = load_tokenizer(cfg, data_root)
     return LoadedModel(model, tok, adapter_for(model.config), source=f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else ""), checkpoint=where)
+
+
+def register_export_classes() -> None:
+    """Let transformers load searchllm exports with the installed code (no trust_remote_code needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling_searchllm import SearchLLMConfig, SearchLLMForCausalLM
+
+    try:
+        AutoConfig.register(SearchLLMConfig.model_type, SearchLLMConfig)
+        AutoModelForCausalLM.register(SearchLLMConfig, SearchLLMForCausalLM)
+    except ValueError:
+        pass  # registered already
+
+
+def load_pretrained(path: str, dtype: str | None = None):
+    """(model, tokenizer) from any checkpoint dir: an original model or a searchllm export of either form."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    register_export_classes()
+    kw = {"dtype": DTYPES[dtype]} if dtype else {"dtype": "auto"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+    except OSError as e:
+        raise ModelError(f"cannot load a checkpoint from {path!r} ({str(e).splitlines()[0][:160]})") from None
+    return model, AutoTokenizer.from_pretrained(path)

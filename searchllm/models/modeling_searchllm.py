@@ -85,22 +85,31 @@ class SlicedAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
         self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias and q_dim > 0, **kw)
-        # Frequency index of every (padded) dim per kept KV head; padding dims carry zeros, any index works.
-        wh = self.width // 2
+        self.kv_pairs, self.head_dim = [list(p) for p in kv_pairs], head_dim
+        dev = buffer_device if buffer_device is not None else (None if str(device) == "meta" else device)
+        for name, value in self.layout().items():
+            self.register_buffer(name, value.to(dev), persistent=False)
+
+    def layout(self) -> dict[str, torch.Tensor]:
+        """Index buffers: the original frequency of every (padded) dim per kept KV head, and where kept
+        dims sit in the padded head layout (padding dims carry zeros, so their frequency is arbitrary)."""
+        kept = [p for p in self.kv_pairs if p]
+        wh, half = self.width // 2, self.head_dim // 2
         freq = torch.zeros(self.n_kv, self.width, dtype=torch.long)
         pos = []
-        for j, h in enumerate(kept):
-            n = len(kv_pairs[h])
-            freq[j, :n] = torch.tensor(list(kv_pairs[h]))
-            freq[j, wh : wh + n] = torch.tensor(list(kv_pairs[h])) + head_dim // 2
+        for j, pairs in enumerate(kept):
+            n = len(pairs)
+            freq[j, :n] = torch.tensor(pairs)
+            freq[j, wh : wh + n] = torch.tensor(pairs) + half
             pos.append(list(range(n)) + list(range(wh, wh + n)))
-        dev = buffer_device if buffer_device is not None else (None if str(device) == "meta" else device)
-        self.register_buffer("freq", freq.to(dev), persistent=False)
+        out = {"freq": freq}
         if not self.uniform:
-            kv_pos = [j * self.width + p for j, ps in enumerate(pos) for p in ps]
-            q_pos = [(j * group + r) * self.width + p for j, ps in enumerate(pos) for r in range(group) for p in ps]
-            self.register_buffer("kv_pos", torch.tensor(kv_pos, dtype=torch.long, device=dev), persistent=False)
-            self.register_buffer("q_pos", torch.tensor(q_pos, dtype=torch.long, device=dev), persistent=False)
+            out["kv_pos"] = torch.tensor([j * self.width + p for j, ps in enumerate(pos) for p in ps], dtype=torch.long)
+            out["q_pos"] = torch.tensor(
+                [(j * self.rep + r) * self.width + p for j, ps in enumerate(pos) for r in range(self.rep) for p in ps],
+                dtype=torch.long,
+            )
+        return out
 
     def _heads(self, x: torch.Tensor, n_heads: int, pos_name: str) -> torch.Tensor:
         b, t, _ = x.shape
@@ -185,6 +194,13 @@ class SearchLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["SlicedDecoderLayer"]
     _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SlicedAttention):  # index buffers are not saved: rebuild them after loading
+            with torch.no_grad():
+                for name, value in module.layout().items():
+                    getattr(module, name).copy_(value)
 
 
 class SearchLLMModel(SearchLLMPreTrainedModel):

@@ -1,0 +1,123 @@
+"""Export a subnet as a physically smaller dense Hugging Face checkpoint.
+
+Two forms, chosen by the subnet's structure:
+  plain      every kept layer keeps the same number of whole KV heads and the same MLP size: the source
+             family's own config class (LlamaConfig, Qwen2Config, ...) with smaller sizes; no remote code.
+  searchllm  anything else (per-layer head counts, per-head widths, kept rotary pairs): SearchLLMConfig
+             with each layer's structure, and modeling_searchllm.py copied beside the weights, loadable
+             with from_pretrained(path, trust_remote_code=True) where searchllm is not installed.
+Weights hold exactly the kept rows and columns (parameter count = the search's count). Heads of one
+layer with different widths are zero-padded to the widest at run time only; the padding is reported.
+Dropped blocks are left out, so the exported model has fewer layers.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .models import modeling_searchllm
+from .models.adapters import ModelAdapter
+from .models.modeling_searchllm import SearchLLMForCausalLM
+from .models.sliced import MODULE_PATHS, LayerSlice, slice_weights
+
+AUTO_MAP = {
+    "AutoConfig": "modeling_searchllm.SearchLLMConfig",
+    "AutoModelForCausalLM": "modeling_searchllm.SearchLLMForCausalLM",
+}
+
+
+@dataclass
+class ExportInfo:
+    kind: str  # plain | searchllm
+    params: int
+    layers: int  # kept blocks
+    attention_dims: int  # kept query dims summed over layers (real work)
+    padded_attention_dims: int  # query dims after padding heads to the widest of their layer
+
+    @property
+    def padding(self) -> float:
+        return self.padded_attention_dims / max(self.attention_dims, 1) - 1
+
+
+def is_uniform(slices: Sequence[LayerSlice], half: int) -> bool:
+    """Every kept layer keeps the same number of whole KV heads and the same MLP size, none dropped."""
+    if not all(s.active for s in slices):
+        return False
+    shapes = {(sum(1 for p in s.kv_pairs if p), len(s.mlp)) for s in slices}
+    whole = all(len(p) in (0, half) for s in slices for p in s.kv_pairs)
+    return whole and len(shapes) == 1 and next(iter(shapes))[0] > 0
+
+
+def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequence[LayerSlice],
+          reformed: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+          dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, ExportInfo]:
+    """The exported model in memory (weights on CPU), from the original state dict, the slices and the
+    reformed o/down weights per layer."""
+    from transformers import AutoModelForCausalLM
+
+    g = adapter.geometry()
+    kept = [i for i, s in enumerate(slices) if s.active]
+    if not kept:
+        raise ValueError("the subnet keeps no blocks; nothing to export")
+    uniform = is_uniform(slices, g.head_dim // 2)
+    if uniform:
+        s0 = slices[kept[0]]
+        config = adapter.plain_config(len(kept), sum(1 for p in s0.kv_pairs if p), len(s0.mlp))
+        names = lambda j: adapter.block_state_keys(j)  # noqa: E731
+    else:
+        config = adapter.sliced_config(
+            [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept]
+        )
+        config.auto_map = dict(AUTO_MAP)
+        names = lambda j: {k: f"model.layers.{j}.{path}" for k, path in MODULE_PATHS.items()}  # noqa: E731
+    sd: dict[str, torch.Tensor] = {}
+    q_dims = padded = 0
+    for j, i in enumerate(kept):
+        w = {k: state[n] for k, n in adapter.block_state_keys(i).items()}
+        sliced = slice_weights(w, slices[i], g) | dict((reformed or {}).get(i, {}))
+        sd |= {names(j)[k]: t for k, t in sliced.items()}
+        widths = [2 * len(p) for p in slices[i].kv_pairs if p]
+        q_dims += sum(widths) * g.group_size
+        padded += max(widths, default=0) * len(widths) * g.group_size
+    outer = adapter.outer_state_keys()
+    sd["model.embed_tokens.weight"] = state[outer["embed"]]
+    sd["model.norm.weight"] = state[outer["norm"]]
+    sd["lm_head.weight"] = state[outer["lm_head"]]
+    target = dtype or state[outer["embed"]].dtype
+    sd = {k: v.detach().to("cpu", target).contiguous() for k, v in sd.items()}
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on meta (replaced below); buffers such as rotary tables real
+        model = AutoModelForCausalLM.from_config(config, dtype=target) if uniform else SearchLLMForCausalLM(config).to(target)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    return model, ExportInfo("plain" if uniform else "searchllm", params, len(kept), q_dims, padded)
+
+
+def save(model: torch.nn.Module, info: ExportInfo, out: str | Path, tokenizer=None, source: str | None = None) -> Path:
+    """Write safetensors, config.json (with auto_map for the searchllm form), the remote code file,
+    the tokenizer, and the source's generation config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if info.kind == "searchllm":
+        shutil.copy(modeling_searchllm.__file__, out / "modeling_searchllm.py")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if source is not None:
+        try:
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_pretrained(source).save_pretrained(out)
+        except OSError:
+            pass  # the source has no generation config
+    (out / "searchllm_export.json").write_text(json.dumps(asdict(info) | {"padding": info.padding}, indent=2))
+    return out

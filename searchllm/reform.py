@@ -1,0 +1,224 @@
+"""Reformation (paper Sec. 3.3): rectify the kept input columns of o_proj and down_proj from calibration data.
+
+For a module with original weight W (out x n) and kept input columns S, with X its target input (the
+original model's) and F the features the pruned model feeds it (F = X[:, S] when they coincide):
+
+    min_{W'}  ||W X - W' F||^2  +  damp * sum_j G_jj ||W'_j - W_{S_j}||^2,        G = F F^T
+
+The damping pulls toward the original kept weights, scaled per column by its input energy, so it never
+shrinks a weight toward zero (findings.md: ridge toward zero made reformation hurt at 80% kept). Only
+these column-sliced modules are reformed: q/k/v and gate/up lose output rows, and an omitted row's output
+is simply gone; least squares would return the kept rows unchanged.
+
+Solvers: `exact` (closed form, float64 Cholesky) and `admm` (the paper's Eq. 7-9 with the feasible
+projection (W + U) * keep, on the input-normalised problem as the paper's code does). Both see the same
+statistics; ADMM converges to the exact solution as its iterations grow.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .models.sliced import COLUMN_SLICED, LayerSlice, build_block
+
+if TYPE_CHECKING:
+    from .shard import ShardRunner
+
+SOLVERS = ("exact", "admm")
+INPUTS = ("sequential", "independent")
+FEATURES = ("full", "pruned")
+
+
+@dataclass
+class ReformParams:
+    solver: str = "exact"
+    inputs: str = "sequential"  # sequential: features from the already reformed upstream; independent: original
+    features: str = "full"  # full: module inputs from the layer's full q/k/v, gate/up; pruned: from the pruned layer
+    damp: float = 0.1
+    rho: float = 1.0  # ADMM penalty on the normalised problem
+    iters: int = 30  # ADMM iterations
+
+
+class Normal:
+    """Sufficient statistics of one module's least-squares problem, summed over calibration batches.
+
+    G = F^T F over features, C = X^T F (target inputs x features), T = X^T X (for the error only). When
+    the features are the target inputs themselves (independent inputs, full features), G = C = T."""
+
+    def __init__(self, cols: list[int], same: bool) -> None:
+        self.cols = torch.tensor(cols, dtype=torch.long)  # original input column of each feature
+        self.same = same
+        self.G: torch.Tensor | None = None
+        self.C: torch.Tensor | None = None
+        self.T: torch.Tensor | None = None
+
+    def add(self, target: torch.Tensor, feats: torch.Tensor | None = None) -> None:
+        x = target.reshape(-1, target.shape[-1]).float()
+        if self.same:
+            self.G = _acc(self.G, x.T @ x)
+            return
+        f = feats.reshape(-1, feats.shape[-1]).float()
+        self.G = _acc(self.G, f.T @ f)
+        self.C = _acc(self.C, x.T @ f)
+        self.T = _acc(self.T, x.T @ x)
+
+    def stats(self, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G_SS, C_:S, T) in float64 for the kept columns S (which must all be among the features)."""
+        pos = _positions(self.cols, keep)
+        G = self.G.double()
+        C = G if self.same else self.C.double()
+        T = G if self.same else self.T.double()
+        return G[pos][:, pos], C[:, pos], T
+
+
+def _acc(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x if total is None else total.add_(x)
+
+
+def _positions(cols: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    where = {int(c): i for i, c in enumerate(cols)}
+    missing = [k for k in keep if k not in where]
+    if missing:
+        raise ValueError(f"kept columns {missing[:5]} have no recorded features")
+    return torch.tensor([where[k] for k in keep], dtype=torch.long, device=cols.device)
+
+
+def solve_exact(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
+    """W' (out x |S|) solving W' (G + damp diag G) = W C + damp W_S diag G."""
+    W = W.double().to(G.device)
+    d = damp * G.diagonal().clamp_min(1e-12)
+    rhs = W @ C + W[:, keep] * d
+    chol = torch.linalg.cholesky(G + torch.diag(d))
+    return torch.cholesky_solve(rhs.T, chol).T
+
+
+def solve_admm(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int], damp: float, rho: float, iters: int) -> torch.Tensor:
+    """The paper's ADMM over the full column set of W, on the problem normalised by sqrt(diag G)
+    (the official code's scaling, so rho is relative to unit input energy).
+
+    Omitted columns have no features, so their rows of G and C are zero; the projection keeps them at zero."""
+    W = W.double().to(G.device)
+    n, k = W.shape[1], len(keep)
+    idx = torch.tensor(keep, dtype=torch.long, device=G.device)
+    Gf = torch.zeros(n, n, dtype=G.dtype, device=G.device)
+    Gf[idx[:, None], idx[None, :]] = G
+    Cf = torch.zeros(C.shape[0], n, dtype=C.dtype, device=C.device)
+    Cf[:, idx] = C
+    D = Gf.diagonal().clamp_min(0).sqrt()
+    D = torch.where(D > 0, D, torch.ones_like(D))
+    Gn = Gf / D[:, None] / D[None, :]
+    Wn = W * D  # the same map on normalised features F / D
+    keep_mask = torch.zeros(n, dtype=torch.bool, device=G.device)
+    keep_mask[idx] = True
+    damp_diag = damp * (Gf.diagonal() > 0).double()
+    rhs0 = W @ (Cf / D[None, :]) + Wn * damp_diag  # damping toward the original weights, as in the exact solver
+    chol = torch.linalg.cholesky(Gn + torch.diag(damp_diag + rho))
+    Z, U = Wn.clone(), torch.zeros_like(Wn)
+    for _ in range(iters):
+        Wh = torch.cholesky_solve((rhs0 + rho * (Z - U)).T, chol).T  # Eq. 7
+        Z = (Wh + U) * keep_mask  # Eq. 8, projecting onto the feasible set (the paper prints the mask inverted)
+        U = U + Wh - Z  # Eq. 9
+    return (Z / D)[:, idx]
+
+
+def solve(W: torch.Tensor, normal: Normal, keep: list[int], p: ReformParams) -> torch.Tensor:
+    G, C, _ = normal.stats(keep)
+    if p.solver == "admm":
+        return solve_admm(W, G, C, keep, p.damp, p.rho, p.iters)
+    return solve_exact(W, G, C, keep, p.damp)
+
+
+def reconstruction_error(W: torch.Tensor, normal: Normal, keep: list[int], W_kept: torch.Tensor) -> float:
+    """||W X - W_kept F||^2 / ||W X||^2 from the accumulated statistics."""
+    G, C, T = normal.stats(keep)
+    W, Wk = W.double().to(G.device), W_kept.double().to(G.device)
+    ref = (W @ T * W).sum()
+    err = ref - 2 * (Wk @ C.T * W).sum() + (Wk @ G * Wk).sum()
+    return float(err.clamp_min(0) / ref.clamp_min(1e-30))
+
+
+@dataclass
+class LayerResult:
+    layer: int
+    weights: dict[str, torch.Tensor]  # reformed o/down over their kept input columns, by standard key
+    error_before: dict[str, float]  # relative reconstruction error of plain slicing, per module
+    error_after: dict[str, float]
+    seconds: float
+
+
+def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor, stream: torch.Tensor | None,
+                 p: ReformParams, batch: int = 1, on_layer: Callable[[LayerResult], None] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[LayerResult]]:
+    """Reform every layer of a shard, in order. `dense` is the original model's hidden state entering the
+    shard (tokens on the first shard), `stream` the reformed upstream's (None with independent inputs).
+    Returns both hidden states leaving the shard and the per-layer results; the runner keeps the
+    reformed weights, so its later forwards of these slices use them."""
+    g, cfg = runner.geometry, runner.block_config
+    dense = runner.embed(dense) if runner.spec.first else dense.to(runner.device, runner.dtype)
+    if p.inputs == "sequential":
+        stream = dense if stream is None or runner.spec.first else stream.to(runner.device, runner.dtype)
+    else:
+        stream = None
+    full = LayerSlice.full(g)
+    n_inputs = {"o": len(full.q_rows(g)), "down": g.intermediate}
+    results = []
+    for i in runner.spec.layers:
+        t0 = time.perf_counter()
+        s, w = slices[i], runner.blocks_w[i]
+        full_block = build_block(cfg, w, full, g)
+        src = dense if stream is None else stream
+        if not s.active:  # a dropped block: the original model still runs it, the subnet skips it
+            dense = _apply(runner, full_block, dense, batch)
+            continue
+        keep = {k: s.kept_inputs(k, g) for k in COLUMN_SLICED}
+        todo = [k for k in COLUMN_SLICED if 0 < len(keep[k]) < n_inputs[k]]
+        same = stream is None and p.features == "full"
+        normals = {k: Normal(list(range(n_inputs[k])) if p.features == "full" else keep[k], same) for k in todo}
+        # Full features come from one pass; pruned features of down depend on the reformed o, so o goes first.
+        phases = [todo] if p.features == "full" else [[k] for k in todo]
+        overrides: dict[str, torch.Tensor] = {}
+        before, after, dense_out = {}, {}, None
+        for phase in phases:
+            feat_block = full_block if p.features == "full" else build_block(cfg, w, s, g, overrides)
+            outs = []
+            for b in range(0, dense.shape[0], batch):
+                d_out, d_rec = _run(runner, full_block, dense[b : b + batch], record=True)
+                outs.append(d_out)
+                f_rec = d_rec if same else _run(runner, feat_block, src[b : b + batch], record=True)[1]
+                for k in phase:
+                    normals[k].add(d_rec[k], None if same else f_rec[k])
+            dense_out = torch.cat(outs) if dense_out is None else dense_out
+            for k in phase:
+                W = w[k]
+                new = solve(W, normals[k], keep[k], p)
+                before[k] = reconstruction_error(W, normals[k], keep[k], W[:, keep[k]])
+                after[k] = reconstruction_error(W, normals[k], keep[k], new)
+                overrides[k] = new.to(device=W.device, dtype=W.dtype)
+                normals[k] = None  # free the Grams before the next module's
+        if dense_out is None:
+            dense_out = _apply(runner, full_block, dense, batch)
+        runner.reformed[i] = (s, overrides)
+        if stream is not None:
+            stream = _apply(runner, build_block(cfg, w, s, g, overrides), stream, batch)
+        dense = dense_out
+        res = LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
+        results.append(res)
+        if on_layer is not None:
+            on_layer(res)
+    return dense, stream, results
+
+
+def _run(runner: "ShardRunner", block: torch.nn.Module, h: torch.Tensor, record: bool = False):
+    rec: dict[str, torch.Tensor] = {}
+    cos, sin = runner.cos_sin(h.shape[1])
+    with torch.no_grad():
+        out = block(h, cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1), rec.__setitem__ if record else None)
+    return out, rec
+
+
+def _apply(runner: "ShardRunner", block: torch.nn.Module, h: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([_run(runner, block, h[b : b + batch])[0] for b in range(0, h.shape[0], batch)])
