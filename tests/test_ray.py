@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from searchllm.config import RayConfig
 from searchllm.distributed import EvaluatorPool, RayEvaluator
@@ -56,6 +57,37 @@ def test_results_stream_back_from_every_replica(ray_cluster, llama, adapter, tok
     assert {r for _, _, r in got} == {0, 1}
 
 
+@pytest.mark.parametrize("inputs", ["sequential", "independent"])
+def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(ray_cluster, llama, adapter, tokens, inputs):
+    from searchllm.reform import ReformParams
+
+    from test_slicing import random_slices
+
+    slices = random_slices(adapter.geometry(), np.random.default_rng(8))
+    params = ReformParams(inputs=inputs)
+    with pool(llama, adapter, tokens) as p:
+        one = {r.layer: r.weights for r in p.reform(slices, params, 1)}
+    with pool(llama, adapter, tokens, replicas=1, stages=2) as p:
+        two = {r.layer: r.weights for r in p.reform(slices, params, 1)}
+    assert sorted(one) == sorted(two) == [0, 1, 2]
+    for i in one:
+        for k in one[i]:
+            torch.testing.assert_close(one[i][k], two[i][k], rtol=1e-6, atol=1e-7)
+
+
+def test_reformed_weights_reach_every_replica(ray_cluster, llama, adapter, tokens):
+    from searchllm.reform import ReformParams
+
+    space = SearchSpace(adapter.geometry())
+    cand = space.full()
+    cand.mlp[:, ::2] = False
+    with pool(llama, adapter, tokens, replicas=2) as p:
+        before = next(iter(p.stream(space, [cand])))[1].ppl
+        p.reform(space.slices(cand), ReformParams(), 1)
+        after = {r: n.ppl for _, n, r in p.stream(space, [cand] * 4)}
+    assert set(after) == {0, 1} and after[0] == after[1] != before
+
+
 def search_best(model, adapter, tokens, run_dir, replicas):
     g = adapter.geometry()
     space = SearchSpace.for_target(g, 0.7)
@@ -84,6 +116,25 @@ def test_driver_runs_the_search_end_to_end_and_resumes(ray_cluster, tiny_checkpo
     assert main([f"resume={run}", "search.generations=3"]) == 0
     arch = RunDir(run).archive()
     assert sorted(arch.generation.unique()) == [0, 1, 2] and arch.key.is_unique
+
+
+def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(tiny_run_args(path, corpus, run, "search.generations=1", "ray.stages=2")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    ppl = m["perplexity"]
+    assert set(ppl) >= {"original", "searched", "reformed", "exported"}
+    assert ppl["exported"] == pytest.approx(ppl["reformed"], rel=1e-4)
+    assert m["export"]["params"] == m["params"]["subnet"] and m["ratio"]["actual"] == pytest.approx(m["params"]["subnet"] / m["params"]["original"])
+    assert m["calibration"]["seed"] == 0 and m["source"]["model"] == str(path)
+    assert len(m["structure"]["mlp_channels"]) == 4 and m["reform"]["solver"] == "exact"
+    assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.json").is_file()
+    # The same saved search, reformed again with ADMM into another directory, without searching again.
+    assert main([f"resume={run}", "reform.solver=admm", f"export.dir={tmp_path / 'admm'}"]) == 0
+    m2 = json.loads((run / "manifest.json").read_text())
+    assert m2["reform"]["solver"] == "admm" and m2["search"]["evaluations"] == m["search"]["evaluations"]
+    assert (tmp_path / "admm" / "config.json").is_file()
 
 
 def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_path, capsys):

@@ -133,7 +133,7 @@ def register_export_classes() -> None:
 
 
 def load_pretrained(path: str, dtype: str | None = None):
-    """(model, tokenizer) from any checkpoint dir: an original model or a searchllm export of either form."""
+    """(model, tokenizer or None) from any checkpoint: an original model or a searchllm export of either form."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     register_export_classes()
@@ -142,4 +142,6 @@ def load_pretrained(path: str, dtype: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
     except OSError as e:
         raise ModelError(f"cannot load a checkpoint from {path!r} ({str(e).splitlines()[0][:160]})") from None
-    return model, AutoTokenizer.from_pretrained(path)
+    local = Path(path).expanduser()
+    has_tokenizer = not local.exists() or (local / "tokenizer_config.json").is_file()
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
