@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .evolution import EvolutionParams
-from .reform import FEATURES, INPUTS, SOLVERS, ReformParams
+from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,6 +140,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reform.solver": SOLVERS,
     "reform.inputs": INPUTS,
     "reform.features": FEATURES,
+    "reform.targets": TARGETS,
     "ray.device": DEVICES,
 }
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 SOLVERS = ("exact", "admm")
 INPUTS = ("sequential", "independent")
 FEATURES = ("full", "pruned")
+TARGETS = ("original", "layer")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class ReformParams:
     solver: str = "exact"
     inputs: str = "sequential"  # sequential: features from the already reformed upstream; independent: original
     features: str = "full"  # full: module inputs from the layer's full q/k/v, gate/up; pruned: from the pruned layer
+    # With sequential inputs: what the reformed layer must reproduce. original: the original model's
+    # activations (corrects upstream drift too); layer: the original layer applied to the same inputs
+    # (SparseGPT's and the paper code's choice). Independent inputs make both the same.
+    targets: str = "layer"
     damp: float = 0.1
     rho: float = 1.0  # ADMM penalty on the normalised problem
     iters: int = 30  # ADMM iterations
@@ -150,19 +155,26 @@ class LayerResult:
     seconds: float
 
 
-def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor, stream: torch.Tensor | None,
-                 p: ReformParams, batch: int = 1, on_layer: Callable[[LayerResult], None] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[LayerResult]]:
-    """Reform every layer of a shard, in order. `dense` is the original model's hidden state entering the
-    shard (tokens on the first shard), `stream` the reformed upstream's (None with independent inputs).
+def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor | None,
+                 stream: torch.Tensor | None, p: ReformParams, batch: int = 1,
+                 on_layer: Callable[[LayerResult], None] | None = None,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[LayerResult]]:
+    """Reform every layer of a shard, in order.
+
+    `dense` is the original model's hidden state entering the shard (tokens on the first shard; None when
+    nothing downstream needs it), `stream` the reformed upstream's (None with independent inputs).
     Returns both hidden states leaving the shard and the per-layer results; the runner keeps the
     reformed weights, so its later forwards of these slices use them."""
     g, cfg = runner.geometry, runner.block_config
-    dense = runner.embed(dense) if runner.spec.first else dense.to(runner.device, runner.dtype)
-    if p.inputs == "sequential":
-        stream = dense if stream is None or runner.spec.first else stream.to(runner.device, runner.dtype)
+    sequential = p.inputs == "sequential"
+    if runner.spec.first:
+        h = runner.embed(dense)
+        dense, stream = h, (h if sequential else None)
     else:
-        stream = None
+        dense = None if dense is None else dense.to(runner.device, runner.dtype)
+        stream = stream.to(runner.device, runner.dtype) if sequential else None
+    if sequential and p.targets == "layer":
+        dense = None  # targets come from the stream itself: the original model's activations are not needed
     full = LayerSlice.full(g)
     n_inputs = {"o": len(full.q_rows(g)), "down": g.intermediate}
     results = []
@@ -170,28 +182,29 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
         t0 = time.perf_counter()
         s, w = slices[i], runner.blocks_w[i]
         full_block = build_block(cfg, w, full, g)
-        src = dense if stream is None else stream
         if not s.active:  # a dropped block: the original model still runs it, the subnet skips it
-            dense = _apply(runner, full_block, dense, batch)
+            dense = None if dense is None else _apply(runner, full_block, dense, batch)
             continue
+        src = stream if stream is not None else dense  # what the subnet's layer receives
+        tgt = dense if dense is not None else src  # what the original layer receives
         keep = {k: s.kept_inputs(k, g) for k in COLUMN_SLICED}
         todo = [k for k in COLUMN_SLICED if 0 < len(keep[k]) < n_inputs[k]]
-        same = stream is None and p.features == "full"
+        same = p.features == "full" and tgt is src
         normals = {k: Normal(list(range(n_inputs[k])) if p.features == "full" else keep[k], same) for k in todo}
         # Full features come from one pass; pruned features of down depend on the reformed o, so o goes first.
         phases = [todo] if p.features == "full" else [[k] for k in todo]
         overrides: dict[str, torch.Tensor] = {}
-        before, after, dense_out = {}, {}, None
+        before, after, tgt_out = {}, {}, None
         for phase in phases:
             feat_block = full_block if p.features == "full" else build_block(cfg, w, s, g, overrides)
             outs = []
-            for b in range(0, dense.shape[0], batch):
-                d_out, d_rec = _run(runner, full_block, dense[b : b + batch], record=True)
-                outs.append(d_out)
-                f_rec = d_rec if same else _run(runner, feat_block, src[b : b + batch], record=True)[1]
+            for b in range(0, src.shape[0], batch):
+                t_out, t_rec = _run(runner, full_block, tgt[b : b + batch], record=True)
+                outs.append(t_out)
+                f_rec = t_rec if same else _run(runner, feat_block, src[b : b + batch], record=True)[1]
                 for k in phase:
-                    normals[k].add(d_rec[k], None if same else f_rec[k])
-            dense_out = torch.cat(outs) if dense_out is None else dense_out
+                    normals[k].add(t_rec[k], None if same else f_rec[k])
+            tgt_out = torch.cat(outs) if tgt_out is None else tgt_out
             for k in phase:
                 W = w[k]
                 new = solve(W, normals[k], keep[k], p)
@@ -199,12 +212,11 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
                 after[k] = reconstruction_error(W, normals[k], keep[k], new)
                 overrides[k] = new.to(device=W.device, dtype=W.dtype)
                 normals[k] = None  # free the Grams before the next module's
-        if dense_out is None:
-            dense_out = _apply(runner, full_block, dense, batch)
         runner.reformed[i] = (s, overrides)
+        if dense is not None:
+            dense = tgt_out if tgt_out is not None and tgt is dense else _apply(runner, full_block, dense, batch)
         if stream is not None:
             stream = _apply(runner, build_block(cfg, w, s, g, overrides), stream, batch)
-        dense = dense_out
         res = LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
         results.append(res)
         if on_layer is not None:

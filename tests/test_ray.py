@@ -57,14 +57,14 @@ def test_results_stream_back_from_every_replica(ray_cluster, llama, adapter, tok
     assert {r for _, _, r in got} == {0, 1}
 
 
-@pytest.mark.parametrize("inputs", ["sequential", "independent"])
-def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(ray_cluster, llama, adapter, tokens, inputs):
+@pytest.mark.parametrize("inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")])
+def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(ray_cluster, llama, adapter, tokens, inputs, targets):
     from searchllm.reform import ReformParams
 
     from test_slicing import random_slices
 
     slices = random_slices(adapter.geometry(), np.random.default_rng(8))
-    params = ReformParams(inputs=inputs)
+    params = ReformParams(inputs=inputs, targets=targets)
     with pool(llama, adapter, tokens) as p:
         one = {r.layer: r.weights for r in p.reform(slices, params, 1)}
     with pool(llama, adapter, tokens, replicas=1, stages=2) as p:

@@ -43,12 +43,13 @@ def test_admm_converges_to_the_exact_solution():
     assert gaps[2] < 1e-3
 
 
-@pytest.mark.parametrize("inputs", ["sequential", "independent"])
+@pytest.mark.parametrize("inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")])
 @pytest.mark.parametrize("features", ["full", "pruned"])
 @pytest.mark.parametrize("solver", ["exact", "admm"])
-def test_reformation_never_increases_the_layer_reconstruction_error(llama, adapter, tokens, inputs, features, solver):
+def test_reformation_never_increases_the_layer_reconstruction_error(llama, adapter, tokens, inputs, targets, features, solver):
     slices = random_slices(adapter.geometry(), np.random.default_rng(3))
-    _, _, results = reform_shard(whole(adapter, llama), slices, tokens, None, ReformParams(solver, inputs, features), batch=2)
+    p = ReformParams(solver=solver, inputs=inputs, features=features, targets=targets)
+    _, _, results = reform_shard(whole(adapter, llama), slices, tokens, None, p, batch=2)
     assert [r.layer for r in results] == [0, 1, 2]
     for r in results:
         assert set(r.error_after) == {"o", "down"}
