@@ -185,8 +185,8 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
     if cfg.reform.enabled:
         r = cfg.reform
         c = cfg.data.calibration
-        log.info("reforming o/down of the best subnet: solver=%s inputs=%s features=%s damp=%g on %d x %d tokens of %s",
-                 r.solver, r.inputs, r.features, r.damp, c.samples, c.seqlen, where["calibration"])
+        log.info("reforming o/down of the best subnet: solver=%s inputs=%s targets=%s features=%s damp=%g on %d x %d tokens of %s",
+                 r.solver, r.inputs, r.targets, r.features, r.damp, c.samples, c.seqlen, where["calibration"])
         t0 = time.perf_counter()
         results = pool.reform(slices, r, batch)
         seconds = time.perf_counter() - t0
