@@ -29,6 +29,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 Recorder = Optional[Callable[[str, torch.Tensor], None]]
+# The model outputs' cache field: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which
+# generate() reads back and passes in as `cache=`).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @strict
@@ -215,7 +218,8 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -224,16 +228,14 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
         if position_ids is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
-        )
+        # Positional: the cache argument is `past_key_values` up to transformers 5.23 and `cache` after.
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
         h = inputs_embeds
         cos, sin = self.rotary_emb(h, position_ids)
         cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None, mask, past_key_values if use_cache else None, i)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None})
 
 
 class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
@@ -246,7 +248,8 @@ class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs) -> CausalLMOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -255,4 +258,4 @@ class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
