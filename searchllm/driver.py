@@ -206,7 +206,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
                    "decoder_original": g.num_layers * g.layer_params, "decoder_subnet": int(space.layer_params(best).sum())},
         "structure": summarize(space, best),
         "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "layers": layers},
-        "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape), **ppl},
+        "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
     }
     if cfg.export.enabled:
         state = pool.original_state()

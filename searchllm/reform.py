@@ -107,7 +107,7 @@ def solve_admm(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int
 
     Omitted columns have no features, so their rows of G and C are zero; the projection keeps them at zero."""
     W = W.double().to(G.device)
-    n, k = W.shape[1], len(keep)
+    n = W.shape[1]
     idx = torch.tensor(keep, dtype=torch.long, device=G.device)
     Gf = torch.zeros(n, n, dtype=G.dtype, device=G.device)
     Gf[idx[:, None], idx[None, :]] = G
@@ -130,16 +130,19 @@ def solve_admm(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int
     return (Z / D)[:, idx]
 
 
-def solve(W: torch.Tensor, normal: Normal, keep: list[int], p: ReformParams) -> torch.Tensor:
-    G, C, _ = normal.stats(keep)
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # Normal.stats: (G_SS, C_:S, T)
+
+
+def solve(W: torch.Tensor, stats: Stats, keep: list[int], p: ReformParams) -> torch.Tensor:
+    G, C, _ = stats
     if p.solver == "admm":
         return solve_admm(W, G, C, keep, p.damp, p.rho, p.iters)
     return solve_exact(W, G, C, keep, p.damp)
 
 
-def reconstruction_error(W: torch.Tensor, normal: Normal, keep: list[int], W_kept: torch.Tensor) -> float:
+def reconstruction_error(W: torch.Tensor, stats: Stats, W_kept: torch.Tensor) -> float:
     """||W X - W_kept F||^2 / ||W X||^2 from the accumulated statistics."""
-    G, C, T = normal.stats(keep)
+    G, C, T = stats
     W, Wk = W.double().to(G.device), W_kept.double().to(G.device)
     ref = (W @ T * W).sum()
     err = ref - 2 * (Wk @ C.T * W).sum() + (Wk @ G * Wk).sum()
@@ -183,7 +186,7 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
         s, w = slices[i], runner.blocks_w[i]
         full_block = build_block(cfg, w, full, g)
         if not s.active:  # a dropped block: the original model still runs it, the subnet skips it
-            dense = None if dense is None else _apply(runner, full_block, dense, batch)
+            dense = None if dense is None else runner.run_blocks({str(i): full_block}, dense, batch)
             continue
         src = stream if stream is not None else dense  # what the subnet's layer receives
         tgt = dense if dense is not None else src  # what the original layer receives
@@ -199,38 +202,30 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
             feat_block = full_block if p.features == "full" else build_block(cfg, w, s, g, overrides)
             outs = []
             for b in range(0, src.shape[0], batch):
-                t_out, t_rec = _run(runner, full_block, tgt[b : b + batch], record=True)
-                outs.append(t_out)
-                f_rec = t_rec if same else _run(runner, feat_block, src[b : b + batch], record=True)[1]
+                t_rec, f_rec = {}, {}
+                t_out = runner.run_block(full_block, tgt[b : b + batch], t_rec.__setitem__)
+                if tgt_out is None:  # the original layer's output is the same in every phase: keep the first
+                    outs.append(t_out)
+                if not same:
+                    runner.run_block(feat_block, src[b : b + batch], f_rec.__setitem__)
                 for k in phase:
                     normals[k].add(t_rec[k], None if same else f_rec[k])
             tgt_out = torch.cat(outs) if tgt_out is None else tgt_out
             for k in phase:
-                W = w[k]
-                new = solve(W, normals[k], keep[k], p)
-                before[k] = reconstruction_error(W, normals[k], keep[k], W[:, keep[k]])
-                after[k] = reconstruction_error(W, normals[k], keep[k], new)
+                W, stats = w[k], normals.pop(k).stats(keep[k])  # popped: the Grams go before the next module's
+                new = solve(W, stats, keep[k], p)
+                before[k] = reconstruction_error(W, stats, W[:, keep[k]])
+                after[k] = reconstruction_error(W, stats, new)
                 overrides[k] = new.to(device=W.device, dtype=W.dtype)
-                normals[k] = None  # free the Grams before the next module's
+                del stats
         runner.reformed[i] = (s, overrides)
         if dense is not None:
-            dense = tgt_out if tgt_out is not None and tgt is dense else _apply(runner, full_block, dense, batch)
+            dense = tgt_out if tgt_out is not None and tgt is dense else runner.run_blocks({str(i): full_block}, dense, batch)
         if stream is not None:
-            stream = _apply(runner, build_block(cfg, w, s, g, overrides), stream, batch)
+            stream = runner.run_blocks({str(i): build_block(cfg, w, s, g, overrides)}, stream, batch)
         res = LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
         results.append(res)
         if on_layer is not None:
             on_layer(res)
     return dense, stream, results
 
-
-def _run(runner: "ShardRunner", block: torch.nn.Module, h: torch.Tensor, record: bool = False):
-    rec: dict[str, torch.Tensor] = {}
-    cos, sin = runner.cos_sin(h.shape[1])
-    with torch.no_grad():
-        out = block(h, cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1), rec.__setitem__ if record else None)
-    return out, rec
-
-
-def _apply(runner: "ShardRunner", block: torch.nn.Module, h: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([_run(runner, block, h[b : b + batch])[0] for b in range(0, h.shape[0], batch)])

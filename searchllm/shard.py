@@ -119,16 +119,22 @@ class ShardRunner:
         return F.embedding(tokens.to(self.device), self.embed_w)
 
     @torch.no_grad()
-    def run_blocks(self, blocks: nn.ModuleDict, hidden: torch.Tensor, batch: int = 1, record=None) -> torch.Tensor:
+    def run_block(self, block: nn.Module, h: torch.Tensor, record=None) -> torch.Tensor:
+        """One block on one batch of hidden states; `record(key, x)` sees its module inputs."""
+        cos, sin = self.cos_sin(h.shape[1])
+        return block(h, cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1), record)
+
+    @torch.no_grad()
+    def run_blocks(self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None) -> torch.Tensor:
+        """Blocks keyed by their layer index, in order, over all windows `batch` at a time;
+        `record(layer, key, x)` sees every block's module inputs."""
         hidden = hidden.to(self.device, self.dtype)
-        cos, sin = self.cos_sin(hidden.shape[1])
         outs = []
         for s in range(0, hidden.shape[0], batch):
             h = hidden[s : s + batch]
-            c, si = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
             for name, block in blocks.items():
                 rec = None if record is None else (lambda key, x, _i=int(name): record(_i, key, x))
-                h = block(h, c, si, rec)
+                h = self.run_block(block, h, rec)
             outs.append(h)
         return torch.cat(outs)
 
@@ -166,6 +172,6 @@ class ShardRunner:
             for i in self.spec.layers:
                 grams = GramAccumulator()
                 block = build_block(self.block_config, self.blocks_w[i], full, self.geometry)
-                hidden = self.run_blocks(nn.ModuleDict({str(i): block}), hidden, batch, record=grams.add)
+                hidden = self.run_blocks({str(i): block}, hidden, batch, record=grams.add)
                 self.scores[i] = layer_scores(self.blocks_w[i], grams, i, self.geometry, damp)
         return hidden
