@@ -14,7 +14,6 @@ import argparse
 import itertools
 import time
 
-import numpy as np
 import torch
 
 
@@ -37,6 +36,7 @@ def main() -> None:
     from searchllm.models.sliced import LayerSlice
     from searchllm.models.weights import share
     from searchllm.reform import FEATURES, TARGETS, ReformParams, reform_shard
+    from searchllm.scores import Scores
     from searchllm.shard import ShardRunner, split_layers
     from searchllm.space import Budget, SearchSpace
 
@@ -50,8 +50,7 @@ def main() -> None:
     spec = split_layers(g.num_layers, 1)[0]
     scorer = ShardRunner(m.adapter, state, spec)
     scorer.calibrate(calib, a.batch)
-    attn = np.stack([scorer.scores[i].attn.numpy() for i in range(g.num_layers)])
-    mlp = np.stack([scorer.scores[i].mlp.numpy() for i in range(g.num_layers)])
+    sc = Scores.stack(scorer.scores)
     dense = scorer.forward([LayerSlice.full(g)] * g.num_layers, evals, batch=a.batch).ppl
     print(f"SmolLM2-135M, {torch.get_num_threads()} threads; calibration {a.calib}x{a.seqlen} WikiText-2 valid; "
           f"ppl on {a.eval}x{a.seqlen} WikiText-2 raw test; dense ppl {dense:.2f}\n")
@@ -61,7 +60,7 @@ def main() -> None:
     modes = [("sequential", t) for t in TARGETS] + [("independent", "original")]
     for ratio in a.ratios:
         space = SearchSpace.for_target(g, ratio)
-        cand = space.initial(attn, mlp, Budget(ratio, 0.01))
+        cand = space.initial(sc.attn, sc.mlp, Budget(ratio, 0.01))
         slices = space.slices(cand)
         before = scorer.forward(slices, evals, batch=a.batch).ppl
         for solver, (inputs, targets), features, damp in itertools.product(a.solvers, modes, FEATURES, a.damps):

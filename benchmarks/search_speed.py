@@ -48,7 +48,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     init = space.initial(rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget)
     evo = Evolution(space, budget, EvolutionParams(population=a.candidates))
-    cands = [c for c, _ in evo.first_generation(init, rng, set())]
+    cands = [c for c, _ in evo.first_generation([init], rng, set())]
 
     # 1) Slicing overhead, in one process with 2 threads: evaluate = slice resident weights + forward;
     #    standalone = the same subnet's blocks built once, then the same forward.

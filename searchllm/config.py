@@ -13,15 +13,19 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .evaluate import EvalConfig
 from .evolution import EvolutionParams
 from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "conf" / "default.yaml"
+METHOD_DIR = REPO / "conf" / "method"
 CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
 DTYPES = ("float32", "bfloat16", "float16")
-SEARCH_MODES = ("paper",)
+SEARCH_MODES = ("evolution", "random", "uniform", "flap")  # how the subnet is chosen (baselines.py, evolution.py)
+SEARCH_INITS = ("uniform", "flap")  # generation 0 of the evolution: the paper's uniform subnet, or it and FLAP's
+METHODS = ("searchllm", "paper", "uniform", "flap", "random")  # presets in conf/method/<name>.yaml
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -83,7 +87,8 @@ class SearchConfig(EvolutionParams):
     """The paper's search hyper-parameters (EvolutionParams: population, parents, mutations, crossovers,
     mutation probabilities, alpha, max_tries) plus how the run is driven."""
 
-    mode: str = "paper"
+    mode: str = "evolution"
+    init: str = "flap"
     seed: int = 0
     generations: int = 50
     score_damp: float = 0.01  # damping of the Gram inverse in the importance scores
@@ -124,7 +129,11 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     reform: ReformConfig = field(default_factory=ReformConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # after export: the original and the exported model
     ray: RayConfig = field(default_factory=RayConfig)
+    # A named method: `method=NAME` on the command line applies conf/method/NAME.yaml (before the other
+    # overrides); the resolved keys are what a run records, so a resume never re-applies it.
+    method: str = "searchllm"
     run_dir: Optional[str] = None  # None: runs/<time>
     resume: Optional[str] = None  # a run dir to continue
 
@@ -137,15 +146,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "space.attention": ATTENTION_MODES,
     "budget.count": BUDGET_COUNTS,
     "search.mode": SEARCH_MODES,
+    "search.init": SEARCH_INITS,
+    "method": METHODS,
     "reform.solver": SOLVERS,
     "reform.inputs": INPUTS,
     "reform.features": FEATURES,
     "reform.targets": TARGETS,
     "ray.device": DEVICES,
+    "eval.missing": ("skip", "error"),
+    "eval.device": DEVICES,
 }
 
 # Overrides allowed when resuming: they change how the run is executed, not what it computes.
-RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.")
+RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.", "eval.")
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -182,6 +195,12 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML with --config")
     cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    method = next((item.split("=", 1)[1] for item in dotlist if item.startswith("method=")), None)
+    if method is not None:
+        preset = METHOD_DIR / f"{method}.yaml"
+        if method not in METHODS or not preset.is_file():
+            raise ConfigError(f"method={method!r} is not allowed; choose one of: {', '.join(METHODS)}")
+        cfg = _merge(cfg, OmegaConf.load(preset), str(preset))
     try:
         overrides = OmegaConf.from_dotlist(dotlist)
     except OmegaConfBaseException as e:
@@ -235,6 +254,19 @@ def validate(c: Config) -> None:
         raise ConfigError(f"reform.damp={f.damp} must be >= 0, reform.rho={f.rho} > 0 and reform.iters={f.iters} >= 1")
     if c.export.dtype is not None and c.export.dtype not in DTYPES:
         raise ConfigError(f"export.dtype={c.export.dtype!r} is not allowed; choose one of: {', '.join(DTYPES)} (or null: model.dtype)")
+    e = c.eval
+    if e.batch < 1 or e.max_windows < 0 or (e.task_limit is not None and e.task_limit < 1):
+        raise ConfigError(f"eval.batch={e.batch} must be >= 1, eval.max_windows={e.max_windows} >= 0 and eval.task_limit={e.task_limit} >= 1 or null")
+    try:
+        from .evaluate import parse_corpus, resolve_length
+
+        for spec in e.corpora:
+            parse_corpus(spec)
+        for length in e.lengths:
+            if length != "full":
+                resolve_length(length, None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     r = c.ray
     for key in ("replicas", "stages", "in_flight"):
         if getattr(r, key) < 1:
@@ -247,7 +279,7 @@ def check_resume_overrides(argv: list[str]) -> None:
         key = item.split("=", 1)[0]
         if not key.startswith(RESUMABLE_PREFIXES):
             raise ConfigError(
-                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, search.generations, reform.* and export.* can"
+                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, search.generations, reform.*, export.* and eval.* can"
             )
 
 

@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import ray
 import torch
 
@@ -24,7 +23,7 @@ from .models.adapters import ModelAdapter, adapter_for
 from .models.sliced import LayerSlice
 from .models.weights import share, unshare
 from .reform import LayerResult, ReformParams, reform_shard
-from .scores import LayerScores
+from .scores import LayerScores, Scores
 from .shard import NLL, ShardRunner, ShardSpec, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
 
@@ -231,12 +230,17 @@ class EvaluatorPool:
                 dense, stream, res = actor.reform.options(num_returns=3).remote(part, dense, stream, params, batch)
             pending.append(res)
         results = [r for ref in pending for r in ray.get(ref)]
-        reformed = {r.layer: (slices[r.layer], r.weights) for r in results}
-        ray.get([a.set_reformed.remote(reformed) for chain in self.replicas[1:] for a in chain])
+        self.set_overrides(slices, {r.layer: r.weights for r in results}, replicas=self.replicas[1:])
         return results
 
-    def calibrate(self, batch: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
-        """Dense calibration pass through replica 0, returning (attn, mlp) scores of every layer."""
+    def set_overrides(self, slices: list[LayerSlice], weights: dict[int, dict[str, torch.Tensor]], replicas=None) -> None:
+        """Replace tensors of the given layers' sliced blocks (reformed o/down, FLAP's biases) on every
+        replica; they apply while a candidate keeps exactly these slices."""
+        entries = {i: (slices[i], w) for i, w in weights.items()}
+        ray.get([a.set_reformed.remote(entries) for chain in (self.replicas if replicas is None else replicas) for a in chain])
+
+    def calibrate(self, batch: int, damp: float) -> Scores:
+        """Dense calibration pass through replica 0, returning the scores of every layer."""
         out = None
         for actor in self.replicas[0]:
             out = actor.calibrate.remote(out, batch, damp)
@@ -244,11 +248,7 @@ class EvaluatorPool:
         per_layer: dict[int, LayerScores] = {}
         for actor in self.replicas[0]:
             per_layer.update(ray.get(actor.scores.remote()))
-        layers = sorted(per_layer)
-        return (
-            np.stack([per_layer[i].attn.numpy() for i in layers]),
-            np.stack([per_layer[i].mlp.numpy() for i in layers]),
-        )
+        return Scores.stack(per_layer)
 
 
 class RayEvaluator:

@@ -13,15 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import torch
 
 from .config import Config, ConfigError, check_resume_overrides, load_config, to_yaml
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
-from .evolution import Evolution
+from .baselines import flap, flap_biases
+from .evaluate import Evaluated
+from .evolution import Evolution, RandomSearch
 from .models.adapters import UnsupportedModelError
 from .models.loading import DTYPES as DTYPES_BY_NAME
 from .models.loading import ModelError, load, load_config_only, load_tokenizer
 from .rundir import RunDir
+from .scores import Scores
 from .search import Search, SearchResult, summarize
 from .space import Budget, BudgetError, SearchSpace
 
@@ -134,10 +138,6 @@ def run(p: Prepared) -> int:
 
 
 def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where, loaded) -> int:
-    from tqdm import tqdm
-
-    from .distributed import RayEvaluator
-
     batch = cfg.data.batch
 
     dense = space.full()
@@ -150,28 +150,80 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
         log.info("calibrating on %d windows x %d tokens of %s", c.samples, c.seqlen, where["calibration"])
         t0 = time.perf_counter()
         scores = pool.calibrate(batch, cfg.search.score_damp)
-        run_dir.save_scores(*scores)
+        run_dir.save_scores(scores)
         log.info("channel scores ready in %.1fs", time.perf_counter() - t0)
-    init = space.initial(scores[0], scores[1], budget)
-    log.info("initial subnet: kept ratio %.4f, %d attention units and %d MLP channels per block", space.ratio(init, budget.count),
-             int(init.attn[0].sum()) // space.groups, int(init.mlp[0].sum()))
-
-    s = cfg.search
-    bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
-    search = Search(space, Evolution(space, budget, s), RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
-    t0 = time.perf_counter()
-    result = search.run_search(init)
-    wall = time.perf_counter() - t0
+    result, overrides, wall = choose_subnet(cfg, run_dir, space, budget, pool, scores, loaded)
 
     dense_rep, best_rep = (nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0]))
     report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
     if cfg.reform.enabled or cfg.export.enabled:
-        reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl)
+        manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides)
+        if cfg.eval.enabled and cfg.export.enabled:
+            evaluate_run(cfg, run_dir, loaded, Path(manifest["export"]["dir"]))
     return 0
 
 
+def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, scores: Scores,
+                  loaded) -> tuple[SearchResult, dict[int, dict[str, torch.Tensor]], float]:
+    """search.mode decides: the evolution or random search on the pool, or a baseline chosen outright
+    (uniform, FLAP). Returns the result, tensors the subnet carries beyond sliced weights (FLAP's
+    biases), and the wall time."""
+    from tqdm import tqdm
+
+    from .distributed import RayEvaluator
+
+    s, batch, t0 = cfg.search, cfg.data.batch, time.perf_counter()
+    uniform = space.initial(scores.attn, scores.mlp, budget)
+    log.info("uniform subnet: kept ratio %.4f, %d attention units and %d MLP channels per block", space.ratio(uniform, budget.count),
+             int(uniform.attn[0].sum()) // space.groups, int(uniform.mlp[0].sum()))
+    if s.mode in ("uniform", "flap"):
+        best = uniform if s.mode == "uniform" else flap(space, scores, budget)
+        overrides = {}
+        if s.mode == "flap":
+            state = pool.original_state()
+            overrides = flap_biases(loaded.adapter, state, space.slices(best), scores)
+            del state
+            pool.set_overrides(space.slices(best), overrides)
+        fit = next(nll for _, nll, _ in pool.stream(space, [best], "fitness", batch))
+        rec = {"generation": 0, "best": fit.ppl, "median": fit.ppl, "best_ratio": space.ratio(best, budget.count), "evaluated": 1}
+        result = SearchResult(best, fit.ppl, space.params(best), space.ratio(best, budget.count), 0, 1, [rec])
+        log.info("%s subnet: kept ratio %.4f, fitness ppl %.3f", s.mode, result.ratio, fit.ppl)
+        return result, overrides, time.perf_counter() - t0
+    inits = [uniform]
+    if s.mode == "evolution" and s.init == "flap":
+        inits.append(flap(space, scores, budget))
+        log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
+    strategy = (RandomSearch if s.mode == "random" else Evolution)(space, budget, s)
+    bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
+    search = Search(space, strategy, RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
+    result = search.run_search(inits)
+    return result, {}, time.perf_counter() - t0
+
+
+def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None:
+    """The evaluation protocol on the original and the exported model; rows appended to the run's table."""
+    from .evaluate import append_results, count_params, describe, device_of, evaluate_model, format_table
+    from .models.loading import load_pretrained
+
+    ids: dict = {}
+    tables = []
+    for name, path in (("original", loaded.checkpoint), ("exported", str(export_dir))):
+        model, tokenizer = load_pretrained(path)
+        model.to(device_of(cfg.eval.device))
+        what = describe(model, export_dir) if name == "exported" else None
+        if what is None:
+            total, decoder = count_params(model)
+            what = Evaluated(name, total, decoder, total, decoder)
+        what.name = f"{name} ({cfg.method})" if name == "exported" else name
+        tables.append(evaluate_model(model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids))
+        del model
+    table = pd.concat(tables, ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
+    append_results(run_dir.path, table)
+    print(format_table(table))
+
+
 def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, tokens, where,
-                      loaded, dense_ppl: float, searched_ppl: float) -> dict:
+                      loaded, dense_ppl: float, searched_ppl: float, overrides: Optional[dict] = None) -> dict:
     """Reform the best subnet on the actor pool, export it, reload the export from disk, and write
     manifest.json with the perplexity of every stage on the report windows."""
     from .evaluate import perplexity
@@ -180,7 +232,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
 
     best, batch, g = result.best, cfg.data.batch, space.geometry
     slices = space.slices(best)
-    reformed, layers, seconds = {}, [], 0.0
+    reformed, layers, seconds = dict(overrides or {}), [], 0.0
     ppl = {"original": dense_ppl, "searched": searched_ppl}
     if cfg.reform.enabled:
         r = cfg.reform
@@ -195,11 +247,12 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         ppl["reformed"] = next(nll for _, nll, _ in pool.stream(space, [best], "report", batch)).ppl
         log.info("reformed in %.1fs: report ppl %.3f -> %.3f", seconds, searched_ppl, ppl["reformed"])
     manifest = {
+        "method": cfg.method,
         "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
                    "model_type": loaded.adapter.config.model_type},
         "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
                         "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
-        "search": {"seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
+        "search": {"mode": cfg.search.mode, "init": cfg.search.init, "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
                    "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness},
         "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
         "params": {"original": g.total_params, "subnet": space.params(best),

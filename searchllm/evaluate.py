@@ -1,18 +1,80 @@
-"""Perplexity of any causal LM (a Hugging Face model or an export) on token windows.
+"""Evaluation in one protocol: perplexity, real parameter counts, zero-shot accuracy, one results table.
 
-Every window is scored on its own, tokens 1..T given their prefix: the same protocol as the search's
-fitness (shard.NLL), so numbers from both are comparable.
+`python -m searchllm.evaluate <checkpoint dir | run dir> [key=value ...]` (keys: eval.*, data.root).
+
+Perplexity uses the standard non-overlapping-window protocol (GPTQ, SliceGPT, FLAP, the paper): the test
+text is tokenized whole, cut into consecutive windows of `seqlen` tokens, the last partial window is dropped,
+and every window is scored on its own (tokens 1..T given their prefix). The same rule as the search's
+fitness (shard.NLL), so numbers from both are comparable. `eval.max_windows` caps the windows for reduced
+CPU budgets; the windows and tokens scored are printed beside every number.
+
+Zero-shot accuracy goes through EleutherAI's lm-eval harness (Python API, an HFLM wrapping the model in
+memory); acc_norm for HellaSwag, ARC-c and OBQA and acc elsewhere, as LLM-Pruner's pipeline (the paper's).
 """
 from __future__ import annotations
 
+import json
+import logging
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from .shard import NLL
 
+log = logging.getLogger("searchllm")
 
+DEFAULT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+NORM_METRIC_TASKS = ("hellaswag", "arc_challenge", "openbookqa")
+RESULTS = "eval"  # <run dir>/eval.parquet and eval.csv
+
+
+class EvalError(ValueError):
+    pass
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # a driver step after export (the original and the exported model)
+    # "name:split" of data.CORPORA (local files under data.root, else the hub), or "text:<path>".
+    corpora: list[str] = field(default_factory=lambda: ["wikitext2-raw:test", "ptb:test", "c4:validation"])
+    # Window lengths; "full" is the model's context (max_position_embeddings).
+    lengths: list[str] = field(default_factory=lambda: ["128", "full"])
+    max_windows: int = 0  # 0: every window of the split (the standard protocol); > 0: the first N
+    missing: str = "skip"  # a corpus that cannot be loaded: skip (a row says why) | error
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    task_limit: Optional[int] = None  # examples per task (None: all)
+    include_path: Optional[str] = None  # extra lm-eval task YAMLs (local, offline tasks)
+    batch: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Evaluated:
+    """What was evaluated and how big it really is."""
+
+    name: str
+    params: int
+    decoder_params: int
+    original_params: Optional[int] = None
+    original_decoder_params: Optional[int] = None
+
+    @property
+    def ratio(self) -> Optional[float]:
+        return self.params / self.original_params if self.original_params else None
+
+    @property
+    def decoder_ratio(self) -> Optional[float]:
+        return self.decoder_params / self.original_decoder_params if self.original_decoder_params else None
+
+
+# -- perplexity ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch: int = 1) -> NLL:
     t0 = time.perf_counter()
@@ -24,3 +86,227 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch: int = 1) -> 
         total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), reduction="sum"))
         count += t[:, 1:].numel()
     return NLL(total, count, time.perf_counter() - t0)
+
+
+def resolve_length(length: str | int, model_config) -> int:
+    if str(length) == "full":
+        n = getattr(model_config, "max_position_embeddings", None)
+        if not n:
+            raise EvalError("eval.lengths has 'full' but the model config has no max_position_embeddings; give a number")
+        return int(n)
+    try:
+        n = int(length)
+    except ValueError:
+        raise EvalError(f"eval.lengths entry {length!r} is not a number or 'full'") from None
+    if n < 2:
+        raise EvalError(f"eval.lengths entry {n} must be >= 2")
+    return n
+
+
+def parse_corpus(spec: str):
+    from .config import CORPORA, CorpusConfig
+
+    name, _, rest = spec.partition(":")
+    if name not in CORPORA:
+        raise EvalError(f"eval.corpora entry {spec!r}: unknown corpus {name!r}; choose from {', '.join(CORPORA)} (as name:split)")
+    if name == "text":
+        if not rest:
+            raise EvalError(f"eval.corpora entry {spec!r} needs a file: text:<path>")
+        return CorpusConfig(name="text", split="test", path=rest, samples=0)
+    return CorpusConfig(name=name, split=rest or "test", samples=0)
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, decoder-only) parameters; tied tensors counted once. Decoder = the decoder layers."""
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
+    decoder = {p.data_ptr(): p.numel() for p in layers.parameters()}
+    return sum(unique.values()), sum(decoder.values())
+
+
+# -- zero-shot ------------------------------------------------------------------------------------------
+def lm_eval_version() -> str:
+    try:
+        import lm_eval
+
+        return getattr(lm_eval, "__version__", "unknown")
+    except ImportError:
+        return "not installed"
+
+
+def zero_shot(model, tokenizer, tasks: Sequence[str], limit: Optional[int] = None, include_path: Optional[str] = None,
+              batch: int = 1, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{task: {"metric": name, "value": accuracy, "stderr": ...}} through lm-eval's simple_evaluate."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise EvalError("zero-shot needs EleutherAI's harness: pip install 'searchllm[eval]' (or set eval.tasks=[])") from None
+    if tokenizer is None:
+        raise EvalError("zero-shot needs the model's tokenizer beside the checkpoint; save one there or set eval.tasks=[]")
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"eval.tasks {unknown} are not lm-eval tasks; set eval.include_path=<dir of task YAMLs> for local ones")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
+    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, random_seed=seed,
+                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    results = {}
+    for task in tasks:
+        r = out["results"][task]
+        metric = "acc_norm" if task in NORM_METRIC_TASKS and "acc_norm,none" in r else "acc"
+        results[task] = {"metric": metric, "value": float(r[f"{metric},none"]), "stderr": float(r.get(f"{metric}_stderr,none", float("nan")))}
+    return results
+
+
+# -- the whole protocol ---------------------------------------------------------------------------------
+def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto",
+                   corpus_ids: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+    """Every perplexity and zero-shot number of one model as rows of the results table.
+
+    `corpus_ids` caches tokenized corpora across models ({spec: (ids, source) or error string})."""
+    from .data import DataError, first_windows, load_text, tokenize
+
+    rows, base = [], {
+        "model": what.name, "params": what.params, "decoder_params": what.decoder_params,
+        "ratio": what.ratio, "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    cache = corpus_ids if corpus_ids is not None else {}
+    lengths = [resolve_length(x, model.config) for x in cfg.lengths]
+    for spec in cfg.corpora:
+        corpus = parse_corpus(spec)
+        if spec not in cache:
+            try:
+                text, source = load_text(corpus, data_root)
+                cache[spec] = (tokenize(text, tokenizer), source)
+            except DataError as e:
+                if cfg.missing == "error":
+                    raise
+                cache[spec] = str(e)
+        got = cache[spec]
+        for seqlen in lengths:
+            row = base | {"metric": "ppl", "task": corpus.name, "split": corpus.split, "seqlen": seqlen}
+            if isinstance(got, str):
+                log.warning("eval: skipping %s: %s", spec, got)
+                rows.append(row | {"status": f"skipped: {got}"})
+                continue
+            ids, source = got
+            try:
+                windows = first_windows(ids, cfg.max_windows, seqlen, f"eval {spec} @ {seqlen}")
+            except DataError as e:
+                rows.append(row | {"status": f"skipped: {e}"})
+                continue
+            nll = perplexity(model, windows, cfg.batch)
+            rows.append(row | {"value": nll.ppl, "windows": windows.shape[0], "tokens": nll.tokens, "source": source,
+                               "seconds": nll.seconds, "status": "ok"})
+            log.info("eval %s: ppl %.3f on %s/%s @ %d (%d windows, %d tokens)", what.name, nll.ppl, corpus.name, corpus.split,
+                     seqlen, windows.shape[0], nll.tokens)
+    if cfg.tasks:
+        t0 = time.perf_counter()
+        acc = zero_shot(model, tokenizer, cfg.tasks, cfg.task_limit, cfg.include_path, cfg.batch, cfg.seed)
+        seconds = time.perf_counter() - t0
+        version = lm_eval_version()
+        for task, r in acc.items():
+            rows.append(base | {"metric": r["metric"], "task": task, "value": r["value"], "stderr": r["stderr"],
+                                "source": f"lm-eval {version}", "limit": cfg.task_limit, "seconds": seconds, "status": "ok"})
+        mean = sum(r["value"] for r in acc.values()) / len(acc)
+        rows.append(base | {"metric": "acc_mean", "task": f"mean of {len(acc)}", "value": mean, "source": f"lm-eval {version}",
+                            "limit": cfg.task_limit, "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def append_results(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """Append to <run dir>/eval.parquet and eval.csv (written whole each time, atomically)."""
+    import os
+
+    p = run_dir / f"{RESULTS}.parquet"
+    full = pd.concat([pd.read_parquet(p), table], ignore_index=True) if p.is_file() else table
+    for ext, write in (("parquet", lambda f: full.to_parquet(f, index=False)), ("csv", lambda f: full.to_csv(f, index=False))):
+        tmp = run_dir / f"{RESULTS}.tmp.{ext}"
+        write(tmp)
+        os.replace(tmp, run_dir / f"{RESULTS}.{ext}")
+    return full
+
+
+def format_table(table: pd.DataFrame) -> str:
+    cols = [c for c in ("model", "metric", "task", "split", "seqlen", "windows", "tokens", "value", "stderr", "params",
+                        "ratio", "seed", "status") if c in table]
+    t = table[cols].copy()
+    for c in ("seqlen", "windows", "tokens"):
+        if c in t:
+            t[c] = t[c].map(lambda v: "" if pd.isna(v) else str(int(v)))
+    if "params" in t:
+        t["params"] = t["params"].map(lambda v: f"{v / 1e6:.2f}M")
+    for c in ("value", "stderr", "ratio"):
+        if c in t:
+            t[c] = t[c].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.4f}")
+    t["status"] = t["status"].map(lambda s: s if len(s) < 60 else s[:57] + "...")
+    return t.to_string(index=False)
+
+
+# -- command line -----------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    checkpoint: Path
+    run_dir: Optional[Path]
+    out: Path
+
+
+def locate(path: str) -> Target:
+    """A run dir (its export/ is evaluated, results land in the run dir) or a checkpoint dir."""
+    p = Path(path).expanduser()
+    if (p / "config.yaml").is_file() and (p / "export" / "config.json").is_file():
+        return Target(p / "export", p, p)
+    if (p / "config.json").is_file():
+        return Target(p, None, p)
+    if (p / "config.yaml").is_file():
+        raise EvalError(f"run dir {str(p)!r} has no export/ yet; finish the run (export.enabled=true) or give a checkpoint dir")
+    raise EvalError(f"{str(p)!r} is neither a checkpoint dir (config.json) nor a searchllm run dir; give one of those")
+
+
+def describe(model, checkpoint: Path) -> Evaluated:
+    total, decoder = count_params(model)
+    info = checkpoint / "searchllm_export.json"
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    return Evaluated(str(checkpoint), total, decoder, meta.get("original_params"), meta.get("original_decoder_params"))
+
+
+def device_of(choice: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from omegaconf import OmegaConf
+
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .models.loading import ModelError, load_pretrained
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        print("usage: python -m searchllm.evaluate <checkpoint dir | run dir> [eval.key=value ...] [data.root=DIR]", file=sys.stderr)
+        return 2
+    try:
+        target = locate(args[0])
+        bad = [a for a in args[1:] if not a.startswith(("eval.", "data.root="))]
+        if bad:
+            raise ConfigError(f"{bad[0]!r}: only eval.* and data.root overrides apply to an evaluation")
+        base = target.run_dir / "config.yaml" if target.run_dir else None
+        cfg = load_config(args[1:], base_file=base)
+        model, tokenizer = load_pretrained(str(target.checkpoint))
+        model.to(device_of(cfg.eval.device))
+        table = evaluate_model(model, tokenizer, describe(model, target.checkpoint), cfg.eval, cfg.data.root)
+    except (EvalError, ConfigError, DataError, ModelError) as e:
+        print(f"searchllm: error: {e}", file=sys.stderr)
+        return 2
+    append_results(target.out, table)
+    print(format_table(table))
+    print(f"appended {len(table)} rows to {target.out / RESULTS}.parquet (and .csv); config: {OmegaConf.to_yaml(OmegaConf.structured(cfg.eval)).strip().replace(chr(10), '; ')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,12 +131,18 @@ class Evolution:
                 self.skipped += 1
         return out
 
-    def first_generation(self, init: Candidate, rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+    def first_generation(self, inits: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+        """The initial subnets themselves, then mutants of them in turn (the paper has one initial subnet)."""
         p = self.p
-        first = [(init, "init")] if init.key() not in seen else []
-        seen.add(init.key())
+        first = []
+        for init in inits:
+            if init.key() not in seen and self.valid(init):
+                first.append((init, "init"))
+                seen.add(init.key())
+        turn = iter(range(10**9))
         return first + self._children(
-            p.population - len(first), lambda: self.mutate(init, rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng, "mutation"
+            p.population - len(first),
+            lambda: self.mutate(inits[next(turn) % len(inits)], rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng, "mutation",
         )
 
     def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
@@ -164,3 +170,32 @@ class Evolution:
             return (f if math.isfinite(f) else math.inf, item[0].key())
 
         return sorted(scored, key=rank)[:k]
+
+
+class RandomSearch(Evolution):
+    """The random-search baseline: every generation is `population` fresh uniformly random subnets of the
+    space inside the budget (same evaluation budget as the evolution); the best seen so far are kept."""
+
+    def random_candidate(self, rng: np.random.Generator) -> Candidate:
+        s, c = self.space, self.space.full()
+        lo, hi = s.depth_range
+        depth = int(rng.integers(lo, hi + 1))
+        c.active[:] = False
+        c.active[rng.choice(s.num_layers, depth, replace=False)] = True
+        for i in range(s.num_layers):
+            for grp in range(s.groups):
+                c.attn[i, grp] = _random_mask(s.units, int(rng.choice(s.attn_choices)), rng)
+            c.mlp[i] = _random_mask(s.geometry.intermediate, int(rng.choice(s.mlp_choices)), rng)
+        return c
+
+    def first_generation(self, inits: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+        return self._children(self.p.population, lambda: self.random_candidate(rng), seen, rng, "random")
+
+    def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+        return self.first_generation([], rng, seen)
+
+
+def _random_mask(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, count, replace=False)] = True
+    return mask

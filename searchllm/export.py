@@ -38,6 +38,8 @@ class ExportInfo:
     layers: int  # kept blocks
     attention_dims: int  # kept query dims summed over layers (real work)
     padded_attention_dims: int  # query dims after padding heads to the widest of their layer
+    original_params: int = 0  # of the source model, for the inheriting ratio of the export alone
+    original_decoder_params: int = 0
 
     @property
     def padding(self) -> float:
@@ -64,7 +66,11 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
     kept = [i for i, s in enumerate(slices) if s.active]
     if not kept:
         raise ValueError("the subnet keeps no blocks; nothing to export")
-    uniform = is_uniform(slices, g.head_dim // 2)
+    # Biases a reformation added where the family has none (FLAP's compensation): only our config has them.
+    added = {k for w in (reformed or {}).values() for k in w if k.endswith("_bias")}
+    added -= {"o_bias"} if g.o_bias else set()
+    added -= {"down_bias"} if g.mlp_bias else set()
+    uniform = is_uniform(slices, g.head_dim // 2) and not added
     if uniform:
         s0 = slices[kept[0]]
         config = adapter.plain_config(len(kept), sum(1 for p in s0.kv_pairs if p), len(s0.mlp))
@@ -74,12 +80,15 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
             [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept]
         )
         config.auto_map = dict(AUTO_MAP)
+        config.o_bias |= "o_bias" in added
+        config.down_bias = "down_bias" in added
         names = lambda j: {k: f"model.layers.{j}.{path}" for k, path in MODULE_PATHS.items()}  # noqa: E731
     sd: dict[str, torch.Tensor] = {}
     q_dims = padded = 0
     for j, i in enumerate(kept):
         w = {k: state[n] for k, n in adapter.block_state_keys(i).items()}
-        sliced = slice_weights(w, slices[i], g) | dict((reformed or {}).get(i, {}))
+        zeros = {k: torch.zeros(g.hidden, dtype=w["o"].dtype) for k in added}
+        sliced = slice_weights(w, slices[i], g) | zeros | dict((reformed or {}).get(i, {}))
         sd |= {names(j)[k]: t for k, t in sliced.items()}
         widths = [2 * len(p) for p in slices[i].kv_pairs if p]
         q_dims += sum(widths) * g.group_size
@@ -99,7 +108,8 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
         model.tie_weights()
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    return model, ExportInfo("plain" if uniform else "searchllm", params, len(kept), q_dims, padded)
+    return model, ExportInfo("plain" if uniform else "searchllm", params, len(kept), q_dims, padded, g.total_params,
+                             g.num_layers * g.layer_params)
 
 
 def save(model: torch.nn.Module, info: ExportInfo, out: str | Path, tokenizer=None, source: str | None = None) -> Path:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .scores import Scores
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -50,17 +53,18 @@ class RunDir:
     def read_text(self, name: str) -> str:
         return (self.path / name).read_text()
 
-    def save_scores(self, attn: np.ndarray, mlp: np.ndarray) -> None:
+    def save_scores(self, scores: Scores) -> None:
         tmp = self.path / "scores.tmp.npz"
-        np.savez(tmp, attn=attn, mlp=mlp)
+        np.savez(tmp, **asdict(scores))
         os.replace(tmp, self.path / "scores.npz")
 
-    def load_scores(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def load_scores(self) -> Scores | None:
         p = self.path / "scores.npz"
         if not p.is_file():
             return None
         with np.load(p) as z:
-            return z["attn"], z["mlp"]
+            names = [f.name for f in fields(Scores)]
+            return Scores(**{n: z[n] for n in names}) if all(n in z for n in names) else None
 
     # -- evaluations --------------------------------------------------------------------------------
     def append_eval(self, record: dict[str, Any]) -> None:

@@ -3,39 +3,74 @@
 Phi_ij = W_ij^2 / [(2 X X^T)^-1]_jj with X a linear layer's input on calibration tokens (damped inverse).
 A channel's score sums its rows of Q/K/V (or gate/up) and its columns of O (or down): every matrix that
 shares the mask. Attention is scored per rotary pair of each KV head, over all query heads of its group.
+
+The same calibration pass also yields FLAP's statistics (An et al., AAAI 2024): the fluctuation metric
+WIFV_j = Var(x_j) * ||W[:, j]||^2 of the inputs of o and down, and their means for bias compensation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from .models.adapters import Geometry
 
 
 class GramAccumulator:
-    """Sums X^T X of recorded layer inputs, keyed by (layer, input name)."""
+    """Sums X^T X, X and the row count of recorded layer inputs, keyed by (layer, input name)."""
 
     def __init__(self) -> None:
         self.grams: dict[tuple[int, str], torch.Tensor] = {}
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.rows: dict[tuple[int, str], int] = {}
 
     def add(self, layer: int, key: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        g = x.T @ x
         k = (layer, key)
         if k in self.grams:
-            self.grams[k] += g
+            self.grams[k] += x.T @ x
+            self.sums[k] += x.sum(0)
+            self.rows[k] += x.shape[0]
         else:
-            self.grams[k] = g
+            self.grams[k], self.sums[k], self.rows[k] = x.T @ x, x.sum(0), x.shape[0]
 
     def gram(self, layer: int, key: str) -> torch.Tensor:
         return self.grams[(layer, key)]
+
+    def mean(self, layer: int, key: str) -> torch.Tensor:
+        return self.sums[(layer, key)] / self.rows[(layer, key)]
+
+    def variance(self, layer: int, key: str) -> torch.Tensor:
+        m = self.mean(layer, key)
+        return (self.gram(layer, key).diagonal() / self.rows[(layer, key)] - m * m).clamp_min(0)
 
 
 @dataclass
 class LayerScores:
     attn: torch.Tensor  # (num_kv_heads, head_dim // 2): one score per rotary pair of each KV head
     mlp: torch.Tensor  # (intermediate,)
+    flap_o: torch.Tensor  # (num_heads * head_dim,): WIFV of each input column of o
+    flap_down: torch.Tensor  # (intermediate,): WIFV of each input column of down
+    mean_o: torch.Tensor  # mean calibration input of o and down (FLAP's bias compensation)
+    mean_down: torch.Tensor
+
+
+@dataclass
+class Scores:
+    """LayerScores of every layer, stacked along a leading layer axis (what scores.npz holds)."""
+
+    attn: np.ndarray
+    mlp: np.ndarray
+    flap_o: np.ndarray
+    flap_down: np.ndarray
+    mean_o: np.ndarray
+    mean_down: np.ndarray
+
+    @classmethod
+    def stack(cls, per_layer: dict[int, LayerScores]) -> "Scores":
+        layers = sorted(per_layer)
+        return cls(**{f.name: np.stack([getattr(per_layer[i], f.name).numpy() for i in layers]) for f in fields(cls)})
 
 
 def inverse_diag(gram: torch.Tensor, damp: float) -> torch.Tensor:
@@ -59,4 +94,9 @@ def layer_scores(w: dict[str, torch.Tensor], grams: GramAccumulator, layer: int,
     per_dim = kv + q
     attn = per_dim[:, :half] + per_dim[:, half:]  # a rotary pair is one unit
     mlp = rows("gate", "mlp") + rows("up", "mlp") + cols("down", "down")
-    return LayerScores(attn.float().cpu(), mlp.float().cpu())
+
+    def wifv(name: str, key: str) -> torch.Tensor:
+        return (grams.variance(layer, key).double() * (w[name].double() ** 2).sum(0)).float().cpu()
+
+    return LayerScores(attn.float().cpu(), mlp.float().cpu(), wifv("o", "o"), wifv("down", "down"),
+                       grams.mean(layer, "o").cpu(), grams.mean(layer, "down").cpu())

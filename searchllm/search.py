@@ -122,7 +122,7 @@ class Search:
         self._rate = n / max(time.perf_counter() - t0, 1e-9)
         return [done[c.key()] for c, _ in children]
 
-    def run_search(self, init: Candidate) -> SearchResult:
+    def run_search(self, inits: list[Candidate]) -> SearchResult:
         done = self.run.load_evals()  # a resumed run re-uses every evaluation already logged
         ckpt = self.run.load_checkpoint()
         if ckpt is None:
@@ -137,7 +137,7 @@ class Search:
             log.info("resuming after generation %d with %d evaluations logged", ckpt["generation"], len(done))
         for gen in range(start, self.generations):
             if gen == 0:
-                children = self.evo.first_generation(init, rng, seen)
+                children = self.evo.first_generation(inits, rng, seen)
             else:
                 children = self.evo.offspring([c for c, _ in parents], rng, seen)
             records = self._evaluate(gen, children, done)

@@ -23,7 +23,7 @@ def setup(target, attention="channels", seed=0):
 def test_every_child_lies_inside_the_budget_and_depth_range(target, attention):
     space, budget, evo, init = setup(target, attention)
     rng, seen = np.random.default_rng(1), set()
-    gen0 = [c for c, _ in evo.first_generation(init, rng, seen)]
+    gen0 = [c for c, _ in evo.first_generation([init], rng, seen)]
     kids = [c for c, _ in evo.offspring(gen0[:5], rng, seen)]
     for c in gen0 + kids:
         assert budget.contains(space.ratio(c))
@@ -64,7 +64,7 @@ def test_depth_mutation_drops_and_restores_whole_blocks():
 def test_same_seed_same_generation():
     def gen(seed):
         space, _, evo, init = setup(0.7)
-        return [c.key() for c, _ in evo.first_generation(init, np.random.default_rng(seed), set())]
+        return [c.key() for c, _ in evo.first_generation([init], np.random.default_rng(seed), set())]
 
     assert gen(5) == gen(5) and gen(5) != gen(6)
 

@@ -38,12 +38,12 @@ def test_two_stage_replica_gives_the_same_fitness_as_one_stage(ray_cluster, llam
 
 def test_scores_from_a_sharded_calibration_equal_the_unsharded(ray_cluster, llama, adapter, tokens):
     with pool(llama, adapter, tokens) as p:
-        a1, m1 = p.calibrate(1, 0.01)
+        one = p.calibrate(1, 0.01)
     with pool(llama, adapter, tokens, stages=3) as p:
-        a2, m2 = p.calibrate(1, 0.01)
-    np.testing.assert_allclose(a1, a2, rtol=1e-5)
-    np.testing.assert_allclose(m1, m2, rtol=1e-5)
-    assert a1.shape == (3, 2, 8) and m1.shape == (3, 96)
+        three = p.calibrate(1, 0.01)
+    for name in ("attn", "mlp", "flap_o", "flap_down", "mean_o", "mean_down"):
+        np.testing.assert_allclose(getattr(one, name), getattr(three, name), rtol=1e-5, atol=1e-7)
+    assert one.attn.shape == (3, 2, 8) and one.mlp.shape == (3, 96) and one.flap_o.shape == (3, 64)
 
 
 def test_results_stream_back_from_every_replica(ray_cluster, llama, adapter, tokens):
@@ -93,10 +93,10 @@ def search_best(model, adapter, tokens, run_dir, replicas):
     space = SearchSpace.for_target(g, 0.7)
     budget = Budget(0.7, 0.03)
     with pool(model, adapter, tokens, replicas=replicas) as p:
-        attn, mlp = p.calibrate(1, 0.01)
+        sc = p.calibrate(1, 0.01)
         params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
         s = Search(space, Evolution(space, budget, params), RayEvaluator(p, space, 1), RunDir(run_dir).create(), 7, 3)
-        r = s.run_search(space.initial(attn, mlp, budget))
+        r = s.run_search([space.initial(sc.attn, sc.mlp, budget)])
     return r.best.key(), r.fitness, RunDir(run_dir).archive().sort_values("key").key.tolist()
 
 

@@ -35,7 +35,7 @@ def outcome(run_dir):
 
 def test_checkpoint_after_every_generation_and_archive_of_every_evaluation(llama, adapter, tokens, tmp_path):
     search, init = make_search(llama, adapter, tokens, tmp_path, 2)
-    result = search.run_search(init)
+    result = search.run_search([init])
     arch = RunDir(tmp_path).archive()
     assert len(arch) == result.evaluations == 16
     assert set(arch.columns) >= {"generation", "key", "params", "ratio", "fitness", "seconds", "genes", "origin"}
@@ -45,23 +45,23 @@ def test_checkpoint_after_every_generation_and_archive_of_every_evaluation(llama
 
 def test_run_stopped_after_a_generation_and_resumed_ends_identical(llama, adapter, tokens, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    make_search(llama, adapter, tokens, straight, 4)[0].run_search(make_search(llama, adapter, tokens, straight, 4)[1])
+    make_search(llama, adapter, tokens, straight, 4)[0].run_search([make_search(llama, adapter, tokens, straight, 4)[1]])
     s, init = make_search(llama, adapter, tokens, stopped, 2)
-    s.run_search(init)
+    s.run_search([init])
     s, init = make_search(llama, adapter, tokens, stopped, 4)
-    s.run_search(init)
+    s.run_search([init])
     assert outcome(stopped) == outcome(straight)
 
 
 def test_run_killed_mid_generation_resumes_identical_without_re_evaluating(llama, adapter, tokens, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     s, init = make_search(llama, adapter, tokens, straight, 3)
-    s.run_search(init)
+    s.run_search([init])
     s, init = make_search(llama, adapter, tokens, killed, 2)
-    s.run_search(init)
+    s.run_search([init])
     saved = (killed / "checkpoint.json").read_text()
     s, init = make_search(llama, adapter, tokens, killed, 3)
-    s.run_search(init)
+    s.run_search([init])
     # Rewind to "killed halfway through generation 3": its checkpoint never written, half its evals logged.
     (killed / "checkpoint.json").write_text(saved)
     (killed / "archive" / "gen-0002.parquet").unlink()
@@ -71,7 +71,7 @@ def test_run_killed_mid_generation_resumes_identical_without_re_evaluating(llama
     calls = []
     inner = s.evaluator.evaluate
     s.evaluator.evaluate = lambda cands: (calls.append(len(cands)), inner(cands))[1]
-    s.run_search(init)
+    s.run_search([init])
     assert calls == [4]  # only what was lost is evaluated again
     assert outcome(killed) == outcome(straight)
 
@@ -85,7 +85,7 @@ def test_search_on_smollm2_improves_on_its_initial_population(smollm2, tmp_path)
     tokens = first_windows(tokenize(text[:20000], smollm2.tokenizer), 1, 128, "fitness")
     params = EvolutionParams(population=6, parents=2, mutations=3, crossovers=2)
     s, init = make_search(smollm2.model, smollm2.adapter, tokens, tmp_path, 4, params, target=0.8)
-    result = s.run_search(init)
+    result = s.run_search([init])
     arch = RunDir(tmp_path).archive()
     first = arch[arch.generation == 0].fitness.min()
     assert result.fitness < first

@@ -43,6 +43,7 @@ class SearchLLMConfig(LlamaConfig):
     layer_intermediate: list | None = None  # [layer] -> kept MLP channels
     qkv_bias: bool = False
     o_bias: bool = False
+    down_bias: bool = False  # a down_proj bias without gate/up biases (FLAP's bias compensation)
     source_model_type: str = "llama"
 
 
@@ -149,13 +150,13 @@ class SlicedAttention(nn.Module):
 
 
 class SlicedMLP(nn.Module):
-    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None) -> None:
+    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None, down_bias: bool = False) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.empty = channels == 0
         self.gate_proj = nn.Linear(hidden, channels, bias=bias, **kw)
         self.up_proj = nn.Linear(hidden, channels, bias=bias, **kw)
-        self.down_proj = nn.Linear(channels, hidden, bias=bias and channels > 0, **kw)
+        self.down_proj = nn.Linear(channels, hidden, bias=(bias or down_bias) and channels > 0, **kw)
         self.act = ACT2FN[act]
 
     def forward(self, x: torch.Tensor, record: Recorder = None) -> torch.Tensor:
@@ -178,7 +179,7 @@ class SlicedDecoderLayer(nn.Module):
         self.self_attn = SlicedAttention(c.hidden_size, kv_pairs, c.head_dim, group, c.head_dim**-0.5, c.qkv_bias, c.o_bias,
                                         buffer_device=buffer_device, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, **kw)
+        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
                 mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Subnets chosen without search, at the same budget and from the same calibration pass as the search.
+
+  uniform  the same kept ratio in every block, units chosen by the paper's importance scores (this is
+           also the paper's initial subnet: SearchSpace.initial).
+  flap     FLAP (An et al., AAAI 2024) as its paper describes it: the fluctuation metric WIFV of every
+           input channel of o and down, standardised per layer and module, one global threshold across
+           layers and modules (AL-AM) so the structure adapts per layer, and bias compensation: the pruned
+           channels' mean contribution on calibration data becomes a bias of o / down.
+FLAP's units are this search space's units (rotary pairs of each KV head, or whole GQA groups with
+space.attention=heads; FLAP itself prunes whole heads of MHA models and has no GQA support). Every block
+keeps at least one attention unit and one MLP channel, and the biases' own parameters are paid for from
+the budget, so the exported model has the budget's size.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .models.adapters import ModelAdapter
+from .models.sliced import LayerSlice
+from .scores import Scores
+from .space import Budget, BudgetError, Candidate, SearchSpace
+
+
+def standardize(x: np.ndarray) -> np.ndarray:
+    """Per layer (leading axis): zero mean, unit standard deviation (FLAP's `standarlization`)."""
+    x = x.astype(np.float64)
+    mu, sd = x.mean(-1, keepdims=True), x.std(-1, keepdims=True)
+    return (x - mu) / np.where(sd > 0, sd, 1.0)
+
+
+def flap_unit_scores(space: SearchSpace, flap_o: np.ndarray) -> np.ndarray:
+    """(L, q_dim) standardised WIFV of o's input columns -> (L, G, U) mean over each unit's columns."""
+    g = space.geometry
+    z = standardize(flap_o).reshape(g.num_layers, g.num_kv_heads, g.group_size, g.head_dim)
+    if space.attention == "heads":
+        return z.mean(axis=(2, 3))[:, None, :]
+    half = g.head_dim // 2
+    return (z[..., :half] + z[..., half:]).mean(axis=2) / 2  # a rotary pair: dims p and p + half
+
+
+def bias_params(space: SearchSpace) -> int:
+    """Parameters FLAP's compensation adds: an o and a down bias per block, where the family has none."""
+    g = space.geometry
+    return g.num_layers * g.hidden * ((not g.o_bias) + (not g.mlp_bias))
+
+
+def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
+    g, L = space.geometry, space.num_layers
+    attn = flap_unit_scores(space, scores.flap_o)
+    mlp = standardize(scores.flap_down)
+    kv_per_unit = 2 if space.attention == "channels" else g.head_dim
+    cost_kv = g.layer_count(1, 0) - g.layer_count(0, 0)
+    cost_attn, cost_mlp = kv_per_unit * cost_kv, g.layer_count(0, 1) - g.layer_count(0, 0)
+    base = g.layer_count(0, 0) * L + (g.outer_params if budget.count == "total" else 0)
+    total = g.total_params if budget.count == "total" else L * g.layer_params
+    allowed = budget.target * total - bias_params(space)
+    # Every block keeps its best attention unit and MLP channel; the rest compete on one threshold.
+    keep_a = np.zeros(attn.shape, bool)
+    flat = attn.reshape(L, -1)
+    keep_a.reshape(L, -1)[np.arange(L), flat.argmax(1)] = True
+    keep_m = np.zeros(mlp.shape, bool)
+    keep_m[np.arange(L), mlp.argmax(1)] = True
+    used = base + keep_a.sum() * cost_attn + keep_m.sum() * cost_mlp
+    if used > allowed:
+        raise BudgetError(f"budget.target={budget.target} is below FLAP's minimum (one unit per module per block)")
+    values = np.concatenate([attn.ravel(), mlp.ravel()])
+    costs = np.concatenate([np.full(attn.size, cost_attn), np.full(mlp.size, cost_mlp)])
+    taken = np.concatenate([keep_a.ravel(), keep_m.ravel()])
+    for idx in np.argsort(-values, kind="stable"):
+        if taken[idx]:
+            continue
+        if used + costs[idx] > allowed:
+            break  # the global threshold: everything scoring below this unit is pruned
+        taken[idx], used = True, used + costs[idx]
+    return Candidate(np.ones(L, bool), taken[: attn.size].reshape(attn.shape), taken[attn.size :].reshape(mlp.shape))
+
+
+def flap_biases(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: list[LayerSlice],
+                scores: Scores) -> dict[int, dict[str, torch.Tensor]]:
+    """Per kept block {"o_bias", "down_bias"}: the existing bias (if any) plus W[:, pruned] @ mean(x[pruned])."""
+    g, out = adapter.geometry(), {}
+    for i, s in enumerate(slices):
+        if not s.active:
+            continue
+        keys = adapter.block_state_keys(i)
+        biases = {}
+        for key, kept, mean in (("o", s.q_rows(g), scores.mean_o[i]), ("down", list(s.mlp), scores.mean_down[i])):
+            w = state[keys[key]]
+            pruned = np.setdiff1d(np.arange(w.shape[1]), kept)
+            m = torch.as_tensor(mean[pruned], dtype=torch.float64)
+            b = w[:, torch.as_tensor(pruned, dtype=torch.long)].double() @ m
+            if f"{key}_bias" in keys:
+                b = b + state[keys[f"{key}_bias"]].double()
+            biases[f"{key}_bias"] = b.to(w.dtype)
+        out[i] = biases
+    return out
