@@ -7,7 +7,10 @@
            layers and modules (AL-AM) so the structure adapts per layer, and bias compensation: the pruned
            channels' mean contribution on calibration data becomes a bias of o / down.
 FLAP's units are this search space's units (rotary pairs of each KV head, or whole GQA groups with
-space.attention=heads; FLAP itself prunes whole heads of MHA models and has no GQA support). Every block
+space.attention=heads; FLAP itself prunes whole heads of MHA models and has no GQA support). Units are
+taken in order of standardised score while they fit the budget; a unit that would overshoot is passed
+over so that cheaper ones just below the threshold fill the budget exactly (coarse head units would
+otherwise miss it by up to a head). Every block
 keeps at least one attention unit and one MLP channel, and the biases' own parameters are paid for from
 the budget, so the exported model has the budget's size.
 """
@@ -73,7 +76,7 @@ def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
         if taken[idx]:
             continue
         if used + costs[idx] > allowed:
-            break  # the global threshold: everything scoring below this unit is pruned
+            continue  # past the global threshold; cheaper units below it may still fill the budget exactly
         taken[idx], used = True, used + costs[idx]
     return Candidate(np.ones(L, bool), taken[: attn.size].reshape(attn.shape), taken[attn.size :].reshape(mlp.shape))
 

@@ -100,6 +100,7 @@ class ReformConfig(ReformParams):
     rho, iters); calibrates on data.calibration."""
 
     enabled: bool = True
+    bias: bool = True  # searchllm's default: fit o/down biases too (their parameters come out of the budget)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from .config import Config, ConfigError, check_resume_overrides, load_config, to_yaml
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
-from .baselines import flap, flap_biases
+from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
 from .evolution import Evolution, RandomSearch
 from .models.adapters import UnsupportedModelError
@@ -70,7 +70,10 @@ def prepare(argv: list[str]) -> Prepared:
     space = SearchSpace.for_target(
         g, cfg.budget.target, s.attention, s.attn_min, s.attn_max, s.attn_step, s.mlp_min, s.mlp_max, s.mlp_step, s.depth_min
     )
-    budget = Budget(cfg.budget.target, cfg.budget.tol, cfg.budget.count)
+    # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
+    extra = bias_params(space) if cfg.reform.enabled and cfg.reform.bias and cfg.search.mode != "flap" else 0
+    total = g.total_params if cfg.budget.count == "total" else g.num_layers * g.layer_params
+    budget = Budget(cfg.budget.target - extra / total, cfg.budget.tol, cfg.budget.count)
     lo, hi = space.bounds(budget.count)
     if budget.high < lo or budget.low > hi:
         raise BudgetError(space.infeasible_message(budget))
@@ -246,6 +249,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         layers = [{"layer": x.layer, "error_before": x.error_before, "error_after": x.error_after, "seconds": x.seconds} for x in results]
         ppl["reformed"] = next(nll for _, nll, _ in pool.stream(space, [best], "report", batch)).ppl
         log.info("reformed in %.1fs: report ppl %.3f -> %.3f", seconds, searched_ppl, ppl["reformed"])
+    added = sum(t.numel() for w in reformed.values() for k, t in w.items() if (k == "o_bias" and not g.o_bias) or (k == "down_bias" and not g.mlp_bias))
     manifest = {
         "method": cfg.method,
         "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
@@ -254,8 +258,8 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
                         "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
         "search": {"mode": cfg.search.mode, "init": cfg.search.init, "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
                    "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness},
-        "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
-        "params": {"original": g.total_params, "subnet": space.params(best),
+        "ratio": {"target": cfg.budget.target, "actual": (space.params(best) + added) / g.total_params, "count": cfg.budget.count},
+        "params": {"original": g.total_params, "subnet": space.params(best) + added, "added_biases": added,
                    "decoder_original": g.num_layers * g.layer_params, "decoder_subnet": int(space.layer_params(best).sum())},
         "structure": summarize(space, best),
         "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "layers": layers},
@@ -273,8 +277,8 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         rel = abs(ppl["exported"] - ref_ppl) / ref_ppl
         manifest["export"] = {"dir": str(out), "kind": info.kind, "params": info.params, "layers": info.layers,
                               "attention_padding": info.padding, "reload_rel_diff": rel}
-        if info.params != space.params(best):
-            log.warning("exported model has %d params, the search counted %d", info.params, space.params(best))
+        if info.params != space.params(best) + added:
+            log.warning("exported model has %d params, the search counted %d", info.params, space.params(best) + added)
         log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
                  info.kind, out, info.params, ppl["exported"], rel)
     manifest["perplexity"] |= ppl

@@ -205,9 +205,17 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
                      seqlen, windows.shape[0], nll.tokens)
     if cfg.tasks:
         t0 = time.perf_counter()
-        acc = zero_shot(model, tokenizer, cfg.tasks, cfg.task_limit, cfg.include_path, cfg.batch, cfg.seed)
-        seconds = time.perf_counter() - t0
         version = lm_eval_version()
+        try:
+            acc = zero_shot(model, tokenizer, cfg.tasks, cfg.task_limit, cfg.include_path, cfg.batch, cfg.seed)
+        except EvalError:
+            raise
+        except Exception as e:  # e.g. a task's dataset is not reachable: keep every number already computed
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            log.warning("eval: zero-shot failed (%s); perplexities are kept", reason)
+            return pd.DataFrame(rows + [base | {"metric": "acc", "task": t, "source": f"lm-eval {version}", "status": f"failed: {reason}"}
+                                        for t in cfg.tasks])
+        seconds = time.perf_counter() - t0
         for task, r in acc.items():
             rows.append(base | {"metric": r["metric"], "task": task, "value": r["value"], "stderr": r["stderr"],
                                 "source": f"lm-eval {version}", "limit": cfg.task_limit, "seconds": seconds, "status": "ok"})

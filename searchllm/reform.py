@@ -44,6 +44,9 @@ class ReformParams:
     # (SparseGPT's and the paper code's choice). Independent inputs make both the same.
     targets: str = "layer"
     damp: float = 0.1
+    # Fit a bias of o/down jointly with the kept weights (affine least squares: a constant input column),
+    # so the omitted channels' mean contribution is absorbed too (FLAP's bias compensation, made optimal).
+    bias: bool = False
     rho: float = 1.0  # ADMM penalty on the normalised problem
     iters: int = 30  # ADMM iterations
 
@@ -193,7 +196,11 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
         keep = {k: s.kept_inputs(k, g) for k in COLUMN_SLICED}
         todo = [k for k in COLUMN_SLICED if 0 < len(keep[k]) < n_inputs[k]]
         same = p.features == "full" and tgt is src
-        normals = {k: Normal(list(range(n_inputs[k])) if p.features == "full" else keep[k], same) for k in todo}
+        if p.bias:  # the constant input is one more kept column, index n, whose weight is the bias
+            keep = {k: v + [n_inputs[k]] for k, v in keep.items()}
+            ones = lambda x: torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)  # noqa: E731
+        feats = {k: list(range(n_inputs[k] + p.bias)) if p.features == "full" else keep[k] for k in todo}
+        normals = {k: Normal(feats[k], same) for k in todo}
         # Full features come from one pass; pruned features of down depend on the reformed o, so o goes first.
         phases = [todo] if p.features == "full" else [[k] for k in todo]
         overrides: dict[str, torch.Tensor] = {}
@@ -209,14 +216,24 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
                 if not same:
                     runner.run_block(feat_block, src[b : b + batch], f_rec.__setitem__)
                 for k in phase:
-                    normals[k].add(t_rec[k], None if same else f_rec[k])
+                    t_in, f_in = t_rec[k], f_rec.get(k)
+                    if p.bias:
+                        t_in, f_in = ones(t_in), (None if same else ones(f_in))
+                    normals[k].add(t_in, f_in)
             tgt_out = torch.cat(outs) if tgt_out is None else tgt_out
             for k in phase:
                 W, stats = w[k], normals.pop(k).stats(keep[k])  # popped: the Grams go before the next module's
+                if p.bias:
+                    b = w.get(f"{k}_bias", torch.zeros(W.shape[0], dtype=W.dtype, device=W.device))
+                    W = torch.cat([W, b[:, None]], 1)
                 new = solve(W, stats, keep[k], p)
                 before[k] = reconstruction_error(W, stats, W[:, keep[k]])
                 after[k] = reconstruction_error(W, stats, new)
-                overrides[k] = new.to(device=W.device, dtype=W.dtype)
+                new = new.to(device=W.device, dtype=W.dtype)
+                if p.bias:
+                    overrides[f"{k}_bias"] = new[:, -1].contiguous()
+                    new = new[:, :-1]
+                overrides[k] = new.contiguous()
                 del stats
         runner.reformed[i] = (s, overrides)
         if dense is not None:

@@ -63,10 +63,10 @@ def word_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
     fast.save_pretrained(path)
     return fast
 
@@ -91,7 +91,7 @@ def tiny_run_args(path, corpus, run_dir, *extra):
         f"model.path={path}", f"run_dir={run_dir}", *" ".join(data).split(),
         "data.calibration.samples=8", "data.fitness.samples=2", "data.report.samples=2",
         "search.generations=3", "search.population=8", "search.parents=3", "search.mutations=4", "search.crossovers=2",
-        "budget.target=0.7", "budget.tol=0.03", *extra,
+        "budget.target=0.7", "budget.tol=0.03", f"eval.corpora=[text:{corpus}]", "eval.lengths=[16]", "eval.tasks=[]", *extra,
     ]
 
 

@@ -26,6 +26,9 @@ def test_paper_config_has_the_papers_budget():
         (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
         (["data.fitness.name=text"], "data.fitness.name=text needs data.fitness.path"),
         (["oops"], "unexpected argument 'oops'"),
+        (["method=sparsegpt"], "method='sparsegpt' is not allowed; choose one of: searchllm, paper, uniform, flap, random"),
+        (["eval.lengths=[128,long]"], "eval.lengths entry 'long' is not a number or 'full'"),
+        (["eval.corpora=[wiki:test]"], "unknown corpus 'wiki'"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(argv, message):
@@ -38,3 +41,30 @@ def test_resume_only_accepts_execution_overrides():
     check_resume_overrides(["resume=runs/x", "ray.replicas=2", "search.generations=60"])
     with pytest.raises(ConfigError, match="'budget.target' cannot change on resume"):
         check_resume_overrides(["resume=runs/x", "budget.target=0.5"])
+
+
+def test_defaults_are_the_searchllm_method():
+    c = load_config([])
+    assert (c.method, c.search.mode, c.search.init, c.reform.solver) == ("searchllm", "evolution", "flap", "exact")
+
+
+@pytest.mark.parametrize(
+    "method,expect",
+    [
+        ("paper", dict(mode="evolution", init="uniform", solver="admm", reform=True)),
+        ("uniform", dict(mode="uniform", reform=False)),
+        ("flap", dict(mode="flap", reform=False)),
+        ("random", dict(mode="random", solver="exact", reform=True)),
+    ],
+)
+def test_a_method_preset_sets_its_keys_and_later_overrides_still_win(method, expect):
+    c = load_config([f"method={method}"])
+    assert c.method == method and c.search.mode == expect["mode"] and c.reform.enabled == expect["reform"]
+    assert c.search.init == expect.get("init", c.search.init) and c.reform.solver == expect.get("solver", c.reform.solver)
+    assert c.budget.target == 0.8  # untouched keys keep conf/default.yaml's values
+    assert load_config([f"method={method}", "reform.enabled=true"]).reform.enabled
+
+
+def test_paper_method_uses_the_papers_admm_settings():
+    r = load_config(["method=paper"]).reform
+    assert (r.solver, r.rho, r.iters, r.inputs, r.targets, r.features) == ("admm", 1.0, 30, "sequential", "layer", "full")

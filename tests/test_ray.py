@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -135,6 +136,20 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     m2 = json.loads((run / "manifest.json").read_text())
     assert m2["reform"]["solver"] == "admm" and m2["search"]["evaluations"] == m["search"]["evaluations"]
     assert (tmp_path / "admm" / "config.json").is_file()
+
+
+def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(tiny_run_args(path, corpus, run, "method=flap")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["method"] == "flap" and m["search"]["evaluations"] == 1 and not m["reform"]["enabled"]
+    assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["searched"], rel=1e-4)  # biases included in both
+    assert 0.67 <= m["export"]["params"] / m["params"]["original"] <= 0.73
+    table = pd.read_parquet(run / "eval.parquet")
+    assert set(table.model) == {"original", "exported (flap)"} and (table.status == "ok").all()
+    exported = table[table.model == "exported (flap)"].iloc[0]
+    assert exported.ratio == pytest.approx(m["export"]["params"] / m["params"]["original"])
 
 
 def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_path, capsys):

@@ -74,6 +74,32 @@ def test_a_dropped_block_is_skipped_and_later_layers_still_reformed(llama, adapt
     assert [r.layer for r in results] == [0, 2]
 
 
+@pytest.mark.parametrize("solver", ["exact", "admm"])
+def test_a_fitted_bias_never_reconstructs_worse_than_weights_alone(llama, adapter, tokens, solver):
+    slices = random_slices(adapter.geometry(), np.random.default_rng(3))
+    errs = {}
+    for bias in (False, True):
+        p = ReformParams(solver=solver, inputs="independent", targets="original", bias=bias, damp=0.0 if solver == "exact" else 0.1)
+        _, _, results = reform_shard(whole(adapter, llama), slices, tokens, None, p, batch=2)
+        errs[bias] = [r.error_after[k] for r in results for k in ("o", "down")]
+    assert all(b <= a + 1e-9 for a, b in zip(errs[False], errs[True]))
+    assert sum(errs[True]) < sum(errs[False])
+
+
+def test_reformation_with_bias_exports_and_computes_what_the_runner_computed(llama, adapter, tokens):
+    from searchllm.evaluate import perplexity
+    from searchllm.export import build
+
+    g = adapter.geometry()
+    slices = random_slices(g, np.random.default_rng(4))
+    runner = whole(adapter, llama)
+    _, _, results = reform_shard(runner, slices, tokens, None, ReformParams(bias=True), batch=3)
+    assert set(results[0].weights) == {"o", "down", "o_bias", "down_bias"} and results[0].weights["o_bias"].shape == (g.hidden,)
+    model, info = build(adapter, llama.state_dict(), slices, {r.layer: r.weights for r in results})
+    assert model.config.o_bias and model.config.down_bias
+    assert perplexity(model, tokens).ppl == pytest.approx(runner.forward(slices, tokens).ppl, rel=1e-4)
+
+
 @pytest.mark.smollm2
 def test_reformation_lowers_perplexity_of_smollm2_at_half_kept(smollm2):
     from searchllm.config import CorpusConfig

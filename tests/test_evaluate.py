@@ -1,0 +1,140 @@
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model, word_tokenizer
+from searchllm.evaluate import EvalConfig, Evaluated, count_params, evaluate_model, perplexity, zero_shot
+
+
+class Bigram(nn.Module):
+    """logits[t] = table[token t]: a model whose perplexity can be computed by hand."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, ids, use_cache=False):
+        return type("Out", (), {"logits": self.table[ids]})()
+
+
+def test_perplexity_of_a_fixed_text_matches_the_hand_computed_value():
+    # Each token predicts its successor with probability 1/2, every other token with 1/(2 (V-1)).
+    V = 5
+    table = torch.full((V, V), math.log(0.5 / (V - 1)))
+    table[torch.arange(V), (torch.arange(V) + 1) % V] = math.log(0.5)
+    text = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 3]])  # 6 successor steps, one miss (1 -> 3)
+    nll = perplexity(Bigram(table), text)
+    hand = math.exp(-(6 * math.log(0.5) + math.log(0.5 / (V - 1))) / 7)
+    assert nll.tokens == 7
+    assert nll.ppl == pytest.approx(hand, rel=1e-6)
+
+
+def test_windows_are_non_overlapping_and_the_last_partial_window_is_dropped(tmp_path):
+    tok = word_tokenizer(tmp_path / "tok")
+    model = tiny_model("llama", layers=1, vocab_size=len(tok))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(["the"] * 10))  # 10 tokens: two windows of 4, 2 tokens left over
+    cfg = EvalConfig(corpora=[f"text:{corpus}"], lengths=["4", "11"], tasks=[])
+    table = evaluate_model(model, tok, Evaluated("m", 1, 1), cfg)
+    row = table[table.seqlen == 4].iloc[0]
+    assert (row.windows, row.tokens, row.status) == (2, 6, "ok")
+    ids = torch.tensor(tok(corpus.read_text()).input_ids)
+    assert row.value == pytest.approx(perplexity(model, ids[:8].view(2, 4)).ppl, rel=1e-6)
+    # A text shorter than one window is reported, not silently scored.
+    short = table[table.seqlen == 11].iloc[0]
+    assert short.status.startswith("skipped") and "shorter than one sequence of 11" in short.status
+
+
+def test_params_counted_match_numel_with_tied_embeddings_once():
+    model = tiny_model("llama", layers=2, tie_word_embeddings=True)
+    model.tie_weights()
+    total, decoder = count_params(model)
+    assert total == sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    assert total == model.num_parameters()
+    assert decoder == sum(p.numel() for p in model.model.layers.parameters())
+    assert total - decoder == 128 * 64 + 64  # embeddings (= LM head) and the final norm
+
+
+def test_evaluated_ratio_is_against_the_original_counts():
+    e = Evaluated("x", 80, 60, 100, 80)
+    assert e.ratio == pytest.approx(0.8) and e.decoder_ratio == pytest.approx(0.75)
+    assert Evaluated("y", 1, 1).ratio is None
+
+
+TASK_YAML = """
+task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+DOCS = [
+    {"question": "the of and", "choices": ["to in", "a is", "was for"], "label": 0},
+    {"question": "he at from", "choices": ["his it", "an that"], "label": 1},
+    {"question": "were are which", "choices": ["this be", "the of", "and to"], "label": 2},
+    {"question": "in a is", "choices": ["was", "for on"], "label": 0},
+    {"question": "by he", "choices": ["at", "from his", "it an"], "label": 1},
+]
+
+
+def local_task(tmp_path):
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in DOCS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_choice.yaml").write_text(TASK_YAML.format(data=data))
+    return tasks
+
+
+def test_lm_eval_zero_shot_runs_offline_on_a_local_task_and_agrees_with_a_direct_loglikelihood(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tok = word_tokenizer(tmp_path / "tok")
+    model = tiny_model("llama", layers=2, vocab_size=len(tok))
+    got = zero_shot(model, tok, ["tiny_choice"], include_path=str(local_task(tmp_path)))
+    # The harness's answer: argmax over choices of log p(choice tokens | question tokens).
+    correct = 0
+    with torch.no_grad():
+        for d in DOCS:
+            ctx = tok(d["question"]).input_ids
+            scores = []
+            for c in d["choices"]:
+                cont = tok(c).input_ids
+                ids = torch.tensor([ctx + cont])
+                logp = model(ids).logits.log_softmax(-1)[0, len(ctx) - 1 : -1]
+                scores.append(float(logp.gather(1, torch.tensor(cont)[:, None]).sum()))
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == d["label"])
+    assert got["tiny_choice"]["metric"] == "acc"
+    assert got["tiny_choice"]["value"] == pytest.approx(correct / len(DOCS))
+
+
+def test_evaluate_cli_appends_a_results_table_to_the_checkpoint_dir(tiny_checkpoint):
+    path, corpus = tiny_checkpoint
+    args = [sys.executable, "-m", "searchllm.evaluate", str(path), f"eval.corpora=[text:{corpus}]", "eval.lengths=[16,full]",
+            "eval.tasks=[]", "eval.max_windows=3"]
+    for _ in range(2):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert "ppl" in proc.stdout and "text" in proc.stdout
+    table = pd.read_parquet(path / "eval.parquet")
+    assert len(table) == 4 and set(table.seqlen) == {16, 256}  # two runs appended; full = max_position_embeddings
+    assert (table.windows == 3).all() and (table.status == "ok").all()
+    assert pd.read_csv(path / "eval.csv").shape[0] == 4
+
+
+def test_evaluate_cli_rejects_a_path_that_is_not_a_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "searchllm.evaluate", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "neither a checkpoint dir" in proc.stderr and "Traceback" not in proc.stderr
