@@ -137,10 +137,15 @@ def run(p: Prepared) -> int:
         run_dir.write_text("config.yaml", to_yaml(cfg))
     with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens) as pool:
         del loaded.model  # the object store holds the weights now
-        return search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded)
+        export_dir = search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded)
+    if export_dir is not None and cfg.eval.enabled:  # after the pool is gone: its weights are freed first
+        evaluate_run(cfg, run_dir, loaded, export_dir)
+    return 0
 
 
-def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where, loaded) -> int:
+def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where,
+                      loaded) -> Optional[Path]:
+    """Search (or choose a baseline subnet), report, reform and export; returns the export dir, if any."""
     batch = cfg.data.batch
 
     dense = space.full()
@@ -161,9 +166,9 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
     report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
     if cfg.reform.enabled or cfg.export.enabled:
         manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides)
-        if cfg.eval.enabled and cfg.export.enabled:
-            evaluate_run(cfg, run_dir, loaded, Path(manifest["export"]["dir"]))
-    return 0
+        if "export" in manifest:
+            return Path(manifest["export"]["dir"])
+    return None
 
 
 def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, scores: Scores,

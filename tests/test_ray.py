@@ -150,6 +150,12 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
     assert set(table.model) == {"original", "exported (flap)"} and (table.status == "ok").all()
     exported = table[table.model == "exported (flap)"].iloc[0]
     assert exported.ratio == pytest.approx(m["export"]["params"] / m["params"]["original"])
+    # The evaluation CLI on the run dir evaluates its export and appends to the same table.
+    from searchllm.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(run), "eval.lengths=[8]"]) == 0
+    again = pd.read_parquet(run / "eval.parquet")
+    assert len(again) == len(table) + 1 and again.iloc[-1].seqlen == 8 and again.iloc[-1].model == str(run / "export")
 
 
 def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_path, capsys):
