@@ -10,9 +10,12 @@ Methods (conf/method/*.yaml; the driver runs the same code on Ray):
   random             random search, same evaluation budget as the evolution, searchllm's reformation
   paper              evolution from the uniform subnet + ADMM reformation (rho 1, 30 iterations)
   paper+exact        ablation: the paper's search with the exact solver (no bias)
-  searchllm-nobias   ablation: searchllm's search with the exact solver (no bias)
-  searchllm          evolution seeded with the uniform and the FLAP subnets + exact reformation with a
-                     fitted o/down bias (its parameters paid from the budget)
+  searchllm-uniform-init  ablation: searchllm with only the uniform subnet in generation 0
+  searchllm-nocomp   ablation: searchllm whose fitness runs without FLAP's bias compensation
+  searchllm-nobias   ablation: searchllm's search with the exact solver fitting no bias
+  searchllm          evolution seeded with the uniform and the FLAP subnets, every candidate judged with
+                     FLAP's bias compensation, then exact reformation with a fitted o/down bias (the
+                     biases' parameters paid from the budget)
 Everything is in-process on one shard (no Ray), the search on the same calibration scores for every
 method. Calibration and fitness on WikiText-2 validation; perplexity on WikiText-2 raw test (held out).
 Every subnet is exported (physically sliced) and its real parameter count is reported.
@@ -29,7 +32,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
-    ap.add_argument("--methods", nargs="+", default=["uniform", "uniform+reform", "flap", "random", "paper", "paper+exact", "searchllm-nobias", "searchllm"])
+    ap.add_argument("--methods", nargs="+", default=["uniform", "uniform+reform", "flap", "random", "paper", "paper+exact", "searchllm-uniform-init",
+                                                  "searchllm-nocomp", "searchllm-nobias", "searchllm"])
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--calib", type=int, default=16, help="calibration windows (scores and reformation)")
@@ -91,8 +95,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     rows = []
 
-    def search(space, budget, strategy, inits, seed):
+    means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(g.num_layers)}
+
+    def search(space, budget, strategy, inits, seed, compensate):
         runner = ShardRunner(m.adapter, state, spec)
+        runner.means = means if compensate else {}
         with tempfile.TemporaryDirectory() as d:
             s = Search(space, strategy(space, budget, evo), LocalEvaluator(space, [runner], fitness), RunDir(d).create(),
                        seed, a.generations)
@@ -124,11 +131,11 @@ def main() -> None:
         flap_cand = flap(space, scores, budget)
         searches: dict[tuple, tuple] = {}  # rows that differ only in the solver share one search
 
-        def searched(strategy, seeds, b):
-            key = (strategy.__name__, len(seeds), b.target)
+        def searched(strategy, seeds, b, compensate):
+            key = (strategy.__name__, tuple(c.key() for c in seeds), b.target, compensate)
             if key not in searches:
                 t0 = time.perf_counter()
-                searches[key] = (search(space, b, strategy, seeds, a.seed), time.perf_counter() - t0)
+                searches[key] = (search(space, b, strategy, seeds, a.seed, compensate), time.perf_counter() - t0)
             return searches[key]
 
         for method in a.methods:
@@ -141,14 +148,16 @@ def main() -> None:
                 biases = flap_biases(m.adapter, orig_state, space.slices(flap_cand), scores)
                 finish(ratio, method, space, flap_cand, None, biases, time.perf_counter() - t0)
             elif method == "random":
-                finish(ratio, method, space, *searched(RandomSearch, [], biased)[:1], ours, {}, searched(RandomSearch, [], biased)[1])
+                finish(ratio, method, space, *searched(RandomSearch, [], biased, True)[:1], ours, {}, searched(RandomSearch, [], biased, True)[1])
             elif method in ("paper", "paper+exact"):
-                best, secs = searched(Evolution, [uniform], budget)
+                best, secs = searched(Evolution, [uniform], budget, False)
                 finish(ratio, method, space, best, admm if method == "paper" else exact, {}, secs)
-            elif method in ("searchllm", "searchllm-nobias"):
-                b = biased if method == "searchllm" else budget
-                best, secs = searched(Evolution, [space.initial(scores.attn, scores.mlp, b), flap(space, scores, b)], b)
-                finish(ratio, method, space, best, ours if method == "searchllm" else exact, {}, secs)
+            elif method.startswith("searchllm"):
+                seeds = [space.initial(scores.attn, scores.mlp, biased)]
+                if method != "searchllm-uniform-init":
+                    seeds.append(flap(space, scores, biased))
+                best, secs = searched(Evolution, seeds, biased, method != "searchllm-nocomp")
+                finish(ratio, method, space, best, exact if method == "searchllm-nobias" else ours, {}, secs)
             else:
                 raise SystemExit(f"unknown method {method!r}; choose from the list in this script's docstring")
     table = pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .models.adapters import ModelAdapter
+from .models.adapters import Geometry, ModelAdapter
 from .models.sliced import LayerSlice
 from .scores import Scores
 from .space import Budget, BudgetError, Candidate, SearchSpace
@@ -81,22 +81,28 @@ def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
     return Candidate(np.ones(L, bool), taken[: attn.size].reshape(attn.shape), taken[attn.size :].reshape(mlp.shape))
 
 
+def compensation(w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry, mean_o: np.ndarray,
+                 mean_down: np.ndarray) -> dict[str, torch.Tensor]:
+    """FLAP's bias compensation of one block: {"o_bias", "down_bias"} = the existing bias (if any) plus
+    W[:, pruned] @ mean(x[pruned]), the pruned input channels' mean contribution on calibration data."""
+    biases = {}
+    for key, kept, mean in (("o", s.q_rows(g), mean_o), ("down", list(s.mlp), mean_down)):
+        W = w[key]
+        pruned = np.setdiff1d(np.arange(W.shape[1]), kept)
+        m = torch.as_tensor(np.asarray(mean)[pruned], dtype=torch.float64, device=W.device)
+        b = W[:, torch.as_tensor(pruned, dtype=torch.long, device=W.device)].double() @ m
+        if f"{key}_bias" in w:
+            b = b + w[f"{key}_bias"].double()
+        biases[f"{key}_bias"] = b.to(W.dtype)
+    return biases
+
+
 def flap_biases(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: list[LayerSlice],
                 scores: Scores) -> dict[int, dict[str, torch.Tensor]]:
-    """Per kept block {"o_bias", "down_bias"}: the existing bias (if any) plus W[:, pruned] @ mean(x[pruned])."""
-    g, out = adapter.geometry(), {}
-    for i, s in enumerate(slices):
-        if not s.active:
-            continue
-        keys = adapter.block_state_keys(i)
-        biases = {}
-        for key, kept, mean in (("o", s.q_rows(g), scores.mean_o[i]), ("down", list(s.mlp), scores.mean_down[i])):
-            w = state[keys[key]]
-            pruned = np.setdiff1d(np.arange(w.shape[1]), kept)
-            m = torch.as_tensor(mean[pruned], dtype=torch.float64)
-            b = w[:, torch.as_tensor(pruned, dtype=torch.long)].double() @ m
-            if f"{key}_bias" in keys:
-                b = b + state[keys[f"{key}_bias"]].double()
-            biases[f"{key}_bias"] = b.to(w.dtype)
-        out[i] = biases
-    return out
+    """compensation() of every kept block, from the original state dict."""
+    g = adapter.geometry()
+    return {
+        i: compensation({k: state[n] for k, n in adapter.block_state_keys(i).items()}, s, g, scores.mean_o[i], scores.mean_down[i])
+        for i, s in enumerate(slices)
+        if s.active
+    }

@@ -89,6 +89,9 @@ class SearchConfig(EvolutionParams):
 
     mode: str = "evolution"
     init: str = "flap"
+    # Judge every candidate with FLAP's bias compensation (the pruned channels' calibration mean folded
+    # into o/down biases; a matrix-vector product per block), closer to what reformation will make of it.
+    compensate: bool = True
     seed: int = 0
     generations: int = 50
     score_damp: float = 0.01  # damping of the Gram inverse in the importance scores

@@ -95,6 +95,9 @@ class StageActor:
         src = self.tokens["calibration"] if self.spec.first else dense
         return reform_shard(self.runner, slices, src, stream, params, batch)
 
+    def set_means(self, means: dict[int, tuple[Any, Any]]) -> None:
+        self.runner.means = {i: m for i, m in means.items() if i in self.spec.layers}
+
     def set_reformed(self, reformed: dict[int, tuple[LayerSlice, dict[str, torch.Tensor]]]) -> None:
         device = self.runner.device
         for i, (s, w) in reformed.items():
@@ -232,6 +235,12 @@ class EvaluatorPool:
         results = [r for ref in pending for r in ray.get(ref)]
         self.set_overrides(slices, {r.layer: r.weights for r in results}, replicas=self.replicas[1:])
         return results
+
+    def set_compensation(self, scores: Scores | None) -> None:
+        """From now on every candidate runs with FLAP's bias compensation from these calibration means
+        (None: without)."""
+        means = {} if scores is None else {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(len(scores.mean_o))}
+        ray.get([a.set_means.remote(means) for chain in self.replicas for a in chain])
 
     def set_overrides(self, slices: list[LayerSlice], weights: dict[int, dict[str, torch.Tensor]], replicas=None) -> None:
         """Replace tensors of the given layers' sliced blocks (reformed o/down, FLAP's biases) on every

@@ -71,7 +71,8 @@ def prepare(argv: list[str]) -> Prepared:
         g, cfg.budget.target, s.attention, s.attn_min, s.attn_max, s.attn_step, s.mlp_min, s.mlp_max, s.mlp_step, s.depth_min
     )
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
-    extra = bias_params(space) if cfg.reform.enabled and cfg.reform.bias and cfg.search.mode != "flap" else 0
+    adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
+    extra = bias_params(space) if adds_bias and cfg.search.mode != "flap" else 0  # flap() budgets its own
     total = g.total_params if cfg.budget.count == "total" else g.num_layers * g.layer_params
     budget = Budget(cfg.budget.target - extra / total, cfg.budget.tol, cfg.budget.count)
     lo, hi = space.bounds(budget.count)
@@ -174,38 +175,40 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
 def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, scores: Scores,
                   loaded) -> tuple[SearchResult, dict[int, dict[str, torch.Tensor]], float]:
     """search.mode decides: the evolution or random search on the pool, or a baseline chosen outright
-    (uniform, FLAP). Returns the result, tensors the subnet carries beyond sliced weights (FLAP's
-    biases), and the wall time."""
+    (uniform, FLAP). With search.compensate every candidate is judged with FLAP's bias compensation.
+    Returns the result, tensors the subnet carries beyond sliced weights (those biases), and the wall time."""
     from tqdm import tqdm
 
     from .distributed import RayEvaluator
 
     s, batch, t0 = cfg.search, cfg.data.batch, time.perf_counter()
+    compensate = s.compensate or s.mode == "flap"  # FLAP is defined with its compensation
+    if compensate:
+        pool.set_compensation(scores)
     uniform = space.initial(scores.attn, scores.mlp, budget)
     log.info("uniform subnet: kept ratio %.4f, %d attention units and %d MLP channels per block", space.ratio(uniform, budget.count),
              int(uniform.attn[0].sum()) // space.groups, int(uniform.mlp[0].sum()))
     if s.mode in ("uniform", "flap"):
         best = uniform if s.mode == "uniform" else flap(space, scores, budget)
-        overrides = {}
-        if s.mode == "flap":
-            state = pool.original_state()
-            overrides = flap_biases(loaded.adapter, state, space.slices(best), scores)
-            del state
-            pool.set_overrides(space.slices(best), overrides)
         fit = next(nll for _, nll, _ in pool.stream(space, [best], "fitness", batch))
         rec = {"generation": 0, "best": fit.ppl, "median": fit.ppl, "best_ratio": space.ratio(best, budget.count), "evaluated": 1}
         result = SearchResult(best, fit.ppl, space.params(best), space.ratio(best, budget.count), 0, 1, [rec])
         log.info("%s subnet: kept ratio %.4f, fitness ppl %.3f", s.mode, result.ratio, fit.ppl)
-        return result, overrides, time.perf_counter() - t0
-    inits = [uniform]
-    if s.mode == "evolution" and s.init == "flap":
-        inits.append(flap(space, scores, budget))
-        log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
-    strategy = (RandomSearch if s.mode == "random" else Evolution)(space, budget, s)
-    bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
-    search = Search(space, strategy, RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
-    result = search.run_search(inits)
-    return result, {}, time.perf_counter() - t0
+    else:
+        inits = [uniform]
+        if s.mode == "evolution" and s.init == "flap":
+            inits.append(flap(space, scores, budget))
+            log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
+        strategy = (RandomSearch if s.mode == "random" else Evolution)(space, budget, s)
+        bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
+        search = Search(space, strategy, RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
+        result = search.run_search(inits)
+    overrides = {}
+    if compensate:  # the subnet was judged with its compensation biases: the export carries them
+        state = pool.original_state()
+        overrides = flap_biases(loaded.adapter, state, space.slices(result.best), scores)
+        del state
+    return result, overrides, time.perf_counter() - t0
 
 
 def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .baselines import compensation
 from .models.adapters import ModelAdapter
 from .models.modeling_searchllm import rms_norm
 from .models.sliced import LayerSlice, build_block
@@ -90,6 +91,9 @@ class ShardRunner:
         self.scores: dict[int, LayerScores] = {}
         # Reformed o/down weights per layer, valid for the slice they were solved for.
         self.reformed: dict[int, tuple[LayerSlice, dict[str, torch.Tensor]]] = {}
+        # Calibration means of o/down inputs per layer: when set, every other slice runs with FLAP's
+        # bias compensation (a cheap stand-in for reformation during the search).
+        self.means: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- building -------------------------------------------------------------------------------------
     def blocks(self, slices: Sequence[LayerSlice]) -> nn.ModuleDict:
@@ -104,7 +108,11 @@ class ShardRunner:
 
     def _overrides(self, layer: int, s: LayerSlice) -> dict[str, torch.Tensor] | None:
         got = self.reformed.get(layer)
-        return got[1] if got is not None and got[0] == s else None
+        if got is not None and got[0] == s:
+            return got[1]
+        if layer in self.means:
+            return compensation(self.blocks_w[layer], s, self.geometry, *self.means[layer])
+        return None
 
     def cos_sin(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seqlen not in self._cos_sin:

@@ -94,3 +94,19 @@ def test_random_search_draws_valid_distinct_subnets_reproducibly(adapter):
     assert all(budget.contains(space.ratio(c)) for c in gen)
     assert [c.key() for c in gen] == [c.key() for c in draw(0)]
     assert len({int(c.mlp[0].sum()) for c in gen}) > 1  # widths vary, not only masks
+
+
+def test_compensated_fitness_runs_each_candidate_with_its_flap_biases(llama, adapter, scored, tokens):
+    runner, scores = scored
+    space = SearchSpace.for_target(adapter.geometry(), 0.7)
+    slices = space.slices(space.initial(scores.attn, scores.mlp, Budget(0.7, 0.03)))
+    plain = runner.forward(slices, tokens).ppl
+    runner.means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(space.num_layers)}
+    compensated = runner.forward(slices, tokens).ppl
+    model, _ = build(adapter, llama.state_dict(), slices, flap_biases(adapter, llama.state_dict(), slices, scores))
+    assert compensated == pytest.approx(perplexity(model, tokens).ppl, rel=1e-4)
+    assert compensated != pytest.approx(plain, rel=1e-4)
+    full = space.slices(space.full())
+    runner.means, dense = {}, runner.forward(full, tokens).ppl
+    runner.means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(space.num_layers)}
+    assert runner.forward(full, tokens).ppl == pytest.approx(dense, rel=1e-6)  # nothing pruned, nothing added
