@@ -88,10 +88,10 @@ class SearchConfig(EvolutionParams):
     mutation probabilities, alpha, max_tries) plus how the run is driven."""
 
     mode: str = "evolution"
-    init: str = "flap"
+    init: str = "uniform"
     # Judge every candidate with FLAP's bias compensation (the pruned channels' calibration mean folded
     # into o/down biases; a matrix-vector product per block), closer to what reformation will make of it.
-    compensate: bool = True
+    compensate: bool = False
     seed: int = 0
     generations: int = 50
     score_damp: float = 0.01  # damping of the Gram inverse in the importance scores
@@ -104,6 +104,8 @@ class ReformConfig(ReformParams):
 
     enabled: bool = True
     bias: bool = True  # searchllm's default: fit o/down biases too (their parameters come out of the budget)
+    finalists: int = 3  # searchllm's default: the best of the top-3 parents after reformation
+    flap_finalist: bool = True  # ... and of FLAP's subnet at the same budget
 
 
 @dataclass
@@ -254,6 +256,8 @@ def validate(c: Config) -> None:
     if c.data.fitness.samples < 1 or c.data.calibration.samples < 1:
         raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
     f = c.reform
+    if f.finalists < 1:
+        raise ConfigError(f"reform.finalists={f.finalists} must be >= 1 (1: reform only the search's best)")
     if f.damp < 0 or f.rho <= 0 or f.iters < 1:
         raise ConfigError(f"reform.damp={f.damp} must be >= 0, reform.rho={f.rho} > 0 and reform.iters={f.iters} >= 1")
     if c.export.dtype is not None and c.export.dtype not in DTYPES:

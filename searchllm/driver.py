@@ -166,7 +166,8 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
     dense_rep, best_rep = (nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0]))
     report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
     if cfg.reform.enabled or cfg.export.enabled:
-        manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides)
+        manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides,
+                                     scores)
         if "export" in manifest:
             return Path(manifest["export"]["dir"])
     return None
@@ -233,8 +234,36 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None
     print(format_table(table))
 
 
+def reform_finalists(cfg: Config, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores]):
+    """Reform the top `reform.finalists` parents (and FLAP's subnet with reform.flap_finalist), each on
+    the pool, and keep the one whose fitness after reformation is lowest: the search ranks subnets
+    before reformation, and reformation does not preserve that order. Returns (chosen subnet, its
+    per-layer results, a record of every finalist)."""
+    r, batch = cfg.reform, cfg.data.batch
+    cands = [(c, f"parent {k + 1}", fit) for k, (c, fit) in enumerate(result.finalists[: r.finalists])] or [(result.best, "best", result.fitness)]
+    if r.flap_finalist and scores is not None:
+        f = flap(space, scores, Budget(cfg.budget.target, cfg.budget.tol, cfg.budget.count))
+        if f.key() not in {c.key() for c, _, _ in cands}:
+            fit = next(nll for _, nll, _ in pool.stream(space, [f], "fitness", batch)).ppl
+            cands.append((f, "flap", fit))
+    chosen, record = None, []
+    for cand, origin, before in cands:
+        results = pool.reform(space.slices(cand), r, batch)
+        after = next(nll for _, nll, _ in pool.stream(space, [cand], "fitness", batch)).ppl
+        record.append({"key": cand.key(), "origin": origin, "ratio": space.ratio(cand, cfg.budget.count),
+                       "fitness_before": before, "fitness_after": after})
+        log.info("finalist %s (%s): fitness ppl %.3f -> %.3f after reformation", cand.key(), origin, before, after)
+        if chosen is None or after < chosen[2]:
+            chosen = (cand, results, after)
+    cand, results, _ = chosen
+    if len(cands) > 1:  # the pool holds the last finalist's weights: put the chosen one's back
+        pool.set_overrides(space.slices(cand), {x.layer: x.weights for x in results})
+    return cand, results, record
+
+
 def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, tokens, where,
-                      loaded, dense_ppl: float, searched_ppl: float, overrides: Optional[dict] = None) -> dict:
+                      loaded, dense_ppl: float, searched_ppl: float, overrides: Optional[dict] = None,
+                      scores: Optional[Scores] = None) -> dict:
     """Reform the best subnet on the actor pool, export it, reload the export from disk, and write
     manifest.json with the perplexity of every stage on the report windows."""
     from .evaluate import perplexity
@@ -243,15 +272,17 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
 
     best, batch, g = result.best, cfg.data.batch, space.geometry
     slices = space.slices(best)
-    reformed, layers, seconds = dict(overrides or {}), [], 0.0
+    reformed, layers, seconds, finalists = dict(overrides or {}), [], 0.0, []
     ppl = {"original": dense_ppl, "searched": searched_ppl}
     if cfg.reform.enabled:
         r = cfg.reform
         c = cfg.data.calibration
-        log.info("reforming o/down of the best subnet: solver=%s inputs=%s targets=%s features=%s damp=%g on %d x %d tokens of %s",
-                 r.solver, r.inputs, r.targets, r.features, r.damp, c.samples, c.seqlen, where["calibration"])
+        log.info("reforming o/down of the top-%d parents%s: solver=%s inputs=%s targets=%s features=%s bias=%s damp=%g on %d x %d tokens of %s",
+                 r.finalists, " and FLAP's subnet" if r.flap_finalist else "", r.solver, r.inputs, r.targets, r.features, r.bias, r.damp,
+                 c.samples, c.seqlen, where["calibration"])
         t0 = time.perf_counter()
-        results = pool.reform(slices, r, batch)
+        best, results, finalists = reform_finalists(cfg, space, result, pool, scores)
+        slices = space.slices(best)
         seconds = time.perf_counter() - t0
         reformed = {x.layer: x.weights for x in results}
         layers = [{"layer": x.layer, "error_before": x.error_before, "error_after": x.error_after, "seconds": x.seconds} for x in results]
@@ -265,12 +296,12 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
                         "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
         "search": {"mode": cfg.search.mode, "init": cfg.search.init, "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
-                   "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness},
+                   "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness, "chosen": best.key()},
         "ratio": {"target": cfg.budget.target, "actual": (space.params(best) + added) / g.total_params, "count": cfg.budget.count},
         "params": {"original": g.total_params, "subnet": space.params(best) + added, "added_biases": added,
                    "decoder_original": g.num_layers * g.layer_params, "decoder_subnet": int(space.layer_params(best).sum())},
         "structure": summarize(space, best),
-        "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "layers": layers},
+        "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "finalists": finalists, "layers": layers},
         "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
     }
     if cfg.export.enabled:

@@ -11,7 +11,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
@@ -52,6 +52,7 @@ class SearchResult:
     generations: int
     evaluations: int
     history: list[dict[str, Any]]
+    finalists: list[tuple[Candidate, float]] = field(default_factory=list)  # the final parents, best first
 
 
 def summarize(space: SearchSpace, cand: Candidate) -> dict[str, Any]:
@@ -170,5 +171,6 @@ class Search:
             )
         best, fit = parents[0]
         return SearchResult(
-            best, fit, self.space.params(best), self.space.ratio(best, self.evo.budget.count), len(history), len(done), history
+            best, fit, self.space.params(best), self.space.ratio(best, self.evo.budget.count), len(history), len(done), history,
+            parents,
         )

@@ -130,6 +130,12 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     assert m["export"]["params"] == m["params"]["subnet"] and m["ratio"]["actual"] == pytest.approx(m["params"]["subnet"] / m["params"]["original"])
     assert m["calibration"]["seed"] == 0 and m["source"]["model"] == str(path)
     assert len(m["structure"]["mlp_channels"]) == 4 and m["reform"]["solver"] == "exact"
+    # Reformation-aware choice: the top-3 parents and FLAP's subnet were reformed; the lowest fitness won
+    # (and the pool evaluated the winner's weights, not the last finalist's: exported == reformed above).
+    fin = m["reform"]["finalists"]
+    assert [f["origin"] for f in fin] == ["parent 1", "parent 2", "parent 3", "flap"]
+    winner = min(fin, key=lambda f: f["fitness_after"])
+    assert m["search"]["chosen"] == winner["key"]
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.json").is_file()
     # The same saved search, reformed again with ADMM into another directory, without searching again.
     assert main([f"resume={run}", "reform.solver=admm", f"export.dir={tmp_path / 'admm'}"]) == 0
