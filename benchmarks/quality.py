@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--calib", type=int, default=16, help="calibration windows (scores and reformation)")
     ap.add_argument("--fitness", type=int, default=2, help="fitness windows")
+    ap.add_argument("--final", type=int, default=16, help="windows of the fitness corpus that judge the finalists")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration and fitness window length")
     ap.add_argument("--short", type=int, default=32, help="windows of 128 tokens for ppl@128")
     ap.add_argument("--long", type=int, default=2, help="windows of --long-len tokens for the long perplexity")
@@ -69,6 +70,7 @@ def main() -> None:
     test = tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], m.tokenizer)
     calib = random_windows(valid, a.calib, a.seqlen, a.seed, "calibration")
     fitness = first_windows(valid, a.fitness, a.seqlen, "fitness")
+    final = first_windows(valid, a.final, a.seqlen, "final")
     short = first_windows(test, a.short, 128, "ppl@128")
     long = first_windows(test, a.long, a.long_len, f"ppl@{a.long_len}")
     g = m.adapter.geometry()
@@ -87,7 +89,7 @@ def main() -> None:
     ours = ReformParams(bias=True)
     admm = ReformParams(solver="admm", rho=1.0, iters=30)
     print(f"SmolLM2-135M-Instruct (fp32, {torch.get_num_threads()} threads). Calibration {a.calib}x{a.seqlen} and fitness "
-          f"{a.fitness}x{a.seqlen} tokens of WikiText-2 valid (seed {a.seed}); perplexity on WikiText-2 raw test, first "
+          f"{a.fitness}x{a.seqlen} tokens of WikiText-2 valid (seed {a.seed}), finalists judged on {a.final}x{a.seqlen}; perplexity on WikiText-2 raw test, first "
           f"{a.short}x128 and {a.long}x{a.long_len} tokens. Search budget: {a.generations} generations x population "
           f"{a.population} (paper: 50 x 100). Calibration pass {calib_s:.0f}s (shared by all methods).")
     print(f"dense: ppl@128 {dense128:.2f}, ppl@{a.long_len} {dense_long:.2f}, {g.total_params / 1e6:.2f}M params\n", flush=True)
@@ -115,11 +117,11 @@ def main() -> None:
             t0 = time.perf_counter()
             _, _, res = reform_shard(runner, space_of[0].slices(cand), calib, None, params, 1)
             secs = time.perf_counter() - t0
-            reforms[key] = ({r.layer: r.weights for r in res}, runner.forward(space_of[0].slices(cand), fitness).ppl, secs)
+            reforms[key] = ({r.layer: r.weights for r in res}, runner.forward(space_of[0].slices(cand), final).ppl, secs)
         return reforms[key]
 
     def best_after_reform(cands, params):
-        """The reformation-aware final choice: the lowest fitness after reformation."""
+        """The reformation-aware final choice: the lowest perplexity after reformation on the final windows."""
         done = [(c, *reform(c, params)) for c in cands]
         cand, weights, _, _ = min(done, key=lambda x: x[2])
         return cand, weights, sum(x[3] for x in done)

@@ -106,6 +106,9 @@ class ReformConfig(ReformParams):
     bias: bool = True  # searchllm's default: fit o/down biases too (their parameters come out of the budget)
     finalists: int = 3  # searchllm's default: the best of the top-3 parents after reformation
     flap_finalist: bool = True  # ... and of FLAP's subnet at the same budget
+    # Finalists are judged on the first N windows of the fitness corpus (0: the search's own fitness
+    # windows): a few reformed subnets can afford more tokens than the thousands of screened ones.
+    final_windows: int = 16
 
 
 @dataclass
@@ -256,6 +259,8 @@ def validate(c: Config) -> None:
     if c.data.fitness.samples < 1 or c.data.calibration.samples < 1:
         raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
     f = c.reform
+    if f.final_windows < 0:
+        raise ConfigError(f"reform.final_windows={f.final_windows} must be >= 0 (0: the fitness windows)")
     if f.finalists < 1:
         raise ConfigError(f"reform.finalists={f.finalists} must be >= 1 (1: reform only the search's best)")
     if f.damp < 0 or f.rho <= 0 or f.iters < 1:

@@ -94,6 +94,10 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
             tokens[name] = random_windows(ids[key], corpus.samples, corpus.seqlen, d.seed, f"data.{name}")
         else:
             tokens[name] = first_windows(ids[key], corpus.samples, corpus.seqlen, f"data.{name}")
+        if name == "fitness":  # the finalists' judge: more windows of the same corpus
+            n = cfg.reform.final_windows
+            tokens["final"] = first_windows(ids[key], n, corpus.seqlen, "reform.final_windows") if n else tokens[name]
+            where["final"] = where[name]
     return tokens, where
 
 
@@ -236,23 +240,25 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None
 
 def reform_finalists(cfg: Config, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores]):
     """Reform the top `reform.finalists` parents (and FLAP's subnet with reform.flap_finalist), each on
-    the pool, and keep the one whose fitness after reformation is lowest: the search ranks subnets
-    before reformation, and reformation does not preserve that order. Returns (chosen subnet, its
+    the pool, and keep the one with the lowest perplexity after reformation on the "final" windows
+    (reform.final_windows of the fitness corpus): the search ranks subnets before reformation, and
+    reformation does not preserve that order. Returns (chosen subnet, its
     per-layer results, a record of every finalist)."""
     r, batch = cfg.reform, cfg.data.batch
     cands = [(c, f"parent {k + 1}", fit) for k, (c, fit) in enumerate(result.finalists[: r.finalists])] or [(result.best, "best", result.fitness)]
     if r.flap_finalist and scores is not None:
         f = flap(space, scores, Budget(cfg.budget.target, cfg.budget.tol, cfg.budget.count))
         if f.key() not in {c.key() for c, _, _ in cands}:
-            fit = next(nll for _, nll, _ in pool.stream(space, [f], "fitness", batch)).ppl
-            cands.append((f, "flap", fit))
+            cands.append((f, "flap", None))
     chosen, record = None, []
     for cand, origin, before in cands:
         results = pool.reform(space.slices(cand), r, batch)
-        after = next(nll for _, nll, _ in pool.stream(space, [cand], "fitness", batch)).ppl
+        after = next(nll for _, nll, _ in pool.stream(space, [cand], "final", batch))
         record.append({"key": cand.key(), "origin": origin, "ratio": space.ratio(cand, cfg.budget.count),
-                       "fitness_before": before, "fitness_after": after})
-        log.info("finalist %s (%s): fitness ppl %.3f -> %.3f after reformation", cand.key(), origin, before, after)
+                       "search_fitness": before, "final_ppl": after.ppl, "final_tokens": after.tokens})
+        log.info("finalist %s (%s): search fitness %s, after reformation ppl %.3f on %d tokens", cand.key(), origin,
+                 "-" if before is None else f"{before:.3f}", after.ppl, after.tokens)
+        after = after.ppl
         if chosen is None or after < chosen[2]:
             chosen = (cand, results, after)
     cand, results, _ = chosen

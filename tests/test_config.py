@@ -29,6 +29,7 @@ def test_paper_config_has_the_papers_budget():
         (["method=sparsegpt"], "method='sparsegpt' is not allowed; choose one of: searchllm, paper, uniform, flap, random"),
         (["eval.lengths=[128,long]"], "eval.lengths entry 'long' is not a number or 'full'"),
         (["eval.corpora=[wiki:test]"], "unknown corpus 'wiki'"),
+        (["reform.finalists=0"], "reform.finalists=0 must be >= 1"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(argv, message):
@@ -45,7 +46,10 @@ def test_resume_only_accepts_execution_overrides():
 
 def test_defaults_are_the_searchllm_method():
     c = load_config([])
-    assert (c.method, c.search.mode, c.search.init, c.reform.solver) == ("searchllm", "evolution", "flap", "exact")
+    assert (c.method, c.search.mode, c.search.init, c.search.compensate) == ("searchllm", "evolution", "uniform", False)
+    r = c.reform
+    assert (r.solver, r.bias, r.finalists, r.flap_finalist) == ("exact", True, 3, True)
+    assert load_config(["method=searchllm"]).reform == r  # the preset says what the defaults say
 
 
 @pytest.mark.parametrize(
@@ -68,3 +72,4 @@ def test_a_method_preset_sets_its_keys_and_later_overrides_still_win(method, exp
 def test_paper_method_uses_the_papers_admm_settings():
     r = load_config(["method=paper"]).reform
     assert (r.solver, r.rho, r.iters, r.inputs, r.targets, r.features) == ("admm", 1.0, 30, "sequential", "layer", "full")
+    assert (r.bias, r.finalists, r.flap_finalist) == (False, 1, False)

@@ -134,7 +134,8 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     # (and the pool evaluated the winner's weights, not the last finalist's: exported == reformed above).
     fin = m["reform"]["finalists"]
     assert [f["origin"] for f in fin] == ["parent 1", "parent 2", "parent 3", "flap"]
-    winner = min(fin, key=lambda f: f["fitness_after"])
+    winner = min(fin, key=lambda f: f["final_ppl"])
+    assert fin[0]["final_tokens"] == 4 * 31  # judged on reform.final_windows=4 windows, the search on data.fitness.samples=2
     assert m["search"]["chosen"] == winner["key"]
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.json").is_file()
     # The same saved search, reformed again with ADMM into another directory, without searching again.
