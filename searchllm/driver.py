@@ -226,11 +226,12 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None
     for name, path in (("original", loaded.checkpoint), ("exported", str(export_dir))):
         model, tokenizer = load_pretrained(path)
         model.to(device_of(cfg.eval.device))
-        what = describe(model, export_dir) if name == "exported" else None
-        if what is None:
+        if name == "exported":  # its searchllm_export.json holds the source's counts
+            what = describe(model, export_dir)
+            what.name = f"exported ({cfg.method})"
+        else:
             total, decoder = count_params(model)
             what = Evaluated(name, total, decoder, total, decoder)
-        what.name = f"{name} ({cfg.method})" if name == "exported" else name
         tables.append(evaluate_model(model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids))
         del model
     table = pd.concat(tables, ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)

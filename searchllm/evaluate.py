@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -227,8 +228,6 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
 
 def append_results(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     """Append to <run dir>/eval.parquet and eval.csv (written whole each time, atomically)."""
-    import os
-
     p = run_dir / f"{RESULTS}.parquet"
     full = pd.concat([pd.read_parquet(p), table], ignore_index=True) if p.is_file() else table
     for ext, write in (("parquet", lambda f: full.to_parquet(f, index=False)), ("csv", lambda f: full.to_csv(f, index=False))):
