@@ -98,7 +98,6 @@ def main() -> None:
     rows = []
 
     means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(g.num_layers)}
-    space_of: list = [None]  # the ratio's search space, for the reformation cache
 
     def search(space, budget, strategy, inits, seed, compensate):
         runner = ShardRunner(m.adapter, state, spec)
@@ -110,26 +109,26 @@ def main() -> None:
 
     reforms: dict[tuple, tuple] = {}  # (subnet, params) -> (weights, fitness after, seconds)
 
-    def reform(cand, params):
+    def reform(space, cand, params):
         key = (cand.key(), repr(params))
         if key not in reforms:
             runner = ShardRunner(m.adapter, state, spec)
             t0 = time.perf_counter()
-            _, _, res = reform_shard(runner, space_of[0].slices(cand), calib, None, params, 1)
+            _, _, res = reform_shard(runner, space.slices(cand), calib, None, params, 1)
             secs = time.perf_counter() - t0
-            reforms[key] = ({r.layer: r.weights for r in res}, runner.forward(space_of[0].slices(cand), final).ppl, secs)
+            reforms[key] = ({r.layer: r.weights for r in res}, runner.forward(space.slices(cand), final).ppl, secs)
         return reforms[key]
 
-    def best_after_reform(cands, params):
+    def best_after_reform(space, cands, params):
         """The reformation-aware final choice: the lowest perplexity after reformation on the final windows."""
-        done = [(c, *reform(c, params)) for c in cands]
+        done = [(c, *reform(space, c, params)) for c in cands]
         cand, weights, _, _ = min(done, key=lambda x: x[2])
         return cand, weights, sum(x[3] for x in done)
 
     def finish(ratio, method, space, cand, params, overrides, seconds):
         slices = space.slices(cand)
         if params is not None:
-            overrides, _, secs = reform(cand, params)
+            overrides, _, secs = reform(space, cand, params)
             seconds += secs
         model, info = build(m.adapter, orig_state, slices, overrides)
         p128, plong = perplexity(model, short).ppl, perplexity(model, long).ppl
@@ -148,8 +147,6 @@ def main() -> None:
         uniform = space.initial(scores.attn, scores.mlp, budget)
         flap_cand = flap(space, scores, budget)
         searches: dict[tuple, tuple] = {}  # rows that differ only in the solver share one search
-
-        space_of[0] = space
 
         def searched(strategy, seeds, b, compensate=False):
             key = (strategy.__name__, tuple(c.key() for c in seeds), b.target, compensate)
@@ -180,7 +177,7 @@ def main() -> None:
                 cands = [c for c, _ in res.finalists[: 1 if method == "paper+exact+bias" else 3]]
                 if method not in ("paper+exact+bias", "searchllm-noflap"):
                     cands.append(flap_cand)
-                cand, weights, reform_s = best_after_reform(cands, ours)
+                cand, weights, reform_s = best_after_reform(space, cands, ours)
                 finish(ratio, method, space, cand, None, weights, secs + reform_s)
             else:
                 raise SystemExit(f"unknown method {method!r}; choose from the list in this script's docstring")

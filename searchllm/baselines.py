@@ -47,7 +47,7 @@ def flap_unit_scores(space: SearchSpace, flap_o: np.ndarray) -> np.ndarray:
 def bias_params(space: SearchSpace) -> int:
     """Parameters FLAP's compensation adds: an o and a down bias per block, where the family has none."""
     g = space.geometry
-    return g.num_layers * g.hidden * ((not g.o_bias) + (not g.mlp_bias))
+    return g.num_layers * g.hidden * len(g.new_biases({"o_bias", "down_bias"}))
 
 
 def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
@@ -58,8 +58,7 @@ def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
     cost_kv = g.layer_count(1, 0) - g.layer_count(0, 0)
     cost_attn, cost_mlp = kv_per_unit * cost_kv, g.layer_count(0, 1) - g.layer_count(0, 0)
     base = g.layer_count(0, 0) * L + (g.outer_params if budget.count == "total" else 0)
-    total = g.total_params if budget.count == "total" else L * g.layer_params
-    allowed = budget.target * total - bias_params(space)
+    allowed = budget.target * space.total(budget.count) - bias_params(space)
     # Every block keeps its best attention unit and MLP channel; the rest compete on one threshold.
     keep_a = np.zeros(attn.shape, bool)
     flat = attn.reshape(L, -1)

@@ -99,13 +99,15 @@ class SearchConfig(EvolutionParams):
 
 @dataclass
 class ReformConfig(ReformParams):
-    """Reformation of the best subnet after the search (ReformParams: solver, inputs, features, damp,
-    rho, iters); calibrates on data.calibration."""
+    """Reformation after the search (ReformParams: solver, inputs, features, targets, damp, bias, rho,
+    iters) and which subnets it is tried on; calibrates on data.calibration."""
 
     enabled: bool = True
     bias: bool = True  # searchllm's default: fit o/down biases too (their parameters come out of the budget)
-    finalists: int = 3  # searchllm's default: the best of the top-3 parents after reformation
-    flap_finalist: bool = True  # ... and of FLAP's subnet at the same budget
+    # Reformation-aware final choice (driver.reform_finalists): reform the top `finalists` parents of the
+    # search (and FLAP's subnet with flap_finalist) and keep the lowest perplexity after reformation.
+    finalists: int = 3
+    flap_finalist: bool = True
     # Finalists are judged on the first N windows of the fitness corpus (0: the search's own fitness
     # windows): a few reformed subnets can afford more tokens than the thousands of screened ones.
     final_windows: int = 16

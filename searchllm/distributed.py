@@ -236,10 +236,9 @@ class EvaluatorPool:
         self.set_overrides(slices, {r.layer: r.weights for r in results}, replicas=self.replicas[1:])
         return results
 
-    def set_compensation(self, scores: Scores | None) -> None:
-        """From now on every candidate runs with FLAP's bias compensation from these calibration means
-        (None: without)."""
-        means = {} if scores is None else {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(len(scores.mean_o))}
+    def set_compensation(self, scores: Scores) -> None:
+        """From now on every candidate runs with FLAP's bias compensation from these calibration means."""
+        means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(len(scores.mean_o))}
         ray.get([a.set_means.remote(means) for chain in self.replicas for a in chain])
 
     def set_overrides(self, slices: list[LayerSlice], weights: dict[int, dict[str, torch.Tensor]], replicas=None) -> None:

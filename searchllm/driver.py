@@ -73,8 +73,7 @@ def prepare(argv: list[str]) -> Prepared:
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
     adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
     extra = bias_params(space) if adds_bias and cfg.search.mode != "flap" else 0  # flap() budgets its own
-    total = g.total_params if cfg.budget.count == "total" else g.num_layers * g.layer_params
-    budget = Budget(cfg.budget.target - extra / total, cfg.budget.tol, cfg.budget.count)
+    budget = Budget(cfg.budget.target - extra / space.total(cfg.budget.count), cfg.budget.tol, cfg.budget.count)
     lo, hi = space.bounds(budget.count)
     if budget.high < lo or budget.low > hi:
         raise BudgetError(space.infeasible_message(budget))
@@ -97,7 +96,6 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
         if name == "fitness":  # the finalists' judge: more windows of the same corpus
             n = cfg.reform.final_windows
             tokens["final"] = first_windows(ids[key], n, corpus.seqlen, "reform.final_windows") if n else tokens[name]
-            where["final"] = where[name]
     return tokens, where
 
 
@@ -295,7 +293,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         layers = [{"layer": x.layer, "error_before": x.error_before, "error_after": x.error_after, "seconds": x.seconds} for x in results]
         ppl["reformed"] = next(nll for _, nll, _ in pool.stream(space, [best], "report", batch)).ppl
         log.info("reformed in %.1fs: report ppl %.3f -> %.3f", seconds, searched_ppl, ppl["reformed"])
-    added = sum(t.numel() for w in reformed.values() for k, t in w.items() if (k == "o_bias" and not g.o_bias) or (k == "down_bias" and not g.mlp_bias))
+    added = sum(w[k].numel() for w in reformed.values() for k in g.new_biases(w))
     manifest = {
         "method": cfg.method,
         "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
@@ -308,7 +306,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         "params": {"original": g.total_params, "subnet": space.params(best) + added, "added_biases": added,
                    "decoder_original": g.num_layers * g.layer_params, "decoder_subnet": int(space.layer_params(best).sum())},
         "structure": summarize(space, best),
-        "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "finalists": finalists, "layers": layers},
+        "reform": {"enabled": cfg.reform.enabled, **vars(cfg.reform), "seconds": seconds, "candidates": finalists, "layers": layers},
         "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
     }
     if cfg.export.enabled:

@@ -16,6 +16,7 @@ set (then, if needed, from the old kept set).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -139,10 +140,9 @@ class Evolution:
             if init.key() not in seen and self.valid(init):
                 first.append((init, "init"))
                 seen.add(init.key())
-        turn = iter(range(10**9))
+        turn = itertools.cycle(inits)
         return first + self._children(
-            p.population - len(first),
-            lambda: self.mutate(inits[next(turn) % len(inits)], rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng, "mutation",
+            p.population - len(first), lambda: self.mutate(next(turn), rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng, "mutation"
         )
 
     def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:

@@ -67,9 +67,7 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
     if not kept:
         raise ValueError("the subnet keeps no blocks; nothing to export")
     # Biases a reformation added where the family has none (FLAP's compensation): only our config has them.
-    added = {k for w in (reformed or {}).values() for k in w if k.endswith("_bias")}
-    added -= {"o_bias"} if g.o_bias else set()
-    added -= {"down_bias"} if g.mlp_bias else set()
+    added = g.new_biases({k for w in (reformed or {}).values() for k in w})
     uniform = is_uniform(slices, g.head_dim // 2) and not added
     if uniform:
         s0 = slices[kept[0]]

@@ -47,10 +47,6 @@ class ReformParams:
     # Fit a bias of o/down jointly with the kept weights (affine least squares: a constant input column),
     # so the omitted channels' mean contribution is absorbed too (FLAP's bias compensation, made optimal).
     bias: bool = False
-    # Reformation-aware final choice: reform the best `finalists` parents of the search (and FLAP's
-    # subnet when flap_finalist) and keep the one with the lowest fitness after reformation.
-    finalists: int = 1
-    flap_finalist: bool = False
     rho: float = 1.0  # ADMM penalty on the normalised problem
     iters: int = 30  # ADMM iterations
 

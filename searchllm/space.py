@@ -168,11 +168,15 @@ class SearchSpace:
     def params(self, cand: Candidate) -> int:
         return int(self.geometry.outer_params + self.layer_params(cand).sum())
 
-    def ratio(self, cand: Candidate, count: str = "total") -> float:
+    def total(self, count: str = "total") -> int:
+        """The parameters a kept ratio is relative to: the whole model, or its decoder layers."""
         g = self.geometry
+        return g.num_layers * g.layer_params if count == "decoder" else g.total_params
+
+    def ratio(self, cand: Candidate, count: str = "total") -> float:
         if count == "decoder":
-            return float(self.layer_params(cand).sum() / (g.num_layers * g.layer_params))
-        return self.params(cand) / g.total_params
+            return float(self.layer_params(cand).sum() / self.total(count))
+        return self.params(cand) / self.total(count)
 
     # -- the importance-aware initial subnet ---------------------------------------------------------
     def top(self, scores: np.ndarray, count: int) -> np.ndarray:

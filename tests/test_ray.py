@@ -132,7 +132,8 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     assert len(m["structure"]["mlp_channels"]) == 4 and m["reform"]["solver"] == "exact"
     # Reformation-aware choice: the top-3 parents and FLAP's subnet were reformed; the lowest fitness won
     # (and the pool evaluated the winner's weights, not the last finalist's: exported == reformed above).
-    fin = m["reform"]["finalists"]
+    fin = m["reform"]["candidates"]
+    assert m["reform"]["finalists"] == 3
     assert [f["origin"] for f in fin] == ["parent 1", "parent 2", "parent 3", "flap"]
     winner = min(fin, key=lambda f: f["final_ppl"])
     assert fin[0]["final_tokens"] == 4 * 31  # judged on reform.final_windows=4 windows, the search on data.fitness.samples=2

@@ -34,6 +34,11 @@ class Geometry:
     norm_params: int  # per decoder layer (both norms)
     outer_params: int  # embeddings, final norm and LM head (counted once when tied)
 
+    def new_biases(self, keys) -> set[str]:
+        """Of the o/down bias keys given, those this family has no tensor for (added by compensation)."""
+        have = {"o_bias": self.o_bias, "down_bias": self.mlp_bias}
+        return {k for k in keys if k in have and not have[k]}
+
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
