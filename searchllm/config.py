@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -123,12 +123,15 @@ class ExportConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # None: $RAY_ADDRESS, else a running local cluster, else start one
-    replicas: int = 1  # evaluator replicas
-    stages: int = 1  # actors per replica, each a contiguous shard of layers
+    # Evaluator replicas, and actors per replica (each a contiguous shard of layers): a number, or auto
+    # (from the GPUs Ray lists and the model's size; the choice is printed).
+    replicas: Union[int, str] = 1
+    stages: Union[int, str] = 1
     in_flight: int = 2  # candidates queued per replica
     num_cpus: Optional[int] = None  # only when the driver starts its own Ray
     device: str = "auto"  # auto: a GPU per actor when Ray lists GPUs
-    max_restarts: int = 3
+    max_restarts: int = 3  # per actor; a replica whose actor runs out of restarts is dropped
+    placement_timeout: float = 600.0  # seconds to wait for the actors' resources (an autoscaler may add nodes)
 
 
 @dataclass
@@ -284,8 +287,11 @@ def validate(c: Config) -> None:
         raise ConfigError(str(err)) from None
     r = c.ray
     for key in ("replicas", "stages", "in_flight"):
-        if getattr(r, key) < 1:
-            raise ConfigError(f"ray.{key}={getattr(r, key)} must be >= 1")
+        value = getattr(r, key)
+        if (value != "auto" or key == "in_flight") and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"ray.{key}={value!r} must be an integer >= 1{' or auto' if key != 'in_flight' else ''}")
+    if r.placement_timeout <= 0 or r.max_restarts < 0:
+        raise ConfigError(f"ray.placement_timeout={r.placement_timeout} must be > 0 and ray.max_restarts={r.max_restarts} >= 0")
 
 
 def check_resume_overrides(argv: list[str]) -> None:

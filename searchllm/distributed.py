@@ -1,37 +1,67 @@
 """The Ray layer: attach to or start Ray, place evaluator stage actors, stream fitness back.
 
 This is the only module that imports ray. An evaluator replica is a chain of `StageActor`s, each holding a
-contiguous shard of layers (a `ShardRunner`); activations travel stage to stage as ObjectRefs. Weights
-are put in the object store once per shard as read-only numpy arrays and mapped zero-copy by every
-replica's actor on a node. The driver keeps `in_flight` candidates queued on every replica and consumes
-results with ray.wait as each finishes.
+contiguous shard of layers (a `ShardRunner`); activations travel stage to stage as ObjectRefs. Each
+replica's stages sit in one placement group, packed on one node when they fit there, and replicas are
+spread over nodes (`plan_layout`). Weights are put in the object store once per shard as read-only numpy
+arrays: Ray copies an object to a node once, and every actor there maps it zero-copy. The driver keeps
+`in_flight` candidates queued on every replica and consumes results with ray.wait as each finishes.
+
+Faults: actors restart (`ray.max_restarts`) and Ray re-runs their queued tasks; what the driver told
+them after they started (compensation means, reformed weights) travels as a versioned object with every
+call, so a restarted actor catches up before it evaluates. A replica whose restarts are spent is dropped
+and its candidates go to the others. A candidate whose evaluation raises is retried once, then reported
+with its error.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
+import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import ray
 import torch
+from ray.util import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from .config import RayConfig
 from .models.adapters import ModelAdapter, adapter_for
 from .models.sliced import LayerSlice
 from .models.weights import share, unshare
-from .reform import LayerResult, ReformParams, reform_shard
+from .reform import LayerResult, ReformParams, iter_reform
 from .scores import LayerScores, Scores
 from .shard import NLL, ShardRunner, ShardSpec, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger("searchllm")
+GiB = 2**30
+# A stage needs its weights plus activations and workspace: plan with this much room above the weights.
+HEADROOM = 1.3
 
 
 class ClusterError(RuntimeError):
     pass
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when nothing listens at host:port."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or hostport, int(port) if port.isdigit() else 6379), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); check RAY_ADDRESS / ray.address "
+            "(the head's GCS address, e.g. 10.0.0.1:6379) or unset it to run on a local Ray"
+        ) from None
 
 
 def connect(cfg: RayConfig) -> str:
@@ -42,11 +72,12 @@ def connect(cfg: RayConfig) -> str:
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **quiet)
         except Exception as e:
             raise ClusterError(
-                f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}); check RAY_ADDRESS / ray.address "
+                f"cannot attach to the Ray cluster at {address!r} ({type(e).__name__}); check RAY_ADDRESS / ray.address "
                 "or unset it to run on a local Ray"
             ) from None
         return f"attached to Ray at {address}"
@@ -62,28 +93,157 @@ def connect(cfg: RayConfig) -> str:
     return f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 
 
+# -- layout: how many replicas and stages, and where ---------------------------------------------------
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    cpus: float
+    gpus: float
+    memory: float  # bytes of RAM Ray may use on the node
+
+
+@dataclass
+class Layout:
+    replicas: int
+    stages: int
+    num_cpus: float  # per stage actor
+    num_gpus: float
+    threads: int
+    nodes: list[Optional[str]] = field(default_factory=list)  # per replica: the node it is pinned to, or None
+    why: str = ""
+
+
+def _pin(layout: Layout, nodes: list[NodeInfo]) -> list[Optional[str]]:
+    """A node per replica that holds all its stages, spreading replicas over nodes (fewest replicas
+    first, then most free CPUs); None where no node has room left (Ray's PACK then decides)."""
+    free = {n.node_id: [n.cpus, n.gpus] for n in nodes}
+    count = {n.node_id: 0 for n in nodes}
+    need_c, need_g = layout.num_cpus * layout.stages, layout.num_gpus * layout.stages
+    out: list[Optional[str]] = []
+    for _ in range(layout.replicas):
+        fits = [i for i, (c, g) in free.items() if c + 1e-9 >= need_c and g + 1e-9 >= need_g]
+        if not fits:
+            out.append(None)
+            continue
+        best = min(fits, key=lambda i: (count[i], -free[i][0]))
+        free[best][0] -= need_c
+        free[best][1] -= need_g
+        count[best] += 1
+        out.append(best)
+    return out
+
+
+def choose_layout(cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_layers: int,
+                  gpu_memory: Optional[float] = None) -> Layout:
+    """Replicas x stages and each actor's resources, from the cluster's nodes and the model's size.
+
+    `auto` stages: the fewest shards such that a shard (with HEADROOM) fits one GPU (or, on CPU, one
+    node's memory); `auto` replicas: as many as the GPUs allow (all GPUs busy), on CPU one per node with
+    all its CPUs (a CPU replica uses intra-op threads; more replicas on a node only split them)."""
+    gpus = sum(n.gpus for n in nodes)
+    cpus = sum(n.cpus for n in nodes)
+    if cfg.device == "cuda" and gpus < 1:
+        raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
+    use_gpu = cfg.device != "cpu" and gpus >= 1
+    per_device = gpu_memory if use_gpu and gpu_memory else min(n.memory for n in nodes) if nodes else float("inf")
+    what = f"GPU of {per_device / GiB:.1f} GiB" if use_gpu and gpu_memory else f"node with {per_device / GiB:.1f} GiB RAM"
+    why = []
+    if cfg.stages == "auto":
+        stages = min(num_layers, max(1, math.ceil(model_bytes * HEADROOM / per_device)))
+        why.append(f"stages=auto -> {stages}: {model_bytes / GiB:.2f} GiB of weights (x{HEADROOM} room) per {what}")
+    else:
+        stages = int(cfg.stages)
+    if cfg.replicas == "auto":
+        if use_gpu:
+            replicas = int(gpus // stages)
+            if replicas < 1:
+                raise ClusterError(
+                    f"one replica needs {stages} GPUs ({model_bytes / GiB:.1f} GiB of weights) but the cluster lists {gpus:g}; "
+                    "add GPUs, use a smaller model.dtype, or set ray.device=cpu"
+                )
+            why.append(f"replicas=auto -> {replicas}: {gpus:g} GPUs / {stages} per replica")
+        else:
+            replicas = max(1, len(nodes) // stages)
+            why.append(f"replicas=auto -> {replicas}: {len(nodes)} node(s), no GPU, one replica per {stages} node(s)")
+    else:
+        replicas = int(cfg.replicas)
+    actors = replicas * stages
+    if use_gpu:
+        # Auto: a whole GPU per stage. Explicit counts may share GPUs (never ask for more than exist).
+        num_gpus = 1.0 if cfg.stages == "auto" or cfg.replicas == "auto" else min(1.0, gpus / actors)
+        layout = Layout(replicas, stages, 1.0, num_gpus, 1)
+    elif cfg.replicas == "auto":
+        per = min(n.cpus for n in nodes) if stages == 1 else cpus / actors
+        layout = Layout(replicas, stages, per, 0.0, max(1, int(per)))
+    else:
+        # Never more CPUs than the cluster has: such actors never start.
+        per = cpus / actors if actors > cpus else float(int(cpus // actors))
+        layout = Layout(replicas, stages, per, 0.0, max(1, int(per)))
+    layout.nodes = _pin(layout, nodes)
+    layout.why = "; ".join(why)
+    return layout
+
+
+def cluster_nodes() -> list[NodeInfo]:
+    return [
+        NodeInfo(n["NodeID"], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0), n["Resources"].get("memory", 0.0))
+        for n in ray.nodes()
+        if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0
+    ]
+
+
+def _device_memory() -> Optional[int]:
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
+def probe_gpu_memory(nodes: list[NodeInfo]) -> Optional[float]:
+    """The smallest GPU's memory on the GPU nodes, measured by a one-GPU task on each (None when Ray's
+    GPUs are not visible to torch, e.g. declared with --num-gpus on a machine without CUDA)."""
+    probe = ray.remote(num_gpus=1, num_cpus=0)(_device_memory)
+    got = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
+                   for n in nodes if n.gpus >= 1])
+    got = [m for m in got if m]
+    return float(min(got)) if got else None
+
+
+# -- actors --------------------------------------------------------------------------------------------
+
 class StageActor:
     """One shard of one evaluator replica."""
 
     def __init__(self, hf_config: Any, state: dict, spec: ShardSpec, dtype: str, threads: int, tokens: dict) -> None:
+        t0 = time.perf_counter()
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
         self.runner = ShardRunner(adapter_for(hf_config), state, spec, device, getattr(torch, dtype))
         self.tokens = {k: ray.get(v) for k, v in tokens.items()}
         self.spec = spec
+        self.version = 0  # of the driver-set extras this actor has applied
+        self.load_seconds = time.perf_counter() - t0
 
-    def ready(self) -> str:
-        return f"layers {self.spec.start}-{self.spec.stop - 1} on {self.runner.device}"
+    def ready(self) -> dict[str, Any]:
+        return {"layers": f"{self.spec.start}-{self.spec.stop - 1}", "device": str(self.runner.device),
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "load_s": self.load_seconds}
 
-    def forward(self, slices: dict[int, LayerSlice], inp: Any, which: str, batch: int) -> Any:
+    def _sync(self, extras: tuple[int, list]) -> None:
+        version, (ref,) = extras
+        if version == self.version:
+            return
+        state = ray.get(ref)
+        layers, device, dtype = self.spec.layers, self.runner.device, self.runner.dtype
+        self.runner.means = {i: m for i, m in state["means"].items() if i in layers}
+        self.runner.reformed = {i: (s, {k: v.to(device, dtype) for k, v in w.items()}) for i, (s, w) in state["reformed"].items() if i in layers}
+        self.version = version
+
+    def forward(self, slices: dict[int, LayerSlice], inp: Any, which: str, batch: int, extras: tuple[int, list]) -> Any:
+        self._sync(extras)
         tokens = self.tokens[which]
         return self.runner.forward(slices, tokens if self.spec.first else inp, tokens, batch)
 
-    def calibrate(self, inp: Any, batch: int, damp: float) -> Any:
-        return self.runner.calibrate(self.tokens["calibration"] if self.spec.first else inp, batch, damp)
-
-    def scores(self) -> dict[int, LayerScores]:
-        return self.runner.scores
+    def calibrate(self, inp: Any, batch: int, damp: float) -> tuple[Any, dict[int, LayerScores]]:
+        out = self.runner.calibrate(self.tokens["calibration"] if self.spec.first else inp, batch, damp)
+        return out, self.runner.scores
 
     def dense_forward(self, inp: Any) -> Any:
         """The original model's hidden state leaving this shard (on the calibration windows)."""
@@ -91,77 +251,92 @@ class StageActor:
         src = self.tokens["calibration"] if self.spec.first else inp
         return self.runner.forward({i: full for i in self.spec.layers}, src)
 
-    def reform(self, slices: dict[int, LayerSlice], dense: Any, stream: Any, params: ReformParams, batch: int) -> tuple:
+    def reform(self, slices: dict[int, LayerSlice], dense: Any, stream: Any, params: ReformParams, batch: int,
+               done: dict[int, dict[str, torch.Tensor]]) -> Iterator[Any]:
+        """A streaming generator: one item per layer of the shard (its LayerResult, or None), then the
+        original and the reformed hidden states leaving the shard."""
         src = self.tokens["calibration"] if self.spec.first else dense
-        return reform_shard(self.runner, slices, src, stream, params, batch)
-
-    def set_means(self, means: dict[int, tuple[Any, Any]]) -> None:
-        self.runner.means = {i: m for i, m in means.items() if i in self.spec.layers}
-
-    def set_reformed(self, reformed: dict[int, tuple[LayerSlice, dict[str, torch.Tensor]]]) -> None:
-        device = self.runner.device
-        for i, (s, w) in reformed.items():
-            if i in self.spec.layers:
-                self.runner.reformed[i] = (s, {k: v.to(device, self.runner.dtype) for k, v in w.items()})
-
-
-@dataclass
-class Placement:
-    num_cpus: float
-    num_gpus: float
-    threads: int
-
-    @classmethod
-    def plan(cls, cfg: RayConfig, actors: int) -> "Placement":
-        res = ray.cluster_resources()
-        gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
-        if cfg.device == "cuda" and gpus < 1:
-            raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
-        if cfg.device != "cpu" and gpus >= 1:
-            return cls(1, min(1.0, gpus / actors), 1)
-        # Never ask for GPUs a cluster does not list, nor more CPUs than it has: such actors never start.
-        per = cpus / actors if actors > cpus else float(int(cpus // actors))
-        return cls(per, 0, max(1, int(per)))
+        out = yield from iter_reform(self.runner, slices, src, stream, params, batch, done)
+        yield out[0]
+        yield out[1]
 
 
 class EvaluatorPool:
-    """Replicas x stages of StageActors sharing one copy of the weights per shard."""
+    """Replicas x stages of StageActors sharing one copy of the weights per shard and node."""
 
-    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, cfg: RayConfig, dtype: str, tokens: dict[str, torch.Tensor]) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, cfg: RayConfig, dtype: str, tokens: dict[str, torch.Tensor],
+                 actor: type = StageActor) -> None:
         g = adapter.geometry()
-        self.specs = split_layers(g.num_layers, cfg.stages)
-        self.cfg = cfg
         state = model.state_dict()
+        model_bytes = sum(t.numel() * getattr(torch, dtype).itemsize for t in state.values())
+        nodes = cluster_nodes()
+        gpu_memory = probe_gpu_memory(nodes) if cfg.device != "cpu" and any(n.gpus >= 1 for n in nodes) and "auto" in (cfg.stages, cfg.replicas) else None
+        self.layout = layout = choose_layout(cfg, nodes, model_bytes, g.num_layers, gpu_memory)
+        if layout.why:
+            log.info("%s", layout.why)
+        self.specs = split_layers(g.num_layers, layout.stages)
+        self.cfg = cfg
         # Held for the pool's life: a restarted actor re-reads its constructor arguments from the store.
+        t0 = time.perf_counter()
         self.shard_refs = shard_refs = [ray.put(share(state, shard_state_names(adapter, s))) for s in self.specs]
         self.token_refs = token_refs = {k: ray.put(v) for k, v in tokens.items()}
-        place = Placement.plan(cfg, cfg.replicas * cfg.stages)
-        self.placement = place
-        actor_cls = ray.remote(StageActor)
+        self.put_seconds = time.perf_counter() - t0
+        self._extras: dict[str, dict] = {"means": {}, "reformed": {}}
+        self._version = (0, [ray.put(self._extras)])
+        self.groups = [self._group(r, node) for r, node in enumerate(layout.nodes)]
+        actor_cls = ray.remote(actor)
         run_id = uuid.uuid4().hex[:6]
         self.replicas: list[list[Any]] = []
-        for r in range(cfg.replicas):
-            chain = []
-            for spec, ref in zip(self.specs, shard_refs):
-                chain.append(
-                    actor_cls.options(
-                        name=f"searchllm-{run_id}-replica{r}-layers{spec.start}-{spec.stop - 1}",
-                        num_cpus=place.num_cpus,
-                        num_gpus=place.num_gpus,
-                        max_restarts=cfg.max_restarts,
-                        max_task_retries=-1 if cfg.max_restarts else 0,
-                    ).remote(model.config, ref, spec, dtype, place.threads, token_refs)
-                )
-            self.replicas.append(chain)
-        for r, chain in enumerate(self.replicas):
-            log.info("replica %d: %s", r, "; ".join(ray.get([a.ready.remote() for a in chain])))
+        try:
+            self._wait_placed()
+            for r, pg in enumerate(self.groups):
+                chain = []
+                for k, (spec, ref) in enumerate(zip(self.specs, shard_refs)):
+                    chain.append(
+                        actor_cls.options(
+                            name=f"searchllm-{run_id}-replica{r}-layers{spec.start}-{spec.stop - 1}",
+                            num_cpus=layout.num_cpus,
+                            num_gpus=layout.num_gpus,
+                            max_restarts=cfg.max_restarts,
+                            max_task_retries=-1 if cfg.max_restarts else 0,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
+                        ).remote(model.config, ref, spec, dtype, layout.threads, token_refs)
+                    )
+                self.replicas.append(chain)
+            self.placed = [ray.get([a.ready.remote() for a in chain]) for chain in self.replicas]
+        except BaseException:
+            self.shutdown()
+            raise
+        for r, chain in enumerate(self.placed):
+            log.info("replica %d: %s", r, "; ".join(f"layers {a['layers']} on {a['device']} @ node {a['node'][:8]} ({a['load_s']:.2f}s to load)" for a in chain))
         self.alive = list(range(len(self.replicas)))
+
+    def _group(self, replica: int, node: Optional[str]):
+        bundle = {"CPU": self.layout.num_cpus} | ({"GPU": self.layout.num_gpus} if self.layout.num_gpus else {})
+        n = len(self.specs)
+        if node is None:  # no node has room for the whole replica now: Ray packs it as tightly as it can
+            return placement_group([bundle] * n, strategy="PACK", name=f"searchllm-replica{replica}")
+        return placement_group([bundle] * n, strategy="STRICT_PACK", name=f"searchllm-replica{replica}",
+                               bundle_label_selector=[{"ray.io/node-id": node}] * n)
+
+    def _wait_placed(self) -> None:
+        try:
+            ray.get([pg.ready() for pg in self.groups], timeout=self.cfg.placement_timeout)
+        except ray.exceptions.GetTimeoutError:
+            lay = self.layout
+            raise ClusterError(
+                f"could not place {lay.replicas} replica(s) x {lay.stages} stage(s) of {lay.num_cpus:g} CPU / {lay.num_gpus:g} GPU each "
+                f"within ray.placement_timeout={self.cfg.placement_timeout:g}s on a cluster with {ray.available_resources()}; "
+                "lower ray.replicas / ray.stages (or use auto), or add nodes"
+            ) from None
 
     def shutdown(self) -> None:
         for chain in self.replicas:
             for actor in chain:
                 ray.kill(actor, no_restart=True)
-        self.replicas, self.alive = [], []
+        for pg in getattr(self, "groups", []):
+            remove_placement_group(pg)
+        self.replicas, self.alive, self.groups = [], [], []
 
     def __enter__(self) -> "EvaluatorPool":
         return self
@@ -169,12 +344,28 @@ class EvaluatorPool:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    @property
+    def lead(self) -> list[Any]:
+        """The first live replica's chain: calibration and reformation run there."""
+        if not self.alive:
+            raise ClusterError("every evaluator replica has died")
+        return self.replicas[self.alive[0]]
+
+    def _publish(self) -> None:
+        """Every actor applies the new extras before its next evaluation (a restarted one too)."""
+        self._version = (self._version[0] + 1, [ray.put(self._extras)])
+
     def _submit(self, replica: int, slices: list[LayerSlice], which: str, batch: int) -> ray.ObjectRef:
         out = None
         for spec, actor in zip(self.specs, self.replicas[replica]):
             part = {i: slices[i] for i in spec.layers}
-            out = actor.forward.remote(part, out, which, batch)
+            out = actor.forward.remote(part, out, which, batch, self._version)
         return out
+
+    def _drop(self, replica: int, why: str) -> None:
+        if replica in self.alive:
+            self.alive.remove(replica)
+            log.warning("replica %d is gone for good (%s); continuing with %d replica(s)", replica, why, len(self.alive))
 
     def stream(self, space: SearchSpace, cands: list[Candidate], which: str = "fitness", batch: int = 1) -> Iterator[tuple[int, NLL, int]]:
         queue = deque(range(len(cands)))
@@ -193,20 +384,21 @@ class EvaluatorPool:
             i, r = inflight.pop(ref)
             load[r] -= 1
             try:
-                yield i, ray.get(ref), r
-            except ray.exceptions.RayActorError:
-                # The replica is gone for good (restarts spent): re-queue its work on the others.
-                log.warning("replica %d died; re-queuing candidate %d and continuing with %d replicas", r, i, len(self.alive) - 1)
-                if r in self.alive:
-                    self.alive.remove(r)
+                nll = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                # Restarts spent (or none allowed): the replica's work goes to the others.
+                self._drop(r, type(e).__name__)
                 queue.appendleft(i)
+                continue
             except ray.exceptions.RayTaskError as e:
                 failures[i] = failures.get(i, 0) + 1
                 if failures[i] < 2:
+                    log.warning("candidate %d raised on replica %d (%s); retrying once", i, r, _first_line(e))
                     queue.appendleft(i)
-                else:
-                    log.warning("candidate %d failed twice (%s); recorded as failed", i, str(e).splitlines()[0][:200])
-                    yield i, NLL(float("inf"), 1), r
+                    continue
+                log.warning("candidate %d failed twice; recorded as failed: %s", i, _first_line(e))
+                nll = NLL(math.inf, 1, error=_first_line(e))
+            yield i, nll, r
 
     def original_state(self) -> dict[str, torch.Tensor]:
         """The original weights from the object store (zero-copy on this node)."""
@@ -215,48 +407,75 @@ class EvaluatorPool:
             state |= unshare(ray.get(ref))
         return state
 
-    def reform(self, slices: list[LayerSlice], params: ReformParams, batch: int) -> list[LayerResult]:
-        """Layer-wise reformation on replica 0's stage actors; the reformed weights then reach every replica.
+    def reform(self, slices: list[LayerSlice], params: ReformParams, batch: int,
+               done: Optional[dict[int, dict[str, torch.Tensor]]] = None,
+               on_layer: Optional[Callable[[LayerResult], None]] = None) -> list[LayerResult]:
+        """Layer-wise reformation on the lead replica's stage actors; the reformed weights (with those in
+        `done`, solved before and not solved again) then reach every replica. `on_layer` sees each
+        layer's result as soon as it is solved (the driver saves it: a resume starts after it).
 
         Sequential inputs chain the stages (each hands on the original and the reformed hidden states).
         Independent inputs hand on only the original hidden state, computed first by a dense pass, so
         every stage solves its layers while the next one already works on its own."""
+        done = done or {}
         dense = stream = None
-        pending = []
-        for spec, actor in zip(self.specs, self.replicas[0]):
+        gens, results = [], []
+        for spec, actor in zip(self.specs, self.lead):
             part = {i: slices[i] for i in spec.layers}
+            mine = {i: w for i, w in done.items() if i in spec.layers}
+            call = actor.reform.options(num_returns="streaming")
             if params.inputs == "independent":
                 nxt = None if spec.last else actor.dense_forward.remote(dense)
-                _, _, res = actor.reform.options(num_returns=3).remote(part, dense, None, params, batch)
+                gens.append((spec, call.remote(part, dense, None, params, batch, mine)))
                 dense = nxt
             else:
-                dense, stream, res = actor.reform.options(num_returns=3).remote(part, dense, stream, params, batch)
-            pending.append(res)
-        results = [r for ref in pending for r in ray.get(ref)]
-        self.set_overrides(slices, {r.layer: r.weights for r in results}, replicas=self.replicas[1:])
+                gen = call.remote(part, dense, stream, params, batch, mine)
+                dense, stream = _collect(spec, gen, results, on_layer)
+        for spec, gen in gens:  # independent stages all run at once; read them in order
+            _collect(spec, gen, results, on_layer)
+        self._extras["reformed"] = {i: (slices[i], w) for i, w in done.items()} | {r.layer: (slices[r.layer], r.weights) for r in results}
+        self._publish()
         return results
 
     def set_compensation(self, scores: Scores) -> None:
         """From now on every candidate runs with FLAP's bias compensation from these calibration means."""
-        means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(len(scores.mean_o))}
-        ray.get([a.set_means.remote(means) for chain in self.replicas for a in chain])
+        self._extras["means"] = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(len(scores.mean_o))}
+        self._publish()
 
-    def set_overrides(self, slices: list[LayerSlice], weights: dict[int, dict[str, torch.Tensor]], replicas=None) -> None:
-        """Replace tensors of the given layers' sliced blocks (reformed o/down, FLAP's biases) on every
-        replica; they apply while a candidate keeps exactly these slices."""
-        entries = {i: (slices[i], w) for i, w in weights.items()}
-        ray.get([a.set_reformed.remote(entries) for chain in (self.replicas if replicas is None else replicas) for a in chain])
+    def set_overrides(self, slices: list[LayerSlice], weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Replace tensors of the given layers' sliced blocks (reformed o/down) on every replica; they
+        apply while a candidate keeps exactly these slices."""
+        self._extras["reformed"] = {i: (slices[i], w) for i, w in weights.items()}
+        self._publish()
 
     def calibrate(self, batch: int, damp: float) -> Scores:
-        """Dense calibration pass through replica 0, returning the scores of every layer."""
-        out = None
-        for actor in self.replicas[0]:
-            out = actor.calibrate.remote(out, batch, damp)
-        ray.wait([out])
+        """Dense calibration pass through the lead replica, returning the scores of every layer."""
+        out, parts = None, []
+        for actor in self.lead:
+            out, part = actor.calibrate.options(num_returns=2).remote(out, batch, damp)
+            parts.append(part)
         per_layer: dict[int, LayerScores] = {}
-        for actor in self.replicas[0]:
-            per_layer.update(ray.get(actor.scores.remote()))
+        for part in ray.get(parts):
+            per_layer.update(part)
         return Scores.stack(per_layer)
+
+
+def _collect(spec: ShardSpec, gen, results: list[LayerResult], on_layer) -> tuple[Any, Any]:
+    """Read a stage's reformation stream: layer results (handed to on_layer as they come), then the
+    refs of the two hidden states it hands on."""
+    refs = iter(gen)
+    for _ in spec.layers:
+        res = ray.get(next(refs))
+        if res is not None:
+            results.append(res)
+            if on_layer is not None:
+                on_layer(res)
+    return next(refs), next(refs)
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:300]
 
 
 class RayEvaluator:

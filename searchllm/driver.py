@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -133,8 +134,8 @@ def run(p: Prepared) -> int:
         "space: attention=%s, per-group ratio %s, MLP ratio %s, depth %s", space.attention, space.attn_range, space.mlp_range, space.depth_range
     )
     tokens, where = p.tokens, p.where
+    log.info("%s", connect(cfg.ray))  # before the weights load: an unreachable cluster fails in seconds
     loaded = load(cfg.model, data_root(cfg.data.root))
-    log.info("%s", connect(cfg.ray))
     run_dir.create()
     if not run_dir.started:
         run_dir.write_text("config.yaml", to_yaml(cfg))
@@ -237,12 +238,13 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None
     print(format_table(table))
 
 
-def reform_finalists(cfg: Config, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores]):
+def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores]):
     """Reform the top `reform.finalists` parents (and FLAP's subnet with reform.flap_finalist), each on
     the pool, and keep the one with the lowest perplexity after reformation on the "final" windows
     (reform.final_windows of the fitness corpus): the search ranks subnets before reformation, and
-    reformation does not preserve that order. Returns (chosen subnet, its
-    per-layer results, a record of every finalist)."""
+    reformation does not preserve that order. Each layer is saved in the run dir as it is solved, so a
+    killed driver's resume solves only the layers left. Returns (chosen subnet, its per-layer results,
+    a record of every finalist)."""
     r, batch = cfg.reform, cfg.data.batch
     cands = [(c, f"parent {k + 1}", fit) for k, (c, fit) in enumerate(result.finalists[: r.finalists])] or [(result.best, "best", result.fitness)]
     if r.flap_finalist and scores is not None:
@@ -251,10 +253,15 @@ def reform_finalists(cfg: Config, space: SearchSpace, result: SearchResult, pool
             cands.append((f, "flap", None))
     chosen, record = None, []
     for cand, origin, before in cands:
-        results = pool.reform(space.slices(cand), r, batch)
+        tag = f"{cand.key()}-{r.digest()}"
+        saved = run_dir.load_layers(tag)
+        if saved:
+            log.info("finalist %s (%s): layers %s were reformed before the restart; solving the rest", cand.key(), origin, sorted(saved))
+        fresh = pool.reform(space.slices(cand), r, batch, {i: x.weights for i, x in saved.items()}, partial(run_dir.save_layer, tag))
+        results = sorted([*saved.values(), *fresh], key=lambda x: x.layer)
         after = next(nll for _, nll, _ in pool.stream(space, [cand], "final", batch))
         record.append({"key": cand.key(), "origin": origin, "ratio": space.ratio(cand, cfg.budget.count),
-                       "search_fitness": before, "final_ppl": after.ppl, "final_tokens": after.tokens})
+                       "search_fitness": before, "final_ppl": after.ppl, "final_tokens": after.tokens, "reused_layers": len(saved)})
         log.info("finalist %s (%s): search fitness %s, after reformation ppl %.3f on %d tokens", cand.key(), origin,
                  "-" if before is None else f"{before:.3f}", after.ppl, after.tokens)
         after = after.ppl
@@ -286,7 +293,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
                  r.finalists, " and FLAP's subnet" if r.flap_finalist else "", r.solver, r.inputs, r.targets, r.features, r.bias, r.damp,
                  c.samples, c.seqlen, where["calibration"])
         t0 = time.perf_counter()
-        best, results, finalists = reform_finalists(cfg, space, result, pool, scores)
+        best, results, finalists = reform_finalists(cfg, run_dir, space, result, pool, scores)
         slices = space.slices(best)
         seconds = time.perf_counter() - t0
         reformed = {x.layer: x.weights for x in results}

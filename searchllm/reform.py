@@ -16,9 +16,11 @@ statistics; ADMM converges to the exact solution as its iterations grow.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,6 +51,11 @@ class ReformParams:
     bias: bool = False
     rho: float = 1.0  # ADMM penalty on the normalised problem
     iters: int = 30  # ADMM iterations
+
+    def digest(self) -> str:
+        """Names these solver settings: saved layers are reused only by a resume with the same ones."""
+        params = {f.name: getattr(self, f.name) for f in fields(ReformParams)}
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class Normal:
@@ -163,14 +170,34 @@ class LayerResult:
 
 def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor | None,
                  stream: torch.Tensor | None, p: ReformParams, batch: int = 1,
-                 on_layer: Callable[[LayerResult], None] | None = None,
+                 done: Mapping[int, dict[str, torch.Tensor]] | None = None,
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[LayerResult]]:
-    """Reform every layer of a shard, in order.
+    """Reform every layer of a shard, in order (`iter_reform`, collected): returns both hidden states
+    leaving the shard and the results of the layers solved here."""
+    gen = iter_reform(runner, slices, dense, stream, p, batch, done)
+    results = []
+    while True:
+        try:
+            res = next(gen)
+        except StopIteration as stop:
+            return *stop.value, results
+        if res is not None:
+            results.append(res)
+
+
+def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor | None,
+                stream: torch.Tensor | None, p: ReformParams, batch: int = 1,
+                done: Mapping[int, dict[str, torch.Tensor]] | None = None,
+                ) -> Generator[LayerResult | None, None, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Reform every layer of a shard, in order, yielding each layer's result as soon as it is solved
+    (None for a dropped layer or one in `done`) and returning both hidden states leaving the shard.
 
     `dense` is the original model's hidden state entering the shard (tokens on the first shard; None when
     nothing downstream needs it), `stream` the reformed upstream's (None with independent inputs).
-    Returns both hidden states leaving the shard and the per-layer results; the runner keeps the
-    reformed weights, so its later forwards of these slices use them."""
+    `done` holds weights solved before (a resumed run): those layers are not solved again, only run, so
+    the layers after them see the same inputs as in an uninterrupted run. The runner keeps the reformed
+    weights, so its later forwards of these slices use them."""
+    done = done or {}
     g, cfg = runner.geometry, runner.block_config
     sequential = p.inputs == "sequential"
     if runner.spec.first:
@@ -183,13 +210,21 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
         dense = None  # targets come from the stream itself: the original model's activations are not needed
     full = LayerSlice.full(g)
     n_inputs = {"o": len(full.q_rows(g)), "down": g.intermediate}
-    results = []
     for i in runner.spec.layers:
         t0 = time.perf_counter()
         s, w = slices[i], runner.blocks_w[i]
         full_block = build_block(cfg, w, full, g)
         if not s.active:  # a dropped block: the original model still runs it, the subnet skips it
             dense = None if dense is None else runner.run_blocks({str(i): full_block}, dense, batch)
+            yield None
+            continue
+        if i in done:
+            overrides = {k: v.to(runner.device, runner.dtype) for k, v in done[i].items()}
+            runner.reformed[i] = (s, overrides)
+            dense = None if dense is None else runner.run_blocks({str(i): full_block}, dense, batch)
+            if stream is not None:
+                stream = runner.run_blocks({str(i): build_block(cfg, w, s, g, overrides)}, stream, batch)
+            yield None
             continue
         src = stream if stream is not None else dense  # what the subnet's layer receives
         tgt = dense if dense is not None else src  # what the original layer receives
@@ -240,9 +275,6 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
             dense = tgt_out if tgt_out is not None and tgt is dense else runner.run_blocks({str(i): full_block}, dense, batch)
         if stream is not None:
             stream = runner.run_blocks({str(i): build_block(cfg, w, s, g, overrides)}, stream, batch)
-        res = LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
-        results.append(res)
-        if on_layer is not None:
-            on_layer(res)
-    return dense, stream, results
+        yield LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
+    return dense, stream
 

@@ -5,6 +5,7 @@
   evals.jsonl          one line per finished evaluation, appended as results stream in
   checkpoint.json      after each generation: its number, the parents, the RNG state, the keys seen
   archive/gen-*.parquet every evaluated candidate of each generation (pd.read_parquet(run/"archive"))
+  reform/<subnet>-<settings>/layer-*.pt  each reformed layer of a finalist, saved as it is solved
   best.json, summary.json
 Files are replaced atomically (write to a temp file, then rename), so a killed driver never leaves a
 half-written checkpoint that a resume would trust.
@@ -21,6 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import torch
+
+from .reform import LayerResult
 from .scores import Scores
 
 
@@ -103,6 +107,22 @@ class RunDir:
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / "checkpoint.json"
         return json.loads(p.read_text()) if p.is_file() else None
+
+    # -- reformation, layer by layer ----------------------------------------------------------------
+    def save_layer(self, tag: str, result: LayerResult) -> None:
+        folder = self.path / "reform" / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".layer-{result.layer:04d}.pt.tmp"
+        torch.save(asdict(result), tmp)
+        os.replace(tmp, folder / f"layer-{result.layer:04d}.pt")
+
+    def load_layers(self, tag: str) -> dict[int, LayerResult]:
+        """The layers of reformation `tag` finished before (a resume solves only the others)."""
+        out = {}
+        for f in sorted((self.path / "reform" / tag).glob("layer-*.pt")):
+            res = LayerResult(**torch.load(f, weights_only=True))
+            out[res.layer] = res
+        return out
 
     def save_json(self, name: str, obj: Any) -> None:
         _atomic_write(self.path / name, json.dumps(obj, indent=2, default=_json_default).encode())

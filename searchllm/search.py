@@ -98,6 +98,7 @@ class Search:
             "tokens": nll.tokens,
             "seconds": nll.seconds,
             "replica": replica,
+            "error": nll.error or "",  # why a failed evaluation (fitness inf) failed
             "finished_at": time.time(),
             "genes": cand.to_bytes(),
         }
@@ -154,6 +155,7 @@ class Search:
                 "evaluated": len(records),
                 "evals_per_s": self._rate,
                 "skipped": self.evo.skipped,
+                "failed": len(records) - len(fits),
             }
             history.append(stats)
             log.info(

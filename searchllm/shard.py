@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ class NLL:
     total: float  # summed negative log-likelihood (nats)
     tokens: int
     seconds: float = 0.0
+    error: Optional[str] = None  # why the evaluation failed (total is then inf)
 
     @property
     def ppl(self) -> float:
