@@ -46,11 +46,17 @@ def adapter(llama):
     return adapter_for(llama.config)
 
 
+def start_local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session, never attached to a user's cluster."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    start_local_ray()
     yield ray
     ray.shutdown()
 
@@ -71,18 +77,22 @@ def word_tokenizer(path):
     return fast
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
+def make_tiny_checkpoint(root):
     """A tiny random LLaMA saved as a Hugging Face checkpoint with its tokenizer, plus a text corpus."""
-    path = tmp_path / "tiny-llama"
+    path = root / "tiny-llama"
     tok = word_tokenizer(path)
     model = tiny_model("llama", layers=4, vocab_size=len(tok))
     model.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
     words = [WORDS[i] for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()]
-    corpus = tmp_path / "corpus.txt"
+    corpus = root / "corpus.txt"
     corpus.write_text(" ".join(words))
     return path, corpus
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return make_tiny_checkpoint(tmp_path)
 
 
 def tiny_run_args(path, corpus, run_dir, *extra):

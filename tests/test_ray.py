@@ -1,5 +1,7 @@
 """Evaluator actors on a local Ray: sharding, replicas, streaming, and the driver end to end."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -183,16 +185,35 @@ def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_pat
         ("model.path=/nonexistent/model", "model.path='/nonexistent/model' does not exist"),
         ("budget.target=0.1", "cannot be met"),
         ("data.fitness.seqlen=100000", "shorter than one sequence of 100000"),
+        ("data.calibration.seqlen=100000", "data.calibration: the corpus has 6000 tokens, shorter than one sequence of 100000"),
+        ("model.path={gpt_neox}", "model type 'gpt_neox' is not supported; supported model types: llama"),
+        ("ray.address=127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
+        ("ray.replicas=many", "ray.replicas='many' must be an integer >= 1 or auto"),
     ],
 )
 def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tmp_path, override, message):
     path, corpus = tiny_checkpoint
+    other = tmp_path / "gpt-neox"  # a family without an adapter
+    shutil.copytree(path, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run), override],
+        [sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run), override.format(gpt_neox=other)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (run / "checkpoint.json").exists() and not (run / "evals.jsonl").exists()
+    assert not run.exists()  # nothing a resume could mistake for progress
+
+
+def test_an_unreachable_ray_address_in_the_environment_stops_early(tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1")
+    proc = subprocess.run([sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "RAY_ADDRESS" in proc.stderr
+    assert not run.exists()

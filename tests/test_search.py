@@ -90,3 +90,27 @@ def test_search_on_smollm2_improves_on_its_initial_population(smollm2, tmp_path)
     first = arch[arch.generation == 0].fitness.min()
     assert result.fitness < first
     assert result.history[-1]["best"] < result.history[0]["best"]
+
+
+class FailingOn:
+    """An evaluator that reports one candidate as failed (as the Ray pool does after its retry)."""
+
+    def __init__(self, inner, bad_key):
+        self.inner, self.bad_key, self.cands = inner, bad_key, []
+
+    def evaluate(self, cands):
+        from searchllm.shard import NLL
+
+        for i, nll, r in self.inner.evaluate(cands):
+            yield i, (NLL(float("inf"), 1, error="OutOfMemoryError: injected") if cands[i].key() == self.bad_key else nll), r
+
+
+def test_a_failed_evaluation_is_recorded_with_its_error_and_the_search_goes_on(llama, adapter, tokens, tmp_path):
+    search, init = make_search(llama, adapter, tokens, tmp_path, 2)
+    bad = init.key()  # generation 0's first candidate
+    search.evaluator = FailingOn(search.evaluator, bad)
+    result = search.run_search([init])
+    arch = RunDir(tmp_path).archive().set_index("key")
+    assert arch.loc[bad, "error"] == "OutOfMemoryError: injected" and arch.loc[bad, "fitness"] == float("inf")
+    assert (arch.drop(bad).error == "").all() and result.best.key() != bad and np.isfinite(result.fitness)
+    assert result.history[0]["failed"] == 1 and result.generations == 2
