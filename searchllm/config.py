@@ -19,8 +19,10 @@ from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "conf" / "default.yaml"
-METHOD_DIR = REPO / "conf" / "method"
+# conf/ of a checkout (editable install), else the copy a wheel installs as searchllm/conf (pyproject).
+CONF = REPO / "conf" if (REPO / "conf").is_dir() else Path(__file__).resolve().parent / "conf"
+DEFAULT_CONFIG = CONF / "default.yaml"
+METHOD_DIR = CONF / "method"
 CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
 DTYPES = ("float32", "bfloat16", "float16")
 SEARCH_MODES = ("evolution", "random", "uniform", "flap")  # how the subnet is chosen (baselines.py, evolution.py)
@@ -149,7 +151,9 @@ class Config:
     # overrides); the resolved keys are what a run records, so a resume never re-applies it.
     method: str = "searchllm"
     run_dir: Optional[str] = None  # None: runs/<time>
-    resume: Optional[str] = None  # a run dir to continue
+    # A run dir to continue; `auto`: continue run_dir if it holds a started run of the same config, else
+    # start it (a re-submitted or retried cluster job picks up where the last one died).
+    resume: Optional[str] = None
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -206,6 +210,8 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
     config_file, dotlist = parse_overrides(argv)
     cfg = OmegaConf.structured(Config)
     path = Path(config_file) if config_file else (base_file or DEFAULT_CONFIG)
+    if config_file and not path.is_file() and (CONF / path.name).is_file():  # `--config paper.yaml` after a pip install
+        path = CONF / path.name
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML with --config")
     cfg = _merge(cfg, OmegaConf.load(path), str(path))
@@ -302,6 +308,23 @@ def check_resume_overrides(argv: list[str]) -> None:
             raise ConfigError(
                 f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, search.generations, reform.*, export.* and eval.* can"
             )
+
+
+def differing_keys(saved: Config, wanted: Config) -> list[tuple[str, Any, Any]]:
+    """Keys that decide what a run computes and differ between two configs (execution keys excluded)."""
+    a, b = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, wanted))
+    skip = RESUMABLE_PREFIXES + ("run_dir",)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if not k.startswith(skip) and a.get(k) != b.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_yaml(c: Config) -> str:

@@ -17,7 +17,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from .config import Config, ConfigError, check_resume_overrides, load_config, to_yaml
+from .config import Config, ConfigError, check_resume_overrides, differing_keys, load_config, to_yaml
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
 from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
@@ -46,6 +46,21 @@ class Prepared:
 
 def resolve_config(argv: list[str]) -> tuple[Config, RunDir]:
     cfg = load_config(argv)
+    if cfg.resume == "auto":
+        if not cfg.run_dir:
+            raise ConfigError("resume=auto needs run_dir=<a fixed path> (the run to continue, or to start there)")
+        run = RunDir(cfg.run_dir)
+        if not run.started:
+            cfg.resume = None
+            return cfg, run
+        diff = differing_keys(load_config([], base_file=run.path / "config.yaml"), cfg)
+        if diff:
+            k, old, new = diff[0]
+            raise ConfigError(f"resume=auto: run_dir={cfg.run_dir!r} was started with {k}={old!r}, this command asks for {new!r}; "
+                              "use the same settings or another run_dir")
+        log.info("resume=auto: continuing the run in %s", run.path)
+        cfg.resume = str(run.path)
+        return cfg, run
     if cfg.resume:
         run = RunDir(cfg.resume)
         if not run.started:

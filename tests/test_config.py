@@ -73,3 +73,42 @@ def test_paper_method_uses_the_papers_admm_settings():
     r = load_config(["method=paper"]).reform
     assert (r.solver, r.rho, r.iters, r.inputs, r.targets, r.features) == ("admm", 1.0, 30, "sequential", "layer", "full")
     assert (r.bias, r.finalists, r.flap_finalist) == (False, 1, False)
+
+
+def started_run(tmp_path, *argv):
+    from searchllm.config import to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config([f"run_dir={run}", *argv])))
+    return run
+
+
+def test_resume_auto_continues_a_started_run_with_the_same_settings(tmp_path):
+    from searchllm.driver import resolve_config
+
+    run = started_run(tmp_path, "budget.target=0.6")
+    cfg, _ = resolve_config([f"run_dir={run}", "budget.target=0.6", "resume=auto", "ray.replicas=4"])
+    assert cfg.resume == str(run) and cfg.budget.target == 0.6 and cfg.ray.replicas == 4
+
+
+def test_resume_auto_starts_a_run_dir_that_holds_no_run(tmp_path):
+    from searchllm.driver import resolve_config
+
+    cfg, run = resolve_config([f"run_dir={tmp_path / 'new'}", "resume=auto"])
+    assert cfg.resume is None and run.path == tmp_path / "new"
+
+
+def test_resume_auto_refuses_a_run_started_with_other_settings(tmp_path):
+    from searchllm.driver import resolve_config
+
+    run = started_run(tmp_path, "budget.target=0.6")
+    with pytest.raises(ConfigError, match=r"was started with budget.target=0.6, this command asks for 0.8"):
+        resolve_config([f"run_dir={run}", "budget.target=0.8", "resume=auto"])
+
+
+def test_ray_replicas_and_stages_take_a_number_or_auto():
+    cfg = load_config(["ray.replicas=auto", "ray.stages=3"])
+    assert cfg.ray.replicas == "auto" and cfg.ray.stages == 3
+    with pytest.raises(ConfigError, match="ray.stages=0 must be an integer >= 1 or auto"):
+        load_config(["ray.stages=0"])

@@ -179,13 +179,14 @@ def same_final_result(run, reference):
     return got
 
 
-def test_a_driver_killed_mid_search_resumes_to_the_same_result(reference, checkpoint, tmp_path):
+def test_a_driver_killed_mid_search_resumes_with_the_same_command_to_the_same_result(reference, checkpoint, tmp_path):
     run = tmp_path / "run"
     kill_driver_at(run, checkpoint, "append_eval", 8 + 3)  # generation 0 has 8 candidates: dies inside generation 1
     assert json.loads((run / "checkpoint.json").read_text())["generation"] == 0
     logged = len((run / "evals.jsonl").read_text().splitlines())
     assert logged == 11 and not (run / "manifest.json").exists()
-    assert main([f"resume={run}"]) == 0
+    # The same command again with resume=auto, as a retried cluster job would run it.
+    assert main(tiny_run_args(*checkpoint, run, "resume=auto")) == 0
     keys = [json.loads(line)["key"] for line in (run / "evals.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys))  # the 3 candidates of generation 1 finished before the kill are not evaluated again
     same_final_result(run, reference)
