@@ -84,7 +84,8 @@ def main() -> None:
             list(pool.stream(space, cands[:replicas], batch=a.windows))  # warm-up
             t0 = time.perf_counter()
             n = sum(1 for _ in pool.stream(space, cands, batch=a.windows))
-            tput.append((replicas, pool.placement.threads, n / (time.perf_counter() - t0)))
+            loads = [x["load_s"] for chain in pool.placed for x in chain]
+            tput.append((replicas, pool.layout.threads, n / (time.perf_counter() - t0), pool.put_seconds, max(loads)))
     ray.shutdown()
 
     print(f"\nSmolLM2-135M, {a.windows}x{a.seqlen} tokens per evaluation, target {a.target}, {os.cpu_count()} CPUs\n")
@@ -93,10 +94,11 @@ def main() -> None:
     for r, te, ts in rows:
         print(f"| {r:.4f} | {te:.3f} | {ts:.3f} | {te / ts:.3f} |")
     print(f"| 1.0000 (dense) | - | {t_full:.3f} | - |")
-    print("\n| replicas | threads per actor | evaluations/s |")
-    print("|---|---|---|")
-    for r, th, e in tput:
-        print(f"| {r} | {th} | {e:.3f} |")
+    mib = sum(t.numel() * t.element_size() for t in m.model.state_dict().values()) / 2**20
+    print(f"\n| replicas | threads per actor | evaluations/s | weights into the object store ({mib:.0f} MiB) s | slowest actor start s |")
+    print("|---|---|---|---|---|")
+    for r, th, e, put, load in tput:
+        print(f"| {r} | {th} | {e:.3f} | {put:.3f} | {load:.3f} |")
 
 
 def _time(fn) -> float:

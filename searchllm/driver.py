@@ -22,6 +22,7 @@ from .data import DataError, data_root, first_windows, load_text, random_windows
 from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
 from .evolution import Evolution, RandomSearch
+from .layout import ClusterError
 from .models.adapters import UnsupportedModelError
 from .models.loading import DTYPES as DTYPES_BY_NAME
 from .models.loading import ModelError, load, load_config_only, load_tokenizer
@@ -31,7 +32,7 @@ from .search import Search, SearchResult, summarize
 from .space import Budget, BudgetError, SearchSpace
 
 log = logging.getLogger("searchllm")
-USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError)
+USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError, ClusterError)
 
 
 @dataclass
@@ -126,13 +127,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from .distributed import ClusterError
-
-        if isinstance(e, ClusterError):
-            print(f"searchllm: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 def run(p: Prepared) -> int:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from searchllm.config import RayConfig, load_config
-from searchllm.distributed import ClusterError, NodeInfo, choose_layout
+from searchllm.layout import ClusterError, NodeInfo, choose_layout
 
 from conftest import start_local_ray, tiny_run_args
 

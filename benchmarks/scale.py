@@ -1,0 +1,128 @@
+"""Scale: one evaluator replica on a random-weight model of a real LLaMA shape, on one device (no Ray).
+
+    python benchmarks/scale.py [--shape llama-7b --dtype float16 --windows 5 --seqlen 2048 --candidates 6]
+
+Prints the layout `ray.replicas=auto ray.stages=auto` would choose for this device (its memory measured
+like the Ray probe does), the time to evaluate one candidate subnet (fitness on windows x seqlen tokens,
+the paper's 5 x 2048 by default) at several kept ratios against the dense model, and the time to reform
+a few layers on calibration windows. From these, the wall-clock of a search of G generations of P
+candidates on R such replicas is about G * P * t_eval / R. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "tiny": (256, 4, 4, 2, 688, 1000),  # a smoke run on CPU
+    "llama-7b": (4096, 32, 32, 32, 11008, 32000),
+    "llama-13b": (5120, 40, 40, 40, 13824, 32000),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--candidates", type=int, default=6)
+    ap.add_argument("--ratios", default="0.9,0.7,0.5")
+    ap.add_argument("--reform-layers", type=int, default=2)
+    ap.add_argument("--calib", type=int, default=16, help="calibration windows for the reformation timing")
+    a = ap.parse_args()
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from searchllm.evolution import Evolution, EvolutionParams
+    from searchllm.layout import NodeInfo, choose_layout
+    from searchllm.models.adapters import adapter_for
+    from searchllm.reform import ReformParams, iter_reform
+    from searchllm.shard import ShardRunner, ShardSpec
+    from searchllm.space import Budget, SearchSpace
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, a.dtype)
+    hidden, layers, heads, kv, inter, vocab = SHAPES[a.shape]
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    build_s = time.perf_counter() - t0
+    state = model.state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    mem = torch.cuda.mem_get_info()[1] if device == "cuda" else None
+
+    class Auto:  # the two keys the layout reads, as `ray.replicas=auto ray.stages=auto`
+        replicas = stages = "auto"
+        device = "auto"
+
+    lay = choose_layout(Auto, [NodeInfo("this", 16, 1 if mem else 0, 128 * 2**30)], nbytes, layers, mem)
+    print(f"{a.shape} ({sum(t.numel() for t in state.values()) / 1e9:.2f}B params, {nbytes / 2**30:.2f} GiB {a.dtype}) on {name}; "
+          f"built in {build_s:.1f}s")
+    print(f"auto layout on this machine: {lay.why}")
+
+    adapter = adapter_for(cfg)
+    g = adapter.geometry()
+    runner = ShardRunner(adapter, state, ShardSpec(0, layers, True, True), device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (a.windows, a.seqlen), generator=gen)
+    rng = np.random.default_rng(0)
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    rows = []
+    dense = SearchSpace(g).full()
+    runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)  # warm-up
+    rows.append(("1.00 (dense)", statistics.median(timed(lambda: runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)) for _ in range(3))))
+    for ratio in (float(r) for r in a.ratios.split(",")):
+        space = SearchSpace.for_target(g, ratio)
+        budget = Budget(ratio, 0.01)
+        init = space.initial(rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget)
+        cands = [c for c, _ in Evolution(space, budget, EvolutionParams(population=a.candidates)).first_generation([init], rng, set())]
+        times = [timed(lambda c=c: runner.forward(space.slices(c), tokens, tokens, 1)) for c in cands]
+        rows.append((f"{ratio:.2f}", statistics.median(times[1:] or times)))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+    # Reformation of the first few layers of a 0.7 subnet on calibration windows (sequential inputs).
+    space = SearchSpace.for_target(g, 0.7)
+    budget = Budget(0.7, 0.01)
+    cand = space.initial(rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget)
+    calib = torch.randint(0, vocab, (a.calib, a.seqlen), generator=gen)
+    part = ShardRunner(adapter, state, ShardSpec(0, a.reform_layers, True, False), device, dtype)
+    solved = []
+    it = iter_reform(part, space.slices(cand), calib, None, ReformParams(bias=True), 1)
+    t = time.perf_counter()
+    for res in it:
+        if res is not None:
+            solved.append((res.layer, time.perf_counter() - t, res.error_before, res.error_after))
+            t = time.perf_counter()
+
+    toks = a.windows * a.seqlen
+    print(f"\n| kept ratio | evaluate one candidate ({a.windows} x {a.seqlen} tokens) s | tokens/s | evaluations/s per replica |")
+    print("|---|---|---|---|")
+    for r, s in rows:
+        print(f"| {r} | {s:.3f} | {toks / s:,.0f} | {1 / s:.2f} |")
+    print(f"\npeak GPU memory while evaluating: {peak:.1f} GiB")
+    print(f"\n| layer | reform (o+down, exact, bias) on {a.calib} x {a.seqlen} tokens s | rel. error o before -> after | down before -> after |")
+    print("|---|---|---|---|")
+    for layer, s, before, after in solved:
+        print(f"| {layer} | {s:.2f} | {before['o']:.4f} -> {after['o']:.4f} | {before['down']:.4f} -> {after['down']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
