@@ -97,8 +97,8 @@ def main() -> None:
     mib = sum(t.numel() * t.element_size() for t in m.model.state_dict().values()) / 2**20
     print(f"\n| replicas | threads per actor | evaluations/s | weights into the object store ({mib:.0f} MiB) s | slowest actor start s |")
     print("|---|---|---|---|---|")
-    for r, th, e, put, load in tput:
-        print(f"| {r} | {th} | {e:.3f} | {put:.3f} | {load:.3f} |")
+    for r, th, e, put, start in tput:
+        print(f"| {r} | {th} | {e:.3f} | {put:.3f} | {start:.3f} |")
 
 
 def _time(fn) -> float:

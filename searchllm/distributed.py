@@ -169,7 +169,8 @@ class EvaluatorPool:
                  actor: type = StageActor) -> None:
         g = adapter.geometry()
         state = model.state_dict()
-        model_bytes = sum(t.numel() * getattr(torch, dtype).itemsize for t in state.values())
+        unique = {t.data_ptr(): t for t in state.values()}.values()  # tied embeddings count once
+        model_bytes = sum(t.numel() * getattr(torch, dtype).itemsize for t in unique)
         nodes = cluster_nodes()
         gpu_memory = probe_gpu_memory(nodes) if cfg.device != "cpu" and any(n.gpus >= 1 for n in nodes) and "auto" in (cfg.stages, cfg.replicas) else None
         self.layout = layout = choose_layout(cfg, nodes, model_bytes, g.num_layers, gpu_memory)
