@@ -137,6 +137,17 @@ class RayConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Watching a run: the live progress page, Ray metrics, the static report."""
+
+    page: bool = True  # serve the progress page while the driver runs
+    host: str = "127.0.0.1"  # loopback by default; 0.0.0.0 to reach it from elsewhere
+    port: int = 8266  # taken or 0: any free port (the URL is printed)
+    metrics: bool = True  # ray.util.metrics: Prometheus export of every Ray node
+    report: bool = True  # <run dir>/report.html after the search and after the evaluation
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +158,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # after export: the original and the exported model
     ray: RayConfig = field(default_factory=RayConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # A named method: `method=NAME` on the command line applies conf/method/NAME.yaml (before the other
     # overrides); the resolved keys are what a run records, so a resume never re-applies it.
     method: str = "searchllm"
@@ -176,7 +188,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Overrides allowed when resuming: they change how the run is executed, not what it computes.
-RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.", "eval.")
+RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.", "eval.", "monitor.")
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -306,7 +318,7 @@ def check_resume_overrides(argv: list[str]) -> None:
         key = item.split("=", 1)[0]
         if not key.startswith(RESUMABLE_PREFIXES):
             raise ConfigError(
-                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, search.generations, reform.*, export.* and eval.* can"
+                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, monitor.*, search.generations, reform.*, export.* and eval.* can"
             )
 
 

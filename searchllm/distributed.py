@@ -57,12 +57,13 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def connect(cfg: RayConfig) -> str:
-    """Attach to $RAY_ADDRESS / ray.address, else to a running local cluster, else start a local Ray."""
+def connect(cfg: RayConfig, name: str = "searchllm") -> str:
+    """Attach to $RAY_ADDRESS / ray.address, else to a running local cluster, else start a local Ray.
+    `name` labels the driver's job (its metadata on the dashboard's Jobs page)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return "Ray already initialised in this process"
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, job_config=ray.job_config.JobConfig(metadata={"name": name}))
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
@@ -108,6 +109,41 @@ def probe_gpu_memory(nodes: list[NodeInfo]) -> Optional[float]:
     return float(min(got)) if got else None
 
 
+class RayMetrics:
+    """The run's progress as Ray metrics (Prometheus export of every node: `ray_searchllm_*`), tagged
+    with the run; subscribed to the driver's Monitor events. Actors add their busy time themselves."""
+
+    def __init__(self, run: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        def gauge(name: str, doc: str) -> Gauge:
+            g = Gauge(f"searchllm_{name}", doc, tag_keys=("run",))
+            g.set_default_tags({"run": run})
+            return g
+
+        self.generation = gauge("generation", "generations finished")
+        self.best = gauge("best_fitness", "best fitness (perplexity) so far")
+        self.median = gauge("median_fitness", "median fitness of the last generation")
+        self.rate = gauge("evaluations_per_second", "evaluations per second in the last generation")
+        self.in_flight = gauge("candidates_in_flight", "candidate evaluations queued on the replicas")
+        self.reform_layer = gauge("reform_layer", "layers of the current finalist reformed so far")
+        self.reform_layers = gauge("reform_layers", "layers the current finalist has to reform")
+        self.evaluations = Counter("searchllm_evaluations", "candidate evaluations finished", tag_keys=("run",))
+        self.evaluations.set_default_tags({"run": run})
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "result":
+            self.evaluations.inc()
+        elif event == "generation":
+            self.generation.set(data["generation"] + 1)
+            for gauge, key in ((self.best, "best"), (self.median, "median"), (self.rate, "evals_per_s")):
+                if math.isfinite(data.get(key, math.inf)):
+                    gauge.set(data[key])
+        elif event == "reform":
+            self.reform_layer.set(data["done"])
+            self.reform_layers.set(data["layers"])
+
+
 # -- actors --------------------------------------------------------------------------------------------
 
 class StageActor:
@@ -121,6 +157,7 @@ class StageActor:
         self.tokens = {k: ray.get(v) for k, v in tokens.items()}
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
+        self.busy = None  # its metric, made on first use
         self.load_seconds = time.perf_counter() - t0
 
     def ready(self) -> dict[str, Any]:
@@ -138,9 +175,20 @@ class StageActor:
         self.version = version
 
     def forward(self, slices: dict[int, LayerSlice], inp: Any, which: str, batch: int, extras: tuple[int, list]) -> Any:
+        t0 = time.perf_counter()
         self._sync(extras)
         tokens = self.tokens[which]
-        return self.runner.forward(slices, tokens if self.spec.first else inp, tokens, batch)
+        out = self.runner.forward(slices, tokens if self.spec.first else inp, tokens, batch)
+        self._busy(time.perf_counter() - t0)
+        return out
+
+    def _busy(self, seconds: float) -> None:
+        if self.busy is None:
+            from ray.util.metrics import Counter
+
+            self.busy = Counter("searchllm_actor_busy_seconds", "seconds an evaluator actor spent evaluating", tag_keys=("actor",))
+            self.busy.set_default_tags({"actor": ray.get_runtime_context().get_actor_name() or "unnamed"})
+        self.busy.inc(seconds)
 
     def calibrate(self, inp: Any, batch: int, damp: float) -> tuple[Any, dict[int, LayerScores]]:
         out = self.runner.calibrate(self.tokens["calibration"] if self.spec.first else inp, batch, damp)
@@ -166,7 +214,8 @@ class EvaluatorPool:
     """Replicas x stages of StageActors sharing one copy of the weights per shard and node."""
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, cfg: RayConfig, dtype: str, tokens: dict[str, torch.Tensor],
-                 actor: type = StageActor) -> None:
+                 actor: type = StageActor, metrics: Optional[RayMetrics] = None) -> None:
+        self.metrics = metrics
         g = adapter.geometry()
         state = model.state_dict()
         unique = {t.data_ptr(): t for t in state.values()}.values()  # tied embeddings count once
@@ -282,6 +331,8 @@ class EvaluatorPool:
                     load[r] += 1
             if not inflight:
                 raise ClusterError("every evaluator replica has died; nothing left to evaluate on")
+            if self.metrics is not None:
+                self.metrics.in_flight.set(len(inflight))
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             i, r = inflight.pop(ref)
             load[r] -= 1
@@ -350,15 +401,18 @@ class EvaluatorPool:
         self._extras["reformed"] = {i: (slices[i], w) for i, w in weights.items()}
         self._publish()
 
-    def calibrate(self, batch: int, damp: float) -> Scores:
-        """Dense calibration pass through the lead replica, returning the scores of every layer."""
+    def calibrate(self, batch: int, damp: float, on_stage: Optional[Callable[[], None]] = None) -> Scores:
+        """Dense calibration pass through the lead replica, returning the scores of every layer;
+        `on_stage` is called as each stage's scores arrive."""
         out, parts = None, []
         for actor in self.lead:
             out, part = actor.calibrate.options(num_returns=2).remote(out, batch, damp)
             parts.append(part)
         per_layer: dict[int, LayerScores] = {}
-        for part in ray.get(parts):
-            per_layer.update(part)
+        for part in parts:  # stages finish in order
+            per_layer.update(ray.get(part))
+            if on_stage is not None:
+                on_stage()
         return Scores.stack(per_layer)
 
 

@@ -10,7 +10,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +22,7 @@ from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
 from .evolution import Evolution, RandomSearch
 from .layout import ClusterError
+from .monitor import Monitor, ProgressServer, write_report
 from .models.adapters import UnsupportedModelError
 from .models.loading import DTYPES as DTYPES_BY_NAME
 from .models.loading import ModelError, load, load_config_only, load_tokenizer
@@ -130,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(p: Prepared) -> int:
-    from .distributed import EvaluatorPool, connect
+    from .distributed import EvaluatorPool, RayMetrics, connect
 
     cfg, run_dir, space, budget = p.cfg, p.run, p.space, p.budget
     g = space.geometry
@@ -143,22 +143,43 @@ def run(p: Prepared) -> int:
         "space: attention=%s, per-group ratio %s, MLP ratio %s, depth %s", space.attention, space.attn_range, space.mlp_range, space.depth_range
     )
     tokens, where = p.tokens, p.where
-    log.info("%s", connect(cfg.ray))  # before the weights load: an unreachable cluster fails in seconds
+    name = f"searchllm {cfg.method} {Path(cfg.model.path).name} {cfg.budget.target:g} ({run_dir.path.name})"
+    log.info("%s", connect(cfg.ray, name))  # before the weights load: an unreachable cluster fails in seconds
     loaded = load(cfg.model, data_root(cfg.data.root))
     run_dir.create()
     if not run_dir.started:
         run_dir.write_text("config.yaml", to_yaml(cfg))
-    with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens) as pool:
-        del loaded.model  # the object store holds the weights now
-        export_dir = search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded)
-    if export_dir is not None and cfg.eval.enabled:  # after the pool is gone: its weights are freed first
-        evaluate_run(cfg, run_dir, loaded, export_dir)
+    monitor = Monitor({"model": cfg.model.path, "target": cfg.budget.target, "method": cfg.method, "run_dir": str(run_dir.path),
+                       "generations": cfg.search.generations, "layers": g.num_layers, "total_params": g.total_params,
+                       "attn_units": int(space.full().attn[0].size), "mlp_channels": g.intermediate})
+    m = cfg.monitor
+    server = ProgressServer(monitor, m.host, m.port) if m.page else None
+    if server is not None:
+        log.info("progress page: %s", server.url)
+    metrics = RayMetrics(run_dir.path.name) if m.metrics else None
+    if metrics is not None:
+        monitor.sinks.append(metrics)
+    try:
+        with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens, metrics=metrics) as pool:
+            del loaded.model  # the object store holds the weights now
+            export_dir = search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded, monitor)
+        if export_dir is not None and cfg.eval.enabled:  # after the pool is gone: its weights are freed first
+            monitor.stage("evaluating")
+            evaluate_run(cfg, run_dir, loaded, export_dir, monitor)
+        monitor.stage("done")
+        if m.report:
+            log.info("report: %s", write_report(monitor, run_dir.path / "report.html"))
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 
 def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where,
-                      loaded) -> Optional[Path]:
+                      loaded, monitor: Monitor) -> Optional[Path]:
     """Search (or choose a baseline subnet), report, reform and export; returns the export dir, if any."""
+    from tqdm import tqdm
+
     batch = cfg.data.batch
 
     dense = space.full()
@@ -169,24 +190,43 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
     if scores is None:
         c = cfg.data.calibration
         log.info("calibrating on %d windows x %d tokens of %s", c.samples, c.seqlen, where["calibration"])
+        monitor.stage("calibrating")
         t0 = time.perf_counter()
-        scores = pool.calibrate(batch, cfg.search.score_damp)
+        with tqdm(total=len(pool.specs), desc="calibrate", unit="stage", leave=False, disable=None) as bar:
+            scores = pool.calibrate(batch, cfg.search.score_damp, lambda: bar.update(1))
         run_dir.save_scores(scores)
         log.info("channel scores ready in %.1fs", time.perf_counter() - t0)
-    result, overrides, wall = choose_subnet(cfg, run_dir, space, budget, pool, scores, loaded)
+    monitor.stage("searching")
+    result, overrides, wall = choose_subnet(cfg, run_dir, space, budget, pool, scores, loaded, monitor)
 
     dense_rep, best_rep = (nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0]))
     report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
+    corpus, g = f"{where['report']}, {tokens['report'].shape[0]} x {tokens['report'].shape[1]} tokens", space.geometry
+    monitor.set_summary([{"model": "original", "params": g.total_params, "kept": 1.0, "report ppl": dense_rep.ppl, "corpus": corpus},
+                         {"model": "searched", "params": result.params, "kept": result.ratio, "report ppl": best_rep.ppl, "corpus": corpus}])
+    if cfg.monitor.report:
+        write_report(monitor, run_dir.path / "report.html")
     if cfg.reform.enabled or cfg.export.enabled:
         manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides,
-                                     scores)
+                                     scores, monitor)
+        ppl, params = manifest["perplexity"], manifest["params"]
+        rows = [{"model": "original", "params": params["original"], "kept": 1.0, "report ppl": ppl["original"], "corpus": corpus},
+                {"model": "searched", "params": space.params(result.best), "kept": result.ratio, "report ppl": ppl["searched"], "corpus": corpus}]
+        for stage in ("reformed", "exported"):
+            if stage in ppl:
+                n = manifest["export"]["params"] if stage == "exported" else params["subnet"]
+                rows.append({"model": stage, "params": n, "kept": n / params["original"], "report ppl": ppl[stage], "corpus": corpus})
+        monitor.set_summary(rows)
+        if manifest["reform"]["candidates"]:
+            origin = next(c["origin"] for c in manifest["reform"]["candidates"] if c["key"] == manifest["search"]["chosen"])
+            monitor.set_best(manifest["structure"], f"chosen after reformation ({origin})")
         if "export" in manifest:
             return Path(manifest["export"]["dir"])
     return None
 
 
 def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, scores: Scores,
-                  loaded) -> tuple[SearchResult, dict[int, dict[str, torch.Tensor]], float]:
+                  loaded, monitor: Optional[Monitor] = None) -> tuple[SearchResult, dict[int, dict[str, torch.Tensor]], float]:
     """search.mode decides: the evolution or random search on the pool, or a baseline chosen outright
     (uniform, FLAP). With search.compensate every candidate is judged with FLAP's bias compensation.
     Returns the result, tensors the subnet carries beyond sliced weights (those biases), and the wall time."""
@@ -214,7 +254,7 @@ def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budg
             log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
         strategy = (RandomSearch if s.mode == "random" else Evolution)(space, budget, s)
         bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
-        search = Search(space, strategy, RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar)
+        search = Search(space, strategy, RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar, monitor)
         result = search.run_search(inits)
     overrides = {}
     if compensate:  # the subnet was judged with its compensation biases: the export carries them
@@ -224,8 +264,10 @@ def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budg
     return result, overrides, time.perf_counter() - t0
 
 
-def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None:
+def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path, monitor: Optional[Monitor] = None) -> None:
     """The evaluation protocol on the original and the exported model; rows appended to the run's table."""
+    from tqdm import tqdm
+
     from .evaluate import append_results, count_params, describe, device_of, evaluate_model, format_table
     from .models.loading import load_pretrained
 
@@ -240,20 +282,27 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path) -> None
         else:
             total, decoder = count_params(model)
             what = Evaluated(name, total, decoder, total, decoder)
-        tables.append(evaluate_model(model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids))
+        steps = len(cfg.eval.corpora) * len(cfg.eval.lengths) + bool(cfg.eval.tasks)
+        with tqdm(total=steps, desc=f"evaluate {name}", unit="step", leave=False, disable=None) as bar:
+            tables.append(evaluate_model(model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids, lambda: bar.update(1)))
         del model
     table = pd.concat(tables, ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
     append_results(run_dir.path, table)
+    if monitor is not None:
+        monitor.set_eval(table.to_dict("records"))
     print(format_table(table))
 
 
-def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores]):
+def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores],
+                     monitor: Optional[Monitor] = None):
     """Reform the top `reform.finalists` parents (and FLAP's subnet with reform.flap_finalist), each on
     the pool, and keep the one with the lowest perplexity after reformation on the "final" windows
     (reform.final_windows of the fitness corpus): the search ranks subnets before reformation, and
     reformation does not preserve that order. Each layer is saved in the run dir as it is solved, so a
     killed driver's resume solves only the layers left. Returns (chosen subnet, its per-layer results,
     a record of every finalist)."""
+    from tqdm import tqdm
+
     r, batch = cfg.reform, cfg.data.batch
     cands = [(c, f"parent {k + 1}", fit) for k, (c, fit) in enumerate(result.finalists[: r.finalists])] or [(result.best, "best", result.fitness)]
     if r.flap_finalist and scores is not None:
@@ -261,12 +310,23 @@ def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: S
         if f.key() not in {c.key() for c, _, _ in cands}:
             cands.append((f, "flap", None))
     chosen, record = None, []
-    for cand, origin, before in cands:
+    for k, (cand, origin, before) in enumerate(cands):
         tag = f"{cand.key()}-{r.digest()}"
         saved = run_dir.load_layers(tag)
         if saved:
             log.info("finalist %s (%s): layers %s were reformed before the restart; solving the rest", cand.key(), origin, sorted(saved))
-        fresh = pool.reform(space.slices(cand), r, batch, {i: x.weights for i, x in saved.items()}, partial(run_dir.save_layer, tag))
+        progress = [len(saved)]  # layers of this finalist reformed so far
+        show = (lambda: monitor.on_reform(origin, k + 1, len(cands), progress[0], cand.depth)) if monitor is not None else (lambda: None)
+        show()
+        with tqdm(total=cand.depth, initial=len(saved), desc=f"reform {origin}", unit="layer", leave=False, disable=None) as bar:
+
+            def finished(res, tag=tag, bar=bar):
+                run_dir.save_layer(tag, res)  # first: a resume starts after it
+                progress[0] += 1
+                bar.update(1)
+                show()
+
+            fresh = pool.reform(space.slices(cand), r, batch, {i: x.weights for i, x in saved.items()}, finished)
         results = sorted([*saved.values(), *fresh], key=lambda x: x.layer)
         after = next(nll for _, nll, _ in pool.stream(space, [cand], "final", batch))
         record.append({"key": cand.key(), "origin": origin, "ratio": space.ratio(cand, cfg.budget.count),
@@ -284,7 +344,7 @@ def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: S
 
 def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, tokens, where,
                       loaded, dense_ppl: float, searched_ppl: float, overrides: Optional[dict] = None,
-                      scores: Optional[Scores] = None) -> dict:
+                      scores: Optional[Scores] = None, monitor: Optional[Monitor] = None) -> dict:
     """Reform the best subnet on the actor pool, export it, reload the export from disk, and write
     manifest.json with the perplexity of every stage on the report windows."""
     from .evaluate import perplexity
@@ -302,7 +362,9 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
                  r.finalists, " and FLAP's subnet" if r.flap_finalist else "", r.solver, r.inputs, r.targets, r.features, r.bias, r.damp,
                  c.samples, c.seqlen, where["calibration"])
         t0 = time.perf_counter()
-        best, results, finalists = reform_finalists(cfg, run_dir, space, result, pool, scores)
+        if monitor is not None:
+            monitor.stage("reforming")
+        best, results, finalists = reform_finalists(cfg, run_dir, space, result, pool, scores, monitor)
         slices = space.slices(best)
         seconds = time.perf_counter() - t0
         reformed = {x.layer: x.weights for x in results}
@@ -326,6 +388,8 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
     }
     if cfg.export.enabled:
+        if monitor is not None:
+            monitor.stage("exporting")
         state = pool.original_state()
         model, info = build(loaded.adapter, state, slices, reformed, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype])
         out = Path(cfg.export.dir or run_dir.path / "export")

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -164,15 +164,19 @@ def zero_shot(model, tokenizer, tasks: Sequence[str], limit: Optional[int] = Non
 
 # -- the whole protocol ---------------------------------------------------------------------------------
 def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto",
-                   corpus_ids: Optional[dict[str, Any]] = None) -> pd.DataFrame:
-    """Every perplexity and zero-shot number of one model as rows of the results table.
+                   corpus_ids: Optional[dict[str, Any]] = None, step: Optional[Callable[[], None]] = None) -> pd.DataFrame:
+    """Every perplexity and zero-shot number of one model as rows of the results table, with the
+    measured throughput of each perplexity pass and the weights' memory.
 
-    `corpus_ids` caches tokenized corpora across models ({spec: (ids, source) or error string})."""
+    `corpus_ids` caches tokenized corpora across models ({spec: (ids, source) or error string}); `step`
+    is called after each corpus x length and after the zero-shot tasks (a progress bar)."""
+    step = step or (lambda: None)
     from .data import DataError, first_windows, load_text, tokenize
 
     rows, base = [], {
         "model": what.name, "params": what.params, "decoder_params": what.decoder_params,
         "ratio": what.ratio, "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
     }
     cache = corpus_ids if corpus_ids is not None else {}
     lengths = [resolve_length(x, model.config) for x in cfg.lengths]
@@ -189,6 +193,7 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
         got = cache[spec]
         for seqlen in lengths:
             row = base | {"metric": "ppl", "task": corpus.name, "split": corpus.split, "seqlen": seqlen}
+            step()
             if isinstance(got, str):
                 log.warning("eval: skipping %s: %s", spec, got)
                 rows.append(row | {"status": f"skipped: {got}"})
@@ -201,7 +206,7 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
                 continue
             nll = perplexity(model, windows, cfg.batch)
             rows.append(row | {"value": nll.ppl, "windows": windows.shape[0], "tokens": nll.tokens, "source": source,
-                               "seconds": nll.seconds, "status": "ok"})
+                               "seconds": nll.seconds, "tokens_per_s": windows.numel() / nll.seconds, "status": "ok"})
             log.info("eval %s: ppl %.3f on %s/%s @ %d (%d windows, %d tokens)", what.name, nll.ppl, corpus.name, corpus.split,
                      seqlen, windows.shape[0], nll.tokens)
     if cfg.tasks:
@@ -217,6 +222,7 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
             return pd.DataFrame(rows + [base | {"metric": "acc", "task": t, "source": f"lm-eval {version}", "status": f"failed: {reason}"}
                                         for t in cfg.tasks])
         seconds = time.perf_counter() - t0
+        step()
         for task, r in acc.items():
             rows.append(base | {"metric": r["metric"], "task": task, "value": r["value"], "stderr": r["stderr"],
                                 "source": f"lm-eval {version}", "limit": cfg.task_limit, "seconds": seconds, "status": "ok"})

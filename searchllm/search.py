@@ -28,6 +28,14 @@ class Evaluator(Protocol):
     def evaluate(self, cands: list[Candidate]) -> Iterator[tuple[int, NLL, int]]: ...
 
 
+class Observer(Protocol):
+    """Sees every evaluation as it is logged, and each generation's statistics with its best's structure."""
+
+    def on_result(self, record: dict[str, Any]) -> None: ...
+
+    def on_generation(self, stats: dict[str, Any], best: dict[str, Any]) -> None: ...
+
+
 class LocalEvaluator:
     """Evaluates in this process through a chain of shards (tests, and single-process use)."""
 
@@ -76,10 +84,12 @@ class Search:
         seed: int,
         generations: int,
         progress: Optional[Callable[[int, int], Any]] = None,
+        observer: Optional[Observer] = None,
     ) -> None:
         self.space, self.evo, self.evaluator, self.run = space, evolution, evaluator, run
         self.seed, self.generations = seed, generations
         self.progress = progress  # factory: (generation, total) -> a tqdm-like bar
+        self.observer = observer
         self._rate = 0.0
 
     def _record(self, cand: Candidate, origin: str, generation: int, nll: NLL, replica: int) -> dict[str, Any]:
@@ -114,6 +124,8 @@ class Search:
             rec = self._record(cand, origin, generation, nll, replica)
             self.run.append_eval(rec)
             done[rec["key"]] = rec
+            if self.observer is not None:
+                self.observer.on_result(rec)
             n += 1
             log.debug("gen %d eval %s ppl=%.3f ratio=%.4f replica=%d %.2fs", generation, rec["key"], rec["fitness"], rec["ratio"], replica, nll.seconds)
             if bar is not None:
@@ -137,6 +149,11 @@ class Search:
             seen, start, history = set(ckpt["seen"]), ckpt["generation"] + 1, ckpt["history"]
             parents = [(self.space.from_bytes(done[k]["genes"]), done[k]["fitness"]) for k in ckpt["parents"]]
             log.info("resuming after generation %d with %d evaluations logged", ckpt["generation"], len(done))
+        if self.observer is not None:  # a resumed run shows what it did before too
+            for rec in done.values():
+                self.observer.on_result(rec)
+            for stats in history:
+                self.observer.on_generation(stats, summarize(self.space, parents[0][0]))
         for gen in range(start, self.generations):
             if gen == 0:
                 children = self.evo.first_generation(inits, rng, seen)
@@ -158,6 +175,8 @@ class Search:
                 "failed": len(records) - len(fits),
             }
             history.append(stats)
+            if self.observer is not None:
+                self.observer.on_generation(stats, summarize(self.space, parents[0][0]))
             log.info(
                 "gen %d/%d  best %.3f  median %.3f  kept %.4f  %d evals  %.2f evals/s",
                 gen + 1, self.generations, stats["best"], stats["median"], stats["best_ratio"], len(records), self._rate,
