@@ -156,6 +156,10 @@ def test_the_driver_runs_under_ray_job_submit_on_a_local_head(tiny_checkpoint, t
         assert "attached to Ray at" in job.stdout and "best subnet: kept ratio" in job.stdout
         assert "succeeded" in job.stdout + job.stderr
         assert json.loads((run / "manifest.json").read_text())["export"]["params"] > 0
+        # The dashboard lists the job's actors under their replica and layers.
+        actors = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/v0/actors?limit=100", timeout=10).read())
+        names = {a["name"] for a in actors["data"]["result"]["result"]}
+        assert any(re.fullmatch(r"searchllm-\w{6}-replica0-layers0-3", n) for n in names), names
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
