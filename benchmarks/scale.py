@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.9,0.7,0.5")
     ap.add_argument("--reform-layers", type=int, default=2)
     ap.add_argument("--calib", type=int, default=16, help="calibration windows for the reformation timing")
+    ap.add_argument("--round-to", default="1", help="space.round_to values to time the evaluation with, e.g. 1,8,128")
     a = ap.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -90,12 +91,13 @@ def main() -> None:
     runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)  # warm-up
     rows.append(("1.00 (dense)", statistics.median(timed(lambda: runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)) for _ in range(3))))
     for ratio in (float(r) for r in a.ratios.split(",")):
-        space = SearchSpace.for_target(g, ratio)
-        budget = Budget(ratio, 0.01)
-        init = space.initial(rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget)
-        cands = [c for c, _ in Evolution(space, budget, EvolutionParams(population=a.candidates)).first_generation([init], rng, set())]
-        times = [timed(lambda c=c: runner.forward(space.slices(c), tokens, tokens, 1)) for c in cands]
-        rows.append((f"{ratio:.2f}", statistics.median(times[1:] or times)))
+        for multiple in (int(m) for m in a.round_to.split(",")):
+            space = SearchSpace.for_target(g, ratio, multiple=multiple)
+            budget = Budget(ratio, 0.01)
+            init = space.initial(rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget)
+            cands = [c for c, _ in Evolution(space, budget, EvolutionParams(population=a.candidates)).first_generation([init], rng, set())]
+            times = [timed(lambda c=c: runner.forward(space.slices(c), tokens, tokens, 1)) for c in cands]
+            rows.append((f"{ratio:.2f}" + (f" round {multiple}" if multiple > 1 else ""), statistics.median(times[1:] or times)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
     # Reformation of the first few layers of a 0.7 subnet on calibration windows (sequential inputs).

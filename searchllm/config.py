@@ -75,6 +75,9 @@ class SpaceConfig:
     mlp_max: float = 1.0
     mlp_step: float = 0.05
     depth_min: Optional[int] = None  # None: paper Table 1 (LLaMA-7B share of blocks)
+    # Kept MLP channels and kept dims per attention head in multiples of this (8, 64, 128): exported
+    # subnets (and the search's own evaluations) then run on the fast GPU matrix kernels; 1: any count.
+    round_to: int = 1
 
 
 @dataclass
@@ -303,6 +306,8 @@ def validate(c: Config) -> None:
                 resolve_length(length, None)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if c.space.round_to < 1 or (c.space.attention == "channels" and c.space.round_to > 1 and c.space.round_to % 2):
+        raise ConfigError(f"space.round_to={c.space.round_to} must be 1 or an even number >= 2 (kept head dims come in rotary pairs), e.g. 8, 64 or 128")
     r = c.ray
     for key in ("replicas", "stages", "in_flight"):
         value = getattr(r, key)

@@ -85,7 +85,7 @@ def prepare(argv: list[str]) -> Prepared:
     g = adapter.geometry()
     s = cfg.space
     space = SearchSpace.for_target(
-        g, cfg.budget.target, s.attention, s.attn_min, s.attn_max, s.attn_step, s.mlp_min, s.mlp_max, s.mlp_step, s.depth_min
+        g, cfg.budget.target, s.attention, s.attn_min, s.attn_max, s.attn_step, s.mlp_min, s.mlp_max, s.mlp_step, s.depth_min, s.round_to
     )
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
     adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
@@ -249,7 +249,7 @@ def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budg
         log.info("%s subnet: kept ratio %.4f, fitness ppl %.3f", s.mode, result.ratio, fit.ppl)
     else:
         inits = [uniform]
-        if s.mode == "evolution" and s.init == "flap":
+        if s.mode == "evolution" and s.init == "flap" and space.multiple == 1:
             inits.append(flap(space, scores, budget))
             log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
         strategy = (RandomSearch if s.mode == "random" else Evolution)(space, budget, s)
@@ -305,7 +305,7 @@ def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: S
 
     r, batch = cfg.reform, cfg.data.batch
     cands = [(c, f"parent {k + 1}", fit) for k, (c, fit) in enumerate(result.finalists[: r.finalists])] or [(result.best, "best", result.fitness)]
-    if r.flap_finalist and scores is not None:
+    if r.flap_finalist and scores is not None and space.multiple == 1:  # FLAP's counts ignore space.round_to
         f = flap(space, scores, Budget(cfg.budget.target, cfg.budget.tol, cfg.budget.count))
         if f.key() not in {c.key() for c, _, _ in cands}:
             cands.append((f, "flap", None))

@@ -81,15 +81,20 @@ class SearchSpace:
         mlp_range: tuple[float, float] = (0.4, 1.0),
         mlp_step: float = 0.05,
         depth_range: tuple[int, int] | None = None,
+        multiple: int = 1,
     ) -> None:
         g = self.geometry = geometry
         if attention not in ATTENTION_MODES:
             raise ValueError(f"space.attention={attention!r}; allowed: {', '.join(ATTENTION_MODES)}")
         self.attention = attention
         self.groups, self.units = (g.num_kv_heads, g.head_dim // 2) if attention == "channels" else (1, g.num_kv_heads)
+        # Hardware-friendly sizes: kept MLP channels and kept dims per head in multiples of `multiple`
+        # (matrix products with such sizes run on the fast GPU kernels); a rotary pair is two dims.
+        self.multiple = multiple
+        attn_multiple = max(1, multiple // 2) if attention == "channels" else 1
         # Counts reached by each grid ratio (with repeats, so sampling a count = sampling a grid ratio).
-        self.attn_choices = _grid_counts(attn_range, attn_step, self.units)
-        self.mlp_choices = _grid_counts(mlp_range, mlp_step, g.intermediate)
+        self.attn_choices = _grid_counts(attn_range, attn_step, self.units, attn_multiple)
+        self.mlp_choices = _grid_counts(mlp_range, mlp_step, g.intermediate, multiple)
         self.attn_counts = sorted(set(self.attn_choices.tolist()))
         self.mlp_counts = sorted(set(self.mlp_choices.tolist()))
         self.depth_range = depth_range or (g.num_layers, g.num_layers)
@@ -108,6 +113,7 @@ class SearchSpace:
         mlp_max: float = 1.0,
         mlp_step: float = 0.05,
         depth_min: int | None = None,
+        multiple: int = 1,
     ) -> "SearchSpace":
         """The paper's Table 1 space for a target ratio; any bound given explicitly wins."""
         a, m, drop = table1_row(target)
@@ -122,6 +128,7 @@ class SearchSpace:
             (mlp_min if mlp_min is not None else m, mlp_max),
             mlp_step,
             (depth_lo, g.num_layers),
+            multiple,
         )
 
     # -- shapes and conversions ---------------------------------------------------------------------
@@ -241,7 +248,9 @@ class BudgetError(ValueError):
     pass
 
 
-def _grid_counts(rng: tuple[float, float], step: float, units: int) -> np.ndarray:
+def _grid_counts(rng: tuple[float, float], step: float, units: int, multiple: int = 1) -> np.ndarray:
+    """Kept counts of each grid ratio, rounded to a multiple (all units stay allowed)."""
     lo, hi = rng
     grid = np.arange(lo, hi + step / 2, step)
-    return np.clip(np.round(grid * units), 1, units).astype(int)
+    counts = np.round(grid * units / multiple) * multiple
+    return np.clip(counts, min(multiple, units), units).astype(int)

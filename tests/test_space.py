@@ -85,3 +85,25 @@ def test_candidate_round_trips_through_bytes(adapter):
     c = random_candidate(space, np.random.default_rng(1))
     back = space.from_bytes(c.to_bytes())
     assert back.key() == c.key() and (back.mlp == c.mlp).all() and (back.attn == c.attn).all()
+
+
+def test_rounded_space_keeps_mlp_channels_and_head_dims_in_multiples(adapter):
+    from searchllm.evolution import Evolution, EvolutionParams
+
+    g = adapter.geometry()  # head_dim 16 (8 rotary pairs), MLP 96
+    space = SearchSpace.for_target(g, 0.7, multiple=8)
+    assert set(space.mlp_counts) <= set(range(8, 97, 8)) and set(space.attn_counts) <= {4, 8}
+    budget = Budget(0.7, 0.05)
+    rng = np.random.default_rng(0)
+    init = space.initial(rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget)
+    children = Evolution(space, budget, EvolutionParams(population=12)).first_generation([init], rng, set())
+    for c, _ in children:
+        assert (c.mlp.sum(-1) % 8 == 0).all() and (space.kv_dims(c) % 8 == 0).all()
+
+
+def test_round_to_must_be_even_for_channel_attention():
+    from searchllm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="space.round_to=3 must be 1 or an even number"):
+        load_config(["space.round_to=3"])
+    assert load_config(["space.round_to=64"]).space.round_to == 64

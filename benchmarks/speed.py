@@ -1,0 +1,188 @@
+"""Speed of exported subnets against the dense model: prefill tokens/s over a batch x length grid, decode
+tokens/s with the KV cache, weights and peak memory, all in one run with the same settings; and the
+cost of channel-level sizes against hardware-friendly rounding (`space.round_to`).
+
+    python benchmarks/speed.py                                   # SmolLM2-135M, CPU
+    python benchmarks/speed.py --shape llama-7b --dtype float16  # random weights of a real shape, GPU
+
+Each subnet is the paper's importance-initialised uniform subnet at the ratio (SmolLM2: scores from a
+short calibration pass, and its perplexity on a few WikiText-2 test windows, without reformation, shows
+what the rounding costs in quality; random shapes: random scores), exported by `export.build` exactly as
+the driver exports. "ideal" is 1 / kept decoder-parameter share, what prefill could gain if time followed
+the decoder's matrix work. Prints a table; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "llama-7b": (4096, 32, 32, 32, 11008, 32000),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
+    "tiny": (256, 4, 4, 2, 688, 1000),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, float16 on GPU")
+    ap.add_argument("--ratios", default="0.9,0.7,0.5")
+    ap.add_argument("--round-to", default="1,8,64")
+    ap.add_argument("--prefill", default=None, help="batch x length grid, e.g. 1x256,4x256")
+    ap.add_argument("--decode", default=None, help="batches for decoding, e.g. 1,8")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+
+    from searchllm.export import build
+    from searchllm.models.adapters import adapter_for
+    from searchllm.space import Budget, SearchSpace
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device == "cuda"
+    dtype = getattr(torch, a.dtype or ("float16" if gpu else "float32"))
+    prefill = [tuple(int(v) for v in x.split("x")) for x in (a.prefill or ("1x2048,8x2048" if gpu else "1x256,4x256")).split(",")]
+    decode = [int(b) for b in (a.decode or ("1,16" if gpu else "1,4")).split(",")]
+    new_tokens = a.new_tokens or (128 if gpu else 32)
+    if not gpu:
+        torch.set_num_threads(torch.get_num_threads())
+
+    ppl_windows = None
+    if a.shape == "smollm2":
+        from searchllm.config import CorpusConfig, ModelConfig
+        from searchllm.data import data_root, first_windows, load_text, random_windows, tokenize
+        from searchllm.models.weights import share
+        from searchllm.shard import ShardRunner, split_layers
+
+        loaded = load_model_smollm2(ModelConfig, data_root)
+        model, adapter = loaded.model.to(dtype), loaded.adapter
+        g = adapter.geometry()
+        calib = random_windows(tokenize(load_text(CorpusConfig("wikitext2", "validation"), "auto")[0], loaded.tokenizer), 8, 256, 0, "calib")
+        runner = ShardRunner(adapter, share(model.state_dict()), split_layers(g.num_layers, 1)[0])
+        runner.calibrate(calib, 4, 0.01)
+        attn_scores = np.stack([runner.scores[i].attn for i in range(g.num_layers)])
+        mlp_scores = np.stack([runner.scores[i].mlp for i in range(g.num_layers)])
+        ppl_windows = first_windows(tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], loaded.tokenizer), 8, 256, "ppl")
+        name = "SmolLM2-135M"
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hidden, layers, heads, kv, inter, vocab = SHAPES[a.shape]
+        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                          intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
+        adapter = adapter_for(cfg)
+        g = adapter.geometry()
+        rng = np.random.default_rng(0)
+        attn_scores, mlp_scores = rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate))
+        name = f"{a.shape} (random weights)"
+    model = model.to(device).eval()
+    state = model.state_dict()
+    vocab = model.config.vocab_size
+
+    rows = [("dense", 1.0, 1.0, measure(model, vocab, prefill, decode, new_tokens, a.repeats, device), ppl(model, ppl_windows))]
+    for ratio in (float(r) for r in a.ratios.split(",")):
+        for multiple in (int(m) for m in a.round_to.split(",")):
+            space = SearchSpace.for_target(g, ratio, multiple=multiple)
+            budget = Budget(ratio, 0.01)
+            try:
+                cand = space.initial(attn_scores, mlp_scores, budget)
+            except Exception as e:  # a coarse grid may miss a narrow band
+                print(f"skip ratio {ratio} round_to {multiple}: {e}")
+                continue
+            sub, info = build(adapter, state, space.slices(cand), {}, dtype)
+            sub = sub.to(device).eval()
+            kept, dec = space.ratio(cand, "total"), space.ratio(cand, "decoder")
+            rows.append((f"{ratio:g} / round {multiple}", kept, dec, measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device),
+                         ppl(sub, ppl_windows)))
+            del sub
+            if gpu:
+                torch.cuda.empty_cache()
+
+    where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{name}, {str(dtype).removeprefix('torch.')}, {where}; decode: {new_tokens} new tokens after a 32-token prompt\n")
+    base = rows[0][3]
+    head = ["subnet", "kept", "decoder kept", "ideal x"] + [f"prefill {b}x{n} tok/s (x)" for b, n in prefill] + \
+        [f"decode b{b} tok/s (x)" for b in decode] + ["weights MiB", "peak MiB"] + (["ppl (no reform)"] if ppl_windows is not None else [])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for label, kept, dec, m, p in rows:
+        cells = [label, f"{kept:.3f}", f"{dec:.3f}", f"{1 / dec:.2f}"]
+        cells += [f"{m['prefill'][k]:,.0f} ({m['prefill'][k] / base['prefill'][k]:.2f})" for k in range(len(prefill))]
+        cells += [f"{m['decode'][k]:,.1f} ({m['decode'][k] / base['decode'][k]:.2f})" for k in range(len(decode))]
+        cells += [f"{m['weights']:.0f}", f"{m['peak']:.0f}" if m["peak"] else "-"]
+        if p is not None:
+            cells.append(f"{p:.2f}")
+        print("| " + " | ".join(cells) + " |")
+
+
+def load_model_smollm2(model_config, data_root):
+    from searchllm.models.loading import load
+
+    return load(model_config(), data_root("auto"))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(model, vocab: int, prefill, decode, new_tokens: int, repeats: int, device: str) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"prefill": [], "decode": [], "weights": weights / 2**20}
+    if device == "cuda":  # peak of this model alone: what else is resident (the dense model) is taken out
+        torch.cuda.reset_peak_memory_stats()
+        others = torch.cuda.memory_allocated() - weights
+    for b, n in prefill:
+        ids = torch.randint(0, vocab, (b, n), generator=gen).to(device)
+        model(ids, use_cache=False)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            model(ids, use_cache=False)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out["prefill"].append(b * n / statistics.median(times))
+    for b in decode:
+        ids = torch.randint(0, vocab, (b, 32), generator=gen).to(device)
+        times = []
+        for _ in range(max(1, repeats - 1) + 1):  # the first is a warm-up
+            res = model(ids, use_cache=True)
+            past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                res = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out["decode"].append(b * new_tokens / statistics.median(times[1:]))
+    out["peak"] = (torch.cuda.max_memory_allocated() - others) / 2**20 if device == "cuda" else None
+    return out
+
+
+@torch.no_grad()
+def ppl(model, windows) -> float | None:
+    if windows is None:
+        return None
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for w in windows:
+        w = w[None].to(device)
+        logits = model(w, use_cache=False).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum"))
+        count += w.shape[1] - 1
+    return float(np.exp(total / count))
+
+
+if __name__ == "__main__":
+    main()
