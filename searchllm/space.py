@@ -206,21 +206,36 @@ class SearchSpace:
         """The paper's initialisation: one inheriting ratio for every block, at the budget.
 
         Among grid points inside the budget, take the one whose attention and MLP ratios are closest to
-        each other (the same ratio everywhere), then closest to the target; full depth unless no grid
-        point fits, in which case blocks are dropped from the end as the official code does."""
-        best = None
+        each other (the same ratio everywhere), then closest to the target. A coarse (rounded) grid can
+        step over the budget band: then the first k blocks take the next larger MLP count. Full depth
+        unless nothing fits, in which case blocks are dropped from the end as the official code does."""
         for depth in range(self.num_layers, self.depth_range[0] - 1, -1):
+            best = self._closest_counts(budget, depth, mix=False) or self._closest_counts(budget, depth, mix=True)
+            if best is not None:
+                a, m_lo, m_hi, k = best
+                cand = self.uniform(attn_scores, mlp_scores, a, m_lo, depth)
+                if k:
+                    cand.mlp[:k] = self.top(mlp_scores[:k], m_hi)
+                return cand
+        raise BudgetError(self.infeasible_message(budget))
+
+    def _closest_counts(self, budget: Budget, depth: int, mix: bool) -> tuple[int, int, int, int] | None:
+        """(attention count, MLP count, larger MLP count, blocks that take it) inside the budget with the
+        attention and mean MLP ratios closest to each other, then closest to the target."""
+        best = None
+        pairs = zip(self.mlp_counts, self.mlp_counts[1:]) if mix else ((m, m) for m in self.mlp_counts)
+        for m_lo, m_hi in pairs:
             for a in self.attn_counts:
-                for m in self.mlp_counts:
-                    cand = self._counts_candidate(a, m, depth)
+                for k in range(1, depth) if mix else (0,):
+                    cand = self._counts_candidate(a, m_lo, depth)
+                    cand.mlp[:k, :m_hi] = True
                     r = self.ratio(cand, budget.count)
                     if budget.contains(r):
-                        gap = (abs(a / self.units - m / self.geometry.intermediate), abs(r - budget.target))
+                        mean_m = (k * m_hi + (depth - k) * m_lo) / depth
+                        gap = (abs(a / self.units - mean_m / self.geometry.intermediate), abs(r - budget.target))
                         if best is None or gap < best[0]:
-                            best = (gap, a, m)
-            if best is not None:
-                return self.uniform(attn_scores, mlp_scores, best[1], best[2], depth)
-        raise BudgetError(self.infeasible_message(budget))
+                            best = (gap, (a, m_lo, m_hi, k))
+        return None if best is None else best[1]
 
     def _counts_candidate(self, a: int, m: int, depth: int) -> Candidate:
         L, g = self.num_layers, self.geometry

@@ -107,3 +107,14 @@ def test_round_to_must_be_even_for_channel_attention():
     with pytest.raises(ConfigError, match="space.round_to=3 must be 1 or an even number"):
         load_config(["space.round_to=3"])
     assert load_config(["space.round_to=64"]).space.round_to == 64
+
+
+def test_a_rounded_grid_that_steps_over_the_budget_mixes_two_mlp_sizes(adapter):
+    g = adapter.geometry()  # 3 layers, MLP 96: with multiples of 16 no single MLP size lands in 0.8 +- 0.005
+    space = SearchSpace.for_target(g, 0.8, multiple=16)
+    budget = Budget(0.8, 0.005)
+    rng = np.random.default_rng(0)
+    init = space.initial(rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget)
+    assert budget.contains(space.ratio(init)) and init.depth == g.num_layers
+    sizes = init.mlp.sum(-1).tolist()
+    assert len(set(sizes)) == 2 and all(n % 16 == 0 for n in sizes) and sorted(sizes, reverse=True) == sizes
