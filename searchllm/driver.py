@@ -290,6 +290,16 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path, monitor
     append_results(run_dir.path, table)
     if monitor is not None:
         monitor.set_eval(table.to_dict("records"))
+    # The manifest carries the measured speed and memory of the export next to its perplexity.
+    manifest = run_dir.load_json("manifest.json")
+    ppl = table[(table.metric == "ppl") & (table.status == "ok")]
+    manifest["speed"] = {
+        ("exported" if name != "original" else "original"): {
+            "prefill_tokens_per_s": float(rows.tokens_per_s.median()), "weights_mib": float(rows.weights_mib.iloc[0]),
+            "measured_on": f"eval.corpora perplexity passes, batch {cfg.eval.batch}, device {device_of(cfg.eval.device)}"}
+        for name, rows in ppl.groupby("model")
+    }
+    run_dir.save_json("manifest.json", manifest)
     print(format_table(table))
 
 

@@ -160,6 +160,10 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
     assert set(table.model) == {"original", "exported (flap)"} and (table.status == "ok").all()
     exported = table[table.model == "exported (flap)"].iloc[0]
     assert exported.ratio == pytest.approx(m["export"]["params"] / m["params"]["original"])
+    # The manifest carries the measured speed and weight memory of the export beside the original's.
+    speed = json.loads((run / "manifest.json").read_text())["speed"]
+    assert set(speed) == {"original", "exported"} and speed["exported"]["weights_mib"] < speed["original"]["weights_mib"]
+    assert speed["exported"]["prefill_tokens_per_s"] == pytest.approx(exported.tokens_per_s)
     # The evaluation CLI on the run dir evaluates its export and appends to the same table.
     from searchllm.evaluate import main as evaluate_main
 
