@@ -25,6 +25,17 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 }
 
 
+def random_llama(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A random-weight LlamaForCausalLM of one of SHAPES, built directly on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
@@ -38,8 +49,6 @@ def main() -> None:
     ap.add_argument("--round-to", default="1", help="space.round_to values to time the evaluation with, e.g. 1,8,128")
     a = ap.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from searchllm.evolution import Evolution, EvolutionParams
     from searchllm.layout import NodeInfo, choose_layout
     from searchllm.models.adapters import adapter_for
@@ -49,12 +58,10 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
-    hidden, layers, heads, kv, inter, vocab = SHAPES[a.shape]
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096)
     t0 = time.perf_counter()
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = random_llama(a.shape, device, dtype)
+    cfg = model.config
+    _, layers, _, _, inter, vocab = SHAPES[a.shape]
     build_s = time.perf_counter() - t0
     state = model.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in state.values())

@@ -20,11 +20,7 @@ import time
 import numpy as np
 import torch
 
-SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "llama-7b": (4096, 32, 32, 32, 11008, 32000),
-    "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
-    "tiny": (256, 4, 4, 2, 688, 1000),
-}
+from scale import SHAPES, random_llama  # benchmarks/ is the script's directory, so on sys.path
 
 
 def main() -> None:
@@ -70,14 +66,8 @@ def main() -> None:
         ppl_windows = first_windows(tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], loaded.tokenizer), 8, 256, "ppl")
         name = "SmolLM2-135M"
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hidden, layers, heads, kv, inter, vocab = SHAPES[a.shape]
-        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                          intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096)
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(dtype).eval()
-        adapter = adapter_for(cfg)
+        model = random_llama(a.shape, device, dtype)
+        adapter = adapter_for(model.config)
         g = adapter.geometry()
         rng = np.random.default_rng(0)
         attn_scores, mlp_scores = rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate))

@@ -202,20 +202,19 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
     dense_rep, best_rep = (nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0]))
     report(run_dir, cfg, space, result, fit.ppl, dense_rep.ppl, best_rep.ppl, where, wall, tokens)
     corpus, g = f"{where['report']}, {tokens['report'].shape[0]} x {tokens['report'].shape[1]} tokens", space.geometry
-    monitor.set_summary([{"model": "original", "params": g.total_params, "kept": 1.0, "report ppl": dense_rep.ppl, "corpus": corpus},
-                         {"model": "searched", "params": result.params, "kept": result.ratio, "report ppl": best_rep.ppl, "corpus": corpus}])
+    rows = [{"model": "original", "params": g.total_params, "kept": 1.0, "report ppl": dense_rep.ppl, "corpus": corpus},
+            {"model": "searched", "params": result.params, "kept": result.ratio, "report ppl": best_rep.ppl, "corpus": corpus}]
+    monitor.set_summary(rows)
     if cfg.monitor.report:
         write_report(monitor, run_dir.path / "report.html")
     if cfg.reform.enabled or cfg.export.enabled:
         manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides,
                                      scores, monitor)
-        ppl, params = manifest["perplexity"], manifest["params"]
-        rows = [{"model": "original", "params": params["original"], "kept": 1.0, "report ppl": ppl["original"], "corpus": corpus},
-                {"model": "searched", "params": space.params(result.best), "kept": result.ratio, "report ppl": ppl["searched"], "corpus": corpus}]
+        ppl = manifest["perplexity"]
         for stage in ("reformed", "exported"):
             if stage in ppl:
-                n = manifest["export"]["params"] if stage == "exported" else params["subnet"]
-                rows.append({"model": stage, "params": n, "kept": n / params["original"], "report ppl": ppl[stage], "corpus": corpus})
+                n = manifest["export"]["params"] if stage == "exported" else manifest["params"]["subnet"]
+                rows.append({"model": stage, "params": n, "kept": n / g.total_params, "report ppl": ppl[stage], "corpus": corpus})
         monitor.set_summary(rows)
         if manifest["reform"]["candidates"]:
             origin = next(c["origin"] for c in manifest["reform"]["candidates"] if c["key"] == manifest["search"]["chosen"])

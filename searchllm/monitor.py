@@ -90,7 +90,7 @@ class Monitor:
     def set_summary(self, summary: list[dict[str, Any]]) -> None:
         """Rows of original / searched / reformed / exported: params, kept ratio, report perplexity."""
         with self._lock:
-            self.state["summary"] = summary
+            self.state["summary"] = list(summary)  # a copy: the driver goes on adding rows to its own
 
     def set_eval(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:

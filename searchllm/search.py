@@ -152,8 +152,9 @@ class Search:
         if self.observer is not None:  # a resumed run shows what it did before too
             for rec in done.values():
                 self.observer.on_result(rec)
+            best = summarize(self.space, parents[0][0]) if history else None
             for stats in history:
-                self.observer.on_generation(stats, summarize(self.space, parents[0][0]))
+                self.observer.on_generation(stats, best)
         for gen in range(start, self.generations):
             if gen == 0:
                 children = self.evo.first_generation(inits, rng, seen)

@@ -40,3 +40,33 @@ def hf_ppl(model, tokens: torch.Tensor) -> float:
         logits = model(tokens).logits.float()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     return float(torch.exp(nll))
+
+
+def evaluator_pool(model, adapter, tokens, replicas=1, stages=1, max_restarts=0, actor=None, metrics=None):
+    """An EvaluatorPool on the session's Ray with `tokens` as every role's windows."""
+    from searchllm.config import RayConfig
+    from searchllm.distributed import EvaluatorPool, StageActor
+
+    tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
+    cfg = RayConfig(replicas=replicas, stages=stages, max_restarts=max_restarts)
+    return EvaluatorPool(model, adapter, cfg, "float32", tok, actor=actor or StageActor, metrics=metrics)
+
+
+def small_search(pool, adapter, run_dir, wrap=None):
+    """Calibrate on the pool, then 3 generations of 8 at 0.7 kept with seed 7; `wrap` may wrap the
+    evaluator (fault injection). Returns the SearchResult."""
+    from searchllm.distributed import RayEvaluator
+    from searchllm.evolution import Evolution, EvolutionParams
+    from searchllm.rundir import RunDir
+    from searchllm.search import Search
+    from searchllm.space import Budget, SearchSpace
+
+    space = SearchSpace.for_target(adapter.geometry(), 0.7)
+    budget = Budget(0.7, 0.03)
+    scores = pool.calibrate(1, 0.01)
+    evaluator = RayEvaluator(pool, space, 1)
+    if wrap is not None:
+        evaluator = wrap(evaluator)
+    params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
+    search = Search(space, Evolution(space, budget, params), evaluator, RunDir(run_dir).create(), 7, 3)
+    return search.run_search([space.initial(scores.attn, scores.mlp, budget)])

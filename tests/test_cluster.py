@@ -20,6 +20,7 @@ from searchllm.config import RayConfig, load_config
 from searchllm.layout import ClusterError, NodeInfo, choose_layout
 
 from conftest import start_local_ray, tiny_run_args
+from helpers import evaluator_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -194,11 +195,9 @@ def test_on_two_nodes_each_replica_packs_on_one_node_and_weights_reach_each_node
     import ray
     from ray.experimental import get_object_locations
 
-    from searchllm.distributed import EvaluatorPool
     from searchllm.space import SearchSpace
 
-    tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
-    with EvaluatorPool(llama, adapter, RayConfig(replicas=2, stages=2), "float32", tok) as pool:
+    with evaluator_pool(llama, adapter, tokens, replicas=2, stages=2, max_restarts=3) as pool:
         where = [{a["node"] for a in chain} for chain in pool.placed]
         assert [len(w) for w in where] == [1, 1] and where[0] != where[1]  # packed per replica, spread across nodes
         # Four actors per shard... two copies: Ray moved each shard to the second node once.

@@ -7,22 +7,15 @@ import sys
 import pytest
 import torch
 
-from searchllm.config import RayConfig
-from searchllm.distributed import EvaluatorPool, RayEvaluator, StageActor
+from searchllm.distributed import StageActor
 from searchllm.driver import main
-from searchllm.evolution import Evolution, EvolutionParams
 from searchllm.rundir import RunDir
-from searchllm.search import Search
-from searchllm.space import Budget, SearchSpace
+from searchllm.space import SearchSpace
 
 from conftest import make_tiny_checkpoint, tiny_run_args
+from helpers import evaluator_pool, small_search
 
 pytestmark = pytest.mark.ray
-
-
-def make_pool(model, adapter, tokens, replicas, max_restarts, actor=StageActor):
-    tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
-    return EvaluatorPool(model, adapter, RayConfig(replicas=replicas, max_restarts=max_restarts), "float32", tok, actor=actor)
 
 
 class KillAfter:
@@ -42,15 +35,7 @@ class KillAfter:
 
 
 def search_on(pool, adapter, run_dir, fault=None):
-    space = SearchSpace.for_target(adapter.geometry(), 0.7)
-    budget = Budget(0.7, 0.03)
-    scores = pool.calibrate(1, 0.01)
-    evaluator = RayEvaluator(pool, space, 1)
-    if fault is not None:
-        evaluator = fault(evaluator)
-    params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
-    s = Search(space, Evolution(space, budget, params), evaluator, RunDir(run_dir).create(), 7, 3)
-    r = s.run_search([space.initial(scores.attn, scores.mlp, budget)])
+    r = small_search(pool, adapter, run_dir, fault)
     keys = [json.loads(line)["key"] for line in (run_dir / "evals.jsonl").read_text().splitlines()]
     return (r.best.key(), r.fitness), keys
 
@@ -63,12 +48,12 @@ def undisturbed(ray_cluster, tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     model = tiny_model("llama")
     tokens = torch.randint(0, 128, (3, 32), generator=g)
-    with make_pool(model, adapter_for(model.config), tokens, 2, 0) as p:
+    with evaluator_pool(model, adapter_for(model.config), tokens, replicas=2) as p:
         return search_on(p, adapter_for(model.config), tmp_path_factory.mktemp("undisturbed"))
 
 
 def test_a_killed_evaluator_restarts_and_the_search_ends_as_an_undisturbed_one(undisturbed, llama, adapter, tokens, tmp_path):
-    with make_pool(llama, adapter, tokens, 2, max_restarts=2) as p:
+    with evaluator_pool(llama, adapter, tokens, replicas=2, max_restarts=2) as p:
         pid = p.placed[0][0]["pid"]
         result, keys = search_on(p, adapter, tmp_path, lambda e: KillAfter(e, p, 0, 11, no_restart=False))
         assert p.alive == [0, 1]
@@ -81,7 +66,7 @@ def test_a_killed_evaluator_restarts_and_the_search_ends_as_an_undisturbed_one(u
 
 
 def test_an_evaluator_that_cannot_come_back_leaves_the_search_on_fewer_replicas(undisturbed, llama, adapter, tokens, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="searchllm"), make_pool(llama, adapter, tokens, 2, max_restarts=0) as p:
+    with caplog.at_level(logging.WARNING, logger="searchllm"), evaluator_pool(llama, adapter, tokens, replicas=2) as p:
         result, keys = search_on(p, adapter, tmp_path, lambda e: KillAfter(e, p, 1, 5, no_restart=True))
         assert p.alive == [0]
     assert "replica 1 is gone for good" in caplog.text and "continuing with 1 replica(s)" in caplog.text
@@ -113,16 +98,16 @@ def candidates(adapter):
 
 def test_a_candidate_that_raises_once_is_retried_and_scored(ray_cluster, llama, adapter, tokens):
     space, cands = candidates(adapter)
-    with make_pool(llama, adapter, tokens, 1, 0) as p:
+    with evaluator_pool(llama, adapter, tokens) as p:
         clean = {i: n.ppl for i, n, _ in p.stream(space, cands)}
-    with make_pool(llama, adapter, tokens, 1, 0, actor=flaky(tuple(space.slices(cands[1])), 1)) as p:
+    with evaluator_pool(llama, adapter, tokens, actor=flaky(tuple(space.slices(cands[1])), 1)) as p:
         got = {i: n for i, n, _ in p.stream(space, cands)}
     assert {i: n.ppl for i, n in got.items()} == clean and got[1].error is None
 
 
 def test_a_candidate_that_keeps_raising_is_recorded_failed_and_the_rest_are_scored(ray_cluster, llama, adapter, tokens, caplog):
     space, cands = candidates(adapter)
-    with caplog.at_level(logging.WARNING, logger="searchllm"), make_pool(llama, adapter, tokens, 1, 0, actor=flaky(tuple(space.slices(cands[1])), 99)) as p:
+    with caplog.at_level(logging.WARNING, logger="searchllm"), evaluator_pool(llama, adapter, tokens, actor=flaky(tuple(space.slices(cands[1])), 99)) as p:
         got = {i: n for i, n, _ in p.stream(space, cands)}
     assert sorted(got) == [0, 1, 2] and got[1].ppl == float("inf")
     assert got[1].error.startswith("OutOfMemoryError: CUDA out of memory (injected)")

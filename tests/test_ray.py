@@ -10,22 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from searchllm.config import RayConfig
-from searchllm.distributed import EvaluatorPool, RayEvaluator
 from searchllm.driver import main
-from searchllm.evolution import Evolution, EvolutionParams
 from searchllm.rundir import RunDir
-from searchllm.search import Search
-from searchllm.space import Budget, SearchSpace
+from searchllm.space import SearchSpace
 
 from conftest import tiny_run_args
+from helpers import evaluator_pool as pool
+from helpers import small_search
 
 pytestmark = pytest.mark.ray
-
-
-def pool(model, adapter, tokens, replicas=1, stages=1):
-    tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
-    return EvaluatorPool(model, adapter, RayConfig(replicas=replicas, stages=stages, max_restarts=0), "float32", tok)
 
 
 def test_two_stage_replica_gives_the_same_fitness_as_one_stage(ray_cluster, llama, adapter, tokens):
@@ -92,14 +85,8 @@ def test_reformed_weights_reach_every_replica(ray_cluster, llama, adapter, token
 
 
 def search_best(model, adapter, tokens, run_dir, replicas):
-    g = adapter.geometry()
-    space = SearchSpace.for_target(g, 0.7)
-    budget = Budget(0.7, 0.03)
     with pool(model, adapter, tokens, replicas=replicas) as p:
-        sc = p.calibrate(1, 0.01)
-        params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
-        s = Search(space, Evolution(space, budget, params), RayEvaluator(p, space, 1), RunDir(run_dir).create(), 7, 3)
-        r = s.run_search([space.initial(sc.attn, sc.mlp, budget)])
+        r = small_search(p, adapter, run_dir)
     return r.best.key(), r.fitness, RunDir(run_dir).archive().sort_values("key").key.tolist()
 
 

@@ -15,6 +15,7 @@ import pytest
 from searchllm.monitor import Monitor, ProgressServer, pareto_front, render
 
 from conftest import make_tiny_checkpoint, tiny_run_args
+from helpers import evaluator_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -181,16 +182,14 @@ def test_the_notebook_executes_on_a_fresh_run(watched, monkeypatch):
 
 
 def test_metrics_appear_in_rays_prometheus_export(ray_cluster, llama, adapter, tokens):
-    from searchllm.config import RayConfig
-    from searchllm.distributed import EvaluatorPool, RayMetrics
+    from searchllm.distributed import RayMetrics
     from searchllm.space import SearchSpace
 
     metrics = RayMetrics("metrics-test")
     metrics("generation", {"generation": 2, "best": 12.5, "median": 20.0, "evals_per_s": 3.0})
     metrics("result", {})
     metrics("reform", {"done": 3, "layers": 4})
-    tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
-    with EvaluatorPool(llama, adapter, RayConfig(max_restarts=0), "float32", tok, metrics=metrics) as pool:
+    with evaluator_pool(llama, adapter, tokens, metrics=metrics) as pool:
         space = SearchSpace(adapter.geometry())
         list(pool.stream(space, [space.full()] * 3))
         port = ray_cluster.nodes()[0]["MetricsExportPort"]
