@@ -55,9 +55,12 @@ def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
     attn = flap_unit_scores(space, scores.flap_o)
     mlp = standardize(scores.flap_down)
     kv_per_unit = 2 if space.attention == "channels" else g.head_dim
-    cost_kv = g.layer_count(1, 0) - g.layer_count(0, 0)
-    cost_attn, cost_mlp = kv_per_unit * cost_kv, g.layer_count(0, 1) - g.layer_count(0, 0)
-    base = g.layer_count(0, 0) * L + (g.outer_params if budget.count == "total" else 0)
+    # Marginal costs past the first unit: an output bias (o, down) comes with the first unit only, and every
+    # block keeps at least one of each, so those biases sit in the fixed part.
+    cost_kv = g.layer_count(2, 0) - g.layer_count(1, 0)
+    cost_attn, cost_mlp = kv_per_unit * cost_kv, g.layer_count(0, 2) - g.layer_count(0, 1)
+    fixed = g.layer_count(1, 1) - cost_kv - cost_mlp
+    base = fixed * L + (g.outer_params if budget.count == "total" else 0)
     allowed = budget.target * space.total(budget.count) - bias_params(space)
     # Every block keeps its best attention unit and MLP channel; the rest compete on one threshold.
     keep_a = np.zeros(attn.shape, bool)

@@ -25,6 +25,14 @@ from .models.adapters import ModelAdapter
 from .models.modeling_searchllm import SearchLLMForCausalLM
 from .models.sliced import MODULE_PATHS, LayerSlice, slice_weights
 
+# Standard outer keys (adapters' outer_state_keys) -> names in the searchllm form.
+OUTER_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "positions": "model.embed_positions.weight",
+    "norm": "model.norm.weight",
+    "norm_bias": "model.norm.bias",
+    "lm_head": "lm_head.weight",
+}
 AUTO_MAP = {
     "AutoConfig": "modeling_searchllm.SearchLLMConfig",
     "AutoModelForCausalLM": "modeling_searchllm.SearchLLMForCausalLM",
@@ -68,19 +76,24 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
         raise ValueError("the subnet keeps no blocks; nothing to export")
     # Biases a reformation added where the family has none (FLAP's compensation): only our config has them.
     added = g.new_biases({k for w in (reformed or {}).values() for k in w})
-    uniform = is_uniform(slices, g.head_dim // 2) and not added
-    if uniform:
+    config = None
+    if is_uniform(slices, g.head_dim // 2) and not added:
         s0 = slices[kept[0]]
         config = adapter.plain_config(len(kept), sum(1 for p in s0.kv_pairs if p), len(s0.mlp))
+    uniform = config is not None
+    outer = adapter.outer_state_keys()
+    if uniform:
         names = lambda j: adapter.block_state_keys(j)  # noqa: E731
+        outer_names = outer | {"lm_head": "lm_head.weight"}  # a tied head is still a state-dict entry
     else:
         config = adapter.sliced_config(
-            [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept]
+            [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept], kept
         )
         config.auto_map = dict(AUTO_MAP)
         config.o_bias |= "o_bias" in added
         config.down_bias = "down_bias" in added
         names = lambda j: {k: f"model.layers.{j}.{path}" for k, path in MODULE_PATHS.items()}  # noqa: E731
+        outer_names = {k: OUTER_NAMES[k] for k in outer}
     sd: dict[str, torch.Tensor] = {}
     q_dims = padded = 0
     for j, i in enumerate(kept):
@@ -91,10 +104,7 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
         widths = [2 * len(p) for p in slices[i].kv_pairs if p]
         q_dims += sum(widths) * g.group_size
         padded += max(widths, default=0) * len(widths) * g.group_size
-    outer = adapter.outer_state_keys()
-    sd["model.embed_tokens.weight"] = state[outer["embed"]]
-    sd["model.norm.weight"] = state[outer["norm"]]
-    sd["lm_head.weight"] = state[outer["lm_head"]]
+    sd |= {outer_names[k]: state[n] for k, n in outer.items()}
     target = dtype or state[outer["embed"]].dtype
     sd = {k: v.detach().to("cpu", target).contiguous() for k, v in sd.items()}
     from accelerate import init_empty_weights

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .models.sliced import COLUMN_SLICED, LayerSlice, build_block
+from .models.sliced import COLUMN_SLICED, LayerSlice
 
 if TYPE_CHECKING:
     from .shard import ShardRunner
@@ -198,7 +198,7 @@ def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torc
     the layers after them see the same inputs as in an uninterrupted run. The runner keeps the reformed
     weights, so its later forwards of these slices use them."""
     done = done or {}
-    g, cfg = runner.geometry, runner.block_config
+    g = runner.geometry
     sequential = p.inputs == "sequential"
     if runner.spec.first:
         h = runner.embed(dense)
@@ -213,7 +213,7 @@ def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torc
     for i in runner.spec.layers:
         t0 = time.perf_counter()
         s, w = slices[i], runner.blocks_w[i]
-        full_block = build_block(cfg, w, full, g)
+        full_block = runner.block(i, full)
         if not s.active:  # a dropped block: the original model still runs it, the subnet skips it
             dense = None if dense is None else runner.run_blocks({str(i): full_block}, dense, batch)
             yield None
@@ -223,7 +223,7 @@ def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torc
             runner.reformed[i] = (s, overrides)
             dense = None if dense is None else runner.run_blocks({str(i): full_block}, dense, batch)
             if stream is not None:
-                stream = runner.run_blocks({str(i): build_block(cfg, w, s, g, overrides)}, stream, batch)
+                stream = runner.run_blocks({str(i): runner.block(i, s, overrides)}, stream, batch)
             yield None
             continue
         src = stream if stream is not None else dense  # what the subnet's layer receives
@@ -241,7 +241,7 @@ def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torc
         overrides: dict[str, torch.Tensor] = {}
         before, after, tgt_out = {}, {}, None
         for phase in phases:
-            feat_block = full_block if p.features == "full" else build_block(cfg, w, s, g, overrides)
+            feat_block = full_block if p.features == "full" else runner.block(i, s, overrides)
             outs = []
             for b in range(0, src.shape[0], batch):
                 t_rec, f_rec = {}, {}
@@ -274,7 +274,7 @@ def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torc
         if dense is not None:
             dense = tgt_out if tgt_out is not None and tgt is dense else runner.run_blocks({str(i): full_block}, dense, batch)
         if stream is not None:
-            stream = runner.run_blocks({str(i): build_block(cfg, w, s, g, overrides)}, stream, batch)
+            stream = runner.run_blocks({str(i): runner.block(i, s, overrides)}, stream, batch)
         yield LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
     return dense, stream
 

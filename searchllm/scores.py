@@ -93,7 +93,7 @@ def layer_scores(w: dict[str, torch.Tensor], grams: GramAccumulator, layer: int,
     q = (rows("q", "qkv") + cols("o", "o")).view(g.num_kv_heads, g.group_size, hd).sum(1)
     per_dim = kv + q
     attn = per_dim[:, :half] + per_dim[:, half:]  # a rotary pair is one unit
-    mlp = rows("gate", "mlp") + rows("up", "mlp") + cols("down", "down")
+    mlp = sum(rows(k, "mlp") for k in ("gate", "up") if k in w) + cols("down", "down")
 
     def wifv(name: str, key: str) -> torch.Tensor:
         return (grams.variance(layer, key).double() * (w[name].double() ** 2).sum(0)).float().cpu()

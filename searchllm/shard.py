@@ -16,7 +16,7 @@ from torch import nn
 
 from .baselines import compensation
 from .models.adapters import ModelAdapter
-from .models.modeling_searchllm import rms_norm
+from .models.modeling_searchllm import norm
 from .models.sliced import LayerSlice, build_block
 from .models.weights import SharedState, unshare
 from .scores import GramAccumulator, LayerScores, layer_scores
@@ -44,10 +44,8 @@ def split_layers(num_layers: int, stages: int) -> list[ShardSpec]:
 def shard_state_names(adapter: ModelAdapter, spec: ShardSpec) -> list[str]:
     names = [n for i in spec.layers for n in adapter.block_state_keys(i).values()]
     outer = adapter.outer_state_keys()
-    if spec.first:
-        names.append(outer["embed"])
-    if spec.last:
-        names += [outer["norm"], outer["lm_head"]]
+    first, last = ("embed", "positions"), ("norm", "norm_bias", "lm_head")
+    names += [outer[k] for k in (first if spec.first else ()) + (last if spec.last else ()) if k in outer]
     return list(dict.fromkeys(names))
 
 
@@ -83,11 +81,14 @@ class ShardRunner:
         self.blocks_w = {i: {k: get(n) for k, n in adapter.block_state_keys(i).items()} for i in spec.layers}
         outer = adapter.outer_state_keys()
         self.embed_w = get(outer["embed"]) if spec.first else None
+        self.positions_w = get(outer["positions"]) if spec.first and "positions" in outer else None
         self.norm_w = get(outer["norm"]) if spec.last else None
+        self.norm_b = get(outer["norm_bias"]) if spec.last and "norm_bias" in outer else None
         self.head_w = get(outer["lm_head"]) if spec.last else None
-        self.rotary = adapter.rotary().to(self.device)
-        self.eps = adapter.norm_eps
+        rotary = adapter.rotary()
+        self.rotary = rotary.to(self.device) if rotary is not None else None
         self.block_config = adapter.sliced_config()
+        self.eps = self.block_config.rms_norm_eps
         self._cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scores: dict[int, LayerScores] = {}
         # Reformed o/down weights per layer, valid for the slice they were solved for.
@@ -101,11 +102,15 @@ class ShardRunner:
         """Physically sliced blocks of this shard's active layers (slices indexed by global layer)."""
         return nn.ModuleDict(
             {
-                str(i): build_block(self.block_config, self.blocks_w[i], slices[i], self.geometry, self._overrides(i, slices[i]))
+                str(i): self.block(i, slices[i], self._overrides(i, slices[i]))
                 for i in self.spec.layers
                 if slices[i].active
             }
         )
+
+    def block(self, layer: int, s: LayerSlice, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """One layer's sliced block; `overrides` replaces sliced tensors (reformed o/down) by standard key."""
+        return build_block(self.block_config, self.blocks_w[layer], s, self.geometry, overrides, self.adapter.window(layer))
 
     def _overrides(self, layer: int, s: LayerSlice) -> dict[str, torch.Tensor] | None:
         got = self.reformed.get(layer)
@@ -115,7 +120,9 @@ class ShardRunner:
             return compensation(self.blocks_w[layer], s, self.geometry, *self.means[layer])
         return None
 
-    def cos_sin(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, seqlen: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.rotary is None:
+            return None, None
         if seqlen not in self._cos_sin:
             pos = torch.arange(seqlen, device=self.device)[None]
             probe = torch.empty(1, device=self.device, dtype=self.dtype)
@@ -125,13 +132,19 @@ class ShardRunner:
     # -- running --------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens.to(self.device), self.embed_w)
+        h = F.embedding(tokens.to(self.device), self.embed_w)
+        if self.positions_w is not None:  # windows are whole sequences: positions 0..T-1
+            pos = torch.arange(tokens.shape[-1], device=self.device) + self.block_config.position_offset
+            h = h + F.embedding(pos, self.positions_w)
+        return h
 
     @torch.no_grad()
     def run_block(self, block: nn.Module, h: torch.Tensor, record=None) -> torch.Tensor:
         """One block on one batch of hidden states; `record(key, x)` sees its module inputs."""
         cos, sin = self.cos_sin(h.shape[1])
-        return block(h, cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1), record)
+        if cos is not None:
+            cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+        return block(h, cos, sin, record)
 
     @torch.no_grad()
     def run_blocks(self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None) -> torch.Tensor:
@@ -152,7 +165,7 @@ class ShardRunner:
         total, count = 0.0, 0
         tokens = tokens.to(self.device)
         for h, t in zip(hidden, tokens):  # one window at a time: logits are vocab-wide
-            logits = F.linear(rms_norm(h.to(self.device), self.norm_w, self.eps), self.head_w).float()
+            logits = F.linear(norm(h.to(self.device), self.norm_w, self.norm_b, self.eps), self.head_w).float()
             total += float(F.cross_entropy(logits[:-1], t[1:], reduction="sum"))
             count += t.numel() - 1
         return NLL(total, count)
@@ -180,7 +193,7 @@ class ShardRunner:
             hidden = self.embed(inp) if self.spec.first else inp.to(self.device, self.dtype)
             for i in self.spec.layers:
                 grams = GramAccumulator()
-                block = build_block(self.block_config, self.blocks_w[i], full, self.geometry)
+                block = self.block(i, full)
                 hidden = self.run_blocks({str(i): block}, hidden, batch, record=grams.add)
                 self.scores[i] = layer_scores(self.blocks_w[i], grams, i, self.geometry, damp)
         return hidden

@@ -14,20 +14,41 @@ def tiny_model(model_type: str = "llama", layers: int = 3, seed: int = 0, **over
     """A random-weight model of a supported family, small enough for unit tests."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(
-        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96, vocab_size=128, max_position_embeddings=256, head_dim=16,
-        rope_theta=10000.0, tie_word_embeddings=False,
-    )
+    if model_type == "opt":  # multi-head attention, fc1/fc2, learned positions; biases everywhere
+        kw = dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=96, vocab_size=128,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+    else:
+        kw = dict(
+            hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, vocab_size=128, max_position_embeddings=256, head_dim=16,
+            rope_theta=10000.0, tie_word_embeddings=False,
+        )
     kw.update(overrides)
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # larger-than-init weights, so pruning visibly changes the outputs
-        for p in model.parameters():
+    with torch.no_grad():  # larger-than-init weights and non-zero biases, so pruning visibly changes the outputs
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
     return model
+
+
+# Every supported family as the tests build it: (model_type, config overrides). The windowed ones use a
+# window shorter than the test windows (32 tokens), so sliding attention really changes the outputs.
+FAMILIES = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {"sliding_window": 8}),
+    "qwen2": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    "opt": ("opt", {}),
+}
+
+
+def family_model(family: str, **overrides):
+    model_type, kw = FAMILIES[family]
+    return tiny_model(model_type, **(kw | overrides))
 
 
 @pytest.fixture
@@ -77,11 +98,12 @@ def word_tokenizer(path):
     return fast
 
 
-def make_tiny_checkpoint(root):
-    """A tiny random LLaMA saved as a Hugging Face checkpoint with its tokenizer, plus a text corpus."""
-    path = root / "tiny-llama"
+def make_tiny_checkpoint(root, family: str = "llama"):
+    """A tiny random model of a family (FAMILIES) saved as a Hugging Face checkpoint with its tokenizer,
+    plus a text corpus."""
+    path = root / f"tiny-{family}"
     tok = word_tokenizer(path)
-    model = tiny_model("llama", layers=4, vocab_size=len(tok))
+    model = family_model(family, layers=4, vocab_size=len(tok))
     model.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
     words = [WORDS[i] for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()]

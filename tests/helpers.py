@@ -26,6 +26,8 @@ def masked_model(model, adapter: ModelAdapter, slices: list[LayerSlice]):
             keep_m = torch.zeros(g.intermediate, dtype=torch.bool)
             keep_m[list(s.mlp)] = True
             for k, keep in (("q", keep_q), ("k", keep_kv), ("v", keep_kv), ("gate", keep_m), ("up", keep_m)):
+                if k not in keys:
+                    continue  # no gate in a plain MLP
                 sd[keys[k]][~keep] = 0
                 if f"{k}_bias" in keys:
                     sd[keys[f"{k}_bias"]][~keep] = 0

@@ -9,15 +9,22 @@ from searchllm.export import build
 from searchllm.models.weights import share
 from searchllm.scores import Scores
 from searchllm.shard import ShardRunner, split_layers
+from searchllm.models.adapters import adapter_for
 from searchllm.space import Budget, SearchSpace
+
+from conftest import FAMILIES, family_model
+
+
+def calibrated(model, adapter, tokens):
+    g = adapter.geometry()
+    runner = ShardRunner(adapter, share(model.state_dict()), split_layers(g.num_layers, 1)[0])
+    runner.calibrate(tokens)
+    return runner, Scores.stack(runner.scores)
 
 
 @pytest.fixture
 def scored(llama, adapter, tokens):
-    g = adapter.geometry()
-    runner = ShardRunner(adapter, share(llama.state_dict()), split_layers(g.num_layers, 1)[0])
-    runner.calibrate(tokens)
-    return runner, Scores.stack(runner.scores)
+    return calibrated(llama, adapter, tokens)
 
 
 @pytest.mark.parametrize("target", [0.9, 0.7, 0.5])
@@ -32,6 +39,17 @@ def test_flap_hits_the_budget_including_its_biases(llama, adapter, scored, targe
     assert info.params == space.params(cand) + bias_params(space)
     assert budget.contains(info.params / adapter.geometry().total_params)
     assert cand.active.all() and (cand.attn.sum((1, 2)) >= 1).all() and (cand.mlp.sum(1) >= 1).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flap_hits_the_budget_in_every_family(family, tokens):
+    """Output biases (OPT, and o/down biases elsewhere) come with a block's first unit, not with every unit."""
+    model = family_model(family)
+    adapter = adapter_for(model.config)
+    _, scores = calibrated(model, adapter, tokens)
+    space = SearchSpace.for_target(adapter.geometry(), 0.7)
+    cand = flap(space, scores, Budget(0.7, 0.02))
+    assert Budget(0.7, 0.02).contains((space.params(cand) + bias_params(space)) / adapter.geometry().total_params)
 
 
 def test_flap_structure_adapts_per_layer_from_one_global_threshold(adapter, scored):

@@ -14,7 +14,7 @@ from searchllm.models.sliced import LayerSlice
 from searchllm.reform import ReformParams, reform_shard
 from searchllm.space import SearchSpace
 
-from conftest import tiny_model, word_tokenizer
+from conftest import FAMILIES, family_model, word_tokenizer
 from test_slicing import random_slices, whole
 
 
@@ -35,9 +35,9 @@ def reformed_export(model, adapter, tokens, slices):
     return runner, exported, info
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_exported_parameter_count_equals_the_search_count(family):
-    model = tiny_model(family)
+    model = family_model(family)
     adapter = adapter_for(model.config)
     space = SearchSpace(adapter.geometry())
     cand = random_candidate(space, np.random.default_rng(0), drop_layer=1)
@@ -46,9 +46,12 @@ def test_exported_parameter_count_equals_the_search_count(family):
     assert info.kind == "searchllm" and info.layers == 2
 
 
-def test_reformed_export_computes_what_the_reformed_subnet_computes(llama, adapter, tokens):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reformed_export_computes_what_the_reformed_subnet_computes(family, tokens):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     slices = random_slices(adapter.geometry(), np.random.default_rng(2), drop_layer=2)
-    runner, exported, _ = reformed_export(llama, adapter, tokens, slices)
+    runner, exported, _ = reformed_export(model, adapter, tokens, slices)
     from searchllm.evaluate import perplexity
 
     assert perplexity(exported, tokens).ppl == pytest.approx(runner.forward(slices, tokens).ppl, rel=1e-5)
@@ -65,9 +68,12 @@ with torch.no_grad():
 """
 
 
-def test_export_round_trip_in_a_fresh_process_without_searchllm(llama, adapter, tokens, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_in_a_fresh_process_without_searchllm(family, tokens, tmp_path):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     slices = random_slices(adapter.geometry(), np.random.default_rng(4))
-    _, exported, info = reformed_export(llama, adapter, tokens, slices)
+    _, exported, info = reformed_export(model, adapter, tokens, slices)
     out = save(exported, info, tmp_path / "export", word_tokenizer(tmp_path / "tok"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "searchllm" and "AutoModelForCausalLM" in cfg["auto_map"]
@@ -82,12 +88,15 @@ def test_export_round_trip_in_a_fresh_process_without_searchllm(llama, adapter, 
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, rtol=1e-4, atol=1e-4)
 
 
-def test_generate_with_the_kv_cache_matches_between_in_memory_and_reloaded_export(llama, adapter, tokens, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_the_kv_cache_matches_between_in_memory_and_reloaded_export(family, tokens, tmp_path):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     slices = random_slices(adapter.geometry(), np.random.default_rng(6))
-    _, exported, info = reformed_export(llama, adapter, tokens, slices)
+    _, exported, info = reformed_export(model, adapter, tokens, slices)
     save(exported, info, tmp_path / "export")
     reloaded, _ = load_pretrained(str(tmp_path / "export"))
-    prompt = tokens[:2, :8]
+    prompt = tokens[:2, :8]  # 8 prompt + 12 new tokens: past the windowed families' 8-token window
     a = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
     b = reloaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
     assert torch.equal(a, b)
@@ -114,4 +123,65 @@ def test_a_uniform_subnet_exports_a_plain_llama_checkpoint(llama, adapter, token
     plain = LlamaForCausalLM.from_pretrained(tmp_path / "export")
     from searchllm.evaluate import perplexity
 
+    assert perplexity(plain, tokens).ppl == pytest.approx(runner.forward(uniform, tokens).ppl, rel=1e-5)
+
+
+def test_a_uniform_opt_subnet_keeping_every_head_exports_a_plain_opt_checkpoint(tokens, tmp_path):
+    model = family_model("opt")
+    adapter = adapter_for(model.config)
+    full = LayerSlice.full(adapter.geometry())
+    uniform = [LayerSlice(full.kv_pairs, full.mlp[::2])] * 3
+    runner, exported, info = reformed_export(model, adapter, tokens, uniform)
+    save(exported, info, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert info.kind == "plain" and cfg["model_type"] == "opt" and cfg["ffn_dim"] == 48
+    from transformers import OPTForCausalLM
+
+    from searchllm.evaluate import perplexity
+
+    plain = OPTForCausalLM.from_pretrained(tmp_path / "export")
+    assert perplexity(plain, tokens).ppl == pytest.approx(runner.forward(uniform, tokens).ppl, rel=1e-5)
+
+
+def test_an_opt_subnet_with_fewer_heads_exports_the_searchllm_form(tokens):
+    """OPT ties attention width to hidden size, so its own config cannot hold fewer heads."""
+    model = family_model("opt")
+    adapter = adapter_for(model.config)
+    full = LayerSlice.full(adapter.geometry())
+    uniform = [LayerSlice(full.kv_pairs[:2] + ((),) * 2, full.mlp)] * 3
+    _, info = build(adapter, model.state_dict(), uniform)
+    assert info.kind == "searchllm"
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_windows_follow_the_kept_layers_into_the_export(family, tokens, tmp_path):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
+    slices = random_slices(adapter.geometry(), np.random.default_rng(8), drop_layer=0)
+    runner, exported, info = reformed_export(model, adapter, tokens, slices)
+    save(exported, info, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    # Mistral slides in every layer; this Qwen2 from layer 1 on (max_window_layers=1), so after
+    # dropping layer 0 both keep two sliding layers.
+    assert cfg["sliding_window"] == 8 and cfg["layer_types"] == ["sliding_attention"] * 2
+    reloaded, _ = load_pretrained(str(tmp_path / "export"))
+    from searchllm.evaluate import perplexity
+
+    assert perplexity(reloaded, tokens).ppl == pytest.approx(runner.forward(slices, tokens).ppl, rel=1e-5)
+
+
+def test_a_uniform_qwen2_subnet_keeps_its_layer_types_in_the_plain_export(tokens, tmp_path):
+    model = family_model("qwen2")
+    adapter = adapter_for(model.config)
+    full = LayerSlice.full(adapter.geometry())
+    uniform = [LayerSlice((full.kv_pairs[0], ()), full.mlp[::2])] * 3
+    runner, exported, info = reformed_export(model, adapter, tokens, uniform)
+    save(exported, info, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert info.kind == "plain" and cfg["layer_types"] == ["full_attention"] + ["sliding_attention"] * 2
+    from transformers import Qwen2ForCausalLM
+
+    from searchllm.evaluate import perplexity
+
+    plain = Qwen2ForCausalLM.from_pretrained(tmp_path / "export")
     assert perplexity(plain, tokens).ppl == pytest.approx(runner.forward(uniform, tokens).ppl, rel=1e-5)

@@ -14,7 +14,7 @@ from searchllm.driver import main
 from searchllm.rundir import RunDir
 from searchllm.space import SearchSpace
 
-from conftest import tiny_run_args
+from conftest import make_tiny_checkpoint, tiny_run_args
 from helpers import evaluator_pool as pool
 from helpers import small_search
 
@@ -135,6 +135,17 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     assert (tmp_path / "admm" / "config.json").is_file()
 
 
+def test_driver_searches_reforms_and_exports_an_opt_model(ray_cluster, tmp_path):
+    """The paper's second family end to end: LayerNorm with biases, fc1/fc2, learned positions."""
+    path, corpus = make_tiny_checkpoint(tmp_path, "opt")
+    run = tmp_path / "run"
+    assert main(tiny_run_args(path, corpus, run, "search.generations=1")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["source"]["model_type"] == "opt" and m["export"]["kind"] == "searchllm"
+    assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["reformed"], rel=1e-4)
+    assert m["export"]["params"] == m["params"]["subnet"]
+
+
 def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_cluster, tiny_checkpoint, tmp_path):
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
@@ -177,7 +188,7 @@ def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_pat
         ("budget.target=0.1", "cannot be met"),
         ("data.fitness.seqlen=100000", "shorter than one sequence of 100000"),
         ("data.calibration.seqlen=100000", "data.calibration: the corpus has 6000 tokens, shorter than one sequence of 100000"),
-        ("model.path={gpt_neox}", "model type 'gpt_neox' is not supported; supported model types: llama"),
+        ("model.path={gpt_neox}", "model type 'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"),
         ("ray.address=127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
         ("ray.replicas=many", "ray.replicas='many' must be an integer >= 1 or auto"),
     ],

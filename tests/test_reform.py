@@ -6,6 +6,9 @@ import torch
 from searchllm.models.sliced import LayerSlice
 from searchllm.reform import Normal, ReformParams, reform_shard, solve_admm, solve_exact
 
+from searchllm.models.adapters import adapter_for
+
+from conftest import FAMILIES, family_model
 from test_slicing import random_slices, whole
 
 
@@ -57,6 +60,16 @@ def test_reformation_never_increases_the_layer_reconstruction_error(llama, adapt
             assert r.error_after[k] <= r.error_before[k] + 1e-6
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reformation_lowers_the_reconstruction_error_in_every_family(family, tokens):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
+    slices = random_slices(adapter.geometry(), np.random.default_rng(3))
+    _, _, results = reform_shard(whole(adapter, model), slices, tokens, None, ReformParams(), batch=2)
+    for r in results:
+        assert all(r.error_after[k] < r.error_before[k] for k in ("o", "down"))
+
+
 def test_reformed_weights_keep_the_sliced_shapes_and_skip_untouched_modules(llama, adapter, tokens):
     g = adapter.geometry()
     full = LayerSlice.full(g)
@@ -86,17 +99,20 @@ def test_a_fitted_bias_never_reconstructs_worse_than_weights_alone(llama, adapte
     assert sum(errs[True]) < sum(errs[False])
 
 
-def test_reformation_with_bias_exports_and_computes_what_the_runner_computed(llama, adapter, tokens):
+@pytest.mark.parametrize("family", ["llama", "opt"])  # without and with biases of its own on o/down
+def test_reformation_with_bias_exports_and_computes_what_the_runner_computed(family, tokens):
     from searchllm.evaluate import perplexity
     from searchllm.export import build
 
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     g = adapter.geometry()
     slices = random_slices(g, np.random.default_rng(4))
-    runner = whole(adapter, llama)
+    runner = whole(adapter, model)
     _, _, results = reform_shard(runner, slices, tokens, None, ReformParams(bias=True), batch=3)
     assert set(results[0].weights) == {"o", "down", "o_bias", "down_bias"} and results[0].weights["o_bias"].shape == (g.hidden,)
-    model, info = build(adapter, llama.state_dict(), slices, {r.layer: r.weights for r in results})
-    assert model.config.o_bias and model.config.down_bias
+    model, info = build(adapter, model.state_dict(), slices, {r.layer: r.weights for r in results})
+    assert model.config.o_bias and (model.config.down_bias or model.config.mlp_bias)
     assert perplexity(model, tokens).ppl == pytest.approx(runner.forward(slices, tokens).ppl, rel=1e-4)
 
 

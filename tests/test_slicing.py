@@ -7,7 +7,7 @@ from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
 from searchllm.shard import ShardRunner, split_layers
 
-from conftest import tiny_model
+from conftest import FAMILIES, family_model
 from helpers import hf_ppl, masked_model
 
 
@@ -32,16 +32,18 @@ def random_slices(g, rng, heads_only=False, drop_layer=None):
     return out
 
 
-def test_full_subnet_gives_the_original_perplexity(llama, adapter, tokens):
-    runner = whole(adapter, llama)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_subnet_gives_the_original_perplexity(family, tokens):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
-    assert runner.forward(full, tokens).ppl == pytest.approx(hf_ppl(llama, tokens), rel=1e-5)
+    assert whole(adapter, model).forward(full, tokens).ppl == pytest.approx(hf_ppl(model, tokens), rel=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("heads_only", [False, True])
-def test_sliced_subnet_equals_masked_model(model_type, heads_only, tokens):
-    model = tiny_model(model_type)
+def test_sliced_subnet_equals_masked_model(family, heads_only, tokens):
+    model = family_model(family)
     adapter = adapter_for(model.config)
     slices = random_slices(adapter.geometry(), np.random.default_rng(3), heads_only=heads_only)
     got = whole(adapter, model).forward(slices, tokens).ppl
@@ -50,10 +52,24 @@ def test_sliced_subnet_equals_masked_model(model_type, heads_only, tokens):
     assert got != pytest.approx(hf_ppl(model, tokens), rel=1e-3)  # the subnet really differs
 
 
-def test_dropped_layer_equals_zeroed_layer(llama, adapter, tokens):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropped_layer_equals_zeroed_layer(family, tokens):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     slices = random_slices(adapter.geometry(), np.random.default_rng(5), drop_layer=1)
-    got = whole(adapter, llama).forward(slices, tokens).ppl
-    assert got == pytest.approx(hf_ppl(masked_model(llama, adapter, slices), tokens), rel=1e-4)
+    got = whole(adapter, model).forward(slices, tokens).ppl
+    assert got == pytest.approx(hf_ppl(masked_model(model, adapter, slices), tokens), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_layers_see_only_their_window(family, tokens):
+    """The same weights with the window removed give another loss: the window is applied, not ignored."""
+    windowed = family_model(family)
+    full = family_model(family, sliding_window=None, use_sliding_window=False)
+    got = [whole(adapter_for(m.config), m).forward([LayerSlice.full(adapter_for(m.config).geometry())] * 3, tokens).ppl
+           for m in (windowed, full)]
+    assert got[0] == pytest.approx(hf_ppl(windowed, tokens), rel=1e-5)
+    assert got[0] != pytest.approx(got[1], rel=1e-3)
 
 
 def test_gqa_query_heads_follow_their_kv_head(llama, adapter, tokens):

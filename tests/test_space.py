@@ -7,7 +7,7 @@ from searchllm.models.weights import share
 from searchllm.shard import ShardRunner, split_layers
 from searchllm.space import Budget, BudgetError, SearchSpace
 
-from conftest import tiny_model
+from conftest import FAMILIES, family_model
 
 
 def random_candidate(space, rng):
@@ -19,10 +19,10 @@ def random_candidate(space, rng):
     return c
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ["channels", "heads"])
-def test_param_count_equals_numel_of_physically_sliced_layers(model_type, attention):
-    model = tiny_model(model_type, attention_bias=model_type == "llama")
+def test_param_count_equals_numel_of_physically_sliced_layers(family, attention):
+    model = family_model(family, **({"attention_bias": True} if family == "llama" else {}))
     adapter = adapter_for(model.config)
     space = SearchSpace(adapter.geometry(), attention)
     cand = random_candidate(space, np.random.default_rng(0))
@@ -32,14 +32,17 @@ def test_param_count_equals_numel_of_physically_sliced_layers(model_type, attent
     assert space.layer_params(cand).sum() == numel
 
 
-def test_full_candidate_counts_every_parameter_of_the_model(llama, adapter):
-    space = SearchSpace(adapter.geometry())
-    assert space.params(space.full()) == sum(p.numel() for p in llama.parameters())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_candidate_counts_every_parameter_of_the_model(family):
+    model = family_model(family)
+    space = SearchSpace(adapter_for(model.config).geometry())
+    assert space.params(space.full()) == sum(p.numel() for p in model.parameters())
     assert space.ratio(space.full()) == 1.0
 
 
-def test_tied_embeddings_are_counted_once():
-    model = tiny_model("llama", tie_word_embeddings=True)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_tied_embeddings_are_counted_once(family):
+    model = family_model(family, tie_word_embeddings=True)
     space = SearchSpace(adapter_for(model.config).geometry())
     assert space.params(space.full()) == sum(p.numel() for p in model.parameters())  # parameters() dedups ties
 

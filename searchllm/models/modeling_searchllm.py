@@ -1,4 +1,4 @@
-"""A LLaMA-family decoder whose layers keep their own heads, head widths and MLP sizes.
+"""A pre-norm decoder (LLaMA, Mistral, Qwen2, OPT) whose layers keep their own heads, head widths and MLP sizes.
 
 Self-contained (torch and transformers only): the exporter copies this file next to every non-uniform
 checkpoint, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without
@@ -12,6 +12,11 @@ original cos/sin of the kept frequencies equals rotating the full head and dropp
 share their KV head's dims (GQA). The scale stays 1/sqrt(original head_dim). Heads of one layer that keep
 different widths are zero-padded to the widest at run time only: weights hold exactly the kept rows and
 columns, so parameter counts are exact; the padding costs attention FLOPs, not parameters.
+
+Family differences are config fields, not classes: RMSNorm or LayerNorm (`norm`), rotary or learned
+positions (`positions`, OPT's table offset by `position_offset`), a gated (SwiGLU) or plain MLP
+(`gated_mlp`), and per-layer sliding-window attention (`sliding_window` with `layer_types`). Without
+rotary positions a "pair" is just two dims of a head that are kept or dropped together.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from torch import nn
 from transformers import GenerationMixin, LlamaConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -45,6 +50,17 @@ class SearchLLMConfig(LlamaConfig):
     o_bias: bool = False
     down_bias: bool = False  # a down_proj bias without gate/up biases (FLAP's bias compensation)
     source_model_type: str = "llama"
+    norm: str = "rms"  # rms | layer (LayerNorm with bias; rms_norm_eps is its eps)
+    positions: str = "rope"  # rope | learned (a position table, `model.embed_positions`)
+    position_offset: int = 0  # OPT's table starts 2 rows in
+    gated_mlp: bool = True  # act(gate(x)) * up(x) -> down; False: act(up(x)) -> down (OPT's fc1/fc2)
+    sliding_window: int | None = None
+    layer_types: list | None = None  # [kept layer] -> "full_attention" | "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        if self.sliding_window is None or not self.layer_types:
+            return None
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,14 +76,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, device=None, dtype=None) -> None:
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm without a bias, LayerNorm with one."""
+    if bias is None:
+        return rms_norm(x, weight, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+class Norm(nn.Module):
+    def __init__(self, size: int, eps: float, kind: str = "rms", device=None, dtype=None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(size, device=device, dtype=dtype)) if kind == "layer" else None
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return norm(x, self.weight, self.bias, self.eps)
+
+
+def window_mask(t: int, kv: int, window: int, device) -> torch.Tensor:
+    """Boolean (t, kv) mask of the last t queries: causal, and each sees at most `window` keys back."""
+    q = torch.arange(kv - t, kv, device=device)[:, None]
+    k = torch.arange(kv, device=device)[None]
+    return (k <= q) & (k > q - window)
 
 
 def kv_dims(pairs: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
@@ -76,8 +107,9 @@ def kv_dims(pairs: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
 
 class SlicedAttention(nn.Module):
     def __init__(self, hidden: int, kv_pairs, head_dim: int, group: int, scale: float, qkv_bias: bool, o_bias: bool,
-                 device=None, dtype=None, buffer_device=None) -> None:
+                 device=None, dtype=None, buffer_device=None, rope: bool = True, window: int | None = None) -> None:
         super().__init__()
+        self.rope, self.window = rope, window
         kept = [h for h, p in enumerate(kv_pairs) if len(p)]
         widths = [2 * len(kv_pairs[h]) for h in kept]
         self.n_kv, self.rep, self.scale = len(kept), group, scale
@@ -130,15 +162,18 @@ class SlicedAttention(nn.Module):
         q = self._heads(self.q_proj(x), nq, "q_pos")
         k = self._heads(self.k_proj(x), self.n_kv, "kv_pos")
         v = self._heads(self.v_proj(x), self.n_kv, "kv_pos")
-        # cos/sin: (b, t, head_dim) of the original head -> per kept KV head (b, n_kv, t, width).
-        idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
-        ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
-        sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
-        cq, sq = ck.repeat_interleave(self.rep, dim=1), sk.repeat_interleave(self.rep, dim=1)
-        q = q * cq + rotate_half(q) * sq
-        k = k * ck + rotate_half(k) * sk
+        if self.rope:
+            # cos/sin: (b, t, head_dim) of the original head -> per kept KV head (b, n_kv, t, width).
+            idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
+            ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
+            sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
+            cq, sq = ck.repeat_interleave(self.rep, dim=1), sk.repeat_interleave(self.rep, dim=1)
+            q = q * cq + rotate_half(q) * sq
+            k = k * ck + rotate_half(k) * sk
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
+        if mask is None and self.window is not None and k.shape[2] > self.window:
+            mask = window_mask(t, k.shape[2], self.window, x.device)  # a block run alone (search, reformation)
         causal = mask is None and t > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1)
         out = out.transpose(1, 2).reshape(b, t, nq * self.width)
@@ -150,11 +185,12 @@ class SlicedAttention(nn.Module):
 
 
 class SlicedMLP(nn.Module):
-    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None, down_bias: bool = False) -> None:
+    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None, down_bias: bool = False,
+                 gated: bool = True) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.empty = channels == 0
-        self.gate_proj = nn.Linear(hidden, channels, bias=bias, **kw)
+        self.gate_proj = nn.Linear(hidden, channels, bias=bias, **kw) if gated else None
         self.up_proj = nn.Linear(hidden, channels, bias=bias, **kw)
         self.down_proj = nn.Linear(channels, hidden, bias=(bias or down_bias) and channels > 0, **kw)
         self.act = ACT2FN[act]
@@ -162,7 +198,7 @@ class SlicedMLP(nn.Module):
     def forward(self, x: torch.Tensor, record: Recorder = None) -> torch.Tensor:
         if self.empty:
             return torch.zeros_like(x)
-        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
         if record is not None:
             record("down", h)
         return self.down_proj(h)
@@ -171,15 +207,16 @@ class SlicedMLP(nn.Module):
 class SlicedDecoderLayer(nn.Module):
     """A pre-norm block. `record(key, x)` sees the inputs of q/k/v ("qkv"), o ("o"), gate/up ("mlp"), down ("down")."""
 
-    def __init__(self, config: SearchLLMConfig, kv_pairs, channels: int, device=None, dtype=None, buffer_device=None) -> None:
+    def __init__(self, config: SearchLLMConfig, kv_pairs, channels: int, device=None, dtype=None, buffer_device=None,
+                 window: int | None = None) -> None:
         super().__init__()
         c, kw = config, dict(device=device, dtype=dtype)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
         group = c.num_attention_heads // c.num_key_value_heads
         self.self_attn = SlicedAttention(c.hidden_size, kv_pairs, c.head_dim, group, c.head_dim**-0.5, c.qkv_bias, c.o_bias,
-                                        buffer_device=buffer_device, **kw)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
-        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, **kw)
+                                        buffer_device=buffer_device, rope=c.positions == "rope", window=window, **kw)
+        self.post_attention_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
+        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, gated=c.gated_mlp, **kw)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
                 mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
@@ -210,12 +247,17 @@ class SearchLLMPreTrainedModel(PreTrainedModel):
 class SearchLLMModel(SearchLLMPreTrainedModel):
     def __init__(self, config: SearchLLMConfig) -> None:
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id)
         self.layers = nn.ModuleList(
-            SlicedDecoderLayer(config, p, m) for p, m in zip(config.layer_kv_pairs, config.layer_intermediate)
+            SlicedDecoderLayer(c, p, m, window=c.layer_window(i))
+            for i, (p, m) in enumerate(zip(c.layer_kv_pairs, c.layer_intermediate))
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)  # at the original head_dim; heads gather their pairs
+        self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm)
+        if c.positions == "rope":
+            self.rotary_emb = LlamaRotaryEmbedding(config=c)  # at the original head_dim; heads gather their pairs
+        else:
+            self.embed_positions = nn.Embedding(c.max_position_embeddings + c.position_offset, c.hidden_size)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -230,11 +272,19 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
         # Positional: the cache argument is `past_key_values` up to transformers 5.23 and `cache` after.
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        args = (self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        masks = {"full_attention": create_causal_mask(*args)}
+        if any(layer.self_attn.window is not None for layer in self.layers):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(*args)
         h = inputs_embeds
-        cos, sin = self.rotary_emb(h, position_ids)
-        cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+        if self.config.positions == "rope":
+            cos, sin = self.rotary_emb(h, position_ids)
+            cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+        else:
+            h = h + self.embed_positions(position_ids + self.config.position_offset).to(h.dtype)
+            cos = sin = None
         for i, layer in enumerate(self.layers):
+            mask = masks["full_attention" if layer.self_attn.window is None else "sliding_attention"]
             h = layer(h, cos, sin, None, mask, past_key_values if use_cache else None, i)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None})
 

@@ -27,7 +27,10 @@ MODULE_PATHS = {
     "down": "mlp.down_proj.weight",
     "in_norm": "input_layernorm.weight",
     "post_norm": "post_attention_layernorm.weight",
-} | {f"{k}_bias": f"self_attn.{k}_proj.bias" for k in "qkvo"} | {f"{k}_bias": f"mlp.{k}_proj.bias" for k in ("gate", "up", "down")}
+} | {f"{k}_bias": f"self_attn.{k}_proj.bias" for k in "qkvo"} | {f"{k}_bias": f"mlp.{k}_proj.bias" for k in ("gate", "up", "down")} | {
+    "in_norm_bias": "input_layernorm.bias",
+    "post_norm_bias": "post_attention_layernorm.bias",
+}
 
 # Modules whose *input* columns a slice removes (reformation rectifies these); the rest lose output rows.
 COLUMN_SLICED = ("o", "down")
@@ -85,10 +88,10 @@ def slice_weights(w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry) -> 
 
 
 def build_block(config: SearchLLMConfig, w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry,
-                overrides: Mapping[str, torch.Tensor] | None = None) -> SlicedDecoderLayer:
+                overrides: Mapping[str, torch.Tensor] | None = None, window: int | None = None) -> SlicedDecoderLayer:
     """A SlicedDecoderLayer sharing storage with `w` where it can; `overrides` replaces sliced tensors
-    (reformed o/down) by standard key."""
-    block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device)
+    (reformed o/down) by standard key; `window` is the layer's sliding attention window."""
+    block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device, window=window)
     tensors = slice_weights(w, s, g) | dict(overrides or {})
     for key, t in tensors.items():
         owner, name = MODULE_PATHS[key].rsplit(".", 1)

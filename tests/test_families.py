@@ -1,0 +1,76 @@
+"""Model families: which are accepted, which variants are refused, and the shapes each must handle."""
+import numpy as np
+import pytest
+import torch
+
+from searchllm.export import build
+from searchllm.models.adapters import UnsupportedModelError, adapter_for
+
+from conftest import family_model, tiny_model
+from helpers import hf_ppl, masked_model
+from test_slicing import random_slices, whole
+
+
+def test_an_unsupported_architecture_is_refused_with_the_supported_list():
+    from transformers import GPTNeoXConfig
+
+    with pytest.raises(UnsupportedModelError, match="'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"):
+        adapter_for(GPTNeoXConfig())
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"do_layer_norm_before": False}, "post-norm blocks (do_layer_norm_before=False"),
+        ({"word_embed_proj_dim": 32}, "projected embeddings (word_embed_proj_dim=32 != hidden_size=64)"),
+    ],
+)
+def test_opt_variants_the_blocks_cannot_reproduce_are_refused_by_name(overrides, message):
+    from transformers import OPTConfig
+
+    with pytest.raises(UnsupportedModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        adapter_for(OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=96, **overrides))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+def test_gqa_groups_of_any_size_slice_exactly(kv_heads, tokens):
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=8)
+    adapter = adapter_for(model.config)
+    assert adapter.geometry().group_size == 8 // kv_heads
+    slices = random_slices(adapter.geometry(), np.random.default_rng(kv_heads))
+    got = whole(adapter, model).forward(slices, tokens).ppl
+    assert got == pytest.approx(hf_ppl(masked_model(model, adapter, slices), tokens), rel=1e-4)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_llama3_rope_scaling_is_kept_by_slices_and_export(tokens):
+    """Llama-3 goes through the LLaMA adapter: its scaled rotary frequencies survive slicing and export."""
+    from searchllm.evaluate import perplexity
+
+    model = family_model("llama", rope_parameters=LLAMA3_ROPE)
+    plain_rope = family_model("llama")
+    adapter = adapter_for(model.config)
+    slices = random_slices(adapter.geometry(), np.random.default_rng(9))
+    runner = whole(adapter, model)
+    got = runner.forward(slices, tokens).ppl
+    assert got == pytest.approx(hf_ppl(masked_model(model, adapter, slices), tokens), rel=1e-4)
+    assert got != pytest.approx(whole(adapter_for(plain_rope.config), plain_rope).forward(slices, tokens).ppl, rel=1e-3)
+    exported, _ = build(adapter, model.state_dict(), slices)
+    assert exported.config.rope_parameters["rope_type"] == "llama3"
+    assert perplexity(exported, tokens).ppl == pytest.approx(got, rel=1e-5)
+
+
+def test_opt_positions_follow_the_attention_mask_under_left_padding(tokens):
+    """OPT-style learned positions in the export: a left-padded prompt generates what the unpadded one does."""
+    model = family_model("opt")
+    adapter = adapter_for(model.config)
+    exported, _ = build(adapter, model.state_dict(), random_slices(adapter.geometry(), np.random.default_rng(1)))
+    prompt = tokens[:1, :6]
+    padded = torch.cat([torch.zeros(1, 3, dtype=prompt.dtype), prompt], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(prompt)], 1)
+    a = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    b = exported.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a[:, 6:], b[:, 9:])
