@@ -10,10 +10,18 @@ short calibration pass, and its perplexity on a few WikiText-2 test windows, wit
 what the rounding costs in quality; random shapes: random scores), exported by `export.build` exactly as
 the driver exports. "ideal" is 1 / kept decoder-parameter share, what prefill could gain if time followed
 the decoder's matrix work. Prints a table; asserts nothing.
+
+Decode is measured twice on a GPU: eagerly with the dynamic KV cache (what plain `generate()` does, bound
+by Python and kernel launches for a 7B model at batch 1), and with a static KV cache whose one-token step
+is captured once as a CUDA graph and replayed (`--graphs`; what `generate(cache_implementation="static")`
+gets from its automatic torch.compile, without the compile time), where time follows the weights read.
+`--compile` adds a third: the same graphed step, with the forward compiled by torch.compile (inductor
+fuses the many small element-wise kernels whose fixed cost still dominates a graphed 7B step at batch 1).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -33,6 +41,9 @@ def main() -> None:
     ap.add_argument("--decode", default=None, help="batches for decoding, e.g. 1,8")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--graphs", choices=["auto", "yes", "no"], default="auto",
+                    help="also decode with a static cache as a CUDA graph (auto: on GPU)")
+    ap.add_argument("--compile", action="store_true", help="also decode with the graphed step compiled by torch.compile")
     a = ap.parse_args()
 
     from searchllm.export import build
@@ -45,6 +56,7 @@ def main() -> None:
     prefill = [tuple(int(v) for v in x.split("x")) for x in (a.prefill or ("1x2048,8x2048" if gpu else "1x256,4x256")).split(",")]
     decode = [int(b) for b in (a.decode or ("1,16" if gpu else "1,4")).split(",")]
     new_tokens = a.new_tokens or (128 if gpu else 32)
+    graphs = a.graphs == "yes" or (a.graphs == "auto" and gpu)
     if not gpu:
         torch.set_num_threads(torch.get_num_threads())
 
@@ -76,7 +88,7 @@ def main() -> None:
     state = model.state_dict()
     vocab = model.config.vocab_size
 
-    rows = [("dense", 1.0, 1.0, measure(model, vocab, prefill, decode, new_tokens, a.repeats, device), ppl(model, ppl_windows))]
+    rows = [("dense", 1.0, 1.0, measure(model, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile), ppl(model, ppl_windows))]
     for ratio in (float(r) for r in a.ratios.split(",")):
         for multiple in (int(m) for m in a.round_to.split(",")):
             space = SearchSpace.for_target(g, ratio, multiple=multiple)
@@ -89,7 +101,7 @@ def main() -> None:
             sub, info = build(adapter, state, space.slices(cand), {}, dtype)
             sub = sub.to(device).eval()
             kept, dec = space.ratio(cand, "total"), space.ratio(cand, "decoder")
-            rows.append((f"{ratio:g} / round {multiple}", kept, dec, measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device),
+            rows.append((f"{ratio:g} / round {multiple}", kept, dec, measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile),
                          ppl(sub, ppl_windows)))
             del sub
             if gpu:
@@ -99,13 +111,15 @@ def main() -> None:
     print(f"\n{name}, {str(dtype).removeprefix('torch.')}, {where}; decode: {new_tokens} new tokens after a 32-token prompt\n")
     base = rows[0][3]
     head = ["subnet", "kept", "decoder kept", "ideal x"] + [f"prefill {b}x{n} tok/s (x)" for b, n in prefill] + \
-        [f"decode b{b} tok/s (x)" for b in decode] + ["weights MiB", "peak MiB"] + (["ppl (no reform)"] if ppl_windows is not None else [])
+        [f"decode b{b} tok/s (x)" for b in decode] + ([f"{'graphed' if gpu else 'static-cache'} decode b{b} tok/s (x)" for b in decode] if graphs else []) + \
+        ([f"compiled {'graphed' if gpu else 'static-cache'} decode b{b} tok/s (x)" for b in decode] if a.compile else []) + ["weights MiB", "peak MiB"] + (["ppl (no reform)"] if ppl_windows is not None else [])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for label, kept, dec, m, p in rows:
         cells = [label, f"{kept:.3f}", f"{dec:.3f}", f"{1 / dec:.2f}"]
         cells += [f"{m['prefill'][k]:,.0f} ({m['prefill'][k] / base['prefill'][k]:.2f})" for k in range(len(prefill))]
-        cells += [f"{m['decode'][k]:,.1f} ({m['decode'][k] / base['decode'][k]:.2f})" for k in range(len(decode))]
+        for key in ("decode",) + (("graphed",) if graphs else ()) + (("compiled",) if a.compile else ()):
+            cells += [f"{m[key][k]:,.1f} ({m[key][k] / base[key][k]:.2f})" for k in range(len(decode))]
         cells += [f"{m['weights']:.0f}", f"{m['peak']:.0f}" if m["peak"] else "-"]
         if p is not None:
             cells.append(f"{p:.2f}")
@@ -124,10 +138,70 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
-def measure(model, vocab: int, prefill, decode, new_tokens: int, repeats: int, device: str) -> dict:
+def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, forward=None) -> tuple[float, torch.Tensor]:
+    """Greedy decoding with a static KV cache: (seconds for `new_tokens` steps, the generated tokens).
+    For full-attention models (a sliding layer's static cache is only its window long).
+
+    Every step reads the same tensors (token, position, mask, cache), so with `graph` the step is
+    captured once as a CUDA graph and replayed; the cache's write position is a tensor it advances itself.
+    `forward` (a compiled model) runs the one-token steps in place of the model."""
+    from transformers import StaticCache
+
+    b, n = ids.shape
+    dev = ids.device
+    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 3)
+    mask = torch.zeros(b, 1, 1, n + new_tokens + 3, dtype=torch.bool, device=dev)  # keys each step may see
+    tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    pos = torch.zeros(b, 1, dtype=torch.long, device=dev)
+
+    def prefill() -> None:
+        cache.reset()
+        mask.zero_()
+        mask[..., :n] = True
+        logits = model(ids, past_key_values=cache, use_cache=True, position_ids=torch.arange(n, device=dev)[None].expand(b, -1)).logits
+        tok.copy_(logits[:, -1:].argmax(-1))
+
+    def step() -> torch.Tensor:
+        return (model if forward is None else forward)(tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    run = step
+    if graph or forward is not None:
+        prefill()  # the layers' static tensors exist once a forward has run
+        side = torch.cuda.Stream() if graph else None
+        if graph:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if graph else contextlib.nullcontext():
+            for p in range(n, n + 3):  # warm-up (and compilation) before capture, on a side stream as CUDA graphs ask
+                mask[..., p] = True
+                pos.fill_(p)
+                tok.copy_(step())
+        if graph:
+            torch.cuda.current_stream().wait_stream(side)
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            nxt = step()
+        run = lambda: (g.replay(), nxt)[1]  # noqa: E731
+    prefill()
+    out = []
+    sync(dev.type)
+    t0 = time.perf_counter()
+    for p in range(n, n + new_tokens):
+        out.append(tok.clone())
+        mask[..., p] = True
+        pos.fill_(p)
+        tok.copy_(run())
+    sync(dev.type)
+    return time.perf_counter() - t0, torch.cat(out, 1)
+
+
+@torch.no_grad()
+def measure(model, vocab: int, prefill, decode, new_tokens: int, repeats: int, device: str, graphs: bool = False,
+            compile: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    out = {"prefill": [], "decode": [], "weights": weights / 2**20}
+    out = {"prefill": [], "decode": [], "graphed": [], "compiled": [], "weights": weights / 2**20}
+    compiled = torch.compile(model, dynamic=False) if compile else None
     if device == "cuda":  # peak of this model alone: what else is resident (the dense model) is taken out
         torch.cuda.reset_peak_memory_stats()
         others = torch.cuda.memory_allocated() - weights
@@ -156,6 +230,16 @@ def measure(model, vocab: int, prefill, decode, new_tokens: int, repeats: int, d
             sync(device)
             times.append(time.perf_counter() - t0)
         out["decode"].append(b * new_tokens / statistics.median(times[1:]))
+        for key, on, forward in (("graphed", graphs, None), ("compiled", compile, compiled)):
+            if not on:
+                continue
+            try:
+                secs = [static_decode(model, ids, new_tokens, device == "cuda", forward)[0] for _ in range(repeats)]
+                out[key].append(b * new_tokens / statistics.median(secs))
+            except Exception as e:  # report the row without it rather than lose the whole table
+                print(f"{key} decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                out[key].append(float("nan"))
+        print(f"  measured batch {b}: " + ", ".join(f"{k} {out[k][-1]:.1f} tok/s" for k in ("decode", "graphed", "compiled") if out[k]), flush=True)
     out["peak"] = (torch.cuda.max_memory_allocated() - others) / 2**20 if device == "cuda" else None
     return out
 

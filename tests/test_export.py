@@ -108,6 +108,37 @@ def test_generate_with_the_kv_cache_matches_between_in_memory_and_reloaded_expor
     assert torch.equal(a, seq)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_a_static_cache_matches_the_dynamic_cache(family, tokens):
+    """A static cache is what generate() compiles (CUDA graphs) on a GPU: every layer's cache is sized
+    from its own kept heads and widths, sliding layers' from their window."""
+    model = family_model(family)
+    adapter = adapter_for(model.config)
+    exported, _ = build(adapter, model.state_dict(), random_slices(adapter.geometry(), np.random.default_rng(6)))
+    prompt = tokens[:2, :8]
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    assert torch.equal(exported.generate(prompt, **kw), exported.generate(prompt, cache_implementation="static", **kw))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_static_cache_decode_step_compiles_without_graph_breaks(family, tokens):
+    """torch.compile(fullgraph=True) traces one decode step: nothing in the sliced model forces Python
+    back in, so CUDA graphs can cover the whole step."""
+    from transformers import StaticCache
+
+    model = family_model(family)
+    adapter = adapter_for(model.config)
+    exported, _ = build(adapter, model.state_dict(), random_slices(adapter.geometry(), np.random.default_rng(6)))
+    prompt = tokens[:2, :8]
+    cache = StaticCache(config=exported.config, max_cache_len=16)
+    with torch.no_grad():
+        nxt = exported(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        step = torch.compile(exported, backend="eager", fullgraph=True)
+        got = step(nxt, past_key_values=cache, position_ids=torch.full((2, 1), 8)).logits
+    want = exported(torch.cat([prompt, nxt], 1), use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_uniform_subnet_exports_a_plain_llama_checkpoint(llama, adapter, tokens, tmp_path):
     g = adapter.geometry()
     full = LayerSlice.full(g)

@@ -139,7 +139,7 @@ class ModelAdapter(ABC):
             gated_mlp=g.gated_mlp,
             source_model_type=self.config.model_type,
             sliding_window=sliding[0] if sliding else None,
-            layer_types=["full_attention" if w is None else "sliding_attention" for w in windows] if sliding else None,
+            layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
         )
 
 

@@ -57,6 +57,12 @@ class SearchLLMConfig(LlamaConfig):
     sliding_window: int | None = None
     layer_types: list | None = None  # [kept layer] -> "full_attention" | "sliding_attention"
 
+    def __post_init__(self, **kwargs):
+        # Always a list: generate() with a static cache builds one mask per layer type from it.
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * len(self.layer_kv_pairs or [])
+        super().__post_init__(**kwargs)
+
     def layer_window(self, layer: int) -> int | None:
         if self.sliding_window is None or not self.layer_types:
             return None
@@ -167,8 +173,9 @@ class SlicedAttention(nn.Module):
             idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
             ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
             sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
-            cq, sq = ck.repeat_interleave(self.rep, dim=1), sk.repeat_interleave(self.rep, dim=1)
-            q = q * cq + rotate_half(q) * sq
+            # Query heads of a group share their KV head's frequencies: broadcast, not repeat.
+            qg = q.view(b, self.n_kv, self.rep, t, self.width)
+            q = (qg * ck[:, :, None] + rotate_half(qg) * sk[:, :, None]).view(b, nq, t, self.width)
             k = k * ck + rotate_half(k) * sk
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
@@ -272,10 +279,13 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
         # Positional: the cache argument is `past_key_values` up to transformers 5.23 and `cache` after.
-        args = (self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
-        masks = {"full_attention": create_causal_mask(*args)}
-        if any(layer.self_attn.window is not None for layer in self.layers):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(*args)
+        if isinstance(attention_mask, dict):  # prepared per layer type by generate() (static cache)
+            masks = attention_mask
+        else:
+            args = (self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+            masks = {"full_attention": create_causal_mask(*args)}
+            if any(layer.self_attn.window is not None for layer in self.layers):
+                masks["sliding_attention"] = create_sliding_window_causal_mask(*args)
         h = inputs_embeds
         if self.config.positions == "rope":
             cos, sin = self.rotary_emb(h, position_ids)
