@@ -11,23 +11,27 @@ import pytest
 import torch
 
 from searchllm.driver import main
+from searchllm.models.adapters import adapter_for
 from searchllm.rundir import RunDir
 from searchllm.space import SearchSpace
 
-from conftest import make_tiny_checkpoint, tiny_run_args
+from conftest import family_model, make_tiny_checkpoint, tiny_run_args
 from helpers import evaluator_pool as pool
 from helpers import small_search
 
 pytestmark = pytest.mark.ray
 
 
-def test_two_stage_replica_gives_the_same_fitness_as_one_stage(ray_cluster, llama, adapter, tokens):
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT: position table on the first stage, norm bias on the last
+def test_two_stage_replica_gives_the_same_fitness_as_one_stage(ray_cluster, family, tokens):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
     space = SearchSpace(adapter.geometry())
     cand = space.full()
     cand.mlp[:, ::3] = False
-    with pool(llama, adapter, tokens) as p:
+    with pool(model, adapter, tokens) as p:
         one = [n.ppl for _, n, _ in p.stream(space, [cand, space.full()])]
-    with pool(llama, adapter, tokens, stages=2) as p:
+    with pool(model, adapter, tokens, stages=2) as p:
         two = [n.ppl for _, n, _ in p.stream(space, [cand, space.full()])]
     assert sorted(one) == pytest.approx(sorted(two), rel=1e-6)
 
