@@ -409,9 +409,10 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         ref_ppl = ppl.get("reformed", searched_ppl)
         rel = abs(ppl["exported"] - ref_ppl) / ref_ppl
         manifest["export"] = {"dir": str(out), "kind": info.kind, "params": info.params, "layers": info.layers,
-                              "attention_padding": info.padding, "reload_rel_diff": rel}
-        if info.params != space.params(best) + added:
-            log.warning("exported model has %d params, the search counted %d", info.params, space.params(best) + added)
+                              "attention_padding": info.padding, "zero_biases": info.zero_biases, "reload_rel_diff": rel}
+        if info.params != space.params(best) + added + info.zero_biases:
+            log.warning("exported model has %d params, the search counted %d (+%d zero biases)", info.params,
+                        space.params(best) + added, info.zero_biases)
         log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
                  info.kind, out, info.params, ppl["exported"], rel)
     manifest["perplexity"] |= ppl

@@ -48,6 +48,9 @@ class ExportInfo:
     padded_attention_dims: int  # query dims after padding heads to the widest of their layer
     original_params: int = 0  # of the source model, for the inheriting ratio of the export alone
     original_decoder_params: int = 0
+    # Zero biases given to layers that a reformation left without the o/down bias other layers gained
+    # (the export's bias layout is one per model): parameters of the export the subnet itself lacks.
+    zero_biases: int = 0
 
     @property
     def padding(self) -> float:
@@ -95,10 +98,11 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
         names = lambda j: {k: f"model.layers.{j}.{path}" for k, path in MODULE_PATHS.items()}  # noqa: E731
         outer_names = {k: OUTER_NAMES[k] for k in outer}
     sd: dict[str, torch.Tensor] = {}
-    q_dims = padded = 0
+    q_dims = padded = zero_biases = 0
     for j, i in enumerate(kept):
         w = {k: state[n] for k, n in adapter.block_state_keys(i).items()}
-        zeros = {k: torch.zeros(g.hidden, dtype=w["o"].dtype) for k in added}
+        zeros = {k: torch.zeros(g.hidden, dtype=w["o"].dtype) for k in added - set((reformed or {}).get(i, {}))}
+        zero_biases += g.hidden * len(zeros)
         sliced = slice_weights(w, slices[i], g) | zeros | dict((reformed or {}).get(i, {}))
         sd |= {names(j)[k]: t for k, t in sliced.items()}
         widths = [2 * len(p) for p in slices[i].kv_pairs if p]
@@ -117,7 +121,7 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
     model.eval()
     params = sum(p.numel() for p in model.parameters())
     return model, ExportInfo("plain" if uniform else "searchllm", params, len(kept), q_dims, padded, g.total_params,
-                             g.num_layers * g.layer_params)
+                             g.num_layers * g.layer_params, zero_biases)
 
 
 def save(model: torch.nn.Module, info: ExportInfo, out: str | Path, tokenizer=None, source: str | None = None) -> Path:

@@ -140,3 +140,24 @@ def test_reformation_lowers_perplexity_of_smollm2_at_half_kept(smollm2):
     reform_shard(runner, slices, calib, None, ReformParams(), batch=4)
     after = runner.forward(slices, evals, batch=2).ppl
     assert after < 0.8 * before
+
+
+def test_a_layer_left_without_a_fitted_bias_exports_a_counted_zero_bias(llama, adapter, tokens):
+    """reform.bias fits o/down biases only where inputs were dropped; the export's one bias layout gives
+    the other layers zeros, which ExportInfo counts apart from the subnet's own parameters."""
+    from searchllm.evaluate import perplexity
+    from searchllm.export import build
+
+    g = adapter.geometry()
+    slices = random_slices(g, np.random.default_rng(4))
+    slices[0] = LayerSlice(LayerSlice.full(g).kv_pairs, slices[0].mlp)  # every head dim kept: o is not reformed
+    runner = whole(adapter, llama)
+    _, _, results = reform_shard(runner, slices, tokens, None, ReformParams(bias=True), batch=3)
+    reformed = {r.layer: r.weights for r in results}
+    assert "o_bias" not in reformed[0] and "o_bias" in reformed[1]
+    model, info = build(adapter, llama.state_dict(), slices, reformed)
+    fitted = sum(t.numel() for w in reformed.values() for k, t in w.items() if k.endswith("_bias"))
+    sliced_only, _ = build(adapter, llama.state_dict(), slices)
+    assert info.zero_biases == g.hidden
+    assert info.params == sliced_only.num_parameters() + fitted + info.zero_biases
+    assert perplexity(model, tokens).ppl == pytest.approx(runner.forward(slices, tokens).ppl, rel=1e-4)

@@ -123,9 +123,7 @@ class ModelAdapter(ABC):
 
         g = self.geometry()
         windows = [self.window(i) for i in layers or []]
-        sliding = sorted({w for w in windows if w is not None})
-        if len(sliding) > 1:
-            raise UnsupportedModelError(f"layers with different sliding windows {sliding} are not supported")
+        window = next((w for w in windows if w is not None), None)  # one size per model (Mistral, Qwen2)
         return SearchLLMConfig(
             **self.family_fields(),
             head_dim=g.head_dim,
@@ -138,7 +136,7 @@ class ModelAdapter(ABC):
             mlp_bias=g.mlp_bias,
             gated_mlp=g.gated_mlp,
             source_model_type=self.config.model_type,
-            sliding_window=sliding[0] if sliding else None,
+            sliding_window=window,
             layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
         )
 
