@@ -21,7 +21,6 @@ fuses the many small element-wise kernels whose fixed cost still dominates a gra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 
@@ -149,8 +148,9 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, forwar
 
     b, n = ids.shape
     dev = ids.device
-    cache = StaticCache(config=model.config, max_cache_len=n + new_tokens + 3)
-    mask = torch.zeros(b, 1, 1, n + new_tokens + 3, dtype=torch.bool, device=dev)  # keys each step may see
+    length = n + new_tokens + 3  # room for the 3 warm-up steps
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bool, device=dev)  # keys each step may see
     tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
     pos = torch.zeros(b, 1, dtype=torch.long, device=dev)
 
@@ -164,24 +164,26 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, forwar
     def step() -> torch.Tensor:
         return (model if forward is None else forward)(tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
+    def warm_up() -> None:  # compiles `forward`; the layers' static tensors exist once a forward has run
+        prefill()
+        for p in range(n, n + 3):
+            mask[..., p] = True
+            pos.fill_(p)
+            tok.copy_(step())
+
     run = step
-    if graph or forward is not None:
-        prefill()  # the layers' static tensors exist once a forward has run
-        side = torch.cuda.Stream() if graph else None
-        if graph:
-            side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if graph else contextlib.nullcontext():
-            for p in range(n, n + 3):  # warm-up (and compilation) before capture, on a side stream as CUDA graphs ask
-                mask[..., p] = True
-                pos.fill_(p)
-                tok.copy_(step())
-        if graph:
-            torch.cuda.current_stream().wait_stream(side)
-    if graph:
+    if graph:  # warm up on a side stream, then capture, as torch.cuda.graphs asks
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            warm_up()
+        torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             nxt = step()
         run = lambda: (g.replay(), nxt)[1]  # noqa: E731
+    elif forward is not None:
+        warm_up()
     prefill()
     out = []
     sync(dev.type)

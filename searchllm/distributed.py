@@ -386,8 +386,7 @@ class EvaluatorPool:
                 dense, stream = _collect(spec, gen, results, on_layer)
         for spec, gen in gens:  # independent stages all run at once; read them in order
             _collect(spec, gen, results, on_layer)
-        self._extras["reformed"] = {i: (slices[i], w) for i, w in done.items()} | {r.layer: (slices[r.layer], r.weights) for r in results}
-        self._publish()
+        self.set_overrides(slices, done | {r.layer: r.weights for r in results})
         return results
 
     def set_compensation(self, scores: Scores) -> None:

@@ -51,6 +51,12 @@ def family_model(family: str, **overrides):
     return tiny_model(model_type, **(kw | overrides))
 
 
+def tiny_family(family: str, **overrides):
+    """(model, adapter) of a family as FAMILIES builds it."""
+    model = family_model(family, **overrides)
+    return model, adapter_for(model.config)
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

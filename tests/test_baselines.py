@@ -9,10 +9,9 @@ from searchllm.export import build
 from searchllm.models.weights import share
 from searchllm.scores import Scores
 from searchllm.shard import ShardRunner, split_layers
-from searchllm.models.adapters import adapter_for
 from searchllm.space import Budget, SearchSpace
 
-from conftest import FAMILIES, family_model
+from conftest import FAMILIES, tiny_family
 
 
 def calibrated(model, adapter, tokens):
@@ -44,8 +43,7 @@ def test_flap_hits_the_budget_including_its_biases(llama, adapter, scored, targe
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flap_hits_the_budget_in_every_family(family, tokens):
     """Output biases (OPT, and o/down biases elsewhere) come with a block's first unit, not with every unit."""
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     _, scores = calibrated(model, adapter, tokens)
     space = SearchSpace.for_target(adapter.geometry(), 0.7)
     cand = flap(space, scores, Budget(0.7, 0.02))

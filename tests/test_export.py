@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from searchllm.export import build, save
-from searchllm.models.adapters import adapter_for
 from searchllm.models.loading import load_pretrained
 from searchllm.models.sliced import LayerSlice
 from searchllm.reform import ReformParams, reform_shard
 from searchllm.space import SearchSpace
 
-from conftest import FAMILIES, family_model, word_tokenizer
+from conftest import FAMILIES, tiny_family, word_tokenizer
 from test_slicing import random_slices, whole
 
 
@@ -37,8 +36,7 @@ def reformed_export(model, adapter, tokens, slices):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exported_parameter_count_equals_the_search_count(family):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     space = SearchSpace(adapter.geometry())
     cand = random_candidate(space, np.random.default_rng(0), drop_layer=1)
     exported, info = build(adapter, model.state_dict(), space.slices(cand))
@@ -48,8 +46,7 @@ def test_exported_parameter_count_equals_the_search_count(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reformed_export_computes_what_the_reformed_subnet_computes(family, tokens):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(2), drop_layer=2)
     runner, exported, _ = reformed_export(model, adapter, tokens, slices)
     from searchllm.evaluate import perplexity
@@ -70,8 +67,7 @@ with torch.no_grad():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_round_trip_in_a_fresh_process_without_searchllm(family, tokens, tmp_path):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(4))
     _, exported, info = reformed_export(model, adapter, tokens, slices)
     out = save(exported, info, tmp_path / "export", word_tokenizer(tmp_path / "tok"))
@@ -90,8 +86,7 @@ def test_export_round_trip_in_a_fresh_process_without_searchllm(family, tokens, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_the_kv_cache_matches_between_in_memory_and_reloaded_export(family, tokens, tmp_path):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(6))
     _, exported, info = reformed_export(model, adapter, tokens, slices)
     save(exported, info, tmp_path / "export")
@@ -112,8 +107,7 @@ def test_generate_with_the_kv_cache_matches_between_in_memory_and_reloaded_expor
 def test_generate_with_a_static_cache_matches_the_dynamic_cache(family, tokens):
     """A static cache is what generate() compiles (CUDA graphs) on a GPU: every layer's cache is sized
     from its own kept heads and widths, sliding layers' from their window."""
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     exported, _ = build(adapter, model.state_dict(), random_slices(adapter.geometry(), np.random.default_rng(6)))
     prompt = tokens[:2, :8]
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
@@ -126,8 +120,7 @@ def test_a_static_cache_decode_step_compiles_without_graph_breaks(family, tokens
     back in, so CUDA graphs can cover the whole step."""
     from transformers import StaticCache
 
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     exported, _ = build(adapter, model.state_dict(), random_slices(adapter.geometry(), np.random.default_rng(6)))
     prompt = tokens[:2, :8]
     cache = StaticCache(config=exported.config, max_cache_len=16)
@@ -158,8 +151,7 @@ def test_a_uniform_subnet_exports_a_plain_llama_checkpoint(llama, adapter, token
 
 
 def test_a_uniform_opt_subnet_keeping_every_head_exports_a_plain_opt_checkpoint(tokens, tmp_path):
-    model = family_model("opt")
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family("opt")
     full = LayerSlice.full(adapter.geometry())
     uniform = [LayerSlice(full.kv_pairs, full.mlp[::2])] * 3
     runner, exported, info = reformed_export(model, adapter, tokens, uniform)
@@ -176,8 +168,7 @@ def test_a_uniform_opt_subnet_keeping_every_head_exports_a_plain_opt_checkpoint(
 
 def test_an_opt_subnet_with_fewer_heads_exports_the_searchllm_form(tokens):
     """OPT ties attention width to hidden size, so its own config cannot hold fewer heads."""
-    model = family_model("opt")
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family("opt")
     full = LayerSlice.full(adapter.geometry())
     uniform = [LayerSlice(full.kv_pairs[:2] + ((),) * 2, full.mlp)] * 3
     _, info = build(adapter, model.state_dict(), uniform)
@@ -186,8 +177,7 @@ def test_an_opt_subnet_with_fewer_heads_exports_the_searchllm_form(tokens):
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_sliding_windows_follow_the_kept_layers_into_the_export(family, tokens, tmp_path):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(8), drop_layer=0)
     runner, exported, info = reformed_export(model, adapter, tokens, slices)
     save(exported, info, tmp_path / "export")
@@ -202,8 +192,7 @@ def test_sliding_windows_follow_the_kept_layers_into_the_export(family, tokens, 
 
 
 def test_a_uniform_qwen2_subnet_keeps_its_layer_types_in_the_plain_export(tokens, tmp_path):
-    model = family_model("qwen2")
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family("qwen2")
     full = LayerSlice.full(adapter.geometry())
     uniform = [LayerSlice((full.kv_pairs[0], ()), full.mlp[::2])] * 3
     runner, exported, info = reformed_export(model, adapter, tokens, uniform)

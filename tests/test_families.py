@@ -6,7 +6,7 @@ import torch
 from searchllm.export import build
 from searchllm.models.adapters import UnsupportedModelError, adapter_for
 
-from conftest import family_model, tiny_model
+from conftest import family_model, tiny_family, tiny_model
 from helpers import hf_ppl, masked_model
 from test_slicing import random_slices, whole
 
@@ -65,8 +65,7 @@ def test_llama3_rope_scaling_is_kept_by_slices_and_export(tokens):
 
 def test_opt_positions_follow_the_attention_mask_under_left_padding(tokens):
     """OPT-style learned positions in the export: a left-padded prompt generates what the unpadded one does."""
-    model = family_model("opt")
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family("opt")
     exported, _ = build(adapter, model.state_dict(), random_slices(adapter.geometry(), np.random.default_rng(1)))
     prompt = tokens[:1, :6]
     padded = torch.cat([torch.zeros(1, 3, dtype=prompt.dtype), prompt], 1)

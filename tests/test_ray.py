@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from searchllm.driver import main
-from searchllm.models.adapters import adapter_for
 from searchllm.rundir import RunDir
 from searchllm.space import SearchSpace
 
-from conftest import family_model, make_tiny_checkpoint, tiny_run_args
+from conftest import make_tiny_checkpoint, tiny_family, tiny_run_args
 from helpers import evaluator_pool as pool
 from helpers import small_search
 
@@ -24,8 +23,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.mark.parametrize("family", ["llama", "opt"])  # OPT: position table on the first stage, norm bias on the last
 def test_two_stage_replica_gives_the_same_fitness_as_one_stage(ray_cluster, family, tokens):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     space = SearchSpace(adapter.geometry())
     cand = space.full()
     cand.mlp[:, ::3] = False

@@ -6,9 +6,8 @@ import torch
 from searchllm.models.sliced import LayerSlice
 from searchllm.reform import Normal, ReformParams, reform_shard, solve_admm, solve_exact
 
-from searchllm.models.adapters import adapter_for
 
-from conftest import FAMILIES, family_model
+from conftest import FAMILIES, tiny_family
 from test_slicing import random_slices, whole
 
 
@@ -62,8 +61,7 @@ def test_reformation_never_increases_the_layer_reconstruction_error(llama, adapt
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reformation_lowers_the_reconstruction_error_in_every_family(family, tokens):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(3))
     _, _, results = reform_shard(whole(adapter, model), slices, tokens, None, ReformParams(), batch=2)
     for r in results:
@@ -104,8 +102,7 @@ def test_reformation_with_bias_exports_and_computes_what_the_runner_computed(fam
     from searchllm.evaluate import perplexity
     from searchllm.export import build
 
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     g = adapter.geometry()
     slices = random_slices(g, np.random.default_rng(4))
     runner = whole(adapter, model)

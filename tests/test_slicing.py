@@ -7,7 +7,7 @@ from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
 from searchllm.shard import ShardRunner, split_layers
 
-from conftest import FAMILIES, family_model
+from conftest import FAMILIES, family_model, tiny_family
 from helpers import hf_ppl, masked_model
 
 
@@ -34,8 +34,7 @@ def random_slices(g, rng, heads_only=False, drop_layer=None):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_subnet_gives_the_original_perplexity(family, tokens):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
     assert whole(adapter, model).forward(full, tokens).ppl == pytest.approx(hf_ppl(model, tokens), rel=1e-5)
 
@@ -43,8 +42,7 @@ def test_full_subnet_gives_the_original_perplexity(family, tokens):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("heads_only", [False, True])
 def test_sliced_subnet_equals_masked_model(family, heads_only, tokens):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(3), heads_only=heads_only)
     got = whole(adapter, model).forward(slices, tokens).ppl
     want = hf_ppl(masked_model(model, adapter, slices), tokens)
@@ -54,8 +52,7 @@ def test_sliced_subnet_equals_masked_model(family, heads_only, tokens):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dropped_layer_equals_zeroed_layer(family, tokens):
-    model = family_model(family)
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family)
     slices = random_slices(adapter.geometry(), np.random.default_rng(5), drop_layer=1)
     got = whole(adapter, model).forward(slices, tokens).ppl
     assert got == pytest.approx(hf_ppl(masked_model(model, adapter, slices), tokens), rel=1e-4)

@@ -7,7 +7,7 @@ from searchllm.models.weights import share
 from searchllm.shard import ShardRunner, split_layers
 from searchllm.space import Budget, BudgetError, SearchSpace
 
-from conftest import FAMILIES, family_model
+from conftest import FAMILIES, family_model, tiny_family
 
 
 def random_candidate(space, rng):
@@ -22,8 +22,7 @@ def random_candidate(space, rng):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ["channels", "heads"])
 def test_param_count_equals_numel_of_physically_sliced_layers(family, attention):
-    model = family_model(family, **({"attention_bias": True} if family == "llama" else {}))
-    adapter = adapter_for(model.config)
+    model, adapter = tiny_family(family, **({"attention_bias": True} if family == "llama" else {}))
     space = SearchSpace(adapter.geometry(), attention)
     cand = random_candidate(space, np.random.default_rng(0))
     runner = ShardRunner(adapter, share(model.state_dict()), split_layers(space.num_layers, 1)[0])
