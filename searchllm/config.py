@@ -15,6 +15,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .evaluate import EvalConfig
 from .evolution import EvolutionParams
+from .levels import DB_DTYPES, DB_INPUTS, HEAD_MODES, LevelParams
+from .levelsearch import LevelSearchParams
 from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
 
@@ -25,7 +27,11 @@ DEFAULT_CONFIG = CONF / "default.yaml"
 METHOD_DIR = CONF / "method"
 CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
 DTYPES = ("float32", "bfloat16", "float16")
-SEARCH_MODES = ("evolution", "random", "uniform", "flap")  # how the subnet is chosen (baselines.py, evolution.py)
+# How the subnet is chosen: the level search over the compensated level database (levels.py, levelsearch.py),
+# the paper's evolution or random search over masks (evolution.py), or a baseline chosen outright (baselines.py).
+SEARCH_MODES = ("levels", "evolution", "random", "uniform", "flap")
+LEVEL_FITNESS = ("kl", "ppl")
+LEVEL_INITS = ("all", "uniform", "errors")
 SEARCH_INITS = ("uniform", "flap")  # generation 0 of the evolution: the paper's uniform subnet, or it and FLAP's
 METHODS = ("searchllm", "paper", "uniform", "flap", "random")  # presets in conf/method/<name>.yaml
 DEVICES = ("auto", "cpu", "cuda")
@@ -92,7 +98,7 @@ class SearchConfig(EvolutionParams):
     """The paper's search hyper-parameters (EvolutionParams: population, parents, mutations, crossovers,
     mutation probabilities, alpha, max_tries) plus how the run is driven."""
 
-    mode: str = "evolution"
+    mode: str = "levels"
     init: str = "uniform"
     # Judge every candidate with FLAP's bias compensation (the pruned channels' calibration mean folded
     # into o/down biases; a matrix-vector product per block), closer to what reformation will make of it.
@@ -100,6 +106,22 @@ class SearchConfig(EvolutionParams):
     seed: int = 0
     generations: int = 50
     score_damp: float = 0.01  # damping of the Gram inverse in the importance scores
+
+
+@dataclass
+class LevelsConfig(LevelParams, LevelSearchParams):
+    """search.mode=levels: how the level database is built (LevelParams: heads, mlp_levels, inputs, damping,
+    dtype) and searched (LevelSearchParams: offspring, parents, the multi-step schedule tokens/survivors,
+    crossover); search.generations and search.seed apply."""
+
+    fitness: str = "kl"  # kl: mean KL divergence from the dense model (top-k sparse) | ppl
+    topk: int = 256  # dense tokens kept per position for the KL (the rest is one bin)
+    # Starting points: uniform (the same levels in every layer, one candidate per attention level that
+    # fits the budget), errors (greedy allocation by the database's own reconstruction errors), or all.
+    init: str = "all"
+    # Re-reform the chosen assignment with the reformation stage (reform.*) from the original weights and
+    # keep whichever of it and the database weights scores better on the last stage's tokens.
+    rereform: bool = False
 
 
 @dataclass
@@ -157,6 +179,7 @@ class Config:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    levels: LevelsConfig = field(default_factory=LevelsConfig)
     reform: ReformConfig = field(default_factory=ReformConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # after export: the original and the exported model
@@ -180,6 +203,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "budget.count": BUDGET_COUNTS,
     "search.mode": SEARCH_MODES,
     "search.init": SEARCH_INITS,
+    "levels.heads": HEAD_MODES,
+    "levels.inputs": DB_INPUTS,
+    "levels.dtype": DB_DTYPES,
+    "levels.fitness": LEVEL_FITNESS,
+    "levels.init": LEVEL_INITS,
     "method": METHODS,
     "reform.solver": SOLVERS,
     "reform.inputs": INPUTS,
@@ -284,6 +312,17 @@ def validate(c: Config) -> None:
             raise ConfigError(f"data.{name}.name=text needs data.{name}.path=<a local text file>")
     if c.data.fitness.samples < 1 or c.data.calibration.samples < 1:
         raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
+    lv = c.levels
+    if not lv.tokens or any(not isinstance(t, int) or t < 2 for t in lv.tokens):
+        raise ConfigError(f"levels.tokens={list(lv.tokens)} must be a non-empty list of token counts >= 2, one per selection stage, e.g. [512,2048,8192]")
+    if len(lv.survivors) != len(lv.tokens) - 1 or any(n < 1 for n in lv.survivors):
+        raise ConfigError(f"levels.survivors={list(lv.survivors)} must list {len(lv.tokens) - 1} counts >= 1 "
+                          f"(how many candidates each stage but the last of levels.tokens={list(lv.tokens)} passes on)")
+    for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group"):
+        if getattr(lv, key) < 1:
+            raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
+    if not 0 <= lv.crossover <= 1 or lv.obs_damp <= 0 or lv.damp < 0:
+        raise ConfigError(f"levels.crossover={lv.crossover} must be in [0, 1], levels.obs_damp={lv.obs_damp} > 0 and levels.damp={lv.damp} >= 0")
     f = c.reform
     if f.final_windows < 0:
         raise ConfigError(f"reform.final_windows={f.final_windows} must be >= 0 (0: the fitness windows)")

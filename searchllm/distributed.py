@@ -157,6 +157,7 @@ class StageActor:
         self.tokens = {k: ray.get(v) for k, v in tokens.items()}
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
+        self._levels_ref = None  # the level database it holds
         self.busy = None  # its metric, made on first use
         self.load_seconds = time.perf_counter() - t0
 
@@ -172,15 +173,31 @@ class StageActor:
         layers, device, dtype = self.spec.layers, self.runner.device, self.runner.dtype
         self.runner.means = {i: m for i, m in state["means"].items() if i in layers}
         self.runner.reformed = {i: (s, {k: v.to(device, dtype) for k, v in w.items()}) for i, (s, w) in state["reformed"].items() if i in layers}
+        if state["levels"] is not None and state["levels"][1] is not self._levels_ref:
+            space, refs = state["levels"]  # this shard's database entries, fetched once
+            self._levels_ref = state["levels"][1]
+            self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
+        if self.spec.last:
+            self.runner.targets = {w: (t[0].to(device), t[1].to(device)) for w, t in ray.get(list(state["targets"].values()))} \
+                if state["targets"] else {}
         self.version = version
 
-    def forward(self, slices: dict[int, LayerSlice], inp: Any, which: str, batch: int, extras: tuple[int, list]) -> Any:
+    def forward(self, slices: dict[int, Any], inp: Any, which: str, batch: int, extras: tuple[int, list], metric: str = "nll") -> Any:
         t0 = time.perf_counter()
         self._sync(extras)
         tokens = self.tokens[which]
-        out = self.runner.forward(slices, tokens if self.spec.first else inp, tokens, batch)
+        out = self.runner.forward(slices, tokens if self.spec.first else inp, tokens, batch, metric, which)
         self._busy(time.perf_counter() - t0)
         return out
+
+    def build_levels(self, inp: Any, space: Any, implied: Any, batch: int, done: dict) -> Iterator[Any]:
+        """A streaming generator: one item per layer of the shard (its LayerLevels, or None when it was
+        in `done`), then the calibration stream leaving the shard."""
+        from .levels import iter_build
+
+        src = self.tokens["calibration"] if self.spec.first else inp
+        out = yield from iter_build(self.runner, space, implied, src, batch, done)
+        yield out
 
     def _busy(self, seconds: float) -> None:
         if self.busy is None:
@@ -232,7 +249,7 @@ class EvaluatorPool:
         self.shard_refs = shard_refs = [ray.put(share(state, shard_state_names(adapter, s))) for s in self.specs]
         self.token_refs = token_refs = {k: ray.put(v) for k, v in tokens.items()}
         self.put_seconds = time.perf_counter() - t0
-        self._extras: dict[str, dict] = {"means": {}, "reformed": {}}
+        self._extras: dict[str, Any] = {"means": {}, "reformed": {}, "levels": None, "targets": {}}
         self._version = (0, [ray.put(self._extras)])
         self.groups = [self._group(r, node) for r, node in enumerate(layout.nodes)]
         actor_cls = ray.remote(actor)
@@ -306,11 +323,11 @@ class EvaluatorPool:
         """Every actor applies the new extras before its next evaluation (a restarted one too)."""
         self._version = (self._version[0] + 1, [ray.put(self._extras)])
 
-    def _submit(self, replica: int, slices: list[LayerSlice], which: str, batch: int) -> ray.ObjectRef:
+    def _submit(self, replica: int, slices: list, which: str, batch: int, metric: str = "nll") -> ray.ObjectRef:
         out = None
         for spec, actor in zip(self.specs, self.replicas[replica]):
             part = {i: slices[i] for i in spec.layers}
-            out = actor.forward.remote(part, out, which, batch, self._version)
+            out = actor.forward.remote(part, out, which, batch, self._version, metric)
         return out
 
     def _drop(self, replica: int, why: str) -> None:
@@ -318,7 +335,10 @@ class EvaluatorPool:
             self.alive.remove(replica)
             log.warning("replica %d is gone for good (%s); continuing with %d replica(s)", replica, why, len(self.alive))
 
-    def stream(self, space: SearchSpace, cands: list[Candidate], which: str = "fitness", batch: int = 1) -> Iterator[tuple[int, NLL, int]]:
+    def stream(self, space: SearchSpace, cands: list[Candidate], which: str = "fitness", batch: int = 1,
+               metric: str = "nll") -> Iterator[tuple[int, NLL, int]]:
+        """Evaluate candidates on every live replica, yielding (index, NLL, replica) as each finishes;
+        `space` turns a candidate into its per-layer slices (a SearchSpace, or levels.GenomeCodec)."""
         queue = deque(range(len(cands)))
         inflight: dict[ray.ObjectRef, tuple[int, int]] = {}
         failures: dict[int, int] = {}
@@ -327,7 +347,7 @@ class EvaluatorPool:
             for r in list(self.alive):
                 while queue and load[r] < self.cfg.in_flight:
                     i = queue.popleft()
-                    inflight[self._submit(r, space.slices(cands[i]), which, batch)] = (i, r)
+                    inflight[self._submit(r, space.slices(cands[i]), which, batch, metric)] = (i, r)
                     load[r] += 1
             if not inflight:
                 raise ClusterError("every evaluator replica has died; nothing left to evaluate on")
@@ -388,6 +408,45 @@ class EvaluatorPool:
             _collect(spec, gen, results, on_layer)
         self.set_overrides(slices, done | {r.layer: r.weights for r in results})
         return results
+
+    def build_levels(self, space: Any, implied: Any, batch: int, done: Optional[dict] = None,
+                     on_layer: Optional[Callable[[Any], None]] = None) -> list[Any]:
+        """Build the level database on the lead replica's stages, in order (each stage's calibration stream
+        feeds the next: error accumulation); `on_layer` sees each layer's entries as they arrive (the
+        driver saves them: a resume builds only the layers left)."""
+        done = done or {}
+        stream, results = None, []
+        for spec, actor in zip(self.specs, self.lead):
+            mine = {i: e for i, e in done.items() if i in spec.layers}
+            gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine)
+            refs = iter(gen)
+            for _ in spec.layers:
+                entry = ray.get(next(refs))
+                if entry is not None:
+                    results.append(entry)
+                    if on_layer is not None:
+                        on_layer(entry)
+            stream = next(refs)
+        return results
+
+    def set_levels(self, space: Any, layers: dict[int, Any]) -> None:
+        """Hand every actor its shard's database entries (one object per shard in the object store)."""
+        refs = {spec.start: ray.put({i: layers[i] for i in spec.layers}) for spec in self.specs}
+        self._extras["levels"] = (space, refs)
+        self._publish()
+
+    def set_targets(self, codec: Any, dense: Any, which: str, k: int, batch: int) -> NLL:
+        """Cache the dense model's top-k next-token distributions on token set `which` as every replica's
+        KL targets (computed once on the lead replica, then published); returns the dense NLL there."""
+        out = None
+        slices = codec.slices(dense)
+        for spec, actor in zip(self.specs, self.lead):
+            part = {i: slices[i] for i in spec.layers}
+            out = actor.forward.remote(part, out, which, batch, self._version, f"targets:{k}")
+        nll, targets = ray.get(out)
+        self._extras["targets"] = dict(self._extras["targets"]) | {which: ray.put((which, targets))}
+        self._publish()
+        return nll
 
     def set_compensation(self, scores: Scores) -> None:
         """From now on every candidate runs with FLAP's bias compensation from these calibration means."""

@@ -7,6 +7,7 @@ corpora -> Ray -> evaluator pool -> dense baseline -> calibration scores -> init
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
 from .evolution import Evolution, RandomSearch
 from .layout import ClusterError
+from .levels import LevelError, LevelSpace
 from .monitor import Monitor, ProgressServer, write_report
 from .models.adapters import UnsupportedModelError
 from .models.loading import DTYPES as DTYPES_BY_NAME
@@ -32,7 +34,7 @@ from .search import Search, SearchResult, summarize
 from .space import Budget, BudgetError, SearchSpace
 
 log = logging.getLogger("searchllm")
-USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError, ClusterError)
+USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError, ClusterError, LevelError)
 
 
 @dataclass
@@ -89,7 +91,11 @@ def prepare(argv: list[str]) -> Prepared:
     )
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
     adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
-    extra = bias_params(space) if adds_bias and cfg.search.mode != "flap" else 0  # flap() budgets its own
+    extra = bias_params(space) if adds_bias and cfg.search.mode not in ("flap", "levels") else 0  # flap() budgets its own
+    if cfg.search.mode == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
+        from .levels import implied_levels
+
+        implied_levels(LevelSpace(g, cfg.levels), *level_band(cfg, g))
     budget = Budget(cfg.budget.target - extra / space.total(cfg.budget.count), cfg.budget.tol, cfg.budget.count)
     lo, hi = space.bounds(budget.count)
     if budget.high < lo or budget.low > hi:
@@ -113,6 +119,9 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
         if name == "fitness":  # the finalists' judge: more windows of the same corpus
             n = cfg.reform.final_windows
             tokens["final"] = first_windows(ids[key], n, corpus.seqlen, "reform.final_windows") if n else tokens[name]
+            if cfg.search.mode == "levels":  # the level search's selection stages: the first windows holding their tokens
+                for k, t in enumerate(cfg.levels.tokens):
+                    tokens[f"levels{k}"] = first_windows(ids[key], -(-t // corpus.seqlen), corpus.seqlen, f"levels.tokens[{k}]")
     return tokens, where
 
 
@@ -182,6 +191,8 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
 
     batch = cfg.data.batch
 
+    if cfg.search.mode == "levels":
+        return levels_search_and_export(cfg, run_dir, pool, tokens, where, loaded, monitor)
     dense = space.full()
     fit = {i: nll for i, nll, _ in pool.stream(space, [dense], "fitness", batch)}[0]
     log.info("dense model: fitness ppl %.3f on %s, %d tokens", fit.ppl, where["fitness"], fit.tokens)
@@ -222,6 +233,198 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
         if "export" in manifest:
             return Path(manifest["export"]["dir"])
     return None
+
+
+def level_band(cfg: Config, g) -> tuple[int, int]:
+    """The parameter counts (whole model) budget.target +- budget.tol allows, in budget.count's terms."""
+    b = cfg.budget
+    if b.count == "decoder":
+        d = g.num_layers * g.layer_params
+        return int(math.ceil(g.outer_params + (b.target - b.tol) * d)), int(g.outer_params + (b.target + b.tol) * d)
+    return int(math.ceil((b.target - b.tol) * g.total_params)), int((b.target + b.tol) * g.total_params)
+
+
+def build_level_database(cfg: Config, run_dir: RunDir, pool, space, band: tuple[int, int], monitor: Optional[Monitor] = None):
+    """The run's level database: loaded from the run dir where it was built before (a resume), the
+    missing layers built on the pool and saved as each arrives. Returns (database, build record)."""
+    from tqdm import tqdm
+
+    from .levels import LevelDatabase, implied_levels, load_layers, save_layer
+
+    folder = run_dir.path / "levels" / cfg.levels.digest()
+    saved = load_layers(folder) if folder.is_dir() else {}
+    implied = implied_levels(space, *band)
+    L = space.num_layers
+    t0 = time.perf_counter()
+    if len(saved) < L:
+        if monitor is not None:
+            monitor.stage("building levels")
+        c = cfg.data.calibration
+        log.info("building the level database (heads=%s, %d MLP levels, inputs=%s, implied levels %s) on %d x %d calibration tokens%s",
+                 cfg.levels.heads, cfg.levels.mlp_levels, cfg.levels.inputs, implied[0].tolist(), c.samples, c.seqlen,
+                 f"; layers {sorted(saved)} were built before" if saved else "")
+        with tqdm(total=L, initial=len(saved), desc="level database", unit="layer", leave=False, disable=None) as bar:
+            def on_layer(entry):
+                save_layer(folder, entry)  # first: a resume starts after it
+                bar.update(1)
+
+            fresh = pool.build_levels(space, implied, cfg.data.batch, saved, on_layer)
+        layers = saved | {e.layer: e for e in fresh}
+    else:
+        layers = saved
+    seconds = time.perf_counter() - t0
+    db = LevelDatabase(space, layers)
+    disk = sum(f.stat().st_size for f in folder.glob("layer-*.safetensors"))
+    record = {"dir": str(folder), "layers_built": L - len(saved), "build_seconds": seconds, "bytes": db.nbytes(), "disk_bytes": disk,
+              "implied": implied[0].tolist(), "attn_levels": space.attn_top + 1, "mlp_levels": space.mlp_top + 1}
+    log.info("level database: %d layers x (%d attention + %d MLP levels), %.1f MiB on disk, %s in %.1fs", L, space.attn_top + 1,
+             space.mlp_top + 1, disk / 2**20, f"{L - len(saved)} layers built" if len(saved) < L else "reused", seconds)
+    return db, record
+
+
+class LevelEvaluator:
+    """The level search's StageEvaluator over a pool: stage k scores on token set levels<k>."""
+
+    def __init__(self, pool, codec, batch: int, metric: str) -> None:
+        self.pool, self.codec, self.batch, self.metric = pool, codec, batch, metric
+
+    def evaluate(self, genomes, stage: int):
+        return self.pool.stream(self.codec, genomes, f"levels{stage}", self.batch, self.metric)
+
+
+def summarize_levels(db, genome) -> dict:
+    """Per-layer structure of an assignment, in the shape the progress page draws (attention units =
+    kept query heads per KV group)."""
+    g = db.space.geometry
+    slices = db.slices(genome)
+    return {"active": [int(s.active) for s in slices], "attn_units": [s.q_counts(g) for s in slices],
+            "kv_dims": [len(s.kv_rows(g)) for s in slices], "mlp_channels": [len(s.mlp) for s in slices],
+            "depth": sum(1 for s in slices if s.active), "levels": genome.tolist()}
+
+
+def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, loaded, monitor: Monitor) -> Optional[Path]:
+    """search.mode=levels: build (or reuse) the level database, search level assignments with multi-step
+    selection on KL (or perplexity) fitness, export the best exactly as it was scored."""
+    from tqdm import tqdm
+
+    from .levels import GenomeCodec, LevelSpace, error_allocation, uniform_genome
+    from .levelsearch import LevelSearch
+
+    g, lv, batch = loaded.adapter.geometry(), cfg.levels, cfg.data.batch
+    space = LevelSpace(g, lv)
+    band = level_band(cfg, g)
+    codec, full = GenomeCodec(), space.full()
+    db, built = build_level_database(cfg, run_dir, pool, space, band, monitor)
+    pool.set_levels(space, db.layers)
+    stages = [f"levels{k}" for k in range(len(lv.tokens))]
+    metric = "kl" if lv.fitness == "kl" else "nll"
+    if metric == "kl":
+        for w in stages:
+            pool.set_targets(codec, full, w, lv.topk, batch)
+    inits = []
+    if lv.init in ("all", "uniform"):
+        for a in range(space.attn_top, -1, -1):
+            genome = uniform_genome(space, db.params, *band, a)
+            if genome is not None:
+                inits.append((genome, f"uniform attention level {a}"))
+    if lv.init in ("all", "errors"):
+        inits.append((error_allocation(db, *band), "error allocation"))
+    monitor.stage("searching")
+    t0 = time.perf_counter()
+    bar = lambda gen, stage, total: tqdm(total=total, desc=f"gen {gen + 1}/{cfg.search.generations} stage {stage + 1}", unit="cand",  # noqa: E731
+                                         leave=False, mininterval=1, disable=None)
+    search = LevelSearch(db, space.top, g.total_params, band, lv, LevelEvaluator(pool, codec, batch, metric), run_dir, cfg.search.seed,
+                         cfg.search.generations, monitor, lambda x: summarize_levels(db, x), bar)
+    result = search.run_search(inits)
+    wall = time.perf_counter() - t0
+    best = result.best
+    dense_rep, best_rep = (nll.ppl for _, nll, _ in sorted(pool.stream(codec, [full, best], "report", batch), key=lambda x: x[0]))
+    structure = summarize_levels(db, best)
+    corpus = f"{where['report']}, {tokens['report'].shape[0]} x {tokens['report'].shape[1]} tokens"
+    rows = [{"model": "original", "params": g.total_params, "kept": 1.0, "report ppl": dense_rep, "corpus": corpus},
+            {"model": "searched", "params": result.params, "kept": result.params / g.total_params, "report ppl": best_rep, "corpus": corpus}]
+    monitor.set_summary(rows)
+    run_dir.save_json("best.json", {"key": best.tobytes().hex(), "params": result.params, "ratio": result.ratio, "fitness": result.fitness,
+                                    "fitness_kind": lv.fitness, **structure})
+    run_dir.save_json("summary.json", {
+        "model": cfg.model.path, "total_params": g.total_params, "target": cfg.budget.target, "best_params": result.params,
+        "best_ratio": result.ratio, "fitness_corpus": where["fitness"], "fitness_kind": lv.fitness,
+        "fitness_tokens": [list(tokens[w].shape) for w in stages], "best_fitness": result.fitness, "report_corpus": where["report"],
+        "report_tokens": list(tokens["report"].shape), "dense_report_ppl": dense_rep, "best_report_ppl": best_rep,
+        "generations": result.generations, "evaluations": result.evaluations, "search_seconds": wall, "history": result.history,
+        "level_database": built})
+    print(f"\nbest subnet: kept ratio {result.ratio:.4f} ({result.params / 1e6:.2f}M of {g.total_params / 1e6:.2f}M params) after "
+          f"{result.generations} generations / {result.evaluations} evaluations in {wall:.0f}s\n"
+          f"  fitness ({lv.fitness}, {where['fitness']}, {tokens[stages[-1]].numel()} tokens): {result.fitness:.5f}\n"
+          f"  report ppl ({corpus}): dense {dense_rep:.2f} -> subnet {best_rep:.2f}\n  run dir: {run_dir.path}")
+    if cfg.monitor.report:
+        write_report(monitor, run_dir.path / "report.html")
+    reformed, ppl = db.overrides(best), {"original": dense_rep, "searched": best_rep}
+    manifest = {
+        "method": cfg.method,
+        "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
+                   "model_type": loaded.adapter.config.model_type},
+        "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
+                        "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
+        "search": {"mode": "levels", "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
+                   "fitness_corpus": where["fitness"], "fitness": lv.fitness, "best_fitness": result.fitness, "seconds": wall,
+                   "levels": best.tolist(), "inits": [o for _, o in inits]},
+        "level_database": built,
+        "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
+        "params": {"original": g.total_params, "subnet": result.params, "decoder_original": g.num_layers * g.layer_params,
+                   "decoder_subnet": result.params - g.outer_params},
+        "structure": structure,
+        "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
+    }
+    slices = db.slices(best)
+    if lv.rereform:
+        slices, reformed, ppl, manifest["rereform"] = rereform_levels(cfg, run_dir, pool, db, best, codec, stages[-1], metric,
+                                                                       result.fitness, ppl, monitor)
+    out = None
+    if cfg.export.enabled:
+        manifest["export"] = export_subnet(cfg, run_dir, loaded, pool, slices, reformed, tokens, result.params,
+                                           ppl.get("reformed", best_rep), monitor)
+        ppl["exported"] = manifest["export"].pop("ppl")
+        out = Path(manifest["export"]["dir"])
+        rows.append({"model": "exported", "params": manifest["export"]["params"], "kept": manifest["export"]["params"] / g.total_params,
+                     "report ppl": ppl["exported"], "corpus": corpus})
+        monitor.set_summary(rows)
+    manifest["perplexity"] |= ppl
+    run_dir.save_json("manifest.json", manifest)
+    monitor.set_best(structure, "chosen by the level search")
+    print("  perplexity (" + where["report"] + "): " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+    return out
+
+
+def rereform_levels(cfg: Config, run_dir: RunDir, pool, db, best, codec, which: str, metric: str, fitness: float, ppl: dict,
+                    monitor: Optional[Monitor] = None):
+    """levels.rereform: reform the chosen assignment's slices from the original weights with the
+    reformation stage (reform.*), score it on the last selection stage's tokens, and keep whichever of it
+    and the database weights is better. Returns (slices, overrides, perplexities, record)."""
+    slices = db.slices(best)
+    if monitor is not None:
+        monitor.stage("reforming")
+    t0 = time.perf_counter()
+    tag = f"levels-{best.tobytes().hex()[:16]}-{cfg.reform.digest()}"
+    saved = run_dir.load_layers(tag)
+    fresh = pool.reform(slices, cfg.reform, cfg.data.batch, {i: x.weights for i, x in saved.items()}, lambda res: run_dir.save_layer(tag, res))
+    weights = {x.layer: x.weights for x in [*saved.values(), *fresh]}
+    dense_slices = [s for s in slices]
+
+    class Slices:  # the reformed subnet: its slices with the reformed weights the pool now holds
+        def slices(self, _):
+            return dense_slices
+
+    after = next(nll for _, nll, _ in pool.stream(Slices(), [None], which, cfg.data.batch, metric)).value
+    rep = next(nll for _, nll, _ in pool.stream(Slices(), [None], "report", cfg.data.batch)).ppl
+    keep = after < fitness
+    record = {"fitness_database": fitness, "fitness_rereformed": after, "report_ppl_rereformed": rep, "kept": "rereformed" if keep else "database",
+              "seconds": time.perf_counter() - t0}
+    log.info("re-reformed the chosen assignment in %.1fs: fitness %.5f (database weights %.5f), report ppl %.2f; keeping the %s weights",
+             record["seconds"], after, fitness, rep, record["kept"])
+    if keep:
+        return slices, weights, ppl | {"reformed": rep}, record
+    return slices, db.overrides(best), ppl, record
 
 
 def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, scores: Scores,
@@ -356,10 +559,6 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
                       scores: Optional[Scores] = None, monitor: Optional[Monitor] = None) -> dict:
     """Reform the best subnet on the actor pool, export it, reload the export from disk, and write
     manifest.json with the perplexity of every stage on the report windows."""
-    from .evaluate import perplexity
-    from .export import build, save
-    from .models.loading import load_pretrained
-
     best, batch, g = result.best, cfg.data.batch, space.geometry
     slices = space.slices(best)
     reformed, layers, seconds, finalists = dict(overrides or {}), [], 0.0, []
@@ -397,28 +596,40 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
     }
     if cfg.export.enabled:
-        if monitor is not None:
-            monitor.stage("exporting")
-        state = pool.original_state()
-        model, info = build(loaded.adapter, state, slices, reformed, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype])
-        out = Path(cfg.export.dir or run_dir.path / "export")
-        save(model, info, out, loaded.tokenizer, loaded.checkpoint)
-        del model, state
-        reloaded, _ = load_pretrained(str(out))
-        ppl["exported"] = perplexity(reloaded, tokens["report"], batch).ppl
-        ref_ppl = ppl.get("reformed", searched_ppl)
-        rel = abs(ppl["exported"] - ref_ppl) / ref_ppl
-        manifest["export"] = {"dir": str(out), "kind": info.kind, "params": info.params, "layers": info.layers,
-                              "attention_padding": info.padding, "zero_biases": info.zero_biases, "reload_rel_diff": rel}
-        if info.params != space.params(best) + added + info.zero_biases:
-            log.warning("exported model has %d params, the search counted %d (+%d zero biases)", info.params,
-                        space.params(best) + added, info.zero_biases)
-        log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
-                 info.kind, out, info.params, ppl["exported"], rel)
+        manifest["export"] = export_subnet(cfg, run_dir, loaded, pool, slices, reformed, tokens, space.params(best) + added,
+                                           ppl.get("reformed", searched_ppl), monitor)
+        ppl["exported"] = manifest["export"].pop("ppl")
     manifest["perplexity"] |= ppl
     run_dir.save_json("manifest.json", manifest)
     print("  perplexity (" + where["report"] + "): " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
     return manifest
+
+
+def export_subnet(cfg: Config, run_dir: RunDir, loaded, pool, slices, reformed, tokens, counted: int, ref_ppl: float,
+                  monitor: Optional[Monitor] = None) -> dict:
+    """Build the export from the original weights, the slices and the tensors replacing sliced ones, save it,
+    reload it from disk and score it on the report windows; returns the manifest's export record (with
+    its report `ppl`)."""
+    from .evaluate import perplexity
+    from .export import build, save
+    from .models.loading import load_pretrained
+
+    if monitor is not None:
+        monitor.stage("exporting")
+    state = pool.original_state()
+    model, info = build(loaded.adapter, state, slices, reformed, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype])
+    out = Path(cfg.export.dir or run_dir.path / "export")
+    save(model, info, out, loaded.tokenizer, loaded.checkpoint)
+    del model, state
+    reloaded, _ = load_pretrained(str(out))
+    ppl = perplexity(reloaded, tokens["report"], cfg.data.batch).ppl
+    rel = abs(ppl - ref_ppl) / ref_ppl
+    if info.params != counted + info.zero_biases:
+        log.warning("exported model has %d params, the search counted %d (+%d zero biases)", info.params, counted, info.zero_biases)
+    log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
+             info.kind, out, info.params, ppl, rel)
+    return {"dir": str(out), "kind": info.kind, "params": info.params, "layers": info.layers, "attention_padding": info.padding,
+            "zero_biases": info.zero_biases, "reload_rel_diff": rel, "ppl": ppl}
 
 
 def report(run_dir: RunDir, cfg: Config, space: SearchSpace, result: SearchResult, dense_fit: float, dense_rep: float,

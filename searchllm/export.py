@@ -57,13 +57,15 @@ class ExportInfo:
         return self.padded_attention_dims / max(self.attention_dims, 1) - 1
 
 
-def is_uniform(slices: Sequence[LayerSlice], half: int) -> bool:
-    """Every kept layer keeps the same number of whole KV heads and the same MLP size, none dropped."""
+def is_uniform(slices: Sequence[LayerSlice], g) -> bool:
+    """Every kept layer keeps the same number of whole KV heads, the same number of query heads in every
+    kept group, and the same MLP size; none dropped."""
     if not all(s.active for s in slices):
         return False
-    shapes = {(sum(1 for p in s.kv_pairs if p), len(s.mlp)) for s in slices}
-    whole = all(len(p) in (0, half) for s in slices for p in s.kv_pairs)
-    return whole and len(shapes) == 1 and next(iter(shapes))[0] > 0
+    shapes = {(tuple(c for c in s.q_counts(g) if c), len(s.mlp)) for s in slices}
+    whole = all(len(p) in (0, g.head_dim // 2) for s in slices for p in s.kv_pairs)
+    heads = next(iter(shapes))[0]
+    return whole and len(shapes) == 1 and len(heads) > 0 and len(set(heads)) == 1
 
 
 def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequence[LayerSlice],
@@ -80,17 +82,19 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
     # Biases a reformation added where the family has none (FLAP's compensation): only our config has them.
     added = g.new_biases({k for w in (reformed or {}).values() for k in w})
     config = None
-    if is_uniform(slices, g.head_dim // 2) and not added:
-        s0 = slices[kept[0]]
-        config = adapter.plain_config(len(kept), sum(1 for p in s0.kv_pairs if p), len(s0.mlp))
+    if is_uniform(slices, g) and not added:
+        counts = [c for c in slices[kept[0]].q_counts(g) if c]
+        config = adapter.plain_config(len(kept), len(counts), len(slices[kept[0]].mlp), counts[0])
     uniform = config is not None
     outer = adapter.outer_state_keys()
     if uniform:
         names = lambda j: adapter.block_state_keys(j)  # noqa: E731
         outer_names = outer | {"lm_head": "lm_head.weight"}  # a tied head is still a state-dict entry
     else:
+        pruned_q = any(slices[i].q_heads is not None for i in kept)
         config = adapter.sliced_config(
-            [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept], kept
+            [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept], kept,
+            [slices[i].q_counts(g) for i in kept] if pruned_q else None,
         )
         config.auto_map = dict(AUTO_MAP)
         config.o_bias |= "o_bias" in added
@@ -105,9 +109,10 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
         zero_biases += g.hidden * len(zeros)
         sliced = slice_weights(w, slices[i], g) | zeros | dict((reformed or {}).get(i, {}))
         sd |= {names(j)[k]: t for k, t in sliced.items()}
-        widths = [2 * len(p) for p in slices[i].kv_pairs if p]
-        q_dims += sum(widths) * g.group_size
-        padded += max(widths, default=0) * len(widths) * g.group_size
+        counts = slices[i].q_counts(g)
+        widths = [(2 * len(p), c) for p, c in zip(slices[i].kv_pairs, counts) if p and c]
+        q_dims += sum(w * c for w, c in widths)
+        padded += max((w for w, _ in widths), default=0) * sum(c for _, c in widths)
     sd |= {outer_names[k]: state[n] for k, n in outer.items()}
     target = dtype or state[outer["embed"]].dtype
     sd = {k: v.detach().to("cpu", target).contiguous() for k, v in sd.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from .models.modeling_searchllm import norm
 from .models.sliced import LayerSlice, build_block
 from .models.weights import SharedState, unshare
 from .scores import GramAccumulator, LayerScores, layer_scores
+
+if TYPE_CHECKING:
+    from .levels import LayerLevels, LevelSpace
 
 
 @dataclass
@@ -51,14 +54,44 @@ def shard_state_names(adapter: ModelAdapter, spec: ShardSpec) -> list[str]:
 
 @dataclass
 class NLL:
-    total: float  # summed negative log-likelihood (nats)
+    total: float  # summed negative log-likelihood (nats), or summed KL divergence from the dense model (kind kl)
     tokens: int
     seconds: float = 0.0
     error: Optional[str] = None  # why the evaluation failed (total is then inf)
+    kind: str = "nll"
 
     @property
     def ppl(self) -> float:
         return float(np.exp(self.total / self.tokens))
+
+    @property
+    def value(self) -> float:
+        """The fitness: perplexity, or mean KL per token (nats); inf when the evaluation failed."""
+        if not np.isfinite(self.total):
+            return float("inf")
+        return self.ppl if self.kind == "nll" else self.total / self.tokens
+
+
+def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's k most likely next tokens per position: (log-probs, ids)."""
+    logp = F.log_softmax(logits.float(), -1)
+    top = torch.topk(logp, min(k, logp.shape[-1]), -1)
+    return top.values, top.indices.to(torch.int32)
+
+
+def sparse_kl(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Summed KL(P_dense || Q) over positions, on the dense model's top-k tokens plus one bin for the
+    rest of the vocabulary (the KL of the coarsened distributions: a lower bound of the full KL, equal to
+    it when k is the vocabulary)."""
+    logq = F.log_softmax(logits.float(), -1)
+    logp, idx = target
+    p = logp.exp()
+    logq_k = logq.gather(-1, idx.long())
+    kl = (p * (logp - logq_k)).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - logq_k.exp().sum(-1)).clamp_min(1e-30)
+    rest = torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return (kl + rest).sum()
 
 
 class ShardRunner:
@@ -96,17 +129,27 @@ class ShardRunner:
         # Calibration means of o/down inputs per layer: when set, every other slice runs with FLAP's
         # bias compensation (a cheap stand-in for reformation during the search).
         self.means: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # The level database's entries of this shard's layers: a layer given as (attention level, MLP
+        # level) instead of a LayerSlice is assembled from them (slice + compensated o/down).
+        self.levels: dict[int, "LayerLevels"] = {}
+        self.level_space: Optional["LevelSpace"] = None
+        # The dense model's top-k next-token distributions per token set (last shard): KL fitness.
+        self.targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- building -------------------------------------------------------------------------------------
-    def blocks(self, slices: Sequence[LayerSlice]) -> nn.ModuleDict:
-        """Physically sliced blocks of this shard's active layers (slices indexed by global layer)."""
-        return nn.ModuleDict(
-            {
-                str(i): self.block(i, slices[i], self._overrides(i, slices[i]))
-                for i in self.spec.layers
-                if slices[i].active
-            }
-        )
+    def blocks(self, slices: Sequence[LayerSlice | tuple[int, int]]) -> nn.ModuleDict:
+        """Physically sliced blocks of this shard's active layers (slices indexed by global layer; a layer
+        may be given by its levels in the level database instead)."""
+        resolved = {i: self.resolve(i, slices[i]) for i in self.spec.layers}
+        return nn.ModuleDict({str(i): self.block(i, s, w) for i, (s, w) in resolved.items() if s.active})
+
+    def resolve(self, layer: int, x: LayerSlice | tuple[int, int]) -> tuple[LayerSlice, Mapping[str, torch.Tensor] | None]:
+        """A layer's slice and the tensors replacing its sliced ones."""
+        if isinstance(x, LayerSlice):
+            return x, self._overrides(layer, x)
+        entry, (a, m) = self.levels[layer], (int(v) for v in x)
+        w = entry.overrides(self.level_space, a, m)
+        return entry.slice(self.level_space, a, m), {k: v.to(self.device, self.dtype) for k, v in w.items()}
 
     def block(self, layer: int, s: LayerSlice, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """One layer's sliced block; `overrides` replaces sliced tensors (reformed o/down) by standard key."""
@@ -160,28 +203,54 @@ class ShardRunner:
             outs.append(h)
         return torch.cat(outs)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(norm(h.to(self.device), self.norm_w, self.norm_b, self.eps), self.head_w).float()
+
     @torch.no_grad()
     def nll(self, hidden: torch.Tensor, tokens: torch.Tensor) -> NLL:
         total, count = 0.0, 0
         tokens = tokens.to(self.device)
         for h, t in zip(hidden, tokens):  # one window at a time: logits are vocab-wide
-            logits = F.linear(norm(h.to(self.device), self.norm_w, self.norm_b, self.eps), self.head_w).float()
+            logits = self.logits(h)
             total += float(F.cross_entropy(logits[:-1], t[1:], reduction="sum"))
             count += t.numel() - 1
         return NLL(total, count)
 
+    @torch.no_grad()
+    def kl(self, hidden: torch.Tensor, which: str) -> NLL:
+        """Summed sparse KL from the dense model's cached targets of token set `which` (per position)."""
+        logp, idx = self.targets[which]
+        total, count = 0.0, 0
+        for j, h in enumerate(hidden):
+            total += float(sparse_kl(self.logits(h)[:-1], (logp[j], idx[j])))
+            count += h.shape[0] - 1
+        return NLL(total, count, kind="kl")
+
+    @torch.no_grad()
+    def set_targets(self, hidden: torch.Tensor, which: str, k: int) -> None:
+        """Cache the top-k next-token distributions of these (dense) hidden states as token set `which`'s
+        KL targets."""
+        parts = [topk_targets(self.logits(h)[:-1], k) for h in hidden]
+        self.targets[which] = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+
     def forward(
-        self, slices: Sequence[LayerSlice], inp: torch.Tensor, tokens: torch.Tensor | None = None, batch: int = 1
+        self, slices: Sequence[LayerSlice | tuple[int, int]], inp: torch.Tensor, tokens: torch.Tensor | None = None, batch: int = 1,
+        metric: str = "nll", which: str = "",
     ) -> torch.Tensor | NLL:
-        """Embed (first shard) or take hidden states, run this shard's blocks, and score (last shard)."""
+        """Embed (first shard) or take hidden states, run this shard's blocks, and score (last shard):
+        `metric` nll (perplexity), kl (against token set `which`'s cached targets), or targets:k (cache
+        the top-k distributions of this subnet, the dense model, as `which`'s targets; returns its nll
+        and the targets)."""
         t0 = time.perf_counter()
         with torch.no_grad():
             hidden = self.embed(inp) if self.spec.first else inp
             hidden = self.run_blocks(self.blocks(slices), hidden, batch)
             if self.spec.last:
-                out = self.nll(hidden, tokens if tokens is not None else inp)
+                if metric.startswith("targets:"):
+                    self.set_targets(hidden, which, int(metric.split(":")[1]))
+                out = self.kl(hidden, which) if metric == "kl" else self.nll(hidden, tokens if tokens is not None else inp)
                 out.seconds = time.perf_counter() - t0
-                return out
+                return (out, self.targets[which]) if metric.startswith("targets:") else out
         return hidden
 
     # -- calibration (dense model) ---------------------------------------------------------------------

@@ -52,11 +52,12 @@ class Geometry:
     def total_params(self) -> int:
         return self.outer_params + self.num_layers * self.layer_params
 
-    def layer_count(self, kv: Any, mlp: Any) -> Any:
-        """Parameters of a block keeping `kv` dims summed over its KV heads and `mlp` MLP channels.
+    def layer_count(self, kv: Any, mlp: Any, q: Any = None) -> Any:
+        """Parameters of a block keeping `kv` dims summed over its KV heads, `mlp` MLP channels and `q`
+        query dims (default: every query head of each kept KV head).
 
         Works elementwise on numpy arrays, so whole populations are counted at once."""
-        q = kv * self.group_size
+        q = kv * self.group_size if q is None else q
         h = self.hidden
         inputs = 2 if self.gated_mlp else 1  # MLP input projections
         n = h * (q + 2 * kv) + q * h + (inputs + 1) * h * mlp + self.norm_params
@@ -110,13 +111,13 @@ class ModelAdapter(ABC):
         """The sliding attention window of a layer, None for full attention."""
         return None
 
-    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int):
+    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int, group: int | None = None):
         """This family's own config for a subnet whose layers all keep the same whole heads and MLP size,
         or None where the family's config cannot express it."""
         return None
 
     def sliced_config(self, layer_kv_pairs: list | None = None, layer_intermediate: list | None = None,
-                      layers: list[int] | None = None):
+                      layers: list[int] | None = None, layer_q_heads: list | None = None):
         """The export's SearchLLMConfig: this model's fields plus the structure of each kept layer
         (`layers`: their original indices, for per-layer attention windows)."""
         from .modeling_searchllm import SearchLLMConfig
@@ -131,6 +132,7 @@ class ModelAdapter(ABC):
             num_hidden_layers=len(layer_kv_pairs or []),
             layer_kv_pairs=layer_kv_pairs or [],
             layer_intermediate=layer_intermediate or [],
+            layer_q_heads=layer_q_heads,
             qkv_bias=g.qkv_bias,
             o_bias=g.o_bias,
             mlp_bias=g.mlp_bias,

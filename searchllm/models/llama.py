@@ -82,12 +82,13 @@ class LlamaAdapter(ModelAdapter):
             return None
         return int(w)
 
-    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int):
-        """This family's own config for a subnet whose layers all keep the same whole heads and MLP size."""
+    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int, group: int | None = None):
+        """This family's own config for a subnet whose layers all keep the same whole heads and MLP size
+        (`group` query heads per kept KV head; default all of them)."""
         g = self.geometry()
         changes = dict(
             num_hidden_layers=num_layers,
-            num_attention_heads=num_kv_heads * g.group_size,
+            num_attention_heads=num_kv_heads * (group or g.group_size),
             num_key_value_heads=num_kv_heads,
             intermediate_size=intermediate,
             head_dim=g.head_dim,

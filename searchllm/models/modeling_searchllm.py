@@ -9,7 +9,8 @@ Attention of a layer is described by `kv_pairs`: for each original KV head, the 
 (pair d is dims (d, d + head_dim/2) of the original head; an empty list drops the head and its query
 heads). A kept head's dims are stored as [first halves..., second halves...], so rotating with the
 original cos/sin of the kept frequencies equals rotating the full head and dropping dims. Query heads
-share their KV head's dims (GQA). The scale stays 1/sqrt(original head_dim). Heads of one layer that keep
+share their KV head's dims (GQA); `layer_q_heads` may keep fewer query heads per KV head (whole query heads
+pruned inside their group; unequal groups are allowed). The scale stays 1/sqrt(original head_dim). Heads of one layer that keep
 different widths are zero-padded to the widest at run time only: weights hold exactly the kept rows and
 columns, so parameter counts are exact; the padding costs attention FLOPs, not parameters.
 
@@ -46,6 +47,7 @@ class SearchLLMConfig(LlamaConfig):
     model_type = "searchllm"
     layer_kv_pairs: list | None = None  # [layer][original KV head] -> kept rotary-pair indices
     layer_intermediate: list | None = None  # [layer] -> kept MLP channels
+    layer_q_heads: list | None = None  # [layer][original KV head] -> kept query heads (None: the whole group)
     qkv_bias: bool = False
     o_bias: bool = False
     down_bias: bool = False  # a down_proj bias without gate/up biases (FLAP's bias compensation)
@@ -113,44 +115,53 @@ def kv_dims(pairs: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
 
 class SlicedAttention(nn.Module):
     def __init__(self, hidden: int, kv_pairs, head_dim: int, group: int, scale: float, qkv_bias: bool, o_bias: bool,
-                 device=None, dtype=None, buffer_device=None, rope: bool = True, window: int | None = None) -> None:
+                 device=None, dtype=None, buffer_device=None, rope: bool = True, window: int | None = None,
+                 q_counts: list[int] | None = None) -> None:
         super().__init__()
         self.rope, self.window = rope, window
-        kept = [h for h, p in enumerate(kv_pairs) if len(p)]
+        # Query heads kept per original KV head (`q_counts`, default the whole group): a KV head whose
+        # group keeps none is gone. Equal counts are a standard GQA layer; unequal ones repeat each KV head
+        # for its own query heads (exact, at the cost of repeated K/V in the attention product).
+        counts = list(q_counts) if q_counts is not None else [group] * len(kv_pairs)
+        kept = [h for h, p in enumerate(kv_pairs) if len(p) and counts[h]]
         widths = [2 * len(kv_pairs[h]) for h in kept]
-        self.n_kv, self.rep, self.scale = len(kept), group, scale
+        self.counts = [counts[h] for h in kept]
+        self.n_kv, self.scale = len(kept), scale
+        self.equal = len(set(self.counts)) <= 1
+        self.rep = self.counts[0] if self.counts and self.equal else 1
+        self.n_q = sum(self.counts)
         self.width = max(widths, default=0)
         self.uniform = len(set(widths)) <= 1
-        q_dim, kv_dim = sum(widths) * group, sum(widths)
+        q_dim, kv_dim = sum(w * c for w, c in zip(widths, self.counts)), sum(widths)
         kw = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias, **kw)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
         self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias and q_dim > 0, **kw)
-        self.kv_pairs, self.head_dim = [list(p) for p in kv_pairs], head_dim
+        self.kv_pairs, self.head_dim = [list(kv_pairs[h]) for h in kept], head_dim
         dev = buffer_device if buffer_device is not None else (None if str(device) == "meta" else device)
         for name, value in self.layout().items():
             self.register_buffer(name, value.to(dev), persistent=False)
 
     def layout(self) -> dict[str, torch.Tensor]:
-        """Index buffers: the original frequency of every (padded) dim per kept KV head, and where kept
-        dims sit in the padded head layout (padding dims carry zeros, so their frequency is arbitrary)."""
-        kept = [p for p in self.kv_pairs if p]
+        """Index buffers: the original frequency of every (padded) dim per kept KV head, where kept dims
+        sit in the padded head layout (padding dims carry zeros, so their frequency is arbitrary), and,
+        with unequal groups, the KV head of every query head."""
         wh, half = self.width // 2, self.head_dim // 2
         freq = torch.zeros(self.n_kv, self.width, dtype=torch.long)
         pos = []
-        for j, pairs in enumerate(kept):
+        for j, pairs in enumerate(self.kv_pairs):
             n = len(pairs)
             freq[j, :n] = torch.tensor(pairs)
             freq[j, wh : wh + n] = torch.tensor(pairs) + half
             pos.append(list(range(n)) + list(range(wh, wh + n)))
+        q_kv = [j for j, c in enumerate(self.counts) for _ in range(c)]
         out = {"freq": freq}
+        if not self.equal:
+            out["q_kv"] = torch.tensor(q_kv, dtype=torch.long)
         if not self.uniform:
             out["kv_pos"] = torch.tensor([j * self.width + p for j, ps in enumerate(pos) for p in ps], dtype=torch.long)
-            out["q_pos"] = torch.tensor(
-                [(j * self.rep + r) * self.width + p for j, ps in enumerate(pos) for r in range(self.rep) for p in ps],
-                dtype=torch.long,
-            )
+            out["q_pos"] = torch.tensor([qi * self.width + p for qi, j in enumerate(q_kv) for p in pos[j]], dtype=torch.long)
         return out
 
     def _heads(self, x: torch.Tensor, n_heads: int, pos_name: str) -> torch.Tensor:
@@ -164,7 +175,7 @@ class SlicedAttention(nn.Module):
         if self.n_kv == 0:
             return torch.zeros_like(x)
         b, t, _ = x.shape
-        nq = self.n_kv * self.rep
+        nq = self.n_q
         q = self._heads(self.q_proj(x), nq, "q_pos")
         k = self._heads(self.k_proj(x), self.n_kv, "kv_pos")
         v = self._heads(self.v_proj(x), self.n_kv, "kv_pos")
@@ -173,12 +184,17 @@ class SlicedAttention(nn.Module):
             idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
             ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
             sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
-            # Query heads of a group share their KV head's frequencies: broadcast, not repeat.
-            qg = q.view(b, self.n_kv, self.rep, t, self.width)
-            q = (qg * ck[:, :, None] + rotate_half(qg) * sk[:, :, None]).view(b, nq, t, self.width)
+            if self.equal:  # query heads of a group share their KV head's frequencies: broadcast, not repeat
+                qg = q.view(b, self.n_kv, self.rep, t, self.width)
+                q = (qg * ck[:, :, None] + rotate_half(qg) * sk[:, :, None]).view(b, nq, t, self.width)
+            else:
+                cq, sq = ck.index_select(1, self.q_kv), sk.index_select(1, self.q_kv)
+                q = q * cq + rotate_half(q) * sq
             k = k * ck + rotate_half(k) * sk
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
+        if not self.equal:
+            k, v = k.index_select(1, self.q_kv), v.index_select(1, self.q_kv)
         if mask is None and self.window is not None and k.shape[2] > self.window:
             mask = window_mask(t, k.shape[2], self.window, x.device)  # a block run alone (search, reformation)
         causal = mask is None and t > 1
@@ -215,13 +231,13 @@ class SlicedDecoderLayer(nn.Module):
     """A pre-norm block. `record(key, x)` sees the inputs of q/k/v ("qkv"), o ("o"), gate/up ("mlp"), down ("down")."""
 
     def __init__(self, config: SearchLLMConfig, kv_pairs, channels: int, device=None, dtype=None, buffer_device=None,
-                 window: int | None = None) -> None:
+                 window: int | None = None, q_counts: list[int] | None = None) -> None:
         super().__init__()
         c, kw = config, dict(device=device, dtype=dtype)
         self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
         group = c.num_attention_heads // c.num_key_value_heads
         self.self_attn = SlicedAttention(c.hidden_size, kv_pairs, c.head_dim, group, c.head_dim**-0.5, c.qkv_bias, c.o_bias,
-                                        buffer_device=buffer_device, rope=c.positions == "rope", window=window, **kw)
+                                        buffer_device=buffer_device, rope=c.positions == "rope", window=window, q_counts=q_counts, **kw)
         self.post_attention_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
         self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, gated=c.gated_mlp, **kw)
 
@@ -257,7 +273,7 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id)
         self.layers = nn.ModuleList(
-            SlicedDecoderLayer(c, p, m, window=c.layer_window(i))
+            SlicedDecoderLayer(c, p, m, window=c.layer_window(i), q_counts=c.layer_q_heads[i] if c.layer_q_heads else None)
             for i, (p, m) in enumerate(zip(c.layer_kv_pairs, c.layer_intermediate))
         )
         self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm)

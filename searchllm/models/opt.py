@@ -104,9 +104,9 @@ class OPTAdapter(ModelAdapter):
             position_offset=2,
         )
 
-    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int):
+    def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int, group: int | None = None):
         # OPT ties the attention width to hidden_size: only subnets keeping every head fit OPTConfig.
-        if num_kv_heads != self.config.num_attention_heads:
+        if num_kv_heads != self.config.num_attention_heads or group not in (None, 1):
             return None
         src = self.config.to_dict() | {"num_hidden_layers": num_layers, "ffn_dim": intermediate}
         return type(self.config).from_dict(src)

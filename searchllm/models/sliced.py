@@ -41,6 +41,9 @@ class LayerSlice:
     kv_pairs: tuple[tuple[int, ...], ...]  # per KV head: kept rotary-pair indices (empty: head dropped)
     mlp: tuple[int, ...]  # kept intermediate channels
     active: bool = True
+    # Per KV head: the kept query heads of its group (indices 0..group_size-1); None keeps them all. A KV
+    # head whose group keeps no query head must have no pairs either (it is gone with its queries).
+    q_heads: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def full(cls, g: Geometry) -> "LayerSlice":
@@ -51,14 +54,28 @@ class LayerSlice:
         """Kept rows of K/V in the original layout, in the sliced layout's order."""
         return [h * g.head_dim + d for h, p in enumerate(self.kv_pairs) for d in kv_dims(p, g.head_dim)]
 
+    def group_heads(self, g: Geometry, h: int) -> tuple[int, ...]:
+        """Kept query heads (within the group) of KV head h."""
+        return tuple(range(g.group_size)) if self.q_heads is None else self.q_heads[h]
+
+    def q_counts(self, g: Geometry) -> list[int]:
+        """Kept query heads per original KV head (0 where the KV head is dropped)."""
+        return [len(self.group_heads(g, h)) if p else 0 for h, p in enumerate(self.kv_pairs)]
+
     def q_rows(self, g: Geometry) -> list[int]:
         """Kept rows of Q (= kept input columns of O) in the original layout, in the sliced layout's order."""
         return [
             (h * g.group_size + r) * g.head_dim + d
             for h, p in enumerate(self.kv_pairs)
-            for r in range(g.group_size)
+            for r in self.group_heads(g, h)
             for d in kv_dims(p, g.head_dim)
         ]
+
+    def params(self, g: Geometry) -> int:
+        """Parameters of this block as sliced (0 when dropped)."""
+        if not self.active:
+            return 0
+        return int(g.layer_count(len(self.kv_rows(g)), len(self.mlp), len(self.q_rows(g))))
 
     def kept_inputs(self, key: str, g: Geometry) -> list[int]:
         """Kept input columns of a column-sliced module ('o' or 'down')."""
@@ -91,7 +108,8 @@ def build_block(config: SearchLLMConfig, w: Mapping[str, torch.Tensor], s: Layer
                 overrides: Mapping[str, torch.Tensor] | None = None, window: int | None = None) -> SlicedDecoderLayer:
     """A SlicedDecoderLayer sharing storage with `w` where it can; `overrides` replaces sliced tensors
     (reformed o/down) by standard key; `window` is the layer's sliding attention window."""
-    block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device, window=window)
+    block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device, window=window,
+                               q_counts=None if s.q_heads is None else s.q_counts(g))
     tensors = slice_weights(w, s, g) | dict(overrides or {})
     for key, t in tensors.items():
         owner, name = MODULE_PATHS[key].rsplit(".", 1)

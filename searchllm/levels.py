@@ -1,0 +1,497 @@
+"""The level database (EvoPress, Týr-the-Pruner, ZipLM): every block's attention and MLP pruned in advance
+at every level, with compensated weights, so a candidate of the level search is assembled from stored
+entries (no solve per candidate) and is exactly what the export will hold. Knows nothing of Ray.
+
+Units: attention by whole query heads inside their KV group (q rows + o_proj columns; a KV head goes with
+the last query head of its group); MLP by intermediate channels. Per module, a greedy OBS order (remove
+the unit whose removal costs the least output error ||W X - W' X||^2 given the remaining columns' H^-1,
+compensate the remaining columns, downdate H^-1; ZipLM) decides which units each level keeps (levels are
+nested), and the kept o/down columns of every level are refit by reform.py's exact least squares with
+damping toward the original weights. Levels are spaced by the same absolute number of parameters in every
+layer: attention one query head per level (`heads=free`) or one per KV group (`heads=equal`, every layer
+stays a standard GQA layer), MLP `mlp_levels` equal steps of channels; a level switch between two layers
+therefore keeps the total exactly.
+
+Error accumulation (`inputs=accumulated`, Týr): each block's calibration inputs come from the upstream
+blocks pruned at the levels the target implies (the uniform assignment), with their database weights;
+inside a block, the MLP's statistics come after the attention pruned at its implied level.
+`inputs=dense` uses the original model's activations everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .models.adapters import Geometry
+from .models.sliced import LayerSlice
+from .reform import reconstruction_error, solve_exact
+
+if TYPE_CHECKING:
+    from .shard import ShardRunner
+
+HEAD_MODES = ("equal", "free")
+DB_INPUTS = ("accumulated", "dense")
+DB_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class LevelError(ValueError):
+    pass
+
+
+@dataclass
+class LevelParams:
+    """How the database is built (a resume reuses a saved database only with the same settings)."""
+
+    heads: str = "equal"  # equal: one query head per KV group per level (standard GQA layers); free: any head
+    mlp_levels: int = 16  # MLP levels: kept channels in steps of intermediate / mlp_levels
+    obs_group: int = 8  # MLP channels removed per OBS step (a group update; 1 = one at a time)
+    obs_damp: float = 0.01  # H^-1 of the OBS order: H + obs_damp * mean(diag H) I
+    damp: float = 0.1  # the refit's damping toward the original weights (reform.solve_exact)
+    inputs: str = "accumulated"  # accumulated (error accumulation) | dense
+    dtype: str = "float16"  # of the stored weights
+
+    def digest(self) -> str:
+        params = {f.name: getattr(self, f.name) for f in fields(LevelParams)}
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+
+    def check(self, g: Geometry) -> None:
+        if self.heads not in HEAD_MODES:
+            raise LevelError(f"levels.heads={self.heads!r} is not allowed; choose one of: {', '.join(HEAD_MODES)}")
+        if self.inputs not in DB_INPUTS:
+            raise LevelError(f"levels.inputs={self.inputs!r} is not allowed; choose one of: {', '.join(DB_INPUTS)}")
+        if self.dtype not in DB_DTYPES:
+            raise LevelError(f"levels.dtype={self.dtype!r} is not allowed; choose one of: {', '.join(DB_DTYPES)}")
+        if self.mlp_levels < 1 or g.intermediate % self.mlp_levels:
+            divisors = [d for d in (4, 8, 12, 16, 24, 32, 48, 64) if g.intermediate % d == 0]
+            raise LevelError(f"levels.mlp_levels={self.mlp_levels} must divide the MLP width {g.intermediate} (equal steps); "
+                             f"e.g. {', '.join(map(str, divisors)) or 1}")
+        if self.obs_group < 1 or self.obs_damp <= 0 or self.damp < 0:
+            raise LevelError(f"levels.obs_group={self.obs_group} must be >= 1, levels.obs_damp={self.obs_damp} > 0 and levels.damp={self.damp} >= 0")
+
+
+class LevelSpace:
+    """Level counts and parameter costs of each module type (the same in every layer).
+
+    Attention level a keeps a query heads (free) or a per KV group (equal); MLP level m keeps
+    m * intermediate / mlp_levels channels. The top level is the original module, level 0 removes it."""
+
+    def __init__(self, g: Geometry, p: LevelParams) -> None:
+        p.check(g)
+        self.geometry, self.params = g, p
+        self.attn_top = g.num_heads if p.heads == "free" else g.group_size
+        self.mlp_top = p.mlp_levels
+        self.mlp_step = g.intermediate // p.mlp_levels
+        self.norms = int(g.layer_count(0, 0, 0))
+
+    @property
+    def num_layers(self) -> int:
+        return self.geometry.num_layers
+
+    @property
+    def top(self) -> np.ndarray:
+        return np.array([self.attn_top, self.mlp_top])
+
+    def full(self) -> np.ndarray:
+        return np.tile(self.top, (self.num_layers, 1))
+
+    def heads_kept(self, a: int) -> int:
+        return a if self.params.heads == "free" else a * self.geometry.num_kv_heads
+
+    def channels(self, m: int) -> int:
+        return m * self.mlp_step
+
+    def attn_params(self, q_heads: int, kv_heads: int) -> int:
+        g = self.geometry
+        return int(g.layer_count(kv_heads * g.head_dim, 0, q_heads * g.head_dim)) - self.norms
+
+    def mlp_params(self, m: int) -> int:
+        return int(self.geometry.layer_count(0, self.channels(m), 0)) - self.norms
+
+    def nominal_attn_params(self, a: int) -> int:
+        """Before the OBS order is known: KV heads kept as long as their groups can keep a query head."""
+        q = self.heads_kept(a)
+        return self.attn_params(q, min(q, self.geometry.num_kv_heads))
+
+    def nominal_params(self, genome: np.ndarray) -> int:
+        g = self.geometry
+        return int(g.outer_params + sum(self.nominal_attn_params(a) + self.mlp_params(m) + self.norms for a, m in genome))
+
+
+@dataclass
+class LayerLevels:
+    """One layer's entries: removal orders, compensated weights and relative errors of every level."""
+
+    layer: int
+    head_order: list[int]  # query heads (global index kv * group + r) in the order OBS removes them
+    mlp_order: list[int]  # MLP channels in removal order
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> o_proj over its kept columns
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> down_proj over its kept channels
+    attn_error: list[float] = field(default_factory=list)  # per level: ||WX - W'X'||^2 / ||WX||^2
+    mlp_error: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def kept_heads(self, space: LevelSpace, a: int) -> list[int]:
+        removed = set(self.head_order[: space.geometry.num_heads - space.heads_kept(a)])
+        return [h for h in range(space.geometry.num_heads) if h not in removed]
+
+    def kept_channels(self, space: LevelSpace, m: int) -> list[int]:
+        removed = set(self.mlp_order[: space.geometry.intermediate - space.channels(m)])
+        return [c for c in range(space.geometry.intermediate) if c not in removed]
+
+    def slice(self, space: LevelSpace, a: int, m: int) -> LayerSlice:
+        g = space.geometry
+        heads = self.kept_heads(space, a)
+        q_heads = tuple(tuple(h % g.group_size for h in heads if h // g.group_size == kv) for kv in range(g.num_kv_heads))
+        pairs = tuple(range(g.head_dim // 2))
+        kv_pairs = tuple(pairs if q else () for q in q_heads)
+        return LayerSlice(kv_pairs, tuple(self.kept_channels(space, m)), True, q_heads)
+
+    def overrides(self, space: LevelSpace, a: int, m: int) -> dict[str, torch.Tensor]:
+        """The compensated weights of these levels (none at the top level: the original weights)."""
+        out = {}
+        if a in self.attn:
+            out["o"] = self.attn[a]
+        if m in self.mlp:
+            out["down"] = self.mlp[m]
+        return out
+
+    def params(self, space: LevelSpace, a: int, m: int) -> int:
+        return self.slice(space, a, m).params(space.geometry)
+
+
+# -- greedy OBS ------------------------------------------------------------------------------------------
+
+def _damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    H = H.double()
+    H = H + damp * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(H))
+
+
+def _remove(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> None:
+    """OBS removal of columns `cols` (in place): compensate the others, downdate H^-1."""
+    block = torch.linalg.inv(Hinv[cols][:, cols])
+    W -= W[:, cols] @ block @ Hinv[cols]
+    Hinv -= Hinv[:, cols] @ block @ Hinv[cols]
+    W[:, cols] = 0
+    Hinv[cols] = 0
+    Hinv[:, cols] = 0
+
+
+def obs_head_order(W: torch.Tensor, H: torch.Tensor, g: Geometry, equal: bool, damp: float) -> list[int]:
+    """Query heads in greedy OBS removal order: each step removes the head (a block of head_dim columns of
+    o) whose removal, with the others compensated, adds the least error trace(W_G (H^-1_GG)^-1 W_G^T).
+    `equal`: one head from every KV group per round, so all groups keep the same count."""
+    W, Hinv = W.double().clone(), _damped_inverse(H, damp)
+    hd, alive, order = g.head_dim, set(range(g.num_heads)), []
+    cols = {h: torch.arange(h * hd, (h + 1) * hd, device=W.device) for h in alive}
+    while alive:
+        if equal:  # heads of the groups that still have the most heads (not yet reduced this round)
+            count = {kv: sum(1 for h in alive if h // g.group_size == kv) for kv in range(g.num_kv_heads)}
+            top = max(count.values())
+            pool = [h for h in alive if count[h // g.group_size] == top]
+        else:
+            pool = list(alive)
+        errs = []
+        for h in sorted(pool):
+            c = cols[h]
+            wg = W[:, c]
+            errs.append((float((wg @ torch.linalg.inv(Hinv[c][:, c]) * wg).sum()), h))
+        _, best = min(errs)
+        _remove(W, Hinv, cols[best])
+        alive.remove(best)
+        order.append(best)
+    return order
+
+
+def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, damp: float) -> list[int]:
+    """MLP channels in greedy OBS removal order (ZipLM): each step removes the `group` channels of lowest
+    ||W_j||^2 / H^-1_jj jointly (never across a level boundary, every `step` channels)."""
+    W, Hinv = W.double().clone(), _damped_inverse(H, damp)
+    n = W.shape[1]
+    alive = torch.ones(n, dtype=torch.bool, device=W.device)
+    order: list[int] = []
+    while len(order) < n:
+        to_boundary = step - len(order) % step
+        k = min(group, to_boundary)
+        diag = Hinv.diagonal().clamp_min(1e-30)
+        score = (W**2).sum(0) / diag
+        score[~alive] = math.inf
+        pick = torch.topk(score, k, largest=False).indices
+        pick = pick[torch.argsort(score[pick])]
+        if len(order) + k == n:  # the last channels: nothing left to compensate
+            order += pick.tolist()
+            break
+        _remove(W, Hinv, pick)
+        alive[pick] = False
+        order += pick.tolist()
+    return order
+
+
+def refit(W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
+    """Kept columns re-solved by least squares, as reformation does (targets: the original module on the
+    same inputs, so C = G)."""
+    idx = torch.tensor(keep, dtype=torch.long, device=G.device)
+    Gd = G.double()
+    return solve_exact(W, Gd[idx][:, idx], Gd[:, idx], keep, damp)
+
+
+def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp: float, dtype: torch.dtype
+                  ) -> tuple[dict[int, torch.Tensor], list[float]]:
+    """Refit weights (for every level below the top that keeps something) and relative errors of each level;
+    `kept[l]` are the kept input columns of level l (the last level is the whole module)."""
+    weights, errors = {}, []
+    Gd = G.double()
+    top = len(kept) - 1
+    for level, keep in enumerate(kept):
+        if level == top:
+            errors.append(0.0)
+        elif not keep:
+            errors.append(1.0)
+        else:
+            new = refit(W, G, keep, damp)
+            idx = torch.tensor(keep, dtype=torch.long, device=G.device)
+            errors.append(reconstruction_error(W, (Gd[idx][:, idx], Gd[:, idx], Gd), new))
+            weights[level] = new.to("cpu", dtype).contiguous()
+    return weights, errors
+
+
+# -- building a shard's layers -----------------------------------------------------------------------------
+
+def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
+               done: Mapping[int, LayerLevels] | None = None,
+               ) -> Generator[LayerLevels | None, None, torch.Tensor]:
+    """Build the entries of every layer of a shard, in order, yielding each layer's LayerLevels as soon as
+    it is done (None for a layer in `done`, built before: it is only run, so the layers after it see the
+    same inputs) and returning the hidden states leaving the shard (the stream of the next shard).
+
+    `inp` is the calibration tokens on the first shard, else the stream entering the shard; `implied` the
+    (L, 2) levels the stream is pruned at (inputs=accumulated)."""
+    p, g, done = space.params, runner.geometry, done or {}
+    dtype = getattr(torch, p.dtype)
+    h_all = runner.embed(inp) if runner.spec.first else inp.to(runner.device, runner.dtype)
+    full = LayerSlice.full(g)
+    for i in runner.spec.layers:
+        t0 = time.perf_counter()
+        block = runner.block(i, full)
+        w = runner.blocks_w[i]
+        a_imp, m_imp = (int(x) for x in implied[i])
+        accumulate = p.inputs == "accumulated"
+        cos, sin = runner.cos_sin(h_all.shape[1])
+        xs, mids = [], []
+        with torch.no_grad():
+            G = None
+            for s in range(0, h_all.shape[0], batch):
+                h = h_all[s : s + batch]
+                rec = {}
+                c, sn = (None, None) if cos is None else (cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1))
+                attn_out = block.self_attn(block.input_layernorm(h), c, sn, rec.__setitem__)
+                x = rec["o"]
+                xs.append((x, attn_out))
+                xf = x.reshape(-1, x.shape[-1]).float()
+                G = xf.T @ xf if G is None else G.add_(xf.T @ xf)
+            entry = done.get(i)
+            if entry is None:
+                order = obs_head_order(w["o"], G, g, p.heads == "equal", p.obs_damp)
+                entry = LayerLevels(i, order, [])
+                kept = [sum((list(range(h * g.head_dim, (h + 1) * g.head_dim)) for h in entry.kept_heads(space, a)), [])
+                        for a in range(space.attn_top + 1)]
+                entry.attn, entry.attn_error = module_levels(w["o"], G, kept, p.damp, dtype)
+            del G
+            # The MLP sees the attention at its implied level (its kept heads' outputs, compensated o).
+            a_cols = _head_cols(entry.kept_heads(space, a_imp), g)
+            Gd = None
+            feats = []
+            for x, attn_out in xs:
+                h = h_all[len(mids) * batch : len(mids) * batch + x.shape[0]]
+                if accumulate and a_imp != space.attn_top:
+                    attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
+                mid = h + attn_out
+                rec = {}
+                mlp_out = block.mlp(block.post_attention_layernorm(mid), rec.__setitem__)
+                f = rec["down"]
+                feats.append((f, mlp_out))
+                mids.append(mid)
+                ff = f.reshape(-1, f.shape[-1]).float()
+                Gd = ff.T @ ff if Gd is None else Gd.add_(ff.T @ ff)
+            del xs
+            if i not in done:
+                entry.mlp_order = obs_channel_order(w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp)
+                kept = [entry.kept_channels(space, m) for m in range(space.mlp_top + 1)]
+                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype)
+            del Gd
+            m_cols = entry.kept_channels(space, m_imp)
+            outs = []
+            for (f, mlp_out), mid in zip(feats, mids):
+                if accumulate and m_imp != space.mlp_top:
+                    mlp_out = _project(f, m_cols, entry.mlp.get(m_imp), w.get("down_bias"), mid)
+                outs.append(mid + mlp_out)
+            h_all = torch.cat(outs)
+            del feats, mids, outs
+        entry.seconds = time.perf_counter() - t0
+        yield None if i in done else entry
+    return h_all
+
+
+def _head_cols(heads: list[int], g: Geometry) -> list[int]:
+    return [h * g.head_dim + d for h in heads for d in range(g.head_dim)]
+
+
+def _project(x: torch.Tensor, cols: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Output of a column-pruned o/down: kept input columns through the level's weights (zero if none kept)."""
+    if not cols:
+        return torch.zeros_like(like)
+    idx = torch.tensor(cols, dtype=torch.long, device=x.device)
+    out = x.index_select(-1, idx) @ weight.to(x.device, x.dtype).T
+    return out + bias if bias is not None else out
+
+
+# -- the database on disk -------------------------------------------------------------------------------------
+
+class LevelDatabase:
+    """All layers' entries, and what a candidate (an (L, 2) array of attention and MLP levels) is made of."""
+
+    def __init__(self, space: LevelSpace, layers: Mapping[int, LayerLevels]) -> None:
+        self.space, self.layers = space, dict(layers)
+        L = space.num_layers
+        missing = [i for i in range(L) if i not in self.layers]
+        if missing:
+            raise LevelError(f"the level database lacks layers {missing[:5]}")
+        # Exact parameter costs of every level of every layer (a KV head goes with its group's last query head).
+        g = space.geometry
+        self.attn_cost = np.zeros((L, space.attn_top + 1), dtype=np.int64)
+        for i, e in self.layers.items():
+            for a in range(space.attn_top + 1):
+                heads = e.kept_heads(space, a)
+                self.attn_cost[i, a] = space.attn_params(len(heads), len({h // g.group_size for h in heads}))
+        self.mlp_cost = np.array([space.mlp_params(m) for m in range(space.mlp_top + 1)], dtype=np.int64)
+
+    def params(self, genome: np.ndarray) -> int:
+        g, s = self.space.geometry, self.space
+        L = s.num_layers
+        return int(g.outer_params + L * s.norms + self.attn_cost[np.arange(L), genome[:, 0]].sum() + self.mlp_cost[genome[:, 1]].sum())
+
+    def costs(self, layer: int, module: int) -> np.ndarray:
+        return self.attn_cost[layer] if module == 0 else self.mlp_cost
+
+    def slices(self, genome: np.ndarray) -> list[LayerSlice]:
+        return [self.layers[i].slice(self.space, int(a), int(m)) for i, (a, m) in enumerate(genome)]
+
+    def overrides(self, genome: np.ndarray, dtype: torch.dtype | None = None) -> dict[int, dict[str, torch.Tensor]]:
+        out = {}
+        for i, (a, m) in enumerate(genome):
+            w = self.layers[i].overrides(self.space, int(a), int(m))
+            if w:
+                out[i] = {k: v.to(dtype) if dtype is not None else v for k, v in w.items()}
+        return out
+
+    def errors(self) -> tuple[np.ndarray, np.ndarray]:
+        L = self.space.num_layers
+        return (np.array([self.layers[i].attn_error for i in range(L)]), np.array([self.layers[i].mlp_error for i in range(L)]))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.layers.values() for d in (e.attn, e.mlp) for t in d.values())
+
+
+def save_layer(folder: Path, entry: LayerLevels) -> None:
+    """One layer's entries as safetensors (weights) with its orders and errors in the metadata; atomic."""
+    from safetensors.torch import save_file
+
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"attn.{k}": v for k, v in entry.attn.items()} | {f"mlp.{k}": v for k, v in entry.mlp.items()}
+    meta = {k: json.dumps(v) for k, v in asdict(entry).items() if k not in ("attn", "mlp")}
+    tmp = folder / f".layer-{entry.layer:04d}.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, folder / f"layer-{entry.layer:04d}.safetensors")
+
+
+def load_layers(folder: Path) -> dict[int, LayerLevels]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("layer-*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            meta = {k: json.loads(v) for k, v in st.metadata().items()}
+            entry = LayerLevels(**meta)
+            for key in st.keys():
+                kind, level = key.split(".")
+                getattr(entry, kind)[int(level)] = st.get_tensor(key)
+        out[entry.layer] = entry
+    return out
+
+
+# -- starting points ------------------------------------------------------------------------------------------
+
+def uniform_genome(space: LevelSpace, count_fn, lo: int, hi: int, attn_level: int) -> np.ndarray | None:
+    """Every layer at `attn_level` and the same MLP level (the first k layers one MLP level higher) so the
+    count lands in [lo, hi] as close to the middle as it can; None when no MLP level fits."""
+    L, best = space.num_layers, None
+    mid = (lo + hi) / 2
+    for m in range(space.mlp_top + 1):
+        for k in range(L if m < space.mlp_top else 1):
+            genome = np.tile([attn_level, m], (L, 1))
+            genome[:k, 1] += 1
+            n = count_fn(genome)
+            if lo <= n <= hi and (best is None or abs(n - mid) < best[0]):
+                best = (abs(n - mid), genome)
+    return None if best is None else best[1]
+
+
+def implied_levels(space: LevelSpace, lo: int, hi: int) -> np.ndarray:
+    """The uniform assignment the target implies before the database exists (its inputs for error
+    accumulation): the same kept share of attention and MLP parameters, nominal counts."""
+    g = space.geometry
+    target = (lo + hi) / 2
+    share = (target - g.outer_params - g.num_layers * space.norms) / (g.num_layers * (g.layer_params - space.norms))
+    a = int(np.clip(round(share * space.attn_top), 0, space.attn_top))
+    for attn in sorted(range(space.attn_top + 1), key=lambda x: abs(x - a)):
+        genome = uniform_genome(space, space.nominal_params, lo, hi, attn)
+        if genome is not None:
+            return genome
+    raise LevelError(f"no assignment of levels reaches {lo}..{hi} parameters; lower levels.mlp_levels steps or widen budget.tol")
+
+
+def error_allocation(db: LevelDatabase, lo: int, hi: int) -> np.ndarray:
+    """Greedy allocation from the database's own errors: starting from the full model, repeatedly lower
+    the module whose next level adds the least relative error per parameter saved, until the count
+    is inside the band."""
+    s = db.space
+    genome = s.full()
+    attn_err, mlp_err = db.errors()
+    err = (attn_err, mlp_err)
+    target = (lo + hi) / 2
+    while db.params(genome) > target:
+        best = None
+        for i in range(s.num_layers):
+            for mod in (0, 1):
+                lvl = genome[i, mod]
+                if lvl == 0:
+                    continue
+                cost = db.costs(i, mod)
+                saved = cost[lvl] - cost[lvl - 1]
+                added = err[mod][i, lvl - 1] - err[mod][i, lvl]
+                score = added / max(saved, 1)
+                if best is None or score < best[0]:
+                    best = (score, i, mod)
+        if best is None:
+            break
+        genome[best[1], best[2]] -= 1
+    return genome
+
+
+class GenomeCodec:
+    """Level assignments -> what a stage actor applies: each layer as (attention level, MLP level), which
+    its ShardRunner assembles from the database entries it holds."""
+
+    def slices(self, genome: np.ndarray) -> list[tuple[int, int]]:
+        return [(int(a), int(m)) for a, m in genome]
