@@ -33,7 +33,7 @@ import torch
 
 from .models.adapters import Geometry
 from .models.sliced import LayerSlice
-from .reform import reconstruction_error, solve_exact
+from .reform import solve_exact
 
 if TYPE_CHECKING:
     from .shard import ShardRunner
@@ -53,7 +53,7 @@ class LevelParams:
 
     heads: str = "equal"  # equal: one query head per KV group per level (standard GQA layers); free: any head
     mlp_levels: int = 16  # MLP levels: kept channels in steps of intermediate / mlp_levels
-    obs_group: int = 8  # MLP channels removed per OBS step (a group update; 1 = one at a time)
+    obs_group: int = 16  # MLP channels removed per OBS step (a group update, as Týr's groups of 16; 1 = one at a time)
     obs_damp: float = 0.01  # H^-1 of the OBS order: H + obs_damp * mean(diag H) I
     damp: float = 0.1  # the refit's damping toward the original weights (reform.solve_exact)
     inputs: str = "accumulated"  # accumulated (error accumulation) | dense
@@ -249,7 +249,9 @@ def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp:
     """Refit weights (for every level below the top that keeps something) and relative errors of each level;
     `kept[l]` are the kept input columns of level l (the last level is the whole module)."""
     weights, errors = {}, []
-    Gd = G.double()
+    Gd, Wd = G.double(), W.double().to(G.device)
+    WG = Wd @ Gd  # shared by every level's error: ||W X - W' X_S||^2 = tr(W G W^T) - 2 tr(W' (W G)_S^T) + tr(W' G_SS W'^T)
+    ref = float((WG * Wd).sum().clamp_min(1e-30))
     top = len(kept) - 1
     for level, keep in enumerate(kept):
         if level == top:
@@ -259,7 +261,8 @@ def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp:
         else:
             new = refit(W, G, keep, damp)
             idx = torch.tensor(keep, dtype=torch.long, device=G.device)
-            errors.append(reconstruction_error(W, (Gd[idx][:, idx], Gd[:, idx], Gd), new))
+            err = ref - 2 * float((new * WG[:, idx]).sum()) + float((new @ Gd[idx][:, idx] * new).sum())
+            errors.append(max(err, 0.0) / ref)
             weights[level] = new.to("cpu", dtype).contiguous()
     return weights, errors
 

@@ -22,7 +22,8 @@ def masked_model(model, adapter: ModelAdapter, slices: list[LayerSlice]):
                 continue
             keep_kv = torch.zeros(g.num_kv_heads * g.head_dim, dtype=torch.bool)
             keep_kv[s.kv_rows(g)] = True
-            keep_q = keep_kv.view(g.num_kv_heads, 1, g.head_dim).expand(-1, g.group_size, -1).reshape(-1)
+            keep_q = torch.zeros(g.num_heads * g.head_dim, dtype=torch.bool)
+            keep_q[s.q_rows(g)] = True
             keep_m = torch.zeros(g.intermediate, dtype=torch.bool)
             keep_m[list(s.mlp)] = True
             for k, keep in (("q", keep_q), ("k", keep_kv), ("v", keep_kv), ("gate", keep_m), ("up", keep_m)):

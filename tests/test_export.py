@@ -205,3 +205,25 @@ def test_a_uniform_qwen2_subnet_keeps_its_layer_types_in_the_plain_export(tokens
 
     plain = Qwen2ForCausalLM.from_pretrained(tmp_path / "export")
     assert perplexity(plain, tokens).ppl == pytest.approx(runner.forward(uniform, tokens).ppl, rel=1e-5)
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_query_head_subnets_export_and_reload_with_the_same_perplexity(equal, tokens, tmp_path):
+    from searchllm.evaluate import perplexity
+    from test_slicing import query_head_slices
+
+    model, adapter = tiny_family("llama", num_attention_heads=8)
+    g = adapter.geometry()
+    slices = query_head_slices(g, np.random.default_rng(8), equal)
+    if equal:  # one query head per group and the same MLP size in every layer: the family's own config
+        full = LayerSlice.full(g)
+        slices = [LayerSlice(full.kv_pairs, slices[0].mlp, True, ((1,), (2,)))] * g.num_layers
+    exported, info = build(adapter, model.state_dict(), slices)
+    assert info.kind == ("plain" if equal else "searchllm")
+    assert info.params == sum(s.params(g) for s in slices) + g.outer_params
+    out = save(exported, info, tmp_path / "q", word_tokenizer(tmp_path / "tok"))
+    reloaded, _ = load_pretrained(str(out))
+    want = whole(adapter, model).forward(slices, tokens).ppl
+    assert perplexity(reloaded, tokens).ppl == pytest.approx(want, rel=1e-5)
+    if equal:
+        assert reloaded.config.num_attention_heads == len(slices[0].q_rows(g)) // g.head_dim

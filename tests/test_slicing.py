@@ -86,3 +86,44 @@ def test_two_shards_give_the_same_loss_as_one(llama, adapter, tokens):
     a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
     two = b.forward(slices, a.forward(slices, tokens), tokens).ppl
     assert two == pytest.approx(whole(adapter, llama).forward(slices, tokens).ppl, rel=1e-6)
+
+
+def query_head_slices(g, rng, equal: bool):
+    """Whole query heads kept inside their KV group: the same number in every group (equal) or any."""
+    out = []
+    full = LayerSlice.full(g)
+    for _ in range(g.num_layers):
+        if equal:
+            r = int(rng.integers(1, g.group_size + 1))
+            q = tuple(tuple(sorted(rng.choice(g.group_size, r, replace=False).tolist())) for _ in range(g.num_kv_heads))
+        else:
+            q = tuple(tuple(sorted(rng.choice(g.group_size, int(rng.integers(0, g.group_size + 1)), replace=False).tolist()))
+                      for _ in range(g.num_kv_heads))
+            if not any(q):
+                q = ((0,),) + q[1:]
+        pairs = tuple(full.kv_pairs[h] if q[h] else () for h in range(g.num_kv_heads))
+        mlp = tuple(sorted(rng.choice(g.intermediate, g.intermediate // 2, replace=False).tolist()))
+        out.append(LayerSlice(pairs, mlp, True, q))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("equal", [True, False])
+def test_query_head_slices_equal_the_masked_model(family, equal, tokens):
+    model, adapter = tiny_family(family, num_attention_heads=8) if family != "opt" else tiny_family(family)
+    g = adapter.geometry()
+    slices = query_head_slices(g, np.random.default_rng(4), equal)
+    if family != "opt":
+        assert g.group_size == 4 and (equal or any(len(set(s.q_counts(g)) - {0}) > 1 for s in slices))
+    got = whole(adapter, model).forward(slices, tokens).ppl
+    assert got == pytest.approx(hf_ppl(masked_model(model, adapter, slices), tokens), rel=1e-4)
+    assert got != pytest.approx(hf_ppl(model, tokens), rel=1e-3)
+
+
+def test_slice_parameter_count_is_the_numel_of_its_block(tokens):
+    model, adapter = tiny_family("qwen2", num_attention_heads=8)
+    g = adapter.geometry()
+    runner = whole(adapter, model)
+    for equal in (True, False):
+        for i, s in enumerate(query_head_slices(g, np.random.default_rng(6), equal)):
+            assert s.params(g) == sum(p.numel() for p in runner.block(i, s).parameters())

@@ -97,7 +97,12 @@ class LlamaAdapter(ModelAdapter):
         if isinstance(src.get("layer_types"), list):  # per-layer lists (Qwen2) follow the kept depth
             changes["layer_types"] = src["layer_types"][:num_layers]
         src.update(changes)
-        return type(self.config).from_dict(src)
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            return type(self.config).from_dict(src)
+        except StrictDataclassError:  # e.g. a head count that does not divide hidden_size: the searchllm form holds it
+            return None
 
     def rotary(self) -> nn.Module:
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

@@ -1,0 +1,235 @@
+"""The level database and the level search: exact budgets, entries that are OBS solves, candidates that are
+exactly what the export holds, KL fitness, multi-step selection."""
+import numpy as np
+import pytest
+import torch
+
+from searchllm.export import build
+from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, error_allocation, implied_levels,
+                              iter_build, load_layers, obs_head_order, refit, save_layer, uniform_genome)
+from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
+from searchllm.models.sliced import LayerSlice
+from searchllm.reform import solve_exact
+from searchllm.rundir import RunDir
+from searchllm.shard import NLL, sparse_kl, topk_targets
+
+from conftest import tiny_family
+from test_slicing import whole
+
+
+def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, seed=0, calib=None):
+    """A tiny model of the family (8 query heads in 2 KV groups where it has GQA; OPT: 4 heads, free)
+    and its level database built in this process at `target` kept."""
+    if family == "opt":
+        model, adapter = tiny_family(family, seed=seed)
+        heads = "free"
+    else:
+        model, adapter = tiny_family(family, num_attention_heads=8, seed=seed)
+    g = adapter.geometry()
+    space = LevelSpace(g, LevelParams(heads=heads, mlp_levels=8, inputs=inputs))
+    band = (int(0.97 * target * g.total_params), int(1.03 * target * g.total_params))
+    runner = whole(adapter, model)
+    calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2)) if calib is None else calib
+    gen = iter_build(runner, space, implied_levels(space, *band), calib, 2)
+    layers = {}
+    try:
+        while True:
+            e = next(gen)
+            layers[e.layer] = e
+    except StopIteration:
+        pass
+    runner.levels, runner.level_space = layers, space
+    return model, adapter, runner, LevelDatabase(space, layers), band
+
+
+def searcher(db, band, evaluator=None, run=None, params=None, generations=3):
+    s = db.space
+    return LevelSearch(db, s.top, s.geometry.total_params, band, params or LevelSearchParams(offspring=6, tokens=[32, 64], survivors=[2]),
+                       evaluator, run, 0, generations)
+
+
+@pytest.mark.parametrize("heads", ["equal", "free"])
+def test_level_switches_keep_the_parameter_count_exact(heads):
+    _, _, _, db, band = build_db(heads=heads)
+    search = searcher(db, band)
+    rng = np.random.default_rng(0)
+    genome = uniform_genome(db.space, db.params, *band, db.space.attn_top - 1)
+    n = db.params(genome)
+    moved = 0
+    for _ in range(200):
+        child = search.mutate(genome, rng)
+        assert db.params(child) == n
+        moved += int((child != genome).any())
+        genome = child
+    assert moved > 150  # switches really happen
+    # and the count is the exported model's real parameter count
+    model, adapter, *_ = build_db(heads=heads)
+    exported, info = build(adapter, model.state_dict(), db.slices(genome), db.overrides(genome))
+    assert info.params == n == sum(p.numel() for p in exported.parameters())
+
+
+def test_crossover_restores_the_parents_count():
+    _, _, _, db, band = build_db()
+    search = searcher(db, band)
+    rng = np.random.default_rng(1)
+    a = uniform_genome(db.space, db.params, *band, db.space.attn_top)
+    b = a.copy()
+    for _ in range(10):
+        b = search.mutate(b, rng)
+    for _ in range(20):
+        assert db.params(search.crossover(a, b, rng)) == db.params(a)
+
+
+def test_a_database_entry_equals_a_direct_obs_solve_of_its_level():
+    model, adapter, runner, db, _ = build_db(inputs="dense")
+    g, space = adapter.geometry(), db.space
+    # the dense inputs of layer 1's down_proj, recorded by the model itself
+    calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
+    grams = {}
+
+    def rec(layer, key, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        grams[(layer, key)] = grams.get((layer, key), 0) + x.T @ x
+
+    runner.run_blocks(runner.blocks([LayerSlice.full(g)] * g.num_layers), runner.embed(calib), 2, rec)
+    w = runner.blocks_w[1]
+    for m in (2, 5):
+        keep = db.layers[1].kept_channels(space, m)
+        G = grams[(1, "down")]
+        idx = torch.tensor(keep)
+        want = solve_exact(w["down"], G[idx][:, idx], G[:, idx], keep, space.params.damp)
+        assert torch.allclose(db.layers[1].mlp[m].float(), want.float(), atol=2e-3, rtol=2e-3)
+    # the first head OBS removes is the one whose removal costs the least compensated error
+    G = grams[(1, "o")]
+    Hinv = torch.linalg.inv(G + space.params.obs_damp * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype))
+    W = w["o"].double()
+    cost = []
+    for h in range(g.num_heads):
+        c = slice(h * g.head_dim, (h + 1) * g.head_dim)
+        cost.append(float((W[:, c] @ torch.linalg.inv(Hinv[c, c]) * W[:, c]).sum()))
+    per_group = [min(range(kv * g.group_size, (kv + 1) * g.group_size), key=cost.__getitem__) for kv in range(g.num_kv_heads)]
+    assert db.layers[1].head_order[0] == min(per_group, key=cost.__getitem__)
+    assert obs_head_order(w["o"], G, g, True, space.params.obs_damp) == db.layers[1].head_order
+
+
+def test_obs_compensation_beats_plain_removal():
+    _, _, _, db, _ = build_db()
+    attn, mlp = db.errors()
+    assert (np.diff(mlp, axis=1) <= 1e-9).all()  # more kept, less error
+    assert mlp[:, -1].max() == 0 and attn[:, 0].min() == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_a_candidate_assembled_from_the_database_equals_the_exported_model(family):
+    model, adapter, runner, db, band = build_db(family)
+    rng = np.random.default_rng(3)
+    genome = next(x for a in range(db.space.attn_top, -1, -1) if (x := uniform_genome(db.space, db.params, *band, a)) is not None)
+    search = searcher(db, band)
+    for _ in range(5):
+        genome = search.mutate(genome, rng)
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(9))
+    choices = [tuple(x) for x in genome]
+    with torch.no_grad():
+        h = runner.run_blocks(runner.blocks(choices), runner.embed(tokens))
+        ours = torch.stack([runner.logits(x) for x in h])
+        exported, _ = build(adapter, model.state_dict(), db.slices(genome), db.overrides(genome))
+        theirs = exported(tokens).logits.float()
+    assert (ours - theirs).abs().max() < 1e-4
+    full = torch.stack([runner.logits(x) for x in runner.run_blocks(runner.blocks([tuple(t) for t in db.space.full()]), runner.embed(tokens))])
+    assert (ours - full).abs().max() > 1e-2  # the candidate is really pruned
+
+
+def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl():
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(20, 50) * 3, torch.randn(20, 50) * 3
+    assert float(sparse_kl(p_logits, topk_targets(p_logits, 5))) == pytest.approx(0, abs=1e-4)
+    exact = torch.nn.functional.kl_div(q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True, reduction="sum")
+    assert float(sparse_kl(q_logits, topk_targets(p_logits, 50))) == pytest.approx(float(exact), rel=1e-4)
+    assert 0 < float(sparse_kl(q_logits, topk_targets(p_logits, 5))) <= float(exact) + 1e-4  # a lower bound
+
+
+def test_kl_fitness_through_a_shard_is_zero_for_the_dense_model(llama, adapter, tokens):
+    runner = whole(adapter, llama)
+    full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
+    runner.forward(full, tokens, tokens, 1, "targets:16", "fit")
+    assert runner.forward(full, tokens, tokens, 1, "kl", "fit").value == pytest.approx(0, abs=1e-5)
+    half = [LayerSlice(s.kv_pairs, s.mlp[::2]) for s in full]
+    assert runner.forward(half, tokens, tokens, 1, "kl", "fit").value > 1e-3
+
+
+class FakeEvaluator:
+    """Fitness = a fixed function of the genome plus stage noise that shrinks with more tokens."""
+
+    def __init__(self, weights):
+        self.weights, self.calls = weights, []
+
+    def evaluate(self, genomes, stage):
+        for i, gnm in enumerate(genomes):
+            self.calls.append((genome_key(gnm), stage))
+            true = float((self.weights * (gnm.max() - gnm)).sum())
+            noise = (int(genome_key(gnm)[:6], 16) % 100) / 100 * (0.5 if stage == 0 else 0.0)
+            yield i, NLL(true + noise, 1, kind="kl"), 0
+
+
+def test_multi_step_selection_keeps_the_best_survivor(tmp_path):
+    _, _, _, db, band = build_db()
+    ev = FakeEvaluator(np.random.default_rng(0).random((db.space.num_layers, 2)))
+    search = searcher(db, band, ev, RunDir(tmp_path).create(), LevelSearchParams(offspring=8, tokens=[32, 64, 128], survivors=[4, 2]))
+    rng = np.random.default_rng(0)
+    parent = uniform_genome(db.space, db.params, *band, db.space.attn_top)
+    cands = [(c, "mutation") for c, _ in search.offspring([(parent, 0.0)], rng, set())]
+    finals, records, counts = search.select(0, cands, {})
+    assert counts == [8, 4, 2]
+    stage0 = sorted((r["fitness"], r["genome"]) for r in records if r["stage"] == 0)
+    last = {r["genome"]: r["fitness"] for r in records if r["stage"] == 2}
+    assert set(last) <= {k for _, k in stage0[:4]}
+    assert finals[0][1] == min(last.values())  # the best of the last stage is what selection returns
+    # elitism: over generations the parent's fitness never gets worse
+    result = search.run_search([(parent, "init")])
+    hist = [h["best"] for h in result.history]
+    assert hist == sorted(hist, reverse=True) and result.fitness == hist[-1]
+
+
+def test_search_resumed_from_its_checkpoint_ends_identical(tmp_path):
+    _, _, _, db, band = build_db()
+    w = np.random.default_rng(1).random((db.space.num_layers, 2))
+    init = [(uniform_genome(db.space, db.params, *band, db.space.attn_top), "init")]
+    whole_run = searcher(db, band, FakeEvaluator(w), RunDir(tmp_path / "a").create(), generations=4).run_search(init)
+    searcher(db, band, FakeEvaluator(w), RunDir(tmp_path / "b").create(), generations=2).run_search(init)
+    ev = FakeEvaluator(w)
+    resumed = searcher(db, band, ev, RunDir(tmp_path / "b"), generations=4).run_search(init)
+    assert (resumed.best == whole_run.best).all() and resumed.fitness == whole_run.fitness
+    assert all(s >= 0 for _, s in ev.calls) and len(ev.calls) < sum(1 for _ in open(tmp_path / "a" / "evals.jsonl"))
+
+
+def test_database_layers_round_trip_through_safetensors(tmp_path):
+    _, _, _, db, _ = build_db()
+    for e in db.layers.values():
+        save_layer(tmp_path, e)
+    back = load_layers(tmp_path)
+    for i, e in db.layers.items():
+        assert back[i].head_order == e.head_order and back[i].mlp_order == e.mlp_order
+        assert set(back[i].mlp) == set(e.mlp) and all(torch.equal(back[i].mlp[k], e.mlp[k]) for k in e.mlp)
+        assert back[i].attn_error == e.attn_error
+
+
+def test_error_accumulation_changes_the_database():
+    _, _, _, acc, _ = build_db(inputs="accumulated")
+    _, _, _, dense, _ = build_db(inputs="dense")
+    assert acc.layers[0].head_order == dense.layers[0].head_order  # layer 0's attention sees the same inputs
+    assert acc.layers[0].mlp_order != dense.layers[0].mlp_order  # its MLP sees the pruned attention
+    assert any(acc.layers[i].mlp_order != dense.layers[i].mlp_order for i in (1, 2))
+
+
+def test_error_allocation_lands_in_the_budget():
+    _, _, _, db, band = build_db()
+    genome = error_allocation(db, *band)
+    assert band[0] <= db.params(genome) <= band[1]
+
+
+def test_bad_level_settings_are_refused_naming_the_key():
+    _, adapter = tiny_family("llama")
+    with pytest.raises(LevelError, match="levels.mlp_levels=7 must divide the MLP width 96"):
+        LevelSpace(adapter.geometry(), LevelParams(mlp_levels=7))
+    with pytest.raises(LevelError, match="levels.heads='x'"):
+        LevelSpace(adapter.geometry(), LevelParams(heads="x"))
