@@ -2,6 +2,10 @@
 
   uniform  the same kept ratio in every block, units chosen by the paper's importance scores (this is
            also the paper's initial subnet: SearchSpace.initial).
+  layerdrop  ShortGPT (Men et al., 2024): whole blocks removed in order of least block influence (1 -
+           mean cosine similarity of a block's input and output on calibration data) until the subnet is
+           at or below the budget's upper bound; no compensation. One block is a coarse step, so the kept
+           ratio is the closest below the band's top, not necessarily inside it.
   flap     FLAP (An et al., AAAI 2024) as its paper describes it: the fluctuation metric WIFV of every
            input channel of o and down, standardised per layer and module, one global threshold across
            layers and modules (AL-AM) so the structure adapts per layer, and bias compensation: the pruned
@@ -108,3 +112,12 @@ def flap_biases(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices
         for i, s in enumerate(slices)
         if s.active
     }
+
+
+def layer_drop(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
+    cand = space.full()
+    for i in np.argsort(scores.influence.reshape(-1), kind="stable"):
+        if space.ratio(cand, budget.count) <= budget.high + 1e-12 or cand.depth == 1:
+            break
+        cand.active[i] = False
+    return cand

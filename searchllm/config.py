@@ -29,11 +29,11 @@ CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
 DTYPES = ("float32", "bfloat16", "float16")
 # How the subnet is chosen: the level search over the compensated level database (levels.py, levelsearch.py),
 # the paper's evolution or random search over masks (evolution.py), or a baseline chosen outright (baselines.py).
-SEARCH_MODES = ("levels", "evolution", "random", "uniform", "flap")
+SEARCH_MODES = ("levels", "evolution", "random", "uniform", "flap", "layerdrop")
 LEVEL_FITNESS = ("kl", "ppl")
 LEVEL_INITS = ("all", "uniform", "errors")
 SEARCH_INITS = ("uniform", "flap")  # generation 0 of the evolution: the paper's uniform subnet, or it and FLAP's
-METHODS = ("searchllm", "paper", "uniform", "flap", "random")  # presets in conf/method/<name>.yaml
+METHODS = ("searchllm", "paper", "uniform", "flap", "random", "layerdrop")  # presets in conf/method/<name>.yaml
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -321,6 +321,8 @@ def validate(c: Config) -> None:
     for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group"):
         if getattr(lv, key) < 1:
             raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
+    if lv.probe < 0:
+        raise ConfigError(f"levels.probe={lv.probe} must be >= 0 (0: no sensitivity probes)")
     if not 0 <= lv.crossover <= 1 or lv.obs_damp <= 0 or lv.damp < 0:
         raise ConfigError(f"levels.crossover={lv.crossover} must be in [0, 1], levels.obs_damp={lv.obs_damp} > 0 and levels.damp={lv.damp} >= 0")
     f = c.reform

@@ -19,7 +19,7 @@ import torch
 
 from .config import Config, ConfigError, check_resume_overrides, differing_keys, load_config, to_yaml
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
-from .baselines import bias_params, flap, flap_biases
+from .baselines import bias_params, flap, flap_biases, layer_drop
 from .evaluate import Evaluated
 from .evolution import Evolution, RandomSearch
 from .layout import ClusterError
@@ -160,7 +160,8 @@ def run(p: Prepared) -> int:
         run_dir.write_text("config.yaml", to_yaml(cfg))
     monitor = Monitor({"model": cfg.model.path, "target": cfg.budget.target, "method": cfg.method, "run_dir": str(run_dir.path),
                        "generations": cfg.search.generations, "layers": g.num_layers, "total_params": g.total_params,
-                       "attn_units": int(space.full().attn[0].size), "mlp_channels": g.intermediate})
+                       "attn_units": g.num_heads if cfg.search.mode == "levels" else int(space.full().attn[0].size), "mlp_channels": g.intermediate,
+                       "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness] if cfg.search.mode == "levels" else "perplexity"})
     m = cfg.monitor
     server = ProgressServer(monitor, m.host, m.port) if m.page else None
     if server is not None:
@@ -443,8 +444,8 @@ def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budg
     uniform = space.initial(scores.attn, scores.mlp, budget)
     log.info("uniform subnet: kept ratio %.4f, %d attention units and %d MLP channels per block", space.ratio(uniform, budget.count),
              int(uniform.attn[0].sum()) // space.groups, int(uniform.mlp[0].sum()))
-    if s.mode in ("uniform", "flap"):
-        best = uniform if s.mode == "uniform" else flap(space, scores, budget)
+    if s.mode in ("uniform", "flap", "layerdrop"):
+        best = {"uniform": lambda: uniform, "flap": lambda: flap(space, scores, budget), "layerdrop": lambda: layer_drop(space, scores, budget)}[s.mode]()
         fit = next(nll for _, nll, _ in pool.stream(space, [best], "fitness", batch))
         rec = {"generation": 0, "best": fit.ppl, "median": fit.ppl, "best_ratio": space.ratio(best, budget.count), "evaluated": 1}
         result = SearchResult(best, fit.ppl, space.params(best), space.ratio(best, budget.count), 0, 1, [rec])
@@ -475,7 +476,8 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path, monitor
 
     ids: dict = {}
     tables = []
-    for name, path in (("original", loaded.checkpoint), ("exported", str(export_dir))):
+    models = (("original", loaded.checkpoint),) if cfg.eval.original else ()
+    for name, path in models + (("exported", str(export_dir)),):
         model, tokenizer = load_pretrained(path)
         model.to(device_of(cfg.eval.device))
         if name == "exported":  # its searchllm_export.json holds the source's counts

@@ -42,6 +42,7 @@ class EvalError(ValueError):
 @dataclass
 class EvalConfig:
     enabled: bool = True  # a driver step after export (the original and the exported model)
+    original: bool = True  # evaluate the original model too (a benchmark of many runs measures it once)
     # "name:split" of data.CORPORA (local files under data.root, else the hub), or "text:<path>".
     corpora: list[str] = field(default_factory=lambda: ["wikitext2-raw:test", "ptb:test", "c4:validation"])
     # Window lengths; "full" is the model's context (max_position_embeddings).

@@ -50,6 +50,10 @@ class LevelSearchParams:
     survivors: list[int] = field(default_factory=lambda: [4, 1])
     crossover: float = 0.25  # share of children made by crossover (with >= 2 parents)
     max_tries: int = 200  # draws per child before it is given up (counted as skipped)
+    # Sensitivity probes after generation 0 (0: none): each layer's module lowered by this many levels
+    # alone is scored on the first stage's tokens; the least sensitive layers then give levels to the
+    # most sensitive ones (a few exact-budget candidates of different sizes join the selection).
+    probe: int = 2
 
 
 def genome_key(genome: np.ndarray) -> str:
@@ -156,6 +160,43 @@ class LevelSearch:
                 self.skipped += 1
         return out
 
+    def reallocations(self, base: np.ndarray, done: dict[str, dict], seen: set[str]) -> tuple[list[tuple[np.ndarray, str]], list[dict]]:
+        """Sensitivity probes around `base` (each (layer, module) lowered by `probe` levels on its own,
+        scored on stage 0), then for each module type and k in 1, 2, 4, 8...: the k least sensitive layers
+        lowered and the k most sensitive raised by the same levels, kept where the count is exact."""
+        d = self.p.probe
+        probes, sens = [], {}
+        cands = []
+        for mod in (0, 1):
+            for i in range(base.shape[0]):
+                if base[i, mod] >= d:
+                    g = base.copy()
+                    g[i, mod] -= d
+                    cands.append(((i, mod), g))
+        recs = self._stage(0, 0, [(g, "probe") for _, g in cands], done)
+        for ((i, mod), _), r in zip(cands, recs):
+            sens[(i, mod)] = r["fitness"]
+        probes += recs
+        out = []
+        for mod in (0, 1):
+            ranked = sorted((sens[(i, m)], i) for (i, m) in sens if m == mod)
+            order = [i for _, i in ranked]  # least sensitive first
+            k = 1
+            while 2 * k <= len(order):
+                child = base.copy()
+                down = order[:k]
+                up = [i for i in reversed(order) if child[i, mod] + d <= self.top[mod] and i not in down][:k]
+                if len(up) < k:
+                    break
+                child[down, mod] -= d
+                child[up, mod] += d
+                key = genome_key(child)
+                if self.db.params(child) == self.db.params(base) and key not in seen:
+                    seen.add(key)
+                    out.append((child, f"reallocation {'attention' if mod == 0 else 'MLP'} k={k}"))
+                k *= 2
+        return out, probes
+
     # -- evaluation and selection ------------------------------------------------------------------------
     def _record(self, genome: np.ndarray, origin: str, generation: int, stage: int, nll, replica: int) -> dict[str, Any]:
         n = self.db.params(genome)
@@ -241,6 +282,11 @@ class LevelSearch:
             else:
                 children = self.offspring(parents, rng, seen)
             finals, records, counts = self.select(gen, children, done)
+            if gen == 0 and self.p.probe:
+                best = min(finals, key=lambda x: x[1])[0] if finals else inits[0][0]
+                moved, probes = self.reallocations(best, done, seen)
+                more, recs, _ = self.select(gen, moved, done)
+                finals, records = finals + more, records + probes + recs
             self.run.write_generation(gen, records)
             pool = {genome_key(g): (g, f) for g, f in parents + finals}
             parents = sorted(pool.values(), key=lambda x: (x[1] if math.isfinite(x[1]) else math.inf, genome_key(x[0])))[: self.p.parents]

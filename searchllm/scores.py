@@ -54,6 +54,8 @@ class LayerScores:
     flap_down: torch.Tensor  # (intermediate,): WIFV of each input column of down
     mean_o: torch.Tensor  # mean calibration input of o and down (FLAP's bias compensation)
     mean_down: torch.Tensor
+    # ShortGPT's block influence: 1 - mean cosine similarity of the block's input and output hidden states.
+    influence: torch.Tensor = None
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Scores:
     flap_down: np.ndarray
     mean_o: np.ndarray
     mean_down: np.ndarray
+    influence: np.ndarray
 
     @classmethod
     def stack(cls, per_layer: dict[int, LayerScores]) -> "Scores":

@@ -263,6 +263,8 @@ class ShardRunner:
             for i in self.spec.layers:
                 grams = GramAccumulator()
                 block = self.block(i, full)
-                hidden = self.run_blocks({str(i): block}, hidden, batch, record=grams.add)
+                before, hidden = hidden, self.run_blocks({str(i): block}, hidden, batch, record=grams.add)
                 self.scores[i] = layer_scores(self.blocks_w[i], grams, i, self.geometry, damp)
+                cos = F.cosine_similarity(before.float(), hidden.float(), dim=-1)
+                self.scores[i].influence = (1 - cos.mean()).reshape(1).cpu()
         return hidden

@@ -233,3 +233,19 @@ def test_bad_level_settings_are_refused_naming_the_key():
         LevelSpace(adapter.geometry(), LevelParams(mlp_levels=7))
     with pytest.raises(LevelError, match="levels.heads='x'"):
         LevelSpace(adapter.geometry(), LevelParams(heads="x"))
+
+
+def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_same_count(tmp_path):
+    _, _, _, db, band = build_db()
+    weights = np.zeros((db.space.num_layers, 2))
+    weights[0, 1] = 5.0  # layer 0's MLP is by far the most sensitive
+    search = searcher(db, band, FakeEvaluator(weights), RunDir(tmp_path).create(), LevelSearchParams(offspring=4, tokens=[32], survivors=[], probe=1))
+    base = uniform_genome(db.space, db.params, *band, db.space.attn_top)
+    base[:, 1] = db.space.mlp_top - 2
+    base[1, 1] += 1
+    base[2, 1] -= 1
+    moved, probes = search.reallocations(base, {}, set())
+    assert len(probes) == 2 * db.space.num_layers and moved
+    for child, origin in moved:
+        assert db.params(child) == db.params(base) and "MLP" in origin
+        assert child[0, 1] == base[0, 1] + 1  # the sensitive layer gained a level

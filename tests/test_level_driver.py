@@ -1,0 +1,73 @@
+"""The level search through the driver on Ray: what is scored is what is exported, a resume reuses the
+saved database and ends identical, and the result does not depend on how many replicas or stages ran it."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from searchllm.driver import main
+
+from conftest import tiny_run_args
+
+pytestmark = pytest.mark.ray
+
+
+def level_args(path, corpus, run, *extra):
+    return tiny_run_args(path, corpus, run, "search.mode=levels", "levels.tokens=[64,128]", "levels.survivors=[2]",
+                         "levels.offspring=6", "levels.mlp_levels=8", "monitor.page=false", *extra)
+
+
+def outcome(run):
+    m = json.loads((run / "manifest.json").read_text())
+    return m["search"]["levels"], m["search"]["best_fitness"], m["perplexity"]["exported"]
+
+
+def test_the_level_search_exports_exactly_the_subnet_it_scored(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(level_args(path, corpus, run, "search.generations=2")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["searched"], rel=1e-4)
+    assert m["export"]["params"] == m["params"]["subnet"]
+    assert 0.67 <= m["ratio"]["actual"] <= 0.73
+    db = m["level_database"]
+    assert db["layers_built"] == 4 and db["disk_bytes"] > 0 and len(list((run / "levels").glob("*/layer-*.safetensors"))) == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["history"][-1]["stage0_candidates"] == 6 and summary["history"][-1]["stage1_candidates"] == 2
+    assert summary["fitness_kind"] == "kl" and summary["best_fitness"] > 0
+
+
+def test_a_resumed_level_search_reuses_its_database_and_ends_identical(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(level_args(path, corpus, straight, "search.generations=3")) == 0
+    assert main(level_args(path, corpus, stopped, "search.generations=1")) == 0
+    assert main([f"resume={stopped}", "search.generations=3"]) == 0
+    assert outcome(stopped) == outcome(straight)
+    assert json.loads((stopped / "manifest.json").read_text())["level_database"]["layers_built"] == 0
+
+
+def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    assert main(level_args(path, corpus, tmp_path / "one", "search.generations=2")) == 0
+    assert main(level_args(path, corpus, tmp_path / "two", "search.generations=2", "ray.replicas=2", "ray.stages=2")) == 0
+    assert outcome(tmp_path / "one") == outcome(tmp_path / "two")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("levels.mlp_levels=7", "levels.mlp_levels=7 must divide the MLP width 96"),
+        ("levels.survivors=[2,2]", "levels.survivors=[2, 2] must list 1 counts >= 1"),
+        ("levels.heads=some", "levels.heads='some' is not allowed; choose one of: equal, free"),
+        ("levels.fitness=acc", "levels.fitness='acc' is not allowed; choose one of: kl, ppl"),
+    ],
+)
+def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, override, message):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "searchllm.driver", *level_args(path, corpus, run), override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not run.exists()
