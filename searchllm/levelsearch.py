@@ -168,6 +168,8 @@ class LevelSearch:
         probes, sens = [], {}
         cands = []
         for mod in (0, 1):
+            if (base[:, mod] + d > self.top[mod]).all():
+                continue  # no layer could take the levels: nothing to reallocate in this module type
             for i in range(base.shape[0]):
                 if base[i, mod] >= d:
                     g = base.copy()

@@ -126,3 +126,20 @@ def test_compensated_fitness_runs_each_candidate_with_its_flap_biases(llama, ada
     runner.means, dense = {}, runner.forward(full, tokens).ppl
     runner.means = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(space.num_layers)}
     assert runner.forward(full, tokens).ppl == pytest.approx(dense, rel=1e-6)  # nothing pruned, nothing added
+
+
+def test_layer_drop_removes_the_blocks_of_least_influence_until_the_budget(llama, adapter, tokens):
+    from searchllm.baselines import layer_drop
+
+    model, adapter = tiny_family("llama", layers=6)
+    runner, scores = calibrated(model, adapter, tokens)
+    g = adapter.geometry()
+    space = SearchSpace(g, depth_range=(1, g.num_layers))
+    budget = Budget(0.7, 0.01)
+    cand = layer_drop(space, scores, budget)
+    assert space.ratio(cand) <= budget.high and not (~cand.active).sum() == 0
+    kept_bi, dropped_bi = scores.influence[cand.active].ravel(), scores.influence[~cand.active].ravel()
+    assert dropped_bi.max() <= kept_bi.min()  # ShortGPT's order: least influence first
+    one_less = cand.copy()
+    one_less.active[np.flatnonzero(~cand.active)[-1]] = True
+    assert space.ratio(one_less) > budget.high  # no more blocks dropped than the budget needs

@@ -46,10 +46,11 @@ def test_resume_only_accepts_execution_overrides():
 
 def test_defaults_are_the_searchllm_method():
     c = load_config([])
-    assert (c.method, c.search.mode, c.search.init, c.search.compensate) == ("searchllm", "evolution", "uniform", False)
-    r = c.reform
-    assert (r.solver, r.bias, r.finalists, r.flap_finalist) == ("exact", True, 3, True)
-    assert load_config(["method=searchllm"]).reform == r  # the preset says what the defaults say
+    assert (c.method, c.search.mode, c.search.compensate) == ("searchllm", "levels", False)
+    lv = c.levels
+    assert (lv.heads, lv.fitness, lv.inputs, len(lv.tokens)) == ("equal", "kl", "accumulated", 3)
+    assert c.data.calibration.samples * c.data.calibration.seqlen >= 64 * 512  # enough tokens for the solves
+    assert load_config(["method=searchllm"]).levels == lv and load_config(["method=searchllm"]).search == c.search  # the preset says what the defaults say
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,7 @@ def test_defaults_are_the_searchllm_method():
         ("uniform", dict(mode="uniform", reform=False)),
         ("flap", dict(mode="flap", reform=False)),
         ("random", dict(mode="random", solver="exact", reform=True)),
+        ("layerdrop", dict(mode="layerdrop", reform=False)),
     ],
 )
 def test_a_method_preset_sets_its_keys_and_later_overrides_still_win(method, expect):

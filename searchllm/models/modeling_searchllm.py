@@ -233,6 +233,9 @@ class SlicedDecoderLayer(nn.Module):
     def __init__(self, config: SearchLLMConfig, kv_pairs, channels: int, device=None, dtype=None, buffer_device=None,
                  window: int | None = None, q_counts: list[int] | None = None) -> None:
         super().__init__()
+        import warnings
+
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # a module pruned away is an empty Linear
         c, kw = config, dict(device=device, dtype=dtype)
         self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
         group = c.num_attention_heads // c.num_key_value_heads

@@ -7,7 +7,6 @@ computes with the dropped rows/columns zeroed.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -109,10 +108,8 @@ def build_block(config: SearchLLMConfig, w: Mapping[str, torch.Tensor], s: Layer
                 overrides: Mapping[str, torch.Tensor] | None = None, window: int | None = None) -> SlicedDecoderLayer:
     """A SlicedDecoderLayer sharing storage with `w` where it can; `overrides` replaces sliced tensors
     (reformed o/down) by standard key; `window` is the layer's sliding attention window."""
-    with warnings.catch_warnings():  # a module pruned away is a zero-size Linear: nothing to initialise, nothing to warn about
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-        block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device, window=window,
-                                   q_counts=None if s.q_heads is None else s.q_counts(g))
+    block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device, window=window,
+                               q_counts=None if s.q_heads is None else s.q_counts(g))
     tensors = slice_weights(w, s, g) | dict(overrides or {})
     for key, t in tensors.items():
         owner, name = MODULE_PATHS[key].rsplit(".", 1)
