@@ -419,14 +419,7 @@ class EvaluatorPool:
         for spec, actor in zip(self.specs, self.lead):
             mine = {i: e for i, e in done.items() if i in spec.layers}
             gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine)
-            refs = iter(gen)
-            for _ in spec.layers:
-                entry = ray.get(next(refs))
-                if entry is not None:
-                    results.append(entry)
-                    if on_layer is not None:
-                        on_layer(entry)
-            stream = next(refs)
+            (stream,) = _collect(spec, gen, results, on_layer, 1)
         return results
 
     def set_levels(self, space: Any, layers: dict[int, Any]) -> None:
@@ -474,9 +467,9 @@ class EvaluatorPool:
         return Scores.stack(per_layer)
 
 
-def _collect(spec: ShardSpec, gen, results: list[LayerResult], on_layer) -> tuple[Any, Any]:
-    """Read a stage's reformation stream: layer results (handed to on_layer as they come), then the
-    refs of the two hidden states it hands on."""
+def _collect(spec: ShardSpec, gen, results: list, on_layer, tail: int = 2) -> tuple[Any, ...]:
+    """Read a stage's per-layer stream (reformation results, level database entries): each layer's item
+    (handed to on_layer as it comes), then the refs of the `tail` hidden states it hands on."""
     refs = iter(gen)
     for _ in spec.layers:
         res = ray.get(next(refs))
@@ -484,7 +477,7 @@ def _collect(spec: ShardSpec, gen, results: list[LayerResult], on_layer) -> tupl
             results.append(res)
             if on_layer is not None:
                 on_layer(res)
-    return next(refs), next(refs)
+    return tuple(next(refs) for _ in range(tail))
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,8 +1,10 @@
 """`python -m searchllm.driver [--config FILE] [key=value ...]`: calibrate, score, search on Ray.
 
 Flow: config -> model config/adapter -> search space and budget (checked before any weights load) ->
-corpora -> Ray -> evaluator pool -> dense baseline -> calibration scores -> initial subnet -> evolution
--> report. Bad input stops early with one line on stderr and exit code 2.
+corpora -> Ray -> evaluator pool -> then, by search.mode: the level database -> level search -> export
+(levels, the default), or dense baseline -> calibration scores -> initial subnet -> evolution / random /
+a baseline -> report -> reformation -> export; then the evaluation. Bad input stops early with one line
+on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -362,11 +364,7 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
         write_report(monitor, run_dir.path / "report.html")
     reformed, ppl = db.overrides(best), {"original": dense_rep, "searched": best_rep}
     manifest = {
-        "method": cfg.method,
-        "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
-                   "model_type": loaded.adapter.config.model_type},
-        "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
-                        "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
+        **manifest_source(cfg, loaded, where),
         "search": {"mode": "levels", "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
                    "fitness_corpus": where["fitness"], "fitness": lv.fitness, "best_fitness": result.fitness, "seconds": wall,
                    "levels": best.tolist(), "inits": [o for _, o in inits]},
@@ -583,11 +581,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
         log.info("reformed in %.1fs: report ppl %.3f -> %.3f", seconds, searched_ppl, ppl["reformed"])
     added = sum(w[k].numel() for w in reformed.values() for k in g.new_biases(w))
     manifest = {
-        "method": cfg.method,
-        "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
-                   "model_type": loaded.adapter.config.model_type},
-        "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
-                        "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
+        **manifest_source(cfg, loaded, where),
         "search": {"mode": cfg.search.mode, "init": cfg.search.init, "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
                    "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness, "chosen": best.key()},
         "ratio": {"target": cfg.budget.target, "actual": (space.params(best) + added) / g.total_params, "count": cfg.budget.count},
@@ -605,6 +599,17 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
     run_dir.save_json("manifest.json", manifest)
     print("  perplexity (" + where["report"] + "): " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
     return manifest
+
+
+def manifest_source(cfg: Config, loaded, where) -> dict:
+    """What every manifest says first: the method, the source model and the calibration data."""
+    return {
+        "method": cfg.method,
+        "source": {"model": cfg.model.path, "revision": cfg.model.revision, "checkpoint": loaded.checkpoint,
+                   "model_type": loaded.adapter.config.model_type},
+        "calibration": {"corpus": where["calibration"], "samples": cfg.data.calibration.samples,
+                        "seqlen": cfg.data.calibration.seqlen, "seed": cfg.data.seed},
+    }
 
 
 def export_subnet(cfg: Config, run_dir: RunDir, loaded, pool, slices, reformed, tokens, counted: int, ref_ppl: float,

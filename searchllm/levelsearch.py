@@ -1,5 +1,5 @@
 """The level search (EvoPress): evolve assignments of database levels under an exact parameter budget.
-Pure NumPy; knows nothing of Ray or torch.
+NumPy only; knows nothing of Ray.
 
 A genome is an (L, 2) integer array: each block's attention level and MLP level in the level database.
 Mutation makes 1-3 level switches (min of two draws of 1..3, as EvoPress): one module goes down a level
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import numpy as np
 
 from .rundir import RunDir
+from .search import SearchResult  # best: the genome; finalists: the final parents
 
 log = logging.getLogger("searchllm")
 
@@ -62,18 +63,6 @@ def genome_key(genome: np.ndarray) -> str:
 
 def genome_from(data: bytes, layers: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.int16).astype(np.int64).reshape(layers, 2)
-
-
-@dataclass
-class LevelResult:
-    best: np.ndarray
-    fitness: float
-    params: int
-    ratio: float
-    generations: int
-    evaluations: int
-    history: list[dict[str, Any]]
-    finalists: list[tuple[np.ndarray, float]] = field(default_factory=list)
 
 
 class LevelSearch:
@@ -255,7 +244,7 @@ class LevelSearch:
                 return [(cands[k][0], recs[k]["fitness"]) for k in order], records, counts
         raise AssertionError("unreachable")
 
-    def run_search(self, inits: list[tuple[np.ndarray, str]]) -> LevelResult:
+    def run_search(self, inits: list[tuple[np.ndarray, str]]) -> SearchResult:
         L = inits[0][0].shape[0]
         done = self.run.load_evals()
         ckpt = self.run.load_checkpoint()
@@ -314,4 +303,4 @@ class LevelSearch:
                                       "rng": rng.bit_generator.state, "seen": sorted(seen), "history": history})
         best, fit = parents[0]
         n = self.db.params(best)
-        return LevelResult(best, fit, n, n / self.total, len(history), len(done), history, parents)
+        return SearchResult(best, fit, n, n / self.total, len(history), len(done), history, parents)

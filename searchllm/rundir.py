@@ -6,6 +6,7 @@
   checkpoint.json      after each generation: its number, the parents, the RNG state, the keys seen
   archive/gen-*.parquet every evaluated candidate of each generation (pd.read_parquet(run/"archive"))
   reform/<subnet>-<settings>/layer-*.pt  each reformed layer of a finalist, saved as it is solved
+  levels/<settings>/layer-*.safetensors  the level database, a layer at a time as it is built (levels.py)
   best.json, summary.json
 Files are replaced atomically (write to a temp file, then rename), so a killed driver never leaves a
 half-written checkpoint that a resume would trust.
