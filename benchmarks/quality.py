@@ -4,7 +4,9 @@ search + reformation wall time and the evaluations. Every row is one run of the 
 run), in its own run dir; the table is read back from each run's manifest.json and eval.parquet.
 
     python benchmarks/quality.py [--ratios 0.9 0.8 0.7 0.6 0.5] [--methods searchllm uniform+obs ...]
-                                 [--root runs/quality] [--out FILE.csv] [-- key=value ...]
+                                 [--root runs/quality] [--out FILE.csv] [--table-only] [-- key=value ...]
+
+A row already run under --root (its eval.parquet there) is read back, not run again.
 
 Methods (a name -> driver overrides on top of conf/default.yaml; `--` passes more to every run):
   uniform         same kept ratio in every block by the paper's importance scores; no compensation
@@ -41,7 +43,7 @@ from pathlib import Path
 
 METHODS = {
     "uniform": ["method=uniform"],
-    "uniform+obs": ["method=searchllm", "search.generations=1", "levels.init=uniform"],
+    "uniform+obs": ["method=searchllm", "search.generations=1", "levels.init=uniform", "levels.probe=0"],
     "flap": ["method=flap"],
     "layerdrop": ["method=layerdrop"],
     "paper": ["method=paper"],
@@ -85,6 +87,8 @@ def run_row(root: Path, method: str, ratio: float, extra: list[str]) -> dict:
     from searchllm.driver import main
 
     run = root / f"{ratio:g}-{method.replace(':', '-')}"
+    if (run / "manifest.json").is_file() and not (run / "eval.parquet").is_file():
+        evaluate(json.loads((run / "manifest.json").read_text())["export"]["dir"], "exported", run, extra)
     if not (run / "manifest.json").is_file():
         if run.exists():
             shutil.rmtree(run)
@@ -147,6 +151,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["searchllm", "uniform+obs", "uniform", "flap", "layerdrop", "paper"], choices=list(METHODS))
     ap.add_argument("--root", default="runs/quality")
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the rows already run under --root; run nothing")
     a = ap.parse_args(argv)
 
     import pandas as pd
@@ -157,6 +162,11 @@ def main() -> None:
     rows = []
     for ratio in a.ratios:
         for method in a.methods:
+            run = root / f"{ratio:g}-{method.replace(':', '-')}"
+            if a.table_only:
+                if (run / "eval.parquet").is_file():
+                    rows.append(read_row(run, method, ratio))
+                continue
             rows.append(run_row(root, method, ratio, extra))
             print(pd.DataFrame([rows[-1]]).to_string(index=False), flush=True)
     df = pd.DataFrame([dense, *rows])
@@ -164,8 +174,8 @@ def main() -> None:
         df[f"{col} x"] = df[col] / dense[col]
     if a.out:
         df.to_csv(a.out, index=False)
-    cols = ["target", "method", "params", "kept", "wikitext2-raw@128", "wikitext2-raw@2048", "wikitext2-raw@2048 x", "ptb@2048",
-            "search+reform s", "evaluations"]
+    cols = ["target", "method", "params", "kept", "wikitext2-raw@128", "wikitext2-raw@128 x", "wikitext2-raw@2048", "wikitext2-raw@2048 x",
+            "ptb@2048", "ptb@2048 x", "search+reform s", "evaluations"]
     print(df[[c for c in cols if c in df.columns]].to_markdown(index=False, floatfmt=".4g"))
 
 

@@ -150,9 +150,13 @@ def run(p: Prepared) -> int:
         cfg.model.path, g.num_layers, g.num_heads, g.num_kv_heads, g.intermediate, g.total_params / 1e6,
         budget.target, budget.tol, budget.count,
     )
-    log.info(
-        "space: attention=%s, per-group ratio %s, MLP ratio %s, depth %s", space.attention, space.attn_range, space.mlp_range, space.depth_range
-    )
+    if cfg.search.mode == "levels":
+        lv = cfg.levels
+        log.info("levels: attention by query heads (%s), MLP in %d levels; fitness %s; selection on %s tokens keeping %s", lv.heads,
+                 lv.mlp_levels, lv.fitness, list(lv.tokens), list(lv.survivors))
+    else:
+        log.info("space: attention=%s, per-group ratio %s, MLP ratio %s, depth %s", space.attention, space.attn_range, space.mlp_range,
+                 space.depth_range)
     tokens, where = p.tokens, p.where
     name = f"searchllm {cfg.method} {Path(cfg.model.path).name} {cfg.budget.target:g} ({run_dir.path.name})"
     log.info("%s", connect(cfg.ray, name))  # before the weights load: an unreachable cluster fails in seconds
