@@ -173,9 +173,9 @@ class StageActor:
         layers, device, dtype = self.spec.layers, self.runner.device, self.runner.dtype
         self.runner.means = {i: m for i, m in state["means"].items() if i in layers}
         self.runner.reformed = {i: (s, {k: v.to(device, dtype) for k, v in w.items()}) for i, (s, w) in state["reformed"].items() if i in layers}
-        if state["levels"] is not None and state["levels"][1] is not self._levels_ref:
+        if state["levels"] is not None and state["levels"][1][self.spec.start].hex() != self._levels_ref:
             space, refs = state["levels"]  # this shard's database entries, fetched once
-            self._levels_ref = state["levels"][1]
+            self._levels_ref = refs[self.spec.start].hex()
             self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
         if self.spec.last:
             self.runner.targets = {w: (t[0].to(device), t[1].to(device)) for w, t in ray.get(list(state["targets"].values()))} \
