@@ -270,10 +270,14 @@ def build_level_database(cfg: Config, run_dir: RunDir, pool, space, band: tuple[
         log.info("building the level database (heads=%s, %d MLP levels, inputs=%s, implied levels %s) on %d x %d calibration tokens%s",
                  cfg.levels.heads, cfg.levels.mlp_levels, cfg.levels.inputs, implied[0].tolist(), c.samples, c.seqlen,
                  f"; layers {sorted(saved)} were built before" if saved else "")
+        progress = [len(saved)]
         with tqdm(total=L, initial=len(saved), desc="level database", unit="layer", leave=False, disable=None) as bar:
             def on_layer(entry):
                 save_layer(folder, entry)  # first: a resume starts after it
                 bar.update(1)
+                progress[0] += 1
+                if monitor is not None:
+                    monitor.on_reform("level database", 1, 1, progress[0], L)
 
             fresh = pool.build_levels(space, implied, cfg.data.batch, saved, on_layer)
         layers = saved | {e.layer: e for e in fresh}
