@@ -29,7 +29,8 @@ Ablations of searchllm (one setting changed each):
 
 Rows at the same ratio reuse the first searchllm run's level database where their settings build the same
 one (copied into their run dir before the run: the driver then reports it as reused), so the search
-rows differ only in the search. Calibration, fitness and selection use WikiText-2 validation; the numbers
+rows differ only in the search; the mask methods reuse the first run's calibration scores (scores.npz,
+the same calibration windows at every ratio). Calibration, fitness and selection use WikiText-2 validation; the numbers
 are WikiText-2 raw test and PTB test, held out.
 """
 from __future__ import annotations
@@ -95,6 +96,10 @@ def run_row(root: Path, method: str, ratio: float, extra: list[str]) -> dict:
         donor = root / f"{ratio:g}-searchllm" / "levels"
         if donor.is_dir() and method != "searchllm":
             shutil.copytree(donor, run / "levels")  # the same settings find their database there; others build their own
+        scores = sorted(root.glob("*/scores.npz"))
+        if scores:  # the calibration scores do not depend on the ratio: one calibration pass serves every mask method
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copy(scores[0], run / "scores.npz")
         t0 = time.time()
         code = main([*METHODS[method], f"budget.target={ratio}", f"run_dir={run}", *EVAL, *extra])
         if code:
