@@ -249,3 +249,21 @@ def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_sa
     for child, origin in moved:
         assert db.params(child) == db.params(base) and "MLP" in origin
         assert child[0, 1] == base[0, 1] + 1  # the sensitive layer gained a level
+
+
+def test_a_build_resumed_after_its_first_layers_gives_the_same_database():
+    model, adapter, _, db, band = build_db()
+    space = db.space
+    runner = whole(adapter, model)
+    calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
+    gen = iter_build(runner, space, implied_levels(space, *band), calib, 2, done={0: db.layers[0]})
+    fresh = []
+    try:
+        while True:
+            fresh.append(next(gen))
+    except StopIteration:
+        pass
+    assert fresh[0] is None and [e.layer for e in fresh[1:]] == [1, 2]
+    for e in fresh[1:]:
+        assert e.head_order == db.layers[e.layer].head_order and e.mlp_order == db.layers[e.layer].mlp_order
+        assert all(torch.equal(e.mlp[k], db.layers[e.layer].mlp[k]) for k in e.mlp)
