@@ -128,7 +128,8 @@ def tiny_run_args(path, corpus, run_dir, *extra):
     return [
         f"model.path={path}", f"run_dir={run_dir}", *" ".join(data).split(),
         "data.calibration.samples=8", "data.fitness.samples=2", "data.report.samples=2",
-        "search.mode=evolution", "search.generations=3", "search.population=8", "search.parents=3", "search.mutations=4", "search.crossovers=2",
+        *(() if any(a.startswith("method=") for a in extra) else ("search.mode=evolution",)),  # a method preset names its own mode
+        "search.generations=3", "search.population=8", "search.parents=3", "search.mutations=4", "search.crossovers=2",
         "budget.target=0.7", "budget.tol=0.03", f"eval.corpora=[text:{corpus}]", "eval.lengths=[16]", "eval.tasks=[]", "reform.final_windows=4", *extra,
     ]
 
