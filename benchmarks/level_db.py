@@ -2,7 +2,7 @@
 
     python benchmarks/level_db.py [calib=64] [seqlen=512] [target=0.8] [LevelParams field=value ...]
 
-Builds the level database in this process (the same `levels.iter_build` the stage actors run, on one
+Builds the level database in this process (`levels.build_local`: the `iter_build` the stage actors run, on one
 shard), then scores the uniform assignments of the top attention levels (every block at the same levels,
 the MLP filling the budget) by mean KL from the dense model (top-256) and perplexity on WikiText-2
 *validation* windows 8..23 of 512 tokens: past the level search's own selection windows, and never the
@@ -15,7 +15,7 @@ import torch
 
 from searchllm.config import CorpusConfig, ModelConfig
 from searchllm.data import data_root, first_windows, load_text, random_windows, tokenize
-from searchllm.levels import LevelDatabase, LevelParams, LevelSpace, implied_levels, iter_build, uniform_genome
+from searchllm.levels import LevelDatabase, LevelParams, LevelSpace, build_local, implied_levels, uniform_genome
 from searchllm.models.loading import load
 from searchllm.shard import ShardRunner, ShardSpec
 
@@ -34,13 +34,7 @@ def main() -> None:
     space = LevelSpace(g, params)
     band = (int((target - 0.01) * g.total_params), int((target + 0.01) * g.total_params))
     t0 = time.time()
-    gen, layers = iter_build(runner, space, implied_levels(space, *band), calib, 2), {}
-    try:
-        while True:
-            e = next(gen)
-            layers[e.layer] = e
-    except StopIteration:
-        pass
+    layers = build_local(runner, space, implied_levels(space, *band), calib, 2)
     print(f"build {time.time() - t0:.0f} s, {params}, calibration {calib_n} x {seqlen}")
     db = LevelDatabase(space, layers)
     runner.levels, runner.level_space = layers, space

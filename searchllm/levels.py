@@ -344,6 +344,19 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
     return h_all
 
 
+def build_local(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
+                done: Mapping[int, LayerLevels] | None = None) -> dict[int, LayerLevels]:
+    """iter_build run to the end in this process (one shard, no actors): the entries it built, by layer."""
+    gen, out = iter_build(runner, space, implied, inp, batch, done), {}
+    try:
+        while True:
+            entry = next(gen)
+            if entry is not None:
+                out[entry.layer] = entry
+    except StopIteration:
+        return out
+
+
 def _head_cols(heads: list[int], g: Geometry) -> list[int]:
     return [h * g.head_dim + d for h in heads for d in range(g.head_dim)]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from searchllm.export import build
-from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, error_allocation, implied_levels,
-                              iter_build, load_layers, obs_head_order, refit, save_layer, uniform_genome)
+from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, build_local, error_allocation,
+                              implied_levels, load_layers, obs_head_order, refit, save_layer, uniform_genome)
 from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
 from searchllm.reform import solve_exact
@@ -30,14 +30,7 @@ def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, se
     band = (int(0.97 * target * g.total_params), int(1.03 * target * g.total_params))
     runner = whole(adapter, model)
     calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2)) if calib is None else calib
-    gen = iter_build(runner, space, implied_levels(space, *band), calib, 2)
-    layers = {}
-    try:
-        while True:
-            e = next(gen)
-            layers[e.layer] = e
-    except StopIteration:
-        pass
+    layers = build_local(runner, space, implied_levels(space, *band), calib, 2)
     runner.levels, runner.level_space = layers, space
     return model, adapter, runner, LevelDatabase(space, layers), band
 
@@ -256,14 +249,8 @@ def test_a_build_resumed_after_its_first_layers_gives_the_same_database():
     space = db.space
     runner = whole(adapter, model)
     calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
-    gen = iter_build(runner, space, implied_levels(space, *band), calib, 2, done={0: db.layers[0]})
-    fresh = []
-    try:
-        while True:
-            fresh.append(next(gen))
-    except StopIteration:
-        pass
-    assert fresh[0] is None and [e.layer for e in fresh[1:]] == [1, 2]
-    for e in fresh[1:]:
+    fresh = build_local(runner, space, implied_levels(space, *band), calib, 2, done={0: db.layers[0]})
+    assert sorted(fresh) == [1, 2]  # layer 0 was only run
+    for e in fresh.values():
         assert e.head_order == db.layers[e.layer].head_order and e.mlp_order == db.layers[e.layer].mlp_order
         assert all(torch.equal(e.mlp[k], db.layers[e.layer].mlp[k]) for k in e.mlp)
