@@ -431,12 +431,8 @@ class EvaluatorPool:
     def set_targets(self, codec: Any, dense: Any, which: str, k: int, batch: int) -> NLL:
         """Cache the dense model's top-k next-token distributions on token set `which` as every replica's
         KL targets (computed once on the lead replica, then published); returns the dense NLL there."""
-        out = None
-        slices = codec.slices(dense)
-        for spec, actor in zip(self.specs, self.lead):
-            part = {i: slices[i] for i in spec.layers}
-            out = actor.forward.remote(part, out, which, batch, self._version, f"targets:{k}")
-        nll, targets = ray.get(out)
+        self.lead  # raises when no replica is left
+        nll, targets = ray.get(self._submit(self.alive[0], codec.slices(dense), which, batch, f"targets:{k}"))
         self._extras["targets"] = dict(self._extras["targets"]) | {which: ray.put((which, targets))}
         self._publish()
         return nll
