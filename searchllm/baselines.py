@@ -29,6 +29,7 @@ from .models.adapters import Geometry, ModelAdapter
 from .models.sliced import LayerSlice
 from .scores import Scores
 from .space import Budget, BudgetError, Candidate, SearchSpace
+from .strategies import register
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
@@ -54,6 +55,12 @@ def bias_params(space: SearchSpace) -> int:
     return g.num_layers * g.hidden * len(g.new_biases({"o_bias", "down_bias"}))
 
 
+@register("uniform", "baseline", "the same kept ratio in every block, units by the paper's scores")
+def uniform(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
+    return space.initial(scores.attn, scores.mlp, budget)
+
+
+@register("flap", "baseline", "FLAP: fluctuation metric, one global threshold, bias compensation", compensates=True)
 def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
     g, L = space.geometry, space.num_layers
     attn = flap_unit_scores(space, scores.flap_o)
@@ -114,6 +121,7 @@ def flap_biases(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices
     }
 
 
+@register("layerdrop", "baseline", "ShortGPT: whole blocks of least influence removed, no compensation")
 def layer_drop(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
     cand = space.full()
     for i in np.argsort(scores.influence.reshape(-1), kind="stable"):

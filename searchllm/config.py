@@ -29,7 +29,6 @@ CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
 DTYPES = ("float32", "bfloat16", "float16")
 # How the subnet is chosen: the level search over the compensated level database (levels.py, levelsearch.py),
 # the paper's evolution or random search over masks (evolution.py), or a baseline chosen outright (baselines.py).
-SEARCH_MODES = ("levels", "evolution", "random", "uniform", "flap", "layerdrop")
 LEVEL_FITNESS = ("kl", "ppl")
 LEVEL_INITS = ("all", "uniform", "errors")
 SEARCH_INITS = ("uniform", "flap")  # generation 0 of the evolution: the paper's uniform subnet, or it and FLAP's
@@ -201,7 +200,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.report.name": CORPORA,
     "space.attention": ATTENTION_MODES,
     "budget.count": BUDGET_COUNTS,
-    "search.mode": SEARCH_MODES,
     "search.init": SEARCH_INITS,
     "levels.heads": HEAD_MODES,
     "levels.inputs": DB_INPUTS,
@@ -275,7 +273,9 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
 
 
 def validate(c: Config) -> None:
-    for key, allowed in CHOICES.items():
+    from . import strategies  # the registered strategies (their modules import this one's neighbours)
+
+    for key, allowed in (CHOICES | {"search.mode": strategies.names()}).items():
         value = OmegaConf.select(OmegaConf.structured(c), key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")

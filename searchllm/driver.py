@@ -21,9 +21,9 @@ import torch
 
 from .config import Config, ConfigError, check_resume_overrides, differing_keys, load_config, to_yaml
 from .data import DataError, data_root, first_windows, load_text, random_windows, tokenize
-from .baselines import bias_params, flap, flap_biases, layer_drop
+from . import strategies
+from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
-from .evolution import Evolution, RandomSearch
 from .layout import ClusterError
 from .levels import LevelError, LevelSpace
 from .monitor import Monitor, ProgressServer, write_report
@@ -93,8 +93,9 @@ def prepare(argv: list[str]) -> Prepared:
     )
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
     adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
-    extra = bias_params(space) if adds_bias and cfg.search.mode not in ("flap", "levels") else 0  # flap() budgets its own
-    if cfg.search.mode == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
+    strategy = strategies.get(cfg.search.mode)
+    extra = bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0  # flap() budgets its own
+    if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
         from .levels import implied_levels
 
         implied_levels(LevelSpace(g, cfg.levels), *level_band(cfg, g))
@@ -121,7 +122,7 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
         if name == "fitness":  # the finalists' judge: more windows of the same corpus
             n = cfg.reform.final_windows
             tokens["final"] = first_windows(ids[key], n, corpus.seqlen, "reform.final_windows") if n else tokens[name]
-            if cfg.search.mode == "levels":  # the level search's selection stages: the first windows holding their tokens
+            if strategies.get(cfg.search.mode).kind == "levels":  # the level search's selection stages: the first windows holding their tokens
                 for k, t in enumerate(cfg.levels.tokens):
                     tokens[f"levels{k}"] = first_windows(ids[key], -(-t // corpus.seqlen), corpus.seqlen, f"levels.tokens[{k}]")
     return tokens, where
@@ -150,7 +151,8 @@ def run(p: Prepared) -> int:
         cfg.model.path, g.num_layers, g.num_heads, g.num_kv_heads, g.intermediate, g.total_params / 1e6,
         budget.target, budget.tol, budget.count,
     )
-    if cfg.search.mode == "levels":
+    levels = strategies.get(cfg.search.mode).kind == "levels"
+    if levels:
         lv = cfg.levels
         log.info("levels: attention by query heads (%s), MLP in %d levels; fitness %s; selection on %s tokens keeping %s", lv.heads,
                  lv.mlp_levels, lv.fitness, list(lv.tokens), list(lv.survivors))
@@ -166,8 +168,8 @@ def run(p: Prepared) -> int:
         run_dir.write_text("config.yaml", to_yaml(cfg))
     monitor = Monitor({"model": cfg.model.path, "target": cfg.budget.target, "method": cfg.method, "run_dir": str(run_dir.path),
                        "generations": cfg.search.generations, "layers": g.num_layers, "total_params": g.total_params,
-                       "attn_units": g.num_heads if cfg.search.mode == "levels" else int(space.full().attn[0].size), "mlp_channels": g.intermediate,
-                       "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness] if cfg.search.mode == "levels" else "perplexity"})
+                       "attn_units": g.num_heads if levels else int(space.full().attn[0].size), "mlp_channels": g.intermediate,
+                       "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness] if levels else "perplexity"})
     m = cfg.monitor
     server = ProgressServer(monitor, m.host, m.port) if m.page else None
     if server is not None:
@@ -198,7 +200,7 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
 
     batch = cfg.data.batch
 
-    if cfg.search.mode == "levels":
+    if strategies.get(cfg.search.mode).kind == "levels":
         return levels_search_and_export(cfg, run_dir, pool, tokens, where, loaded, monitor)
     dense = space.full()
     fit = {i: nll for i, nll, _ in pool.stream(space, [dense], "fitness", batch)}[0]
@@ -314,12 +316,11 @@ def summarize_levels(db, genome) -> dict:
 
 
 def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, loaded, monitor: Monitor) -> Optional[Path]:
-    """search.mode=levels: build (or reuse) the level database, search level assignments with multi-step
+    """A `levels` strategy (search.mode=levels): build (or reuse) the level database, search level assignments with multi-step
     selection on KL (or perplexity) fitness, export the best exactly as it was scored."""
     from tqdm import tqdm
 
     from .levels import GenomeCodec, LevelSpace, error_allocation, uniform_genome
-    from .levelsearch import LevelSearch
 
     g, lv, batch = loaded.adapter.geometry(), cfg.levels, cfg.data.batch
     space = LevelSpace(g, lv)
@@ -344,7 +345,7 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
     t0 = time.perf_counter()
     bar = lambda gen, stage, total: tqdm(total=total, desc=f"gen {gen + 1}/{cfg.search.generations} stage {stage + 1}", unit="cand",  # noqa: E731
                                          leave=False, mininterval=1, disable=None)
-    search = LevelSearch(db, space.top, g.total_params, band, lv, LevelEvaluator(pool, codec, batch, metric), run_dir, cfg.search.seed,
+    search = strategies.get(cfg.search.mode).make(db, space.top, g.total_params, band, lv, LevelEvaluator(pool, codec, batch, metric), run_dir, cfg.search.seed,
                          cfg.search.generations, monitor, lambda x: summarize_levels(db, x), bar)
     result = search.run_search(inits)
     wall = time.perf_counter() - t0
@@ -436,32 +437,34 @@ def rereform_levels(cfg: Config, run_dir: RunDir, pool, db, best, codec, which: 
 
 def choose_subnet(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, scores: Scores,
                   loaded, monitor: Optional[Monitor] = None) -> tuple[SearchResult, dict[int, dict[str, torch.Tensor]], float]:
-    """search.mode decides: the evolution or random search on the pool, or a baseline chosen outright
-    (uniform, FLAP). With search.compensate every candidate is judged with FLAP's bias compensation.
+    """search.mode's strategy decides: a `search` (evolution, random) on the pool, or a `baseline` chosen
+    outright (uniform, FLAP, layer drop). With search.compensate every candidate is judged with FLAP's
+    bias compensation.
     Returns the result, tensors the subnet carries beyond sliced weights (those biases), and the wall time."""
     from tqdm import tqdm
 
     from .distributed import RayEvaluator
 
     s, batch, t0 = cfg.search, cfg.data.batch, time.perf_counter()
-    compensate = s.compensate or s.mode == "flap"  # FLAP is defined with its compensation
+    chosen = strategies.get(s.mode)
+    compensate = s.compensate or chosen.compensates  # FLAP is defined with its compensation
     if compensate:
         pool.set_compensation(scores)
     uniform = space.initial(scores.attn, scores.mlp, budget)
     log.info("uniform subnet: kept ratio %.4f, %d attention units and %d MLP channels per block", space.ratio(uniform, budget.count),
              int(uniform.attn[0].sum()) // space.groups, int(uniform.mlp[0].sum()))
-    if s.mode in ("uniform", "flap", "layerdrop"):
-        best = {"uniform": lambda: uniform, "flap": lambda: flap(space, scores, budget), "layerdrop": lambda: layer_drop(space, scores, budget)}[s.mode]()
+    if chosen.kind == "baseline":
+        best = chosen.make(space, scores, budget)
         fit = next(nll for _, nll, _ in pool.stream(space, [best], "fitness", batch))
         rec = {"generation": 0, "best": fit.ppl, "median": fit.ppl, "best_ratio": space.ratio(best, budget.count), "evaluated": 1}
         result = SearchResult(best, fit.ppl, space.params(best), space.ratio(best, budget.count), 0, 1, [rec])
         log.info("%s subnet: kept ratio %.4f, fitness ppl %.3f", s.mode, result.ratio, fit.ppl)
     else:
         inits = [uniform]
-        if s.mode == "evolution" and s.init == "flap" and space.multiple == 1:
+        if s.init == "flap" and space.multiple == 1:
             inits.append(flap(space, scores, budget))
             log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
-        strategy = (RandomSearch if s.mode == "random" else Evolution)(space, budget, s)
+        strategy = chosen.make(space, budget, s)
         bar = lambda gen, total: tqdm(total=total, desc=f"gen {gen + 1}/{s.generations}", unit="cand", leave=False, mininterval=1, disable=None)
         search = Search(space, strategy, RayEvaluator(pool, space, batch), run_dir, s.seed, s.generations, bar, monitor)
         result = search.run_search(inits)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .space import Budget, Candidate, SearchSpace
+from .strategies import register
 
 
 @dataclass
@@ -54,6 +55,7 @@ def mutate_mask(mask: np.ndarray, count: int, alpha: float, rng: np.random.Gener
     return out
 
 
+@register("evolution", "search", "the paper's evolution over masks (mask and ratio mutation, crossover)")
 class Evolution:
     def __init__(self, space: SearchSpace, budget: Budget, params: EvolutionParams) -> None:
         self.space, self.budget, self.p = space, budget, params
@@ -172,6 +174,7 @@ class Evolution:
         return sorted(scored, key=rank)[:k]
 
 
+@register("random", "search", "random masks at the budget, the same number of evaluations (the paper's baseline)")
 class RandomSearch(Evolution):
     """The random-search baseline: every generation is `population` fresh uniformly random subnets of the
     space inside the budget (same evaluation budget as the evolution); the best seen so far are kept."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from .rundir import RunDir
 from .search import SearchResult  # best: the genome; finalists: the final parents
+from .strategies import register
 
 log = logging.getLogger("searchllm")
 
@@ -65,6 +66,7 @@ def genome_from(data: bytes, layers: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.int16).astype(np.int64).reshape(layers, 2)
 
 
+@register("levels", "levels", "EvoPress-style search over level assignments of the level database, multi-step selection")
 class LevelSearch:
     def __init__(self, db: Costs, top: np.ndarray, total: int, band: tuple[int, int], p: LevelSearchParams,
                  evaluator: StageEvaluator, run: RunDir, seed: int, generations: int, observer=None,
