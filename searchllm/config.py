@@ -144,6 +144,8 @@ class ExportConfig:
     enabled: bool = True
     dir: Optional[str] = None  # None: <run_dir>/export
     dtype: Optional[str] = None  # None: model.dtype
+    format: str = "hf"  # hf | gguf (llama.cpp; needs the `gguf` extra) | both (searchllm.formats)
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])  # llama.cpp types, quantized by llama.cpp
 
 
 @dataclass

@@ -24,6 +24,9 @@ from .data import DataError, data_root, first_windows, load_text, random_windows
 from . import strategies
 from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
+from .formats import check_format
+from .gguf_export import GGUFError
+from .llamacpp import LlamaCppMissing
 from .layout import ClusterError
 from .levels import LevelError, LevelSpace
 from .monitor import Monitor, ProgressServer, write_report
@@ -36,7 +39,8 @@ from .search import Search, SearchResult, summarize
 from .space import Budget, BudgetError, SearchSpace
 
 log = logging.getLogger("searchllm")
-USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError, ClusterError, LevelError)
+USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError, ClusterError, LevelError, GGUFError,
+               LlamaCppMissing)
 
 
 @dataclass
@@ -94,6 +98,8 @@ def prepare(argv: list[str]) -> Prepared:
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
     adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
     strategy = strategies.get(cfg.search.mode)
+    if cfg.export.enabled:  # a format or type that cannot be written stops here, not after the search
+        check_format(cfg.export.format, cfg.export.gguf_types, adapter.config.model_type)
     extra = bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0  # flap() budgets its own
     if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
         from .levels import implied_levels
@@ -485,8 +491,11 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path, monitor
 
     ids: dict = {}
     tables = []
+    manifest = run_dir.load_json("manifest.json")
+    export = manifest["export"]
     models = (("original", loaded.checkpoint),) if cfg.eval.original else ()
-    for name, path in models + (("exported", str(export_dir)),):
+    models += (("exported", str(export_dir)),) if "hf" in export.get("formats", ["hf"]) else ()
+    for name, path in models:
         model, tokenizer = load_pretrained(path)
         model.to(device_of(cfg.eval.device))
         if name == "exported":  # its searchllm_export.json holds the source's counts
@@ -499,21 +508,59 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path, monitor
         with tqdm(total=steps, desc=f"evaluate {name}", unit="step", leave=False, disable=None) as bar:
             tables.append(evaluate_model(model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids, lambda: bar.update(1)))
         del model
+    if "gguf" in export:
+        tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids)
     table = pd.concat(tables, ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
     append_results(run_dir.path, table)
     if monitor is not None:
         monitor.set_eval(table.to_dict("records"))
     # The manifest carries the measured speed and memory of the export next to its perplexity.
-    manifest = run_dir.load_json("manifest.json")
-    ppl = table[(table.metric == "ppl") & (table.status == "ok")]
+    hf_rows = table[table.runtime.isna()] if "runtime" in table else table
+    ppl = hf_rows[(hf_rows.metric == "ppl") & (hf_rows.status == "ok")]
     manifest["speed"] = {
         ("exported" if name != "original" else "original"): {
             "prefill_tokens_per_s": float(rows.tokens_per_s.median()), "weights_mib": float(rows.weights_mib.iloc[0]),
             "measured_on": f"eval.corpora perplexity passes, batch {cfg.eval.batch}, device {device_of(cfg.eval.device)}"}
         for name, rows in ppl.groupby("model")
     }
+    if "runtime" in table:
+        manifest["llama_cpp"] = llama_cpp_summary(table[table.runtime == "llama.cpp"])
     run_dir.save_json("manifest.json", manifest)
     print(format_table(table))
+
+
+def evaluate_ggufs(cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict) -> list[pd.DataFrame]:
+    """The exported GGUFs in llama.cpp, and (eval.original) the original model written and quantized to the
+    same types by the same writer, so the two are compared in the runtime users run, type for type."""
+    from .evaluate import evaluate_gguf
+    from .formats import gguf_files
+    from .models.loading import load_pretrained, source_gguf
+
+    g = loaded.adapter.geometry()
+    files = [(f["type"], Path(f["path"])) for f in export["gguf"]["files"]]
+    runs = [(f"exported ({cfg.method}) {t}", p, export["params"]) for t, p in files]
+    if cfg.eval.original:
+        model, _ = load_pretrained(loaded.checkpoint)
+        _, paths = gguf_files(model, loaded.tokenizer, run_dir.path / "original-gguf", source_gguf(cfg.model, data_root(cfg.data.root)),
+                              [t for t, _ in files])
+        del model
+        runs = [(f"original {t}", p, g.total_params) for t, p in paths] + runs
+    decoder = g.num_layers * g.layer_params
+    ctx = int(loaded.adapter.config.max_position_embeddings)
+    return [evaluate_gguf(p, loaded.tokenizer, Evaluated(name, n, n - g.outer_params, g.total_params, decoder), cfg.eval, cfg.data.root, ctx, ids)
+            for name, p, n in runs]
+
+
+def llama_cpp_summary(rows: pd.DataFrame) -> list[dict]:
+    """Per GGUF: its perplexities, prefill/decode tokens/s and file size (the manifest's llama.cpp table)."""
+    out = []
+    for name, r in rows.groupby("model", sort=False):
+        ok = r[r.status == "ok"]
+        metric = lambda m: float(ok[ok.metric == m].value.iloc[0]) if (ok.metric == m).any() else None  # noqa: E731
+        out.append({"model": name, "file_mib": float(r.weights_mib.iloc[0]), "prefill_tok_s": metric("prefill_tok_s"),
+                    "decode_tok_s": metric("decode_tok_s"),
+                    "ppl": {f"{t.task}/{t.split}@{int(t.seqlen)}": float(t.value) for t in ok[ok.metric == "ppl"].itertuples()}})
+    return out
 
 
 def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, scores: Optional[Scores],
@@ -628,26 +675,21 @@ def export_subnet(cfg: Config, run_dir: RunDir, loaded, pool, slices, reformed, 
     """Build the export from the original weights, the slices and the tensors replacing sliced ones, save it,
     reload it from disk and score it on the report windows; returns the manifest's export record (with
     its report `ppl`)."""
-    from .evaluate import perplexity
-    from .export import build, save
-    from .models.loading import load_pretrained
+    from .export import build
+    from .formats import ExportJob, write_all
+    from .models.loading import source_gguf
 
     if monitor is not None:
         monitor.stage("exporting")
     state = pool.original_state()
     model, info = build(loaded.adapter, state, slices, reformed, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype])
-    out = Path(cfg.export.dir or run_dir.path / "export")
-    save(model, info, out, loaded.tokenizer, loaded.checkpoint)
-    del model, state
-    reloaded, _ = load_pretrained(str(out))
-    ppl = perplexity(reloaded, tokens["report"], cfg.data.batch).ppl
-    rel = abs(ppl - ref_ppl) / ref_ppl
+    del state
     if info.params != counted + info.zero_biases:
         log.warning("exported model has %d params, the search counted %d (+%d zero biases)", info.params, counted, info.zero_biases)
-    log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
-             info.kind, out, info.params, ppl, rel)
-    return {"dir": str(out), "kind": info.kind, "params": info.params, "layers": info.layers, "attention_padding": info.padding,
-            "zero_biases": info.zero_biases, "reload_rel_diff": rel, "ppl": ppl}
+    e = cfg.export
+    job = ExportJob(model, info, Path(e.dir or run_dir.path / "export"), loaded.tokenizer, tokens["report"], cfg.data.batch,
+                    loaded.checkpoint, source_gguf(cfg.model, data_root(cfg.data.root)), list(e.gguf_types), ref_ppl)
+    return write_all(job, e.format)
 
 
 def report(run_dir: RunDir, cfg: Config, space: SearchSpace, result: SearchResult, dense_fit: float, dense_rep: float,

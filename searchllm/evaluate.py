@@ -1,6 +1,8 @@
 """Evaluation in one protocol: perplexity, real parameter counts, zero-shot accuracy, one results table.
 
-`python -m searchllm.evaluate <checkpoint dir | run dir> [key=value ...]` (keys: eval.*, data.root).
+`python -m searchllm.evaluate <checkpoint dir | run dir | file.gguf> [key=value ...]` (keys: eval.*, data.root).
+A .gguf is evaluated in llama.cpp (the `gguf` extra): the same perplexity windows, plus prefill and decode
+tokens/s and the file's size.
 
 Perplexity uses the standard non-overlapping-window protocol (GPTQ, SliceGPT, FLAP, the paper): the test
 text is tokenized whole, cut into consecutive windows of `seqlen` tokens, the last partial window is dropped,
@@ -164,23 +166,15 @@ def zero_shot(model, tokenizer, tasks: Sequence[str], limit: Optional[int] = Non
 
 
 # -- the whole protocol ---------------------------------------------------------------------------------
-def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto",
-                   corpus_ids: Optional[dict[str, Any]] = None, step: Optional[Callable[[], None]] = None) -> pd.DataFrame:
-    """Every perplexity and zero-shot number of one model as rows of the results table, with the
-    measured throughput of each perplexity pass and the weights' memory.
-
-    `corpus_ids` caches tokenized corpora across models ({spec: (ids, source) or error string}); `step`
-    is called after each corpus x length and after the zero-shot tasks (a progress bar)."""
-    step = step or (lambda: None)
+def perplexity_rows(score: Callable[[torch.Tensor], NLL], tokenizer, name: str, base: dict, lengths: list[int], cfg: EvalConfig,
+                    data_root: str = "auto", corpus_ids: Optional[dict[str, Any]] = None,
+                    step: Optional[Callable[[], None]] = None) -> list[dict]:
+    """One row per corpus x length: `score` (a model's perplexity, in whichever runtime) on the first
+    windows of the split; a corpus that cannot be read is a skipped row (or an error, eval.missing)."""
     from .data import DataError, first_windows, load_text, tokenize
 
-    rows, base = [], {
-        "model": what.name, "params": what.params, "decoder_params": what.decoder_params,
-        "ratio": what.ratio, "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-    }
-    cache = corpus_ids if corpus_ids is not None else {}
-    lengths = [resolve_length(x, model.config) for x in cfg.lengths]
+    step = step or (lambda: None)
+    rows, cache = [], corpus_ids if corpus_ids is not None else {}
     for spec in cfg.corpora:
         corpus = parse_corpus(spec)
         if spec not in cache:
@@ -205,11 +199,29 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
             except DataError as e:
                 rows.append(row | {"status": f"skipped: {e}"})
                 continue
-            nll = perplexity(model, windows, cfg.batch)
+            nll = score(windows)
             rows.append(row | {"value": nll.ppl, "windows": windows.shape[0], "tokens": nll.tokens, "source": source,
                                "seconds": nll.seconds, "tokens_per_s": windows.numel() / nll.seconds, "status": "ok"})
-            log.info("eval %s: ppl %.3f on %s/%s @ %d (%d windows, %d tokens)", what.name, nll.ppl, corpus.name, corpus.split,
+            log.info("eval %s: ppl %.3f on %s/%s @ %d (%d windows, %d tokens)", name, nll.ppl, corpus.name, corpus.split,
                      seqlen, windows.shape[0], nll.tokens)
+    return rows
+
+
+def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto",
+                   corpus_ids: Optional[dict[str, Any]] = None, step: Optional[Callable[[], None]] = None) -> pd.DataFrame:
+    """Every perplexity and zero-shot number of one model as rows of the results table, with the
+    measured throughput of each perplexity pass and the weights' memory.
+
+    `corpus_ids` caches tokenized corpora across models ({spec: (ids, source) or error string}); `step`
+    is called after each corpus x length and after the zero-shot tasks (a progress bar)."""
+    step = step or (lambda: None)
+    base = {
+        "model": what.name, "params": what.params, "decoder_params": what.decoder_params,
+        "ratio": what.ratio, "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+    }
+    lengths = [resolve_length(x, model.config) for x in cfg.lengths]
+    rows = perplexity_rows(lambda w: perplexity(model, w, cfg.batch), tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step)
     if cfg.tasks:
         t0 = time.perf_counter()
         version = lm_eval_version()
@@ -230,6 +242,36 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
         mean = sum(r["value"] for r in acc.values()) / len(acc)
         rows.append(base | {"metric": "acc_mean", "task": f"mean of {len(acc)}", "value": mean, "source": f"lm-eval {version}",
                             "limit": cfg.task_limit, "status": "ok"})
+    return pd.DataFrame(rows)
+
+
+def evaluate_gguf(path: Path, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto", context: int = 2048,
+                  corpus_ids: Optional[dict[str, Any]] = None, step: Optional[Callable[[], None]] = None,
+                  prompt: int = 512, decode: int = 64) -> pd.DataFrame:
+    """A GGUF in llama.cpp: perplexity on the same windows as the HF path (the same tokenizer's ids),
+    prefill tokens/s on `prompt` tokens and decode tokens/s over `decode` tokens, and the file's size."""
+    from . import llamacpp
+
+    base = {"model": what.name, "params": what.params, "decoder_params": what.decoder_params, "ratio": what.ratio,
+            "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "runtime": "llama.cpp", "weights_mib": path.stat().st_size / 2**20}
+    lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
+    models: dict[int, Any] = {}
+
+    def score(windows: torch.Tensor) -> NLL:
+        n = windows.shape[1]
+        if n not in models:
+            models.clear()  # one context at a time (logits of every position are n x vocab floats)
+            models[n] = llamacpp.load(path, n)
+        return llamacpp.perplexity(models[n], windows)
+
+    rows = perplexity_rows(score, tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step)
+    models.clear()
+    ids = torch.randint(0, len(tokenizer), (prompt,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prefill, dec = llamacpp.speed(path, ids, decode)
+    rows += [base | {"metric": "prefill_tok_s", "task": f"{prompt} tokens", "value": prefill, "status": "ok"},
+             base | {"metric": "decode_tok_s", "task": f"{decode} tokens", "value": dec, "status": "ok"}]
+    log.info("eval %s in llama.cpp: prefill %.0f tokens/s, decode %.1f tokens/s, %.1f MiB", what.name, prefill, dec, base["weights_mib"])
     return pd.DataFrame(rows)
 
 
@@ -271,6 +313,12 @@ class Target:
 def locate(path: str) -> Target:
     """A run dir (its export/ is evaluated, results land in the run dir) or a checkpoint dir."""
     p = Path(path).expanduser()
+    if p.suffix == ".gguf":  # evaluated in llama.cpp, with the tokenizer saved beside it
+        if not p.is_file():
+            raise EvalError(f"GGUF file {str(p)!r} does not exist")
+        if not (p.parent / "tokenizer_config.json").is_file():
+            raise EvalError(f"{str(p)!r} has no tokenizer beside it (tokenizer_config.json); searchllm's GGUF exports write one")
+        return Target(p, None, p.parent)
     if (p / "config.yaml").is_file() and (p / "export" / "config.json").is_file():
         return Target(p / "export", p, p)
     if (p / "config.json").is_file():
@@ -287,6 +335,18 @@ def describe(model, checkpoint: Path) -> Evaluated:
     return Evaluated(str(checkpoint), total, decoder, meta.get("original_params"), meta.get("original_decoder_params"))
 
 
+def describe_gguf(path: Path) -> Evaluated:
+    """Parameters stored in a GGUF (padding included), and the source's counts when searchllm wrote it."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    total = sum(int(t.n_elements) for t in reader.tensors)
+    decoder = sum(int(t.n_elements) for t in reader.tensors if t.name.startswith("blk."))
+    info = path.parent / "searchllm_export.json"
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    return Evaluated(str(path), total, decoder, meta.get("original_params"), meta.get("original_decoder_params"))
+
+
 def device_of(choice: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
 
@@ -296,12 +356,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .config import ConfigError, load_config
     from .data import DataError
+    from transformers import AutoTokenizer
+
+    from .llamacpp import LlamaCppMissing
     from .models.loading import ModelError, load_pretrained
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("-") or "=" in args[0]:
-        print("usage: python -m searchllm.evaluate <checkpoint dir | run dir> [eval.key=value ...] [data.root=DIR]", file=sys.stderr)
+        print("usage: python -m searchllm.evaluate <checkpoint dir | run dir | file.gguf> [eval.key=value ...] [data.root=DIR]", file=sys.stderr)
         return 2
     try:
         target = locate(args[0])
@@ -310,10 +373,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"{bad[0]!r}: only eval.* and data.root overrides apply to an evaluation")
         base = target.run_dir / "config.yaml" if target.run_dir else None
         cfg = load_config(args[1:], base_file=base)
-        model, tokenizer = load_pretrained(str(target.checkpoint))
-        model.to(device_of(cfg.eval.device))
-        table = evaluate_model(model, tokenizer, describe(model, target.checkpoint), cfg.eval, cfg.data.root)
-    except (EvalError, ConfigError, DataError, ModelError) as e:
+        if target.checkpoint.suffix == ".gguf":
+            table = evaluate_gguf(target.checkpoint, AutoTokenizer.from_pretrained(target.checkpoint.parent),
+                                  describe_gguf(target.checkpoint), cfg.eval, cfg.data.root)
+        else:
+            model, tokenizer = load_pretrained(str(target.checkpoint))
+            model.to(device_of(cfg.eval.device))
+            table = evaluate_model(model, tokenizer, describe(model, target.checkpoint), cfg.eval, cfg.data.root)
+    except (EvalError, ConfigError, DataError, ModelError, LlamaCppMissing) as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
     append_results(target.out, table)

@@ -104,12 +104,33 @@ def word_tokenizer(path):
     return fast
 
 
-def make_tiny_checkpoint(root, family: str = "llama"):
+CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def bpe_tokenizer(path):
+    """A byte-level BPE tokenizer (GPT-2 style, what a GGUF `gpt2` vocabulary expresses) with a ChatML
+    chat template, trained offline on the test words and saved at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.train_from_iterator([" ".join(WORDS * 20)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_tiny_checkpoint(root, family: str = "llama", tokenizer=word_tokenizer, **overrides):
     """A tiny random model of a family (FAMILIES) saved as a Hugging Face checkpoint with its tokenizer,
     plus a text corpus."""
     path = root / f"tiny-{family}"
-    tok = word_tokenizer(path)
-    model = family_model(family, layers=4, vocab_size=len(tok))
+    tok = tokenizer(path)
+    model = family_model(family, layers=4, vocab_size=len(tok), **overrides)
     model.save_pretrained(path)
     g = torch.Generator().manual_seed(0)
     words = [WORDS[i] for i in torch.randint(0, len(WORDS), (6000,), generator=g).tolist()]

@@ -74,6 +74,16 @@ def _gguf_checkpoint(gguf: Path, cfg: ModelConfig) -> Path:
     return out
 
 
+def source_gguf(cfg: ModelConfig, data_root: Path | None) -> Path | None:
+    """The GGUF file the model was converted from, if it was one (its tokenizer goes into GGUF exports)."""
+    if cfg.path == "smollm2":
+        return _smollm2_gguf(data_root)
+    p = Path(cfg.path).expanduser()
+    if p.suffix == ".gguf" or cfg.gguf_file:
+        return p if p.suffix == ".gguf" else p / str(cfg.gguf_file)
+    return None
+
+
 def resolve(cfg: ModelConfig, data_root: Path | None) -> str:
     """A local checkpoint dir or hub id for from_pretrained."""
     if cfg.path == "smollm2":

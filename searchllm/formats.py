@@ -1,0 +1,136 @@
+"""Export formats: what `export.format` names (hf | gguf | both). Knows nothing of Ray.
+
+A writer takes the built export (an in-memory model, export.build) and writes its files into the export
+dir, then reloads what it wrote and checks it on the report windows; it returns its manifest record.
+Adding a format is adding a writer here with `register`.
+
+  hf    the Hugging Face checkpoint (export.save), reloaded with from_pretrained.
+  gguf  llama.cpp files (gguf_export.write, f32), quantized by llama.cpp into each of export.gguf_types,
+        every file reloaded in llama.cpp and scored there; an Ollama Modelfile beside the first type.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("searchllm")
+
+FORMATS = {"hf": ("hf",), "gguf": ("gguf",), "both": ("hf", "gguf")}
+
+
+@dataclass
+class ExportJob:
+    model: torch.nn.Module  # the built export, in memory
+    info: Any  # export.ExportInfo
+    out: Path
+    tokenizer: Any
+    report: torch.Tensor  # the report windows every writer checks its reloaded files on
+    batch: int = 1
+    source_checkpoint: Optional[str] = None
+    source_gguf: Optional[Path] = None  # the source GGUF, whose tokenizer a GGUF export copies
+    gguf_types: list[str] = field(default_factory=lambda: ["f16"])
+    ref_ppl: Optional[float] = None  # the in-memory model's report perplexity
+
+
+WRITERS: dict[str, Callable[[ExportJob], dict]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[ExportJob], dict]], Callable[[ExportJob], dict]]:
+    def deco(fn):
+        WRITERS[name] = fn
+        return fn
+
+    return deco
+
+
+def check_format(fmt: str, gguf_types: list[str], model_type: Optional[str] = None) -> None:
+    """export.format and export.gguf_types up front (one line naming the value), before any work."""
+    from .gguf_export import GGUFError, check_types, family_of
+
+    if fmt not in FORMATS:
+        raise GGUFError(f"export.format={fmt!r} is not allowed; choose one of: {', '.join(FORMATS)}")
+    if "gguf" not in FORMATS[fmt]:
+        return
+    check_types(list(gguf_types))
+    if model_type is not None:
+        family_of(type("Config", (), {"model_type": model_type})())
+    from .llamacpp import require
+
+    require()
+
+
+def write_all(job: ExportJob, fmt: str) -> dict:
+    """Every writer of the format, in order; one record (the HF writer's keys, plus `gguf`)."""
+    i = job.info
+    record: dict = {"dir": str(job.out), "formats": list(FORMATS[fmt]), "kind": i.kind, "params": i.params, "layers": i.layers}
+    for name in FORMATS[fmt]:
+        record |= WRITERS[name](job)
+    if "ppl" not in record:  # gguf alone: the export's report perplexity is llama.cpp's, on the first file
+        record["ppl"] = record["gguf"]["files"][0]["ppl"]
+    return record
+
+
+def _rel(ppl: float, ref: Optional[float]) -> Optional[float]:
+    return None if ref is None else abs(ppl - ref) / ref
+
+
+@register("hf")
+def write_hf(job: ExportJob) -> dict:
+    from .evaluate import perplexity
+    from .export import save
+    from .models.loading import load_pretrained
+
+    save(job.model, job.info, job.out, job.tokenizer, job.source_checkpoint)
+    reloaded, _ = load_pretrained(str(job.out))
+    ppl = perplexity(reloaded, job.report, job.batch).ppl
+    rel = _rel(ppl, job.ref_ppl)
+    log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
+             job.info.kind, job.out, job.info.params, ppl, rel or 0.0)
+    return {"attention_padding": job.info.padding, "zero_biases": job.info.zero_biases, "reload_rel_diff": rel, "ppl": ppl}
+
+
+def gguf_files(model, tokenizer, out: Path, source_gguf: Optional[Path], types: list[str]):
+    """`out`/model-<type>.gguf for every type: written in f32, quantized by llama.cpp (the f32 file is kept
+    only when asked for). Returns (GGUFInfo of the f32 write, [(type, path)])."""
+    from . import llamacpp
+    from .gguf_export import FTYPES, write
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)  # tokenizer.json: the GGUF's vocabulary when the source was no GGUF
+    f32 = out / "model-f32.gguf"
+    info = write(model, out, f32, source_gguf)
+    paths = []
+    for t in types:
+        path = out / f"model-{t}.gguf"
+        if t != "f32":
+            llamacpp.quantize(f32, path, FTYPES[t])
+        paths.append((t, path))
+    if "f32" not in types:
+        f32.unlink()
+    return info, paths
+
+
+@register("gguf")
+def write_gguf(job: ExportJob) -> dict:
+    from . import llamacpp
+    from .gguf_export import modelfile
+
+    from .export import write_info
+
+    info, paths = gguf_files(job.model, job.tokenizer, job.out, job.source_gguf, job.gguf_types)
+    write_info(job.info, job.out)
+    files = []
+    for t, path in paths:
+        llm = llamacpp.load(path, job.report.shape[1])
+        ppl = llamacpp.perplexity(llm, job.report).ppl
+        del llm
+        files.append({"type": t, "path": str(path), "bytes": path.stat().st_size, "ppl": ppl})
+        log.info("exported GGUF %s (%s, %.1f MiB): llama.cpp report ppl %.3f", path.name, info.arch, path.stat().st_size / 2**20, ppl)
+    chat = getattr(job.tokenizer, "chat_template", None)
+    (job.out / "Modelfile").write_text(modelfile(Path(files[0]["path"]).name, chat, getattr(job.tokenizer, "eos_token", None)))
+    return {"gguf": {"arch": info.arch, "layers": info.layers, "params": info.params, "padding_params": info.padding_params,
+                     "files": files, "modelfile": str(job.out / "Modelfile")}}

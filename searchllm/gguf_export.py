@@ -1,0 +1,294 @@
+"""GGUF export of a subnet for llama.cpp (and what runs on it: Ollama, LM Studio, llama-server).
+
+Reads an exported Hugging Face model (plain family checkpoint or the searchllm form) and writes one GGUF:
+  uniform      every layer has the same query heads, KV heads and MLP width: the family's own llama.cpp
+               architecture (`llama` for LLaMA and Mistral, `qwen2` for Qwen2 while its query heads still
+               span the hidden size, which llama.cpp's qwen2 assumes).
+  non-uniform  llama.cpp's `deci` architecture (DeciLM / Nemotron-NAS): per-layer `attention.head_count`,
+               `attention.head_count_kv` and `feed_forward_length` arrays; dropped blocks are left out.
+What llama.cpp cannot express as it is gets zero rows/columns, which is exact: heads narrower than head_dim
+(the in-head channel space) are widened with zero q/k/v dims (zero q.k terms, zero o columns); KV groups
+with fewer query heads than the layer's largest get zero query heads (their attention output meets zero
+o_proj columns); a layer that keeps attention but no MLP channel gets one zero channel (llama.cpp's deci
+graph skips a layer's attention output when its FFN is empty); attention-free layers are n_head = 0.
+`GGUFInfo.padding_params` counts the zeros written.
+
+Q/K rows are permuted to llama.cpp's interleaved rotary layout per layer with that layer's head counts
+(not for qwen2, whose llama.cpp graph rotates halves as HF does). Llama-3 rope scaling is written as
+`rope_freqs`; tied embeddings write no `output`. The tokenizer is copied from the source GGUF when the
+source was one, otherwise built from tokenizer.json (GPT-2 style byte-level BPE; anything else stops
+with one line). OPT has no llama.cpp path here and is refused by name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # uniform subnets; otherwise deci
+HALVES_ROTARY = {"qwen2"}  # llama.cpp arches that rotate (d, d + head_dim/2) like HF: no permutation
+FTYPES = {  # llama.h llama_ftype; names as llama-quantize spells them (lower case)
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
+    "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq2_xxs": 19, "iq2_xs": 20,
+    "q2_k_s": 21, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25, "iq3_s": 26, "iq3_m": 27, "iq2_s": 28,
+    "iq2_m": 29, "iq4_xs": 30, "iq1_m": 31, "bf16": 32, "tq1_0": 36, "tq2_0": 37,
+}
+
+
+class GGUFError(ValueError):
+    pass
+
+
+@dataclass
+class GGUFInfo:
+    path: str
+    arch: str
+    layers: int
+    params: int  # parameters in the file, padding included
+    padding_params: int  # zeros added so llama.cpp can express the subnet
+    bytes: int
+    type: str
+
+
+def check_types(types: list[str]) -> None:
+    bad = [t for t in types if t not in FTYPES]
+    if bad or not types:
+        raise GGUFError(f"export.gguf_types={list(types)!r}: {bad[0] if bad else 'empty'} is not a llama.cpp type; "
+                        f"choose from {', '.join(FTYPES)}")
+
+
+def family_of(config) -> str:
+    family = getattr(config, "source_model_type", None) if config.model_type == "searchllm" else config.model_type
+    if family not in ARCH:
+        raise GGUFError(f"GGUF export supports {', '.join(ARCH)} models; {family!r} has no llama.cpp path here "
+                        "(use export.format=hf)")
+    return family
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half head layout -> llama.cpp's interleaved pairs (convert_hf_to_gguf's permute)."""
+    if n_head == 0:
+        return w
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layout(attn, config, head_dim: int) -> tuple[list[list[int]], list[int]]:
+    """Kept rotary pairs and query-head count of each kept KV head of a layer's attention."""
+    if hasattr(attn, "kv_pairs"):  # searchllm's SlicedAttention: only kept heads, stored unpadded
+        return [list(p) for p in attn.kv_pairs], list(attn.counts)
+    n_kv = config.num_key_value_heads
+    return [list(range(head_dim // 2))] * n_kv, [config.num_attention_heads // n_kv] * n_kv
+
+
+def _full_rows(pairs: list[int], head_dim: int) -> list[int]:
+    """Where a kept head's stored dims ([pairs..., pairs + half...]) sit in a full head."""
+    return list(pairs) + [p + head_dim // 2 for p in pairs]
+
+
+def layer_shape(layer, config, head_dim: int) -> tuple[int, int, int]:
+    """(n_head, n_kv, n_ff) of a block as llama.cpp will see it (after the padding layer_tensors adds)."""
+    pairs, counts = _layout(layer.self_attn, config, head_dim)
+    n_kv, n_ff = len(pairs), layer.mlp.up_proj.weight.shape[0]
+    return n_kv * max(counts, default=0), n_kv, max(n_ff, 1) if n_kv else n_ff
+
+
+def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str, np.ndarray], tuple[int, int, int], int]:
+    """One block's GGUF tensors (f32, HF orientation), its (n_head, n_kv, n_ff) and the zeros added."""
+    a, m = layer.self_attn, layer.mlp
+    pairs, counts = _layout(a, config, head_dim)
+    hidden = config.hidden_size
+    n_kv, per = len(pairs), max(counts, default=0)
+    f32 = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    out: dict[str, np.ndarray] = {"attn_norm.weight": f32(layer.input_layernorm.weight), "ffn_norm.weight": f32(layer.post_attention_layernorm.weight)}
+    padding = 0
+    if n_kv:
+        q, k, v, o = (f32(getattr(a, f"{n}_proj").weight) for n in "qkvo")
+        bias = {n: f32(getattr(a, f"{n}_proj").bias) for n in "qkv" if getattr(a, f"{n}_proj").bias is not None}
+        Q = np.zeros((n_kv * per * head_dim, hidden), np.float32)
+        K = np.zeros((n_kv * head_dim, hidden), np.float32)
+        V, O = np.zeros_like(K), np.zeros((hidden, n_kv * per * head_dim), np.float32)
+        QB, KB, VB = np.zeros(Q.shape[0], np.float32), np.zeros(K.shape[0], np.float32), np.zeros(K.shape[0], np.float32)
+        src_q = src_kv = 0
+        for j, (p, c) in enumerate(zip(pairs, counts)):
+            rows, w = _full_rows(p, head_dim), 2 * len(p)
+            kv_dst = [j * head_dim + r for r in rows]
+            K[kv_dst], V[kv_dst] = k[src_kv : src_kv + w], v[src_kv : src_kv + w]
+            if bias:
+                KB[kv_dst], VB[kv_dst] = bias["k"][src_kv : src_kv + w], bias["v"][src_kv : src_kv + w]
+            for r in range(c):
+                dst = [(j * per + r) * head_dim + x for x in rows]
+                Q[dst], O[:, dst] = q[src_q : src_q + w], o[:, src_q : src_q + w]
+                if bias:
+                    QB[dst] = bias["q"][src_q : src_q + w]
+                src_q += w
+            src_kv += w
+        padding += Q.size + K.size + V.size + O.size - (q.size + k.size + v.size + o.size)
+        if rotate:
+            Q, K = _permute(Q, n_kv * per), _permute(K, n_kv)
+            QB, KB = _permute(QB, n_kv * per), _permute(KB, n_kv)
+        out |= {"attn_q.weight": Q, "attn_k.weight": K, "attn_v.weight": V, "attn_output.weight": O}
+        if bias:
+            out |= {"attn_q.bias": QB, "attn_k.bias": KB, "attn_v.bias": VB}
+            padding += QB.size + KB.size + VB.size - sum(b.size for b in bias.values())
+        if a.o_proj.bias is not None:
+            out["attn_output.bias"] = f32(a.o_proj.bias)
+    else:
+        del out["attn_norm.weight"]  # an attention-free layer has no attention norm in llama.cpp
+        padding -= int(layer.input_layernorm.weight.numel())
+    gate, up, down = f32(m.gate_proj.weight), f32(m.up_proj.weight), f32(m.down_proj.weight)
+    n_ff = up.shape[0]
+    if n_ff == 0 and n_kv:  # deci would drop the attention output with the empty FFN: one zero channel
+        gate, up, down = np.zeros((1, hidden), np.float32), np.zeros((1, hidden), np.float32), np.zeros((hidden, 1), np.float32)
+        n_ff, padding = 1, padding + 3 * hidden
+    if n_ff:
+        out |= {"ffn_gate.weight": gate, "ffn_up.weight": up, "ffn_down.weight": down}
+        if m.down_proj.bias is not None:
+            out["ffn_down.bias"] = f32(m.down_proj.bias)
+    else:
+        del out["ffn_norm.weight"]
+        padding -= int(layer.post_attention_layernorm.weight.numel())
+    return out, (n_kv * per, n_kv, n_ff), padding
+
+
+def llama3_rope_factors(rope: dict, head_dim: int, theta: float) -> np.ndarray | None:
+    """Llama-3 rope scaling as llama.cpp's `rope_freqs` (convert_hf_to_gguf's recipe)."""
+    if rope.get("rope_type") != "llama3":
+        return None
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def _rope(config) -> tuple[float, dict]:
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))), rope
+
+
+def write(model, tokenizer_dir: Path, out: Path, source_gguf: Path | None = None, arch: str | None = None) -> GGUFInfo:
+    """Write `model` (an exported HF model, loaded) as an f32 GGUF at `out`. `arch` forces the architecture
+    (tests: a non-uniform subnet written as `llama` must be refused by llama.cpp)."""
+    import gguf
+
+    c = model.config
+    family = family_of(c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    shapes = [layer_shape(layer, c, head_dim) for layer in model.model.layers]
+    uniform = len(set(shapes)) == 1 and shapes[0][0] > 0 and shapes[0][2] > 0
+    if family == "qwen2" and uniform and shapes[0][0] * head_dim != c.hidden_size:
+        uniform = False  # llama.cpp's qwen2 sizes Q and O as hidden x hidden; deci sizes them per layer
+    arch = arch or (ARCH[family] if uniform else "deci")
+    rotate = arch not in HALVES_ROTARY
+    theta, rope = _rope(c)
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_name(Path(out).stem)
+    w.add_block_count(len(shapes))
+    w.add_context_length(int(c.max_position_embeddings))
+    w.add_embedding_length(int(c.hidden_size))
+    per_layer = arch == "deci"
+    pick = lambda i: [s[i] for s in shapes] if per_layer else shapes[0][i]  # noqa: E731
+    w.add_head_count(pick(0))
+    w.add_head_count_kv(pick(1))
+    w.add_feed_forward_length(pick(2))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_vocab_size(int(c.vocab_size))
+    w.add_file_type(FTYPES["f32"])
+    add_tokenizer(w, tokenizer_dir, source_gguf)
+    f32 = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    w.add_tensor("token_embd.weight", f32(model.model.embed_tokens.weight))
+    factors = llama3_rope_factors(rope, head_dim, theta)
+    if factors is not None:
+        w.add_tensor("rope_freqs.weight", factors)
+    w.add_tensor("output_norm.weight", f32(model.model.norm.weight))
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", f32(model.lm_head.weight))
+    params = sum(int(t.numel()) for t in (model.model.embed_tokens.weight, model.model.norm.weight))
+    params += 0 if c.tie_word_embeddings else int(model.lm_head.weight.numel())
+    padding = 0
+    for i, layer in enumerate(model.model.layers):
+        tensors, _, pad = layer_tensors(layer, c, head_dim, rotate)
+        for name, t in tensors.items():
+            w.add_tensor(f"blk.{i}.{name}", np.ascontiguousarray(t))
+            params += t.size
+        padding += pad
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return GGUFInfo(str(out), arch, len(shapes), int(params), int(padding), Path(out).stat().st_size, "f32")
+
+
+def add_tokenizer(w, tokenizer_dir: Path, source_gguf: Path | None) -> None:
+    """The source GGUF's tokenizer keys verbatim, else a GPT-2 style BPE from tokenizer.json."""
+    import gguf
+
+    if source_gguf is not None:
+        reader = gguf.GGUFReader(str(source_gguf))
+        for name, field in reader.fields.items():
+            if not name.startswith("tokenizer."):
+                continue
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+            else:
+                w.add_key_value(name, field.contents(), vtype)
+        return
+    try:
+        vocab = gguf.vocab.BpeVocab(Path(tokenizer_dir))
+    except FileNotFoundError:
+        raise GGUFError(f"the tokenizer in {tokenizer_dir} is not a GPT-2 style byte-level BPE (tokenizer.json), "
+                        "the one kind searchllm can write to GGUF; convert it with llama.cpp's convert_hf_to_gguf.py") from None
+    tokens, types = [], []
+    for text, _, kind in vocab.all_tokens():
+        tokens.append(text)
+        types.append(kind)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(Path(tokenizer_dir), load_merges=True, n_vocab=len(tokens))
+    special.add_to_gguf(w)
+
+
+# Ollama's TEMPLATE is a Go template, not Jinja: the chat formats we can recognise in the tokenizer's
+# template are written out; for others Ollama falls back to the GGUF's own tokenizer.chat_template.
+GO_TEMPLATES = {
+    "<|im_start|>": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+                     ["<|im_start|>", "<|im_end|>"]),
+    "<|start_header_id|>": ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+                            "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>", "<|start_header_id|>"]),
+}
+
+
+def modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None) -> str:
+    """An Ollama Modelfile for the GGUF beside it: FROM, the chat TEMPLATE, stop tokens."""
+    lines = [f"FROM ./{gguf_name}"]
+    stops: list[str] = []
+    for marker, (template, marker_stops) in GO_TEMPLATES.items():
+        if chat_template and marker in chat_template:
+            lines.append(f'TEMPLATE """{template}"""')
+            stops = list(marker_stops)
+            break
+    else:
+        lines.append("# chat template: the GGUF's tokenizer.chat_template (not one of the formats written out here)")
+    if eos_token and eos_token not in stops:
+        stops.append(eos_token)
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,179 @@
+"""GGUF export: non-uniform subnets that llama.cpp loads and runs exactly as the HF export does."""
+import numpy as np
+import pytest
+import torch
+
+from searchllm.export import build
+from searchllm.formats import check_format
+from searchllm.gguf_export import GGUFError, family_of, modelfile, write
+from searchllm.models.adapters import adapter_for
+from searchllm.models.sliced import LayerSlice
+
+from searchllm.llamacpp import available
+
+from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
+
+needs_llama = pytest.mark.skipif(not available(),
+                                 reason="llama.cpp bindings not installed (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36)")
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bpe")
+    return bpe_tokenizer(path), path
+
+
+FAMILY_KW = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}
+
+
+def subnet(g, kind):
+    """Slices of a 4-layer model (4 query heads in 2 KV groups, head_dim 16, MLP 96) of each shape the
+    GGUF writer must express."""
+    full_pairs = tuple(range(g.head_dim // 2))
+    both = (full_pairs, full_pairs)
+    mlp = lambda n: tuple(range(0, 2 * n, 2))  # noqa: E731  (non-contiguous channels)
+    if kind == "uniform":
+        return [LayerSlice(both, mlp(32), True, ((1,), (0,)))] * g.num_layers
+    if kind == "per-layer":
+        return [LayerSlice(both, mlp(40)), LayerSlice(both, mlp(24), True, ((0,), (1,))),
+                LayerSlice((full_pairs, ()), mlp(48), True, ((0, 1), ())), LayerSlice(both, mlp(8))]
+    if kind == "dropped":
+        return [LayerSlice(both, mlp(32)), LayerSlice(both, mlp(32), active=False), LayerSlice(both, mlp(16)), LayerSlice(both, mlp(40))]
+    if kind == "channels":  # in-head channel space: heads of different widths
+        return [LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32)), LayerSlice((full_pairs, (0, 1)), mlp(40)),
+                LayerSlice(both, mlp(24)), LayerSlice(((7,), full_pairs), mlp(32))]
+    if kind == "unequal":  # unequal query heads per KV group; an attention-free layer; a layer without MLP
+        return [LayerSlice(both, mlp(32), True, ((0, 1), (1,))), LayerSlice(((), ()), mlp(40), True, ((), ())),
+                LayerSlice(both, (), True, ((1,), (0, 1))), LayerSlice(both, mlp(24))]
+    raise KeyError(kind)
+
+
+def exported(family, kind, bpe, seed=0):
+    tok, _ = bpe
+    model = tiny_model(family, layers=4, seed=seed, vocab_size=len(tok), **FAMILY_KW[family])
+    adapter = adapter_for(model.config)
+    out, _ = build(adapter, model.state_dict(), subnet(adapter.geometry(), kind))
+    return out
+
+
+def ids(n=24, seed=0):
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@needs_llama
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["uniform", "per-layer", "dropped", "channels", "unequal"])
+def test_llama_cpp_runs_the_gguf_with_the_hf_exports_logits(family, kind, bpe, tmp_path):
+    from searchllm import llamacpp
+
+    model = exported(family, kind, bpe)
+    info = write(model, bpe[1], tmp_path / "m.gguf")
+    assert info.arch == ("deci" if kind != "uniform" or family == "qwen2" else "llama")  # qwen2: fewer query heads than hidden
+    assert info.layers == (3 if kind == "dropped" else 4)
+    seq = ids()
+    want = model(torch.tensor([seq])).logits[0].detach().numpy()
+    got = llamacpp.logits(llamacpp.load(tmp_path / "m.gguf", 64, f32_cache=True), seq)
+    assert np.abs(got - want).max() < 1e-3
+
+
+@needs_llama
+def test_padding_is_counted_and_only_where_llama_cpp_needs_it(bpe, tmp_path):
+    uniform = write(exported("llama", "uniform", bpe), bpe[1], tmp_path / "u.gguf")
+    assert uniform.padding_params == 0
+    model = exported("llama", "channels", bpe)
+    info = write(model, bpe[1], tmp_path / "c.gguf")
+    assert info.padding_params > 0
+    assert info.params - info.padding_params == sum(p.numel() for p in model.parameters())
+
+
+@needs_llama
+def test_a_per_layer_subnet_written_as_plain_llama_is_refused_by_llama_cpp(bpe, tmp_path):
+    from searchllm import llamacpp
+
+    write(exported("llama", "per-layer", bpe), bpe[1], tmp_path / "bad.gguf", arch="llama")
+    with pytest.raises(RuntimeError, match="llama.cpp refused"):
+        llamacpp.load(tmp_path / "bad.gguf", 64)
+
+
+@needs_llama
+def test_q8_0_perplexity_is_within_two_percent_of_f32(bpe, tmp_path):
+    from searchllm import llamacpp
+    from searchllm.gguf_export import FTYPES
+
+    write(exported("llama", "per-layer", bpe), bpe[1], tmp_path / "f32.gguf")
+    llamacpp.quantize(tmp_path / "f32.gguf", tmp_path / "q8.gguf", FTYPES["q8_0"])
+    assert (tmp_path / "q8.gguf").stat().st_size < 0.5 * (tmp_path / "f32.gguf").stat().st_size
+    windows = torch.tensor([ids(32, s) for s in range(3)])
+    f32 = llamacpp.perplexity(llamacpp.load(tmp_path / "f32.gguf", 32), windows).ppl
+    q8 = llamacpp.perplexity(llamacpp.load(tmp_path / "q8.gguf", 32), windows).ppl
+    assert abs(q8 - f32) / f32 < 0.02
+
+
+@needs_llama
+def test_greedy_generation_from_the_gguf_gives_the_hf_exports_tokens(bpe, tmp_path):
+    from searchllm import llamacpp
+
+    model = exported("llama", "unequal", bpe)
+    write(model, bpe[1], tmp_path / "m.gguf")
+    prompt = ids(8)
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    assert llamacpp.greedy(llamacpp.load(tmp_path / "m.gguf", 32, f32_cache=True), prompt, 10) == hf
+
+
+def test_the_modelfile_names_the_gguf_and_carries_the_chat_template_and_stop_tokens(bpe):
+    tok, _ = bpe
+    text = modelfile("model-q4_k_m.gguf", tok.chat_template, tok.eos_token)
+    assert text.splitlines()[0] == "FROM ./model-q4_k_m.gguf"
+    assert 'TEMPLATE """' in text and "<|im_start|>{{ .Role }}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_a_tokenizer_gguf_cannot_express_stops_the_export_naming_it(tmp_path):
+    from conftest import word_tokenizer
+
+    tok = word_tokenizer(tmp_path / "words")
+    model = tiny_model("llama", layers=2, vocab_size=len(tok))
+    out, _ = build(adapter_for(model.config), model.state_dict(), [LayerSlice.full(adapter_for(model.config).geometry())] * 2)
+    with pytest.raises(GGUFError, match="not a GPT-2 style byte-level BPE"):
+        write(out, tmp_path / "words", tmp_path / "m.gguf")
+
+
+def test_opt_is_refused_by_name():
+    with pytest.raises(GGUFError, match="'opt' has no llama.cpp path"):
+        family_of(tiny_model("opt", layers=1).config)
+
+
+def test_bad_gguf_types_stop_with_one_line_naming_the_value():
+    with pytest.raises(GGUFError) as e:
+        check_format("gguf", ["f16", "q9_9"], "llama")
+    assert "export.gguf_types" in str(e.value) and "q9_9" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(GGUFError, match="export.format='onnx'"):
+        check_format("onnx", ["f16"], "llama")
+
+
+@needs_llama
+@pytest.mark.ray
+def test_a_run_exports_both_formats_and_evaluates_them_in_llama_cpp_then_adds_a_type_without_searching(ray_cluster, tmp_path):
+    import json
+
+    from searchllm import export
+    from searchllm.driver import main
+
+    path, corpus = make_tiny_checkpoint(tmp_path, tokenizer=bpe_tokenizer)
+    run = tmp_path / "run"
+    args = tiny_run_args(path, corpus, run, "method=searchllm", "search.generations=1", "levels.tokens=[64]", "levels.survivors=[]",
+                         "levels.offspring=4", "levels.mlp_levels=8", "levels.probe=0", "monitor.page=false",
+                         "export.format=both", "export.gguf_types=[f32,q8_0]")
+    assert main(args) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    files = {f["type"]: f for f in m["export"]["gguf"]["files"]}
+    assert set(files) == {"f32", "q8_0"} and (run / "export" / "config.json").is_file()
+    assert files["f32"]["ppl"] == pytest.approx(m["perplexity"]["exported"], rel=5e-3)  # llama.cpp ~ the HF export (f16 KV cache)
+    assert (run / "export" / "Modelfile").read_text().startswith("FROM ./model-f32.gguf")
+    names = [r["model"] for r in m["llama_cpp"]]
+    assert names == ["original f32", "original q8_0", "exported (searchllm) f32", "exported (searchllm) q8_0"]
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ppl"] for r in m["llama_cpp"])
+    assert export.main([str(run), "export.format=gguf", "export.gguf_types=[q4_0]"]) == 0
+    m2 = json.loads((run / "manifest.json").read_text())
+    assert [f["type"] for f in m2["export"]["gguf"]["files"]] == ["f32", "q8_0", "q4_0"] and (run / "export" / "model-q4_0.gguf").is_file()
+    assert m2["search"] == m["search"]  # nothing searched again
