@@ -144,6 +144,7 @@ class ExportConfig:
     enabled: bool = True
     dir: Optional[str] = None  # None: <run_dir>/export
     dtype: Optional[str] = None  # None: model.dtype
+    overwrite: bool = False  # replace an existing export.dir that is not a searchllm export
     format: str = "hf"  # hf | gguf (llama.cpp; needs the `gguf` extra) | both (searchllm.formats)
     gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])  # llama.cpp types, quantized by llama.cpp
 
@@ -249,6 +250,25 @@ def parse_overrides(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return config_file, dotlist
 
 
+def _load_yaml(path: Path) -> DictConfig:
+    """A config file that must hold a mapping of keys; the error names the file, never its contents."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_bytes())
+        node = OmegaConf.load(path) if isinstance(data, dict) else None
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}; fix it or pass another with --config") from None
+    if data is None:  # an empty file: no keys
+        return OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of config keys "
+                          "(key: value lines, as conf/default.yaml)")
+    return node
+
+
 def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
     config_file, dotlist = parse_overrides(argv)
     cfg = OmegaConf.structured(Config)
@@ -257,7 +277,7 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
         path = CONF / path.name
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML with --config")
-    cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    cfg = _merge(cfg, _load_yaml(path), str(path))
     method = next((item.split("=", 1)[1] for item in dotlist if item.startswith("method=")), None)
     if method is not None:
         preset = METHOD_DIR / f"{method}.yaml"
@@ -339,6 +359,8 @@ def validate(c: Config) -> None:
     e = c.eval
     if e.batch < 1 or e.max_windows < 0 or (e.task_limit is not None and e.task_limit < 1):
         raise ConfigError(f"eval.batch={e.batch} must be >= 1, eval.max_windows={e.max_windows} >= 0 and eval.task_limit={e.task_limit} >= 1 or null")
+    if e.corpora and not e.lengths:
+        raise ConfigError(f"eval.lengths=[] leaves eval.corpora={list(e.corpora)} without a window length; give one, e.g. eval.lengths=[128,2048]")
     try:
         from .evaluate import parse_corpus, resolve_length
 

@@ -24,7 +24,7 @@ from .data import DataError, data_root, first_windows, load_text, random_windows
 from . import strategies
 from .baselines import bias_params, flap, flap_biases
 from .evaluate import Evaluated
-from .formats import check_format
+from .formats import ExportDirError, check_export_dir, check_format
 from .gguf_export import GGUFError
 from .llamacpp import LlamaCppMissing
 from .layout import ClusterError
@@ -33,14 +33,14 @@ from .monitor import Monitor, ProgressServer, write_report
 from .models.adapters import UnsupportedModelError
 from .models.loading import DTYPES as DTYPES_BY_NAME
 from .models.loading import ModelError, load, load_config_only, load_tokenizer
-from .rundir import RunDir
+from .rundir import RunDir, RunFileError
 from .scores import Scores
 from .search import Search, SearchResult, summarize
 from .space import Budget, BudgetError, SearchSpace
 
 log = logging.getLogger("searchllm")
 USER_ERRORS = (ConfigError, DataError, ModelError, UnsupportedModelError, BudgetError, ClusterError, LevelError, GGUFError,
-               LlamaCppMissing)
+               LlamaCppMissing, RunFileError, ExportDirError)
 
 
 @dataclass
@@ -98,8 +98,9 @@ def prepare(argv: list[str]) -> Prepared:
     # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
     adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
     strategy = strategies.get(cfg.search.mode)
-    if cfg.export.enabled:  # a format or type that cannot be written stops here, not after the search
+    if cfg.export.enabled:  # a format, type or export dir that cannot be written stops here, not after the search
         check_format(cfg.export.format, cfg.export.gguf_types, adapter.config.model_type)
+        check_export_dir(Path(cfg.export.dir or run.path / "export"), cfg.export.overwrite)
     extra = bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0  # flap() budgets its own
     if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
         from .levels import implied_levels
@@ -167,36 +168,37 @@ def run(p: Prepared) -> int:
                  space.depth_range)
     tokens, where = p.tokens, p.where
     name = f"searchllm {cfg.method} {Path(cfg.model.path).name} {cfg.budget.target:g} ({run_dir.path.name})"
-    log.info("%s", connect(cfg.ray, name))  # before the weights load: an unreachable cluster fails in seconds
-    loaded = load(cfg.model, data_root(cfg.data.root))
     run_dir.create()
-    if not run_dir.started:
-        run_dir.write_text("config.yaml", to_yaml(cfg))
-    monitor = Monitor({"model": cfg.model.path, "target": cfg.budget.target, "method": cfg.method, "run_dir": str(run_dir.path),
-                       "generations": cfg.search.generations, "layers": g.num_layers, "total_params": g.total_params,
-                       "attn_units": g.num_heads if levels else int(space.full().attn[0].size), "mlp_channels": g.intermediate,
-                       "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness] if levels else "perplexity"})
-    m = cfg.monitor
-    server = ProgressServer(monitor, m.host, m.port) if m.page else None
-    if server is not None:
-        log.info("progress page: %s", server.url)
-    metrics = RayMetrics(run_dir.path.name) if m.metrics else None
-    if metrics is not None:
-        monitor.sinks.append(metrics)
-    try:
-        with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens, metrics=metrics) as pool:
-            del loaded.model  # the object store holds the weights now
-            export_dir = search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded, monitor)
-        if export_dir is not None and cfg.eval.enabled:  # after the pool is gone: its weights are freed first
-            monitor.stage("evaluating")
-            evaluate_run(cfg, run_dir, loaded, export_dir, monitor)
-        monitor.stage("done")
-        if m.report:
-            log.info("report: %s", write_report(monitor, run_dir.path / "report.html"))
-    finally:
+    with run_dir.locked():  # a second driver on this run dir stops here, naming this one
+        log.info("%s", connect(cfg.ray, name))  # before the weights load: an unreachable cluster fails in seconds
+        loaded = load(cfg.model, data_root(cfg.data.root))
+        if not run_dir.started:
+            run_dir.write_text("config.yaml", to_yaml(cfg))
+        monitor = Monitor({"model": cfg.model.path, "target": cfg.budget.target, "method": cfg.method, "run_dir": str(run_dir.path),
+                           "generations": cfg.search.generations, "layers": g.num_layers, "total_params": g.total_params,
+                           "attn_units": g.num_heads if levels else int(space.full().attn[0].size), "mlp_channels": g.intermediate,
+                           "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness] if levels else "perplexity"})
+        m = cfg.monitor
+        server = ProgressServer(monitor, m.host, m.port) if m.page else None
         if server is not None:
-            server.close()
-    return 0
+            log.info("progress page: %s", server.url)
+        metrics = RayMetrics(run_dir.path.name) if m.metrics else None
+        if metrics is not None:
+            monitor.sinks.append(metrics)
+        try:
+            with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens, metrics=metrics) as pool:
+                del loaded.model  # the object store holds the weights now
+                export_dir = search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded, monitor)
+            if export_dir is not None and cfg.eval.enabled:  # after the pool is gone: its weights are freed first
+                monitor.stage("evaluating")
+                evaluate_run(cfg, run_dir, loaded, export_dir, monitor)
+            monitor.stage("done")
+            if m.report:
+                log.info("report: %s", write_report(monitor, run_dir.path / "report.html"))
+        finally:
+            if server is not None:
+                server.close()
+        return 0
 
 
 def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: Budget, pool, tokens, where,
@@ -510,7 +512,12 @@ def evaluate_run(cfg: Config, run_dir: RunDir, loaded, export_dir: Path, monitor
         del model
     if "gguf" in export:
         tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids)
-    table = pd.concat(tables, ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
+    table = pd.concat(tables or [pd.DataFrame()], ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
+    if table.empty or "metric" not in table:  # eval.corpora=[] and eval.tasks=[]: a valid, empty evaluation
+        log.info("evaluation: nothing to evaluate (eval.corpora and eval.tasks are empty)")
+        manifest["evaluation"] = {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"}
+        run_dir.save_json("manifest.json", manifest)
+        return
     append_results(run_dir.path, table)
     if monitor is not None:
         monitor.set_eval(table.to_dict("records"))

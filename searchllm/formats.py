@@ -10,7 +10,10 @@ Adding a format is adding a writer here with `register`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -63,12 +66,50 @@ def check_format(fmt: str, gguf_types: list[str], model_type: Optional[str] = No
     require()
 
 
+class ExportDirError(ValueError):
+    pass
+
+
+def check_export_dir(path: Path, overwrite: bool) -> None:
+    """An existing export.dir is replaced only when it is a searchllm export (or export.overwrite=true):
+    never a user's folder by accident."""
+    if path.is_dir() and any(path.iterdir()) and not (path / "searchllm_export.json").is_file() and not overwrite:
+        raise ExportDirError(f"export.dir={str(path)!r} exists and is not a searchllm export; choose another dir "
+                             "or set export.overwrite=true to replace it")
+
+
 def write_all(job: ExportJob, fmt: str) -> dict:
-    """Every writer of the format, in order; one record (the HF writer's keys, plus `gguf`)."""
-    i = job.info
-    record: dict = {"dir": str(job.out), "formats": list(FORMATS[fmt]), "kind": i.kind, "params": i.params, "layers": i.layers}
-    for name in FORMATS[fmt]:
-        record |= WRITERS[name](job)
+    """Every writer of the format, in order, into a temporary sibling of the export dir that replaces it
+    only once every writer has written and checked its files (a killed driver or a full disk leaves no
+    half-written export under the real name). One record: the HF writer's keys, plus `gguf`."""
+    from .rundir import RunFileError
+
+    final, i = job.out, job.info
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    job.out = tmp
+    try:
+        record: dict = {"formats": list(FORMATS[fmt]), "kind": i.kind, "params": i.params, "layers": i.layers}
+        for name in FORMATS[fmt]:
+            record |= WRITERS[name](job)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFileError(f"cannot write the export {final}: {e.strerror or e}; nothing was replaced, resume to export again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        job.out = final
+    # the files now live under the final name
+    record = json.loads(json.dumps(record).replace(json.dumps(str(tmp))[1:-1], json.dumps(str(final))[1:-1]))
+    record["dir"] = str(final)
     if "ppl" not in record:  # gguf alone: the export's report perplexity is llama.cpp's, on the first file
         record["ppl"] = record["gguf"]["files"][0]["ppl"]
     return record
@@ -101,16 +142,21 @@ def gguf_files(model, tokenizer, out: Path, source_gguf: Optional[Path], types: 
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)  # tokenizer.json: the GGUF's vocabulary when the source was no GGUF
-    f32 = out / "model-f32.gguf"
+    f32 = out / ".model-f32.gguf.tmp"  # every file under a temp name until complete
     info = write(model, out, f32, source_gguf)
     paths = []
     for t in types:
         path = out / f"model-{t}.gguf"
         if t != "f32":
-            llamacpp.quantize(f32, path, FTYPES[t])
+            tmp = path.with_name(f".{path.name}.tmp")
+            llamacpp.quantize(f32, tmp, FTYPES[t])
+            os.replace(tmp, path)
         paths.append((t, path))
-    if "f32" not in types:
+    if "f32" in types:
+        os.replace(f32, out / "model-f32.gguf")
+    else:
         f32.unlink()
+    info.path = str(out / "model-f32.gguf")
     return info, paths
 
 

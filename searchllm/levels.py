@@ -421,27 +421,32 @@ def save_layer(folder: Path, entry: LayerLevels) -> None:
     """One layer's entries as safetensors (weights) with its orders and errors in the metadata; atomic."""
     from safetensors.torch import save_file
 
-    import os
+    from .rundir import writing
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"attn.{k}": v for k, v in entry.attn.items()} | {f"mlp.{k}": v for k, v in entry.mlp.items()}
     meta = {k: json.dumps(v) for k, v in asdict(entry).items() if k not in ("attn", "mlp")}
-    tmp = folder / f".layer-{entry.layer:04d}.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, folder / f"layer-{entry.layer:04d}.safetensors")
+    with writing(folder / f"layer-{entry.layer:04d}.safetensors", folder / f".layer-{entry.layer:04d}.safetensors.tmp") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_layers(folder: Path) -> dict[int, LayerLevels]:
+    """The saved layers (a damaged file is named, with how to rebuild just that layer)."""
     from safetensors import safe_open
+
+    from .rundir import damaged
 
     out = {}
     for f in sorted(folder.glob("layer-*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            meta = {k: json.loads(v) for k, v in st.metadata().items()}
-            entry = LayerLevels(**meta)
-            for key in st.keys():
-                kind, level = key.split(".")
-                getattr(entry, kind)[int(level)] = st.get_tensor(key)
+        try:
+            with safe_open(str(f), "pt") as st:
+                meta = {k: json.loads(v) for k, v in st.metadata().items()}
+                entry = LayerLevels(**meta)
+                for key in st.keys():
+                    kind, level = key.split(".")
+                    getattr(entry, kind)[int(level)] = st.get_tensor(key)
+        except Exception as e:  # safetensors raises its own SafetensorError (and others) on a cut file
+            raise damaged(f, e, f"delete it to build that layer again on resume (rm {f})") from None
         out[entry.layer] = entry
     return out
 

@@ -7,15 +7,23 @@
   archive/gen-*.parquet every evaluated candidate of each generation (pd.read_parquet(run/"archive"))
   reform/<subnet>-<settings>/layer-*.pt  each reformed layer of a finalist, saved as it is solved
   levels/<settings>/layer-*.safetensors  the level database, a layer at a time as it is built (levels.py)
-  best.json, summary.json
-Files are replaced atomically (write to a temp file, then rename), so a killed driver never leaves a
-half-written checkpoint that a resume would trust.
+  best.json, summary.json, manifest.json
+  lock                 who runs the run now (pid, host): a second driver on the same dir stops
+Files are replaced atomically (write to a temp file, then rename), so a killed driver or a full disk never
+leaves a half-written file under a real name; checkpoint.prev.json keeps the generation before. Every file
+read back is checked: a damaged one stops the run with one line (RunFileError) naming the file, what is
+wrong and what to do, and nothing else in the run dir is touched.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import json
 import os
+import socket
+import time
+import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -29,13 +37,47 @@ from .reform import LayerResult
 from .scores import Scores
 
 
+class RunFileError(RuntimeError):
+    """A run-dir file that cannot be read back or written: the message is the one line a user sees."""
+
+
+def damaged(path: Path, err: BaseException, advice: str) -> RunFileError:
+    what = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+    return RunFileError(f"{path} is damaged ({what}); {advice}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, tmp: Path):
+    """Write `tmp`, then rename it to `path`; on any failure (a full disk: ENOSPC) the temp file goes and
+    `path` keeps its previous content."""
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+        full = " (no space left on device: free some, then resume)" if e.errno == errno.ENOSPC else ""
+        raise RunFileError(f"cannot write {path}: {e.strerror or e}{full}; the previous {path.name}, if any, is intact") from None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, path.with_name(path.name + ".tmp")) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_json(path: Path, advice: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise damaged(path, e, advice) from None
 
 
 class RunDir:
@@ -59,17 +101,20 @@ class RunDir:
         return (self.path / name).read_text()
 
     def save_scores(self, scores: Scores) -> None:
-        tmp = self.path / "scores.tmp.npz"
-        np.savez(tmp, **asdict(scores))
-        os.replace(tmp, self.path / "scores.npz")
+        with writing(self.path / "scores.npz", self.path / "scores.tmp.npz") as tmp:
+            np.savez(tmp, **asdict(scores))
 
     def load_scores(self) -> Scores | None:
+        """The saved calibration scores; None when there are none (missing: calibrate again)."""
         p = self.path / "scores.npz"
         if not p.is_file():
             return None
-        with np.load(p) as z:
-            names = [f.name for f in fields(Scores)]
-            return Scores(**{n: z[n] for n in names}) if all(n in z for n in names) else None
+        try:
+            with np.load(p) as z:
+                names = [f.name for f in fields(Scores)]
+                return Scores(**{n: z[n] for n in names}) if all(n in z for n in names) else None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise damaged(p, e, f"delete it to calibrate again on resume (rm {p})") from None
 
     # -- evaluations --------------------------------------------------------------------------------
     def append_eval(self, record: dict[str, Any]) -> None:
@@ -80,48 +125,82 @@ class RunDir:
             os.fsync(f.fileno())
 
     def load_evals(self) -> dict[str, dict[str, Any]]:
+        """Every logged evaluation by key. A last line cut by a kill mid-write is dropped from the file (that
+        evaluation is simply redone); a damaged line before it stops the resume."""
         p = self.path / "evals.jsonl"
         out: dict[str, dict[str, Any]] = {}
-        if p.is_file():
-            for line in p.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill mid-write
-                    continue
+        if not p.is_file():
+            return out
+        data = p.read_bytes()
+        lines = data.split(b"\n")
+        for n, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
                 row["genes"] = base64.b64decode(row["genes"])
-                out[row["key"]] = row
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError) as e:
+                if n == len(lines) - 1:  # the cut last line (no newline after it): drop it
+                    _atomic_write(p, data[: len(data) - len(line)])
+                    break
+                raise damaged(p, e, f"line {n + 1} of {len(lines) - 1} is not an evaluation record; delete that line "
+                              "(its evaluation is redone) and resume") from None
+            out[row["key"]] = row
         return out
 
     def write_generation(self, generation: int, records: list[dict[str, Any]]) -> None:
         df = pd.DataFrame(records)
-        tmp = self.path / "archive" / f".gen-{generation:04d}.parquet.tmp"
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, self.path / "archive" / f"gen-{generation:04d}.parquet")
+        final = self.path / "archive" / f"gen-{generation:04d}.parquet"
+        with writing(final, self.path / "archive" / f".gen-{generation:04d}.parquet.tmp") as tmp:
+            df.to_parquet(tmp, index=False)
 
     def archive(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "archive")
+        """Every archived generation (a damaged file is named; evals.jsonl holds the same evaluations)."""
+        import pyarrow
+
+        frames = []
+        for f in sorted((self.path / "archive").glob("gen-*.parquet")):
+            try:
+                frames.append(pd.read_parquet(f))
+            except (pyarrow.ArrowException, OSError) as e:
+                raise damaged(f, e, "delete it: evals.jsonl still holds every evaluation of that generation") from None
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     # -- checkpoint ---------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        _atomic_write(self.path / "checkpoint.json", json.dumps(state).encode())
+        """checkpoint.json, the generation before kept as checkpoint.prev.json (a resume's fallback)."""
+        p = self.path / "checkpoint.json"
+        if p.is_file():
+            _atomic_write(self.path / "checkpoint.prev.json", p.read_bytes())
+        _atomic_write(p, json.dumps(state).encode())
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / "checkpoint.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        if not p.is_file():
+            return None
+        prev = self.path / "checkpoint.prev.json"
+        advice = (f"the generation before is in {prev.name}: `mv {prev} {p}` and resume (one generation is redone)" if prev.is_file()
+                  else f"delete it to restart the search from generation 0 (rm {p}); evaluations logged in evals.jsonl are not redone")
+        state = read_json(p, advice)
+        if not isinstance(state, dict) or "generation" not in state:
+            raise damaged(p, ValueError("not a checkpoint record"), advice)
+        return state
 
     # -- reformation, layer by layer ----------------------------------------------------------------
     def save_layer(self, tag: str, result: LayerResult) -> None:
         folder = self.path / "reform" / tag
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".layer-{result.layer:04d}.pt.tmp"
-        torch.save(asdict(result), tmp)
-        os.replace(tmp, folder / f"layer-{result.layer:04d}.pt")
+        with writing(folder / f"layer-{result.layer:04d}.pt", folder / f".layer-{result.layer:04d}.pt.tmp") as tmp:
+            torch.save(asdict(result), tmp)
 
     def load_layers(self, tag: str) -> dict[int, LayerResult]:
         """The layers of reformation `tag` finished before (a resume solves only the others)."""
         out = {}
         for f in sorted((self.path / "reform" / tag).glob("layer-*.pt")):
-            res = LayerResult(**torch.load(f, weights_only=True))
+            try:
+                res = LayerResult(**torch.load(f, weights_only=True))
+            except Exception as e:  # torch.load raises many kinds on a cut file (RuntimeError, EOFError, pickle errors)
+                raise damaged(f, e, f"delete it to solve that layer again on resume (rm {f})") from None
             out[res.layer] = res
         return out
 
@@ -129,7 +208,47 @@ class RunDir:
         _atomic_write(self.path / name, json.dumps(obj, indent=2, default=_json_default).encode())
 
     def load_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        return read_json(self.path / name, f"rerun the step that writes it (a resume of the run rewrites {name})")
+
+    # -- the lock ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold RUN/lock while a driver uses the run dir. A lock of a process that no longer exists on this
+        host (a crash) is stale and taken over; a live holder stops this driver with one line."""
+        p, me = self.path / "lock", {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(p.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    p.unlink(missing_ok=True)  # stale: its driver is gone
+                    continue
+                raise RunFileError(f"{self.path} is in use by the driver with pid {holder.get('pid', '?')} on host "
+                                   f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it or stop it "
+                                   f"(if it is gone, delete {p})") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        try:
+            yield self
+        finally:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _json_default(o: Any) -> Any:

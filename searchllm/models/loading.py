@@ -152,6 +152,10 @@ def load_pretrained(path: str, dtype: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
     except OSError as e:
         raise ModelError(f"cannot load a checkpoint from {path!r} ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # a damaged file: safetensors' SafetensorError, a cut config.json (JSONDecodeError), ...
+        what = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        raise ModelError(f"the checkpoint in {path!r} is damaged ({what}); export it again "
+                         "(python -m searchllm.driver resume=RUN re-exports a finished run)") from None
     local = Path(path).expanduser()
     has_tokenizer = not local.exists() or (local / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
