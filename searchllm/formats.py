@@ -82,9 +82,13 @@ def write_all(job: ExportJob, fmt: str) -> dict:
     """Every writer of the format, in order, into a temporary sibling of the export dir that replaces it
     only once every writer has written and checked its files (a killed driver or a full disk leaves no
     half-written export under the real name). One record: the HF writer's keys, plus `gguf`."""
-    from .rundir import RunFileError
+    from .rundir import RunFileError, alive
 
     final, i = job.out, job.info
+    for left in final.parent.glob(f".{final.name}.*-*"):  # what a killed driver's export left behind
+        pid = left.name.rsplit("-", 1)[-1]
+        if left.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     job.out = tmp

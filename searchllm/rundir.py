@@ -224,7 +224,7 @@ class RunDir:
                     holder = json.loads(p.read_text())
                 except (OSError, ValueError):
                     holder = {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                if holder.get("host") == me["host"] and not alive(holder.get("pid")):
                     p.unlink(missing_ok=True)  # stale: its driver is gone
                     continue
                 raise RunFileError(f"{self.path} is in use by the driver with pid {holder.get('pid', '?')} on host "
@@ -239,7 +239,8 @@ class RunDir:
             p.unlink(missing_ok=True)
 
 
-def _alive(pid: Any) -> bool:
+def alive(pid: Any) -> bool:
+    """Whether a process of this host with that pid exists."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

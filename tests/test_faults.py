@@ -1,6 +1,7 @@
 """Faults: a dead evaluator actor, a candidate whose evaluation raises, a driver killed with SIGKILL."""
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -118,16 +119,20 @@ def test_a_candidate_that_keeps_raising_is_recorded_failed_and_the_rest_are_scor
 # -- the driver killed with SIGKILL, then resumed ------------------------------------------------------
 
 KILL_AT = """
-import os, signal, sys
-from searchllm.rundir import RunDir
-method, after = sys.argv[1], int(sys.argv[2])
-original, calls = getattr(RunDir, method), [0]
-def counted(self, *args):
-    original(self, *args)
+import importlib, os, signal, sys
+target, after = sys.argv[1], int(sys.argv[2])
+module, _, path = target.rpartition(":")  # a RunDir method, or module:function
+owner = importlib.import_module(module or "searchllm.rundir")
+parts = path.split(".") if module else ["RunDir", path]
+for p in parts[:-1]:
+    owner = getattr(owner, p)
+original, calls = getattr(owner, parts[-1]), [0]
+def counted(*args):
+    original(*args)
     calls[0] += 1
     if calls[0] == after:  # the driver dies here, with no chance to clean up
         os.kill(os.getpid(), signal.SIGKILL)
-setattr(RunDir, method, counted)
+setattr(owner, parts[-1], counted)
 from searchllm.driver import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -189,3 +194,52 @@ def test_a_driver_killed_mid_reformation_resumes_from_the_last_finished_layer(re
     first = m["reform"]["candidates"][0]
     assert first["reused_layers"] == 2 and all(c["reused_layers"] == 0 for c in m["reform"]["candidates"][1:])
     assert [f.stat().st_mtime_ns for f in saved] == stamps  # the two finished layers were not solved again
+
+
+def test_a_driver_killed_mid_export_leaves_no_export_and_a_resume_writes_it(reference, checkpoint, tmp_path):
+    run = tmp_path / "run"
+    kill_driver_at(run, checkpoint, "searchllm.export:write_info", 1)  # the weights are written, the export is not complete
+    assert not (run / "export").exists() and not (run / "manifest.json").exists()
+    assert main([f"resume={run}"]) == 0
+    same_final_result(run, reference)
+    assert (run / "export" / "model.safetensors").is_file() and not list(run.glob(".export.*"))
+
+
+def test_a_damaged_checkpoint_stops_the_resume_and_the_previous_one_resumes_to_the_same_result(reference, checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    kill_driver_at(run, checkpoint, "append_eval", 8 + 8 + 3)  # generations 0 and 1 checkpointed, dies inside 2
+    (run / "checkpoint.json").write_text('{"generation": 1, "par')
+    evals = (run / "evals.jsonl").read_bytes()
+    assert main([f"resume={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.json is damaged" in err[0] and "checkpoint.prev.json" in err[0]
+    assert (run / "evals.jsonl").read_bytes() == evals  # nothing else touched
+    os.replace(run / "checkpoint.prev.json", run / "checkpoint.json")
+    assert main([f"resume={run}"]) == 0
+    same_final_result(run, reference)
+
+
+def test_a_cut_last_evaluation_line_is_redone_and_the_run_ends_as_an_undisturbed_one(reference, checkpoint, tmp_path):
+    run = tmp_path / "run"
+    kill_driver_at(run, checkpoint, "append_eval", 8 + 3)
+    with open(run / "evals.jsonl", "a") as f:
+        f.write('{"key": "0a1b", "ppl": 12.')  # as a kill in the middle of a write leaves it
+    assert main(tiny_run_args(*checkpoint, run, "resume=auto")) == 0
+    assert all(json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines())
+    same_final_result(run, reference)
+
+
+def test_a_second_driver_on_a_run_dir_in_use_stops_naming_the_holder(checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    with RunDir(run).create().locked():
+        assert main(tiny_run_args(*checkpoint, run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"in use by the driver with pid {os.getpid()}" in err[0]
+    assert not (run / "config.yaml").exists()  # it stopped before writing anything
+
+
+def test_no_evaluation_corpora_is_a_valid_empty_evaluation(ray_cluster, checkpoint, tmp_path):
+    run = tmp_path / "run"
+    assert main(tiny_run_args(*checkpoint, run, "search.generations=1", "eval.corpora=[]")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["evaluation"] == {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"} and (run / "export" / "config.json").is_file()
