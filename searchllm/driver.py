@@ -168,9 +168,9 @@ def run(p: Prepared) -> int:
                  space.depth_range)
     tokens, where = p.tokens, p.where
     name = f"searchllm {cfg.method} {Path(cfg.model.path).name} {cfg.budget.target:g} ({run_dir.path.name})"
+    log.info("%s", connect(cfg.ray, name))  # before anything is written or loaded: an unreachable cluster fails in seconds
     run_dir.create()
-    with run_dir.locked():  # a second driver on this run dir stops here, naming this one
-        log.info("%s", connect(cfg.ray, name))  # before the weights load: an unreachable cluster fails in seconds
+    with run_dir.locked():  # a second driver on this run dir stops here (before any actor), naming this one
         loaded = load(cfg.model, data_root(cfg.data.root))
         if not run_dir.started:
             run_dir.write_text("config.yaml", to_yaml(cfg))
