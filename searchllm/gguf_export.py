@@ -22,11 +22,10 @@ with one line). OPT has no llama.cpp path here and is refused by name.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # uniform subnets; otherwise deci
 HALVES_ROTARY = {"qwen2"}  # llama.cpp arches that rotate (d, d + head_dim/2) like HF: no permutation

@@ -196,13 +196,14 @@ def test_a_driver_killed_mid_reformation_resumes_from_the_last_finished_layer(re
     assert [f.stat().st_mtime_ns for f in saved] == stamps  # the two finished layers were not solved again
 
 
-def test_a_driver_killed_mid_export_leaves_no_export_and_a_resume_writes_it(reference, checkpoint, tmp_path):
+def test_a_driver_killed_mid_export_leaves_no_export_and_a_resume_without_corpora_writes_it(reference, checkpoint, tmp_path):
     run = tmp_path / "run"
     kill_driver_at(run, checkpoint, "searchllm.export:write_info", 1)  # the weights are written, the export is not complete
     assert not (run / "export").exists() and not (run / "manifest.json").exists()
-    assert main([f"resume={run}"]) == 0
+    assert main([f"resume={run}", "eval.corpora=[]"]) == 0  # and no evaluation corpora: a valid, empty evaluation
     same_final_result(run, reference)
     assert (run / "export" / "model.safetensors").is_file() and not list(run.glob(".export.*"))
+    assert json.loads((run / "manifest.json").read_text())["evaluation"] == {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"}
 
 
 def test_a_damaged_checkpoint_stops_the_resume_and_the_previous_one_resumes_to_the_same_result(reference, checkpoint, tmp_path, capsys):
@@ -237,9 +238,3 @@ def test_a_second_driver_on_a_run_dir_in_use_stops_naming_the_holder(checkpoint,
     assert len(err) == 1 and f"in use by the driver with pid {os.getpid()}" in err[0]
     assert not (run / "config.yaml").exists()  # it stopped before writing anything
 
-
-def test_no_evaluation_corpora_is_a_valid_empty_evaluation(ray_cluster, checkpoint, tmp_path):
-    run = tmp_path / "run"
-    assert main(tiny_run_args(*checkpoint, run, "search.generations=1", "eval.corpora=[]")) == 0
-    m = json.loads((run / "manifest.json").read_text())
-    assert m["evaluation"] == {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"} and (run / "export" / "config.json").is_file()

@@ -135,7 +135,7 @@ def test_a_damaged_manifest_is_named(run):
 
 
 def exported(tmp_path):
-    from searchllm.export import build, save
+    from searchllm.export import build
     from searchllm.models.adapters import adapter_for
     from searchllm.models.sliced import LayerSlice
 
