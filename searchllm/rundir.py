@@ -119,14 +119,21 @@ class RunDir:
     # -- evaluations --------------------------------------------------------------------------------
     def append_eval(self, record: dict[str, Any]) -> None:
         row = dict(record, genes=base64.b64encode(record["genes"]).decode())
-        with open(self.path / "evals.jsonl", "a") as f:
+        p = self.path / "evals.jsonl"
+        if p.is_file() and p.stat().st_size:  # a line cut by a kill: cut it off, so this one starts a line
+            with open(p, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    data = p.read_bytes()
+                    f.truncate(data.rfind(b"\n") + 1)
+        with open(p, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def load_evals(self) -> dict[str, dict[str, Any]]:
-        """Every logged evaluation by key. A last line cut by a kill mid-write is dropped from the file (that
-        evaluation is simply redone); a damaged line before it stops the resume."""
+        """Every logged evaluation by key. A last line cut by a kill mid-write is skipped (that evaluation is
+        redone; the next append cuts it off the file); a damaged line before it stops the resume."""
         p = self.path / "evals.jsonl"
         out: dict[str, dict[str, Any]] = {}
         if not p.is_file():
@@ -140,8 +147,7 @@ class RunDir:
                 row = json.loads(line)
                 row["genes"] = base64.b64decode(row["genes"])
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError) as e:
-                if n == len(lines) - 1:  # the cut last line (no newline after it): drop it
-                    _atomic_write(p, data[: len(data) - len(line)])
+                if n == len(lines) - 1:  # the cut last line (no newline after it)
                     break
                 raise damaged(p, e, f"line {n + 1} of {len(lines) - 1} is not an evaluation record; delete that line "
                               "(its evaluation is redone) and resume") from None
