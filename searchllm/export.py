@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from .gguf_export import GGUFError
     from .llamacpp import LlamaCppMissing
     from .models.loading import ModelError, load_pretrained, source_gguf
+    from .rundir import RunDir, RunFileError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     args = sys.argv[1:] if argv is None else argv
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"{bad[0]!r}: only export.format, export.gguf_types and data.root apply to a finished run")
         cfg = load_config(args[1:], base_file=run / "config.yaml")
-        manifest = json.loads((run / "manifest.json").read_text())
+        manifest = RunDir(run).load_json("manifest.json")  # a damaged manifest: one line (RunFileError)
         out = Path(manifest["export"]["dir"])
         conf = json.loads((out / "config.json").read_text())
         check_format(cfg.export.format, cfg.export.gguf_types, conf.get("source_model_type") or conf["model_type"])
@@ -202,12 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if "gguf" in record:  # types written before stay listed unless rewritten now
             record["gguf"]["files"] = list((before | {f["type"]: f for f in record["gguf"]["files"]}).values())
         record["formats"] = sorted(set(record.get("formats", ["hf"])) | set(FORMATS[cfg.export.format]))
-    except (ConfigError, DataError, ModelError, GGUFError, LlamaCppMissing) as e:
+        RunDir(run).save_json("manifest.json", manifest)
+    except (ConfigError, DataError, ModelError, GGUFError, LlamaCppMissing, RunFileError) as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
-    tmp = run / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(run / "manifest.json")
     for f in record.get("gguf", {}).get("files", []):
         print(f"{f['path']}: {f['bytes'] / 2**20:.1f} MiB, llama.cpp report ppl {f['ppl']:.3f}")
     return 0
