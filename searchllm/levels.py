@@ -290,6 +290,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
         accumulate = p.inputs == "accumulated"
         cos, sin = runner.cos_sin(h_all.shape[1])
         xs, mids = [], []
+        entry = done.get(i)  # built before: only run (no statistics), so the next layers see the same inputs
         with torch.no_grad():
             G = None
             for s in range(0, h_all.shape[0], batch):
@@ -299,9 +300,9 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 attn_out = block.self_attn(block.input_layernorm(h), c, sn, rec.__setitem__)
                 x = rec["o"]
                 xs.append((x, attn_out))
-                xf = x.reshape(-1, x.shape[-1]).float()
-                G = xf.T @ xf if G is None else G.add_(xf.T @ xf)
-            entry = done.get(i)
+                if entry is None:
+                    xf = x.reshape(-1, x.shape[-1]).float()
+                    G = xf.T @ xf if G is None else G.add_(xf.T @ xf)
             if entry is None:
                 order = obs_head_order(w["o"], G, g, p.heads == "equal", p.obs_damp)
                 entry = LayerLevels(i, order, [])
@@ -323,8 +324,9 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 f = rec["down"]
                 feats.append((f, mlp_out))
                 mids.append(mid)
-                ff = f.reshape(-1, f.shape[-1]).float()
-                Gd = ff.T @ ff if Gd is None else Gd.add_(ff.T @ ff)
+                if i not in done:
+                    ff = f.reshape(-1, f.shape[-1]).float()
+                    Gd = ff.T @ ff if Gd is None else Gd.add_(ff.T @ ff)
             del xs
             if i not in done:
                 entry.mlp_order = obs_channel_order(w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp)
