@@ -158,6 +158,7 @@ class StageActor:
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
         self._levels_ref = None  # the level database it holds
+        self._target_refs: dict[str, str] = {}  # and the KL targets, by token set
         self.busy = None  # its metric, made on first use
         self.load_seconds = time.perf_counter() - t0
 
@@ -177,9 +178,13 @@ class StageActor:
             space, refs = state["levels"]  # this shard's database entries, fetched once
             self._levels_ref = refs[self.spec.start].hex()
             self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
-        if self.spec.last:
-            self.runner.targets = {w: (t[0].to(device), t[1].to(device)) for w, t in ray.get(list(state["targets"].values()))} \
-                if state["targets"] else {}
+        if self.spec.last:  # KL targets: only the token sets not fetched before
+            held = self.runner.targets
+            self.runner.targets = {w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()}
+            new = [w for w in state["targets"] if w not in self.runner.targets]
+            for w, t in ray.get([state["targets"][w] for w in new]):
+                self.runner.targets[w] = (t[0].to(device), t[1].to(device))
+            self._target_refs = {w: ref.hex() for w, ref in state["targets"].items()}
         self.version = version
 
     def forward(self, slices: dict[int, Any], inp: Any, which: str, batch: int, extras: tuple[int, list], metric: str = "nll") -> Any:
