@@ -121,6 +121,9 @@ class LevelsConfig(LevelParams, LevelSearchParams):
     # Re-reform the chosen assignment with the reformation stage (reform.*) from the original weights and
     # keep whichever of it and the database weights scores better on the last stage's tokens.
     rereform: bool = False
+    # Per evaluator actor: hidden states of recent candidates after each layer, so a child runs only the
+    # layers from its first change on (exact; 0 turns it off). Memory of the actor's device.
+    cache_mb: int = 2048
 
 
 @dataclass
@@ -343,6 +346,8 @@ def validate(c: Config) -> None:
     for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group"):
         if getattr(lv, key) < 1:
             raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
+    if lv.cache_mb < 0:
+        raise ConfigError(f"levels.cache_mb={lv.cache_mb} must be >= 0 (0: no prefix cache)")
     if lv.probe < 0:
         raise ConfigError(f"levels.probe={lv.probe} must be >= 0 (0: no sensitivity probes)")
     if not 0 <= lv.crossover <= 1 or lv.obs_damp <= 0 or lv.damp < 0:

@@ -36,7 +36,7 @@ from .models.sliced import LayerSlice
 from .models.weights import share, unshare
 from .reform import LayerResult, ReformParams, iter_reform
 from .scores import LayerScores, Scores
-from .shard import NLL, ShardRunner, ShardSpec, shard_state_names, split_layers
+from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger("searchllm")
@@ -175,9 +175,10 @@ class StageActor:
         self.runner.means = {i: m for i, m in state["means"].items() if i in layers}
         self.runner.reformed = {i: (s, {k: v.to(device, dtype) for k, v in w.items()}) for i, (s, w) in state["reformed"].items() if i in layers}
         if state["levels"] is not None and state["levels"][1][self.spec.start].hex() != self._levels_ref:
-            space, refs = state["levels"]  # this shard's database entries, fetched once
+            space, refs, cache_bytes = state["levels"]  # this shard's database entries, fetched once
             self._levels_ref = refs[self.spec.start].hex()
             self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
+            self.runner.prefix = PrefixCache(cache_bytes) if cache_bytes else None
         if self.spec.last:  # KL targets: only the token sets not fetched before
             held = self.runner.targets
             self.runner.targets = {w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()}
@@ -331,7 +332,8 @@ class EvaluatorPool:
     def _submit(self, replica: int, slices: list, which: str, batch: int, metric: str = "nll") -> ray.ObjectRef:
         out = None
         for spec, actor in zip(self.specs, self.replicas[replica]):
-            part = {i: slices[i] for i in spec.layers}
+            # Level candidates carry the upstream layers' levels too: the key of a shard's prefix cache.
+            part = {i: slices[i] for i in range(0 if isinstance(slices[0], tuple) else spec.start, spec.stop)}
             out = actor.forward.remote(part, out, which, batch, self._version, metric)
         return out
 
@@ -399,7 +401,8 @@ class EvaluatorPool:
         dense = stream = None
         gens, results = [], []
         for spec, actor in zip(self.specs, self.lead):
-            part = {i: slices[i] for i in spec.layers}
+            # Level candidates carry the upstream layers' levels too: the key of a shard's prefix cache.
+            part = {i: slices[i] for i in range(0 if isinstance(slices[0], tuple) else spec.start, spec.stop)}
             mine = {i: w for i, w in done.items() if i in spec.layers}
             call = actor.reform.options(num_returns="streaming")
             if params.inputs == "independent":
@@ -427,10 +430,11 @@ class EvaluatorPool:
             (stream,) = _collect(spec, gen, results, on_layer, 1)
         return results
 
-    def set_levels(self, space: Any, layers: dict[int, Any]) -> None:
-        """Hand every actor its shard's database entries (one object per shard in the object store)."""
+    def set_levels(self, space: Any, layers: dict[int, Any], cache_bytes: int = 0) -> None:
+        """Hand every actor its shard's database entries (one object per shard in the object store), and a
+        prefix cache of `cache_bytes` per actor for the candidates assembled from them."""
         refs = {spec.start: ray.put({i: layers[i] for i in spec.layers}) for spec in self.specs}
-        self._extras["levels"] = (space, refs)
+        self._extras["levels"] = (space, refs, cache_bytes)
         self._publish()
 
     def set_targets(self, codec: Any, dense: Any, which: str, k: int, batch: int) -> NLL:

@@ -335,7 +335,7 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
     band = level_band(cfg, g)
     codec, full = GenomeCodec(), space.full()
     db, built = build_level_database(cfg, run_dir, pool, space, band, monitor)
-    pool.set_levels(space, db.layers)
+    pool.set_levels(space, db.layers, lv.cache_mb * 2**20)
     stages = [f"levels{k}" for k in range(len(lv.tokens))]
     metric = "kl" if lv.fitness == "kl" else "nll"
     if metric == "kl":

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +95,39 @@ def sparse_kl(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -
     return (kl + rest).sum()
 
 
+class PrefixCache:
+    """Hidden states of recent level-search candidates after each layer, keyed by the token set and the levels
+    of every layer up to it. A child that first differs from its parent at layer j runs only layers j..;
+    the states are those a full run computes (the same blocks on the same window batches). LRU within a
+    byte budget; emptied when the database changes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes, self.hits, self.skipped = max_bytes, 0, 0, 0
+        self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def longest(self, which: str, slices: Mapping[int, Any], layers: range) -> tuple[int, torch.Tensor | None]:
+        """(layers already run, the hidden states after them) for the longest cached prefix in `layers`."""
+        for j in range(len(layers) - 1, -1, -1):
+            key = (which, tuple(slices[i] for i in range(layers[j] + 1)))
+            if key in self.data:
+                self.data.move_to_end(key)
+                self.hits, self.skipped = self.hits + 1, self.skipped + j + 1
+                return j + 1, self.data[key]
+        return 0, None
+
+    def put(self, which: str, slices: Mapping[int, Any], layer: int, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if size > self.max_bytes:
+            return
+        key = (which, tuple(slices[i] for i in range(layer + 1)))
+        if key in self.data:
+            return
+        self.data[key], self.bytes = hidden, self.bytes + size
+        while self.bytes > self.max_bytes:
+            _, old = self.data.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
 class ShardRunner:
     def __init__(
         self,
@@ -133,14 +167,16 @@ class ShardRunner:
         # level) instead of a LayerSlice is assembled from them (slice + compensated o/down).
         self.levels: dict[int, "LayerLevels"] = {}
         self.level_space: Optional["LevelSpace"] = None
+        # Prefix states of level candidates (set with the database; None: every candidate runs every layer).
+        self.prefix: Optional[PrefixCache] = None
         # The dense model's top-k next-token distributions per token set (last shard): KL fitness.
         self.targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- building -------------------------------------------------------------------------------------
-    def blocks(self, slices: Sequence[LayerSlice | tuple[int, int]]) -> nn.ModuleDict:
-        """Physically sliced blocks of this shard's active layers (slices indexed by global layer; a layer
-        may be given by its levels in the level database instead)."""
-        resolved = {i: self.resolve(i, slices[i]) for i in self.spec.layers}
+    def blocks(self, slices: Sequence[LayerSlice | tuple[int, int]] | Mapping[int, Any], layers: Sequence[int] | None = None) -> nn.ModuleDict:
+        """Physically sliced blocks of this shard's active layers (or of `layers`; slices indexed by global
+        layer; a layer may be given by its levels in the level database instead)."""
+        resolved = {i: self.resolve(i, slices[i]) for i in (self.spec.layers if layers is None else layers)}
         return nn.ModuleDict({str(i): self.block(i, s, w) for i, (s, w) in resolved.items() if s.active})
 
     def resolve(self, layer: int, x: LayerSlice | tuple[int, int]) -> tuple[LayerSlice, Mapping[str, torch.Tensor] | None]:
@@ -190,9 +226,9 @@ class ShardRunner:
         return block(h, cos, sin, record)
 
     @torch.no_grad()
-    def run_blocks(self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None) -> torch.Tensor:
+    def run_blocks(self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None, out=None) -> torch.Tensor:
         """Blocks keyed by their layer index, in order, over all windows `batch` at a time;
-        `record(layer, key, x)` sees every block's module inputs."""
+        `record(layer, key, x)` sees every block's module inputs, `out(layer, h)` every block's output."""
         hidden = hidden.to(self.device, self.dtype)
         outs = []
         for s in range(0, hidden.shape[0], batch):
@@ -200,6 +236,8 @@ class ShardRunner:
             for name, block in blocks.items():
                 rec = None if record is None else (lambda key, x, _i=int(name): record(_i, key, x))
                 h = self.run_block(block, h, rec)
+                if out is not None:
+                    out(int(name), h)
             outs.append(h)
         return torch.cat(outs)
 
@@ -243,8 +281,20 @@ class ShardRunner:
         and the targets)."""
         t0 = time.perf_counter()
         with torch.no_grad():
-            hidden = self.embed(inp) if self.spec.first else inp
-            hidden = self.run_blocks(self.blocks(slices), hidden, batch)
+            layers = self.spec.layers
+            cache = self.prefix if self.prefix is not None and which and all(isinstance(slices[i], tuple) for i in range(layers.stop)) else None
+            done, hidden = cache.longest(which, slices, layers) if cache is not None else (0, None)
+            if hidden is None:
+                hidden = self.embed(inp) if self.spec.first else inp
+            blocks = self.blocks(slices, layers[done:])
+            record = None
+            if cache is not None:  # every block's output but the model's last (nothing extends a whole candidate)
+                parts: dict[int, list[torch.Tensor]] = {int(i): [] for i in blocks if not (self.spec.last and int(i) == layers[-1])}
+                record = lambda i, h: parts[i].append(h) if i in parts else None  # noqa: E731
+            hidden = self.run_blocks(blocks, hidden, batch, out=record)
+            if cache is not None:
+                for i, hs in parts.items():
+                    cache.put(which, slices, i, torch.cat(hs))
             if self.spec.last:
                 if metric.startswith("targets:"):
                     self.set_targets(hidden, which, int(metric.split(":")[1]))

@@ -11,7 +11,7 @@ from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
 from searchllm.reform import solve_exact
 from searchllm.rundir import RunDir
-from searchllm.shard import NLL, sparse_kl, topk_targets
+from searchllm.shard import NLL, PrefixCache, sparse_kl, topk_targets
 
 from conftest import tiny_family
 from test_slicing import whole
@@ -130,6 +130,25 @@ def test_a_candidate_assembled_from_the_database_equals_the_exported_model(famil
     assert (ours - theirs).abs().max() < 1e-4
     full = torch.stack([runner.logits(x) for x in runner.run_blocks(runner.blocks([tuple(t) for t in db.space.full()]), runner.embed(tokens))])
     assert (ours - full).abs().max() > 1e-2  # the candidate is really pruned
+
+
+def test_the_prefix_cache_runs_only_the_changed_layers_and_scores_exactly_as_a_full_run():
+    _, _, runner, db, band = build_db()
+    tokens = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(4))
+    parent = uniform_genome(db.space, db.params, *band, db.space.attn_top)
+    child = parent.copy()
+    L = len(child)
+    child[L - 2, 1] -= 1  # a switch between the last two layers: the first L - 2 layers are the parent's
+    child[L - 1, 1] += 1
+    runner.forward([tuple(x) for x in db.space.full()], tokens, tokens, 2, "targets:16", "fit")
+    plain = [runner.forward([tuple(x) for x in g], tokens, tokens, 2, "kl", "fit").total for g in (parent, child)]
+    runner.prefix = PrefixCache(2**30)
+    cached = [runner.forward([tuple(x) for x in g], tokens, tokens, 2, "kl", "fit").total for g in (parent, child)]
+    assert cached == plain  # bitwise
+    assert runner.prefix.hits == 1 and runner.prefix.skipped == L - 2
+    runner.prefix = PrefixCache(1)  # a budget below one state keeps nothing
+    runner.forward([tuple(x) for x in parent], tokens, tokens, 2, "kl", "fit")
+    assert not runner.prefix.data
 
 
 def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl():
