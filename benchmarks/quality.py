@@ -121,7 +121,8 @@ def read_row(run: Path, method: str, ratio: float) -> dict:
         row[f"{corpus}@{length}"] = float(hit.value.iloc[0]) if len(hit) else float("nan")
         row[f"{corpus}@{length} windows"] = int(min(hit.windows.iloc[0], n)) if len(hit) else 0
     search = m.get("search", {})
-    row["search+reform s"] = search.get("seconds", 0.0) + m.get("reform", {}).get("seconds", 0.0) + m.get("level_database", {}).get("build_seconds", 0.0)
+    row["search+reform s"] = search.get("seconds", 0.0) + sum(m.get(k, {}).get("seconds", 0.0) for k in ("reform", "rereform")) + \
+        m.get("level_database", {}).get("build_seconds", 0.0)
     row["evaluations"] = search.get("evaluations", 0)
     row["wall s"] = json.loads((run / "wall.json").read_text())["seconds"] if (run / "wall.json").is_file() else float("nan")
     return row

@@ -1,0 +1,73 @@
+"""The level search's prefix cache: replay a finished run's logged evaluations (every candidate, in the
+order the search scored them, each on its stage's tokens) with the cache off and on, in this process on
+one shard, and print the seconds, the layers skipped and whether every fitness equals the logged one.
+
+    python benchmarks/prefix_cache.py RUN [--cache-mb 2048] [--limit N]
+
+RUN is a run dir of method=searchllm (its config.yaml, levels/ and evals.jsonl); its token sets come from
+the driver's own `token_sets`. Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--cache-mb", type=int, default=2048)
+    ap.add_argument("--limit", type=int, default=0, help="replay only the first N evaluations (0: all)")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+
+    from searchllm.config import load_config
+    from searchllm.data import data_root
+    from searchllm.driver import token_sets
+    from searchllm.levels import LevelSpace, load_layers
+    from searchllm.levelsearch import genome_from
+    from searchllm.models.loading import load
+    from searchllm.rundir import RunDir
+    from searchllm.shard import PrefixCache, ShardRunner, ShardSpec
+
+    run = RunDir(Path(a.run))
+    cfg = load_config([], base_file=run.path / "config.yaml")
+    loaded = load(cfg.model, data_root(cfg.data.root))
+    g = loaded.adapter.geometry()
+    tokens, _ = token_sets(cfg, loaded.tokenizer)
+    space = LevelSpace(g, cfg.levels)
+    folder = next(p for p in (run.path / "levels").iterdir() if p.is_dir())
+    runner = ShardRunner(loaded.adapter, loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
+    runner.levels, runner.level_space = load_layers(folder), space
+    evals = sorted(run.load_evals().values(), key=lambda r: r["finished_at"])
+    evals = evals[: a.limit] if a.limit else evals
+    metric = "kl" if cfg.levels.fitness == "kl" else "nll"
+    full = [tuple(x) for x in space.full()]
+    for k in range(len(cfg.levels.tokens)):
+        w = f"levels{k}"
+        if metric == "kl":
+            runner.forward(full, tokens[w], tokens[w], cfg.data.batch, f"targets:{cfg.levels.topk}", w)
+    rows = []
+    for name, mb in (("off", 0), ("on", a.cache_mb)):
+        runner.prefix = PrefixCache(mb * 2**20) if mb else None
+        t0, same, worst = time.perf_counter(), 0, 0.0
+        for r in evals:
+            w = f"levels{r['stage']}"
+            choice = [tuple(int(v) for v in x) for x in genome_from(r["genes"], g.num_layers)]
+            got = runner.forward(choice, tokens[w], tokens[w], cfg.data.batch, metric, w).value
+            same += got == r["fitness"]
+            worst = max(worst, abs(got - r["fitness"]) / max(abs(r["fitness"]), 1e-30))
+        c = runner.prefix
+        rows.append((name, time.perf_counter() - t0, c.hits if c else 0, c.skipped if c else 0, same, worst))
+    print(f"{len(evals)} evaluations of {a.run} ({g.num_layers} layers), batch {cfg.data.batch}, 2 threads")
+    print("| cache | seconds | hits | layers skipped | fitness equal to the log | max rel. diff |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, s, hits, skipped, same, worst in rows:
+        print(f"| {name} | {s:.1f} | {hits} | {skipped} of {len(evals) * g.num_layers} | {same}/{len(evals)} | {worst:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
