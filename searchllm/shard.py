@@ -107,12 +107,14 @@ class PrefixCache:
 
     def longest(self, which: str, slices: Mapping[int, Any], layers: range) -> tuple[int, torch.Tensor | None]:
         """(layers already run, the hidden states after them) for the longest cached prefix in `layers`."""
+        keys = [(which, tuple(slices[i] for i in range(layers[j] + 1))) for j in range(len(layers))]
         for j in range(len(layers) - 1, -1, -1):
-            key = (which, tuple(slices[i] for i in range(layers[j] + 1)))
-            if key in self.data:
-                self.data.move_to_end(key)
+            if keys[j] in self.data:
+                for key in keys[: j + 1]:  # the whole chain stays: a parent's next child may branch earlier or later
+                    if key in self.data:
+                        self.data.move_to_end(key)
                 self.hits, self.skipped = self.hits + 1, self.skipped + j + 1
-                return j + 1, self.data[key]
+                return j + 1, self.data[keys[j]]
         return 0, None
 
     def put(self, which: str, slices: Mapping[int, Any], layer: int, hidden: torch.Tensor) -> None:
