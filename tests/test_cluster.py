@@ -129,13 +129,15 @@ def free_port():
 
 @pytest.mark.ray
 def test_the_driver_runs_under_ray_job_submit_on_a_local_head(tiny_checkpoint, tmp_path):
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent, agent_grpc, runtime_env = (free_port() for _ in range(5))
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     ray_cli = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats",
+         # free ports for the agents too: their defaults (52365...) are taken while another Ray runs here
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )
     try:
