@@ -401,8 +401,7 @@ class EvaluatorPool:
         dense = stream = None
         gens, results = [], []
         for spec, actor in zip(self.specs, self.lead):
-            # Level candidates carry the upstream layers' levels too: the key of a shard's prefix cache.
-            part = {i: slices[i] for i in range(0 if isinstance(slices[0], tuple) else spec.start, spec.stop)}
+            part = {i: slices[i] for i in spec.layers}
             mine = {i: w for i, w in done.items() if i in spec.layers}
             call = actor.reform.options(num_returns="streaming")
             if params.inputs == "independent":

@@ -105,9 +105,13 @@ class PrefixCache:
         self.max_bytes, self.bytes, self.hits, self.skipped = max_bytes, 0, 0, 0
         self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
+    @staticmethod
+    def key(which: str, slices: Mapping[int, Any], layer: int) -> tuple:
+        return which, tuple(slices[i] for i in range(layer + 1))
+
     def longest(self, which: str, slices: Mapping[int, Any], layers: range) -> tuple[int, torch.Tensor | None]:
         """(layers already run, the hidden states after them) for the longest cached prefix in `layers`."""
-        keys = [(which, tuple(slices[i] for i in range(layers[j] + 1))) for j in range(len(layers))]
+        keys = [self.key(which, slices, layer) for layer in layers]
         for j in range(len(layers) - 1, -1, -1):
             if keys[j] in self.data:
                 for key in keys[: j + 1]:  # the whole chain stays: a parent's next child may branch earlier or later
@@ -121,7 +125,7 @@ class PrefixCache:
         size = hidden.numel() * hidden.element_size()
         if size > self.max_bytes:
             return
-        key = (which, tuple(slices[i] for i in range(layer + 1)))
+        key = self.key(which, slices, layer)
         if key in self.data:
             return
         self.data[key], self.bytes = hidden, self.bytes + size
