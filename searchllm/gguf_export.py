@@ -94,8 +94,8 @@ def layer_shape(layer, config, head_dim: int) -> tuple[int, int, int]:
     return n_kv * max(counts, default=0), n_kv, max(n_ff, 1) if n_kv else n_ff
 
 
-def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str, np.ndarray], tuple[int, int, int], int]:
-    """One block's GGUF tensors (f32, HF orientation), its (n_head, n_kv, n_ff) and the zeros added."""
+def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str, np.ndarray], int]:
+    """One block's GGUF tensors (f32, HF orientation; their sizes are layer_shape's) and the zeros added."""
     a, m = layer.self_attn, layer.mlp
     pairs, counts = _layout(a, config, head_dim)
     hidden = config.hidden_size
@@ -149,7 +149,7 @@ def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str,
     else:
         del out["ffn_norm.weight"]
         padding -= int(layer.post_attention_layernorm.weight.numel())
-    return out, (n_kv * per, n_kv, n_ff), padding
+    return out, padding
 
 
 def llama3_rope_factors(rope: dict, head_dim: int, theta: float) -> np.ndarray | None:
@@ -222,7 +222,7 @@ def write(model, tokenizer_dir: Path, out: Path, source_gguf: Path | None = None
     params += 0 if c.tie_word_embeddings else int(model.lm_head.weight.numel())
     padding = 0
     for i, layer in enumerate(model.model.layers):
-        tensors, _, pad = layer_tensors(layer, c, head_dim, rotate)
+        tensors, pad = layer_tensors(layer, c, head_dim, rotate)
         for name, t in tensors.items():
             w.add_tensor(f"blk.{i}.{name}", np.ascontiguousarray(t))
             params += t.size
