@@ -21,6 +21,7 @@ Ablations of searchllm (one setting changed each):
   ab:ppl          fitness = perplexity instead of KL
   ab:single       single-step selection (every child on the last stage's 8,192 tokens; fewer children for the
                   same time)
+  ab:long-stages  multi-step selection on 2,048 -> 4,096 -> 8,192 tokens instead of 512 -> 2,048 -> 4,096
   ab:dense-db     database built on the dense model's activations (no error accumulation)
   ab:free-heads   query heads pruned freely inside their KV groups (unequal groups) instead of equally
   ab:rereform     the chosen assignment re-reformed from the original weights by the reformation stage
@@ -51,6 +52,7 @@ METHODS = {
     "searchllm": ["method=searchllm"],
     "ab:ppl": ["method=searchllm", "levels.fitness=ppl"],
     "ab:single": ["method=searchllm", "levels.tokens=[8192]", "levels.survivors=[]", "levels.offspring=4"],
+    "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]"],
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
     "ab:free-heads": ["method=searchllm", "levels.heads=free"],
     "ab:rereform": ["method=searchllm", "levels.rereform=true"],

@@ -236,8 +236,8 @@ def search_and_report(cfg: Config, run_dir: RunDir, space: SearchSpace, budget: 
     if cfg.monitor.report:
         write_report(monitor, run_dir.path / "report.html")
     if cfg.reform.enabled or cfg.export.enabled:
-        manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, overrides,
-                                     scores, monitor)
+        manifest = reform_and_export(cfg, run_dir, space, result, pool, tokens, where, loaded, dense_rep.ppl, best_rep.ppl, wall,
+                                     overrides, scores, monitor)
         ppl = manifest["perplexity"]
         for stage in ("reformed", "exported"):
             if stage in ppl:
@@ -620,7 +620,7 @@ def reform_finalists(cfg: Config, run_dir: RunDir, space: SearchSpace, result: S
 
 
 def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: SearchResult, pool, tokens, where,
-                      loaded, dense_ppl: float, searched_ppl: float, overrides: Optional[dict] = None,
+                      loaded, dense_ppl: float, searched_ppl: float, search_seconds: float, overrides: Optional[dict] = None,
                       scores: Optional[Scores] = None, monitor: Optional[Monitor] = None) -> dict:
     """Reform the best subnet on the actor pool, export it, reload the export from disk, and write
     manifest.json with the perplexity of every stage on the report windows."""
@@ -648,7 +648,7 @@ def reform_and_export(cfg: Config, run_dir: RunDir, space: SearchSpace, result: 
     manifest = {
         **manifest_source(cfg, loaded, where),
         "search": {"mode": cfg.search.mode, "init": cfg.search.init, "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
-                   "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness, "chosen": best.key()},
+                   "fitness_corpus": where["fitness"], "best_fitness_ppl": result.fitness, "chosen": best.key(), "seconds": search_seconds},
         "ratio": {"target": cfg.budget.target, "actual": (space.params(best) + added) / g.total_params, "count": cfg.budget.count},
         "params": {"original": g.total_params, "subnet": space.params(best) + added, "added_biases": added,
                    "decoder_original": g.num_layers * g.layer_params, "decoder_subnet": int(space.layer_params(best).sum())},

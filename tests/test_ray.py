@@ -128,7 +128,7 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     assert [f["origin"] for f in fin] == ["parent 1", "parent 2", "parent 3", "flap"]
     winner = min(fin, key=lambda f: f["final_ppl"])
     assert fin[0]["final_tokens"] == 4 * 31  # judged on reform.final_windows=4 windows, the search on data.fitness.samples=2
-    assert m["search"]["chosen"] == winner["key"]
+    assert m["search"]["chosen"] == winner["key"] and m["search"]["seconds"] > 0
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.json").is_file()
     # The same saved search, reformed again with ADMM into another directory, without searching again.
     assert main([f"resume={run}", "reform.solver=admm", f"export.dir={tmp_path / 'admm'}"]) == 0
