@@ -2,8 +2,8 @@
 
     python benchmarks/level_db.py [calib=64] [seqlen=512] [target=0.8] [LevelParams field=value ...]
 
-Builds the level database in this process (`levels.build_local`: the `iter_build` the stage actors run, on one
-shard), then scores the uniform assignments of the top attention levels (every block at the same levels,
+Builds the level database in this process (`ShardRunner.output_factors` and `levels.build_local`: what the
+stage actors run, on one shard), then scores the uniform assignments of the top attention levels (every block at the same levels,
 the MLP filling the budget) by mean KL from the dense model (top-256) and perplexity on WikiText-2
 *validation* windows 8..23 of 512 tokens: past the level search's own selection windows, and never the
 test split. Calibration: `calib` random windows of WikiText-2 validation (seed 0), as the driver draws them.
@@ -34,8 +34,10 @@ def main() -> None:
     space = LevelSpace(g, params)
     band = (int((target - 0.01) * g.total_params), int((target + 0.01) * g.total_params))
     t0 = time.time()
-    layers = build_local(runner, space, implied_levels(space, *band), calib, 2)
-    print(f"build {time.time() - t0:.0f} s, {params}, calibration {calib_n} x {seqlen}")
+    factors = runner.output_factors(calib[: params.fisher_windows], None, 2, 0)[1] if params.weighting == "fisher" else None
+    t1 = time.time()
+    layers = build_local(runner, space, implied_levels(space, *band), calib, 2, factors=factors)
+    print(f"output factors {t1 - t0:.0f} s, build {time.time() - t1:.0f} s, {params}, calibration {calib_n} x {seqlen}")
     db = LevelDatabase(space, layers)
     runner.levels, runner.level_space = layers, space
     runner.forward([tuple(x) for x in space.full()], held, held, 2, "targets:256", "held")

@@ -23,6 +23,7 @@ Ablations of searchllm (one setting changed each):
                   same time)
   ab:long-stages  multi-step selection on 2,048 -> 4,096 -> 8,192 tokens instead of 512 -> 2,048 -> 4,096
   ab:dense-db     database built on the dense model's activations (no error accumulation)
+  ab:unweighted   MLP channels removed in plain OBS order (ZipLM) instead of weighed by the output Fisher factors
   ab:free-heads   query heads pruned freely inside their KV groups (unequal groups) instead of equally
   ab:rereform     the chosen assignment re-reformed from the original weights by the reformation stage
   ab:channels     searchllm's previous design: evolution over in-head channel masks, reformation of the
@@ -54,6 +55,7 @@ METHODS = {
     "ab:single": ["method=searchllm", "levels.tokens=[8192]", "levels.survivors=[]", "levels.offspring=4"],
     "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]"],
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
+    "ab:unweighted": ["method=searchllm", "levels.weighting=none"],
     "ab:free-heads": ["method=searchllm", "levels.heads=free"],
     "ab:rereform": ["method=searchllm", "levels.rereform=true"],
     "ab:channels": ["method=searchllm", "search.mode=evolution"],

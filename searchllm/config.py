@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .evaluate import EvalConfig
 from .evolution import EvolutionParams
-from .levels import DB_DTYPES, DB_INPUTS, HEAD_MODES, LevelParams
+from .levels import DB_DTYPES, DB_INPUTS, HEAD_MODES, WEIGHTINGS, LevelParams
 from .levelsearch import LevelSearchParams
 from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
@@ -210,6 +210,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "levels.heads": HEAD_MODES,
     "levels.inputs": DB_INPUTS,
     "levels.dtype": DB_DTYPES,
+    "levels.weighting": WEIGHTINGS,
     "levels.fitness": LEVEL_FITNESS,
     "levels.init": LEVEL_INITS,
     "method": METHODS,
@@ -343,7 +344,7 @@ def validate(c: Config) -> None:
     if len(lv.survivors) != len(lv.tokens) - 1 or any(n < 1 for n in lv.survivors):
         raise ConfigError(f"levels.survivors={list(lv.survivors)} must list {len(lv.tokens) - 1} counts >= 1 "
                           f"(how many candidates each stage but the last of levels.tokens={list(lv.tokens)} passes on)")
-    for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group"):
+    for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group", "fisher_windows"):
         if getattr(lv, key) < 1:
             raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
     if lv.cache_mb < 0:

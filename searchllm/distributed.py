@@ -196,14 +196,20 @@ class StageActor:
         self._busy(time.perf_counter() - t0)
         return out
 
-    def build_levels(self, inp: Any, space: Any, implied: Any, batch: int, done: dict) -> Iterator[Any]:
+    def build_levels(self, inp: Any, space: Any, implied: Any, batch: int, done: dict, factors: dict) -> Iterator[Any]:
         """A streaming generator: one item per layer of the shard (its LayerLevels, or None when it was
         in `done`), then the calibration stream leaving the shard."""
         from .levels import iter_build
 
         src = self.tokens["calibration"] if self.spec.first else inp
-        out = yield from iter_build(self.runner, space, implied, src, batch, done)
+        out = yield from iter_build(self.runner, space, implied, src, batch, done, factors)
         yield out
+
+    def output_factors(self, inp: Any, grad_out: Any, windows: int, batch: int, seed: int) -> tuple[Any, dict]:
+        """The shard's MLP output factors on the first `windows` calibration windows (inp: the dense stream
+        entering the shard), and the gradient of its input for the shard before it."""
+        src = self.tokens["calibration"][:windows] if self.spec.first else inp
+        return self.runner.output_factors(src, grad_out, batch, seed)
 
     def _busy(self, seconds: float) -> None:
         if self.busy is None:
@@ -217,10 +223,10 @@ class StageActor:
         out = self.runner.calibrate(self.tokens["calibration"] if self.spec.first else inp, batch, damp)
         return out, self.runner.scores
 
-    def dense_forward(self, inp: Any) -> Any:
-        """The original model's hidden state leaving this shard (on the calibration windows)."""
+    def dense_forward(self, inp: Any, windows: Optional[int] = None) -> Any:
+        """The original model's hidden state leaving this shard (on the calibration windows, or the first `windows`)."""
         full = LayerSlice.full(self.runner.geometry)
-        src = self.tokens["calibration"] if self.spec.first else inp
+        src = self.tokens["calibration"][:windows] if self.spec.first else inp
         return self.runner.forward({i: full for i in self.spec.layers}, src)
 
     def reform(self, slices: dict[int, LayerSlice], dense: Any, stream: Any, params: ReformParams, batch: int,
@@ -416,16 +422,29 @@ class EvaluatorPool:
         self.set_overrides(slices, done | {r.layer: r.weights for r in results})
         return results
 
+    def output_factors(self, windows: int, batch: int, seed: int) -> dict[int, torch.Tensor]:
+        """Every layer's MLP output factor (ShardRunner.output_factors) on the first `windows` calibration
+        windows: the dense stream forward through the lead replica's stages, then the gradient back."""
+        streams = [None]
+        for actor in self.lead[:-1]:
+            streams.append(actor.dense_forward.remote(streams[-1], windows))
+        grad, parts = None, []
+        for actor, stream in zip(reversed(self.lead), reversed(streams)):
+            grad, part = actor.output_factors.options(num_returns=2).remote(stream, grad, windows, batch, seed)
+            parts.append(part)
+        return {i: f for part in ray.get(parts) for i, f in part.items()}
+
     def build_levels(self, space: Any, implied: Any, batch: int, done: Optional[dict] = None,
-                     on_layer: Optional[Callable[[Any], None]] = None) -> list[Any]:
+                     on_layer: Optional[Callable[[Any], None]] = None, factors: Optional[dict] = None) -> list[Any]:
         """Build the level database on the lead replica's stages, in order (each stage's calibration stream
-        feeds the next: error accumulation); `on_layer` sees each layer's entries as they arrive (the
-        driver saves them: a resume builds only the layers left)."""
-        done = done or {}
+        feeds the next: error accumulation), OBS weighed by `factors` where given; `on_layer` sees each
+        layer's entries as they arrive (the driver saves them: a resume builds only the layers left)."""
+        done, factors = done or {}, factors or {}
         stream, results = None, []
         for spec, actor in zip(self.specs, self.lead):
             mine = {i: e for i, e in done.items() if i in spec.layers}
-            gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine)
+            weights = {i: f for i, f in factors.items() if i in spec.layers}
+            gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine, weights)
             (stream,) = _collect(spec, gen, results, on_layer, 1)
         return results
 

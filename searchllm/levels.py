@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 HEAD_MODES = ("equal", "free")
 DB_INPUTS = ("accumulated", "dense")
 DB_DTYPES = ("float16", "bfloat16", "float32")
+WEIGHTINGS = ("fisher", "none")
 
 
 class LevelError(ValueError):
@@ -58,6 +59,12 @@ class LevelParams:
     damp: float = 0.1  # the refit's damping toward the original weights (reform.solve_exact)
     inputs: str = "accumulated"  # accumulated (error accumulation) | dense
     dtype: str = "float16"  # of the stored weights
+    # How output errors are weighed when OBS picks the MLP channels to remove: fisher (each block's K-FAC output
+    # factor, E[g g^T] of the loss gradient where the MLP adds into the residual stream, on the dense model with
+    # next tokens drawn from its own distribution; LLM-Surgeon) or none (every output direction alike, ZipLM).
+    # Query heads keep the unweighted order: weighing them measured worse (docs/quality.md).
+    weighting: str = "fisher"
+    fisher_windows: int = 16  # calibration windows of the output factors' backward pass (the first ones; all when fewer)
 
     def digest(self) -> str:
         params = {f.name: getattr(self, f.name) for f in fields(LevelParams)}
@@ -70,6 +77,10 @@ class LevelParams:
             raise LevelError(f"levels.inputs={self.inputs!r} is not allowed; choose one of: {', '.join(DB_INPUTS)}")
         if self.dtype not in DB_DTYPES:
             raise LevelError(f"levels.dtype={self.dtype!r} is not allowed; choose one of: {', '.join(DB_DTYPES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise LevelError(f"levels.weighting={self.weighting!r} is not allowed; choose one of: {', '.join(WEIGHTINGS)}")
+        if self.fisher_windows < 1:
+            raise LevelError(f"levels.fisher_windows={self.fisher_windows} must be >= 1 (calibration windows of the output factors)")
         if self.mlp_levels < 1 or g.intermediate % self.mlp_levels:
             divisors = [d for d in (4, 8, 12, 16, 24, 32, 48, 64) if g.intermediate % d == 0]
             raise LevelError(f"levels.mlp_levels={self.mlp_levels} must divide the MLP width {g.intermediate} (equal steps); "
@@ -212,10 +223,12 @@ def obs_head_order(W: torch.Tensor, H: torch.Tensor, g: Geometry, equal: bool, d
     return order
 
 
-def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, damp: float) -> list[int]:
+def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, damp: float, F: torch.Tensor | None = None) -> list[int]:
     """MLP channels in greedy OBS removal order (ZipLM): each step removes the `group` channels of lowest
-    ||W_j||^2 / H^-1_jj jointly (never across a level boundary, every `step` channels)."""
+    W_j^T F W_j / H^-1_jj jointly (never across a level boundary, every `step` channels). F, the output
+    factor, weighs output directions (identity when None); the compensation does not depend on it."""
     W, Hinv = W.double().clone(), _damped_inverse(H, damp)
+    F = None if F is None else F.to(W)
     n = W.shape[1]
     alive = torch.ones(n, dtype=torch.bool, device=W.device)
     order: list[int] = []
@@ -223,7 +236,7 @@ def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, d
         to_boundary = step - len(order) % step
         k = min(group, to_boundary)
         diag = Hinv.diagonal().clamp_min(1e-30)
-        score = (W**2).sum(0) / diag
+        score = (W**2 if F is None else (F @ W) * W).sum(0) / diag
         score[~alive] = math.inf
         pick = torch.topk(score, k, largest=False).indices
         pick = pick[torch.argsort(score[pick])]
@@ -244,14 +257,17 @@ def refit(W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float) -> tor
     return solve_exact(W, Gd[idx][:, idx], Gd[:, idx], keep, damp)
 
 
-def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp: float, dtype: torch.dtype
-                  ) -> tuple[dict[int, torch.Tensor], list[float]]:
+def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp: float, dtype: torch.dtype,
+                  F: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], list[float]]:
     """Refit weights (for every level below the top that keeps something) and relative errors of each level;
-    `kept[l]` are the kept input columns of level l (the last level is the whole module)."""
+    `kept[l]` are the kept input columns of level l (the last level is the whole module). Errors are
+    weighed by the output factor F where given: ||F^1/2 (W X - W' X_S)||^2 / ||F^1/2 W X||^2."""
     weights, errors = {}, []
     Gd, Wd = G.double(), W.double().to(G.device)
+    Fd = None if F is None else F.to(Wd)
+    FW = Wd if Fd is None else Fd @ Wd
     WG = Wd @ Gd  # shared by every level's error: ||W X - W' X_S||^2 = tr(W G W^T) - 2 tr(W' (W G)_S^T) + tr(W' G_SS W'^T)
-    ref = float((WG * Wd).sum().clamp_min(1e-30))
+    ref = float((FW @ Gd * Wd).sum().clamp_min(1e-30))
     top = len(kept) - 1
     for level, keep in enumerate(kept):
         if level == top:
@@ -261,7 +277,8 @@ def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp:
         else:
             new = refit(W, G, keep, damp)
             idx = torch.tensor(keep, dtype=torch.long, device=G.device)
-            err = ref - 2 * float((new * WG[:, idx]).sum()) + float((new @ Gd[idx][:, idx] * new).sum())
+            Fnew = new if Fd is None else Fd @ new
+            err = ref - 2 * float((Fnew * WG[:, idx]).sum()) + float((Fnew @ Gd[idx][:, idx] * new).sum())
             errors.append(max(err, 0.0) / ref)
             weights[level] = new.to("cpu", dtype).contiguous()
     return weights, errors
@@ -270,15 +287,16 @@ def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp:
 # -- building a shard's layers -----------------------------------------------------------------------------
 
 def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
-               done: Mapping[int, LayerLevels] | None = None,
+               done: Mapping[int, LayerLevels] | None = None, factors: Mapping[int, torch.Tensor] | None = None,
                ) -> Generator[LayerLevels | None, None, torch.Tensor]:
     """Build the entries of every layer of a shard, in order, yielding each layer's LayerLevels as soon as
     it is done (None for a layer in `done`, built before: it is only run, so the layers after it see the
     same inputs) and returning the hidden states leaving the shard (the stream of the next shard).
 
     `inp` is the calibration tokens on the first shard, else the stream entering the shard; `implied` the
-    (L, 2) levels the stream is pruned at (inputs=accumulated)."""
-    p, g, done = space.params, runner.geometry, done or {}
+    (L, 2) levels the stream is pruned at (inputs=accumulated); `factors` each layer's MLP output factor
+    (ShardRunner.output_factors; unweighted OBS where absent)."""
+    p, g, done, factors = space.params, runner.geometry, done or {}, factors or {}
     dtype = getattr(torch, p.dtype)
     h_all = runner.embed(inp) if runner.spec.first else inp.to(runner.device, runner.dtype)
     full = LayerSlice.full(g)
@@ -329,9 +347,9 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                     Gd = ff.T @ ff if Gd is None else Gd.add_(ff.T @ ff)
             del xs
             if i not in done:
-                entry.mlp_order = obs_channel_order(w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp)
+                entry.mlp_order = obs_channel_order(w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp, factors.get(i))
                 kept = [entry.kept_channels(space, m) for m in range(space.mlp_top + 1)]
-                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype)
+                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype, factors.get(i))
             del Gd
             m_cols = entry.kept_channels(space, m_imp)
             outs = []
@@ -347,9 +365,10 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
 
 
 def build_local(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
-                done: Mapping[int, LayerLevels] | None = None) -> dict[int, LayerLevels]:
+                done: Mapping[int, LayerLevels] | None = None, factors: Mapping[int, torch.Tensor] | None = None,
+                ) -> dict[int, LayerLevels]:
     """iter_build run to the end in this process (one shard, no actors): the entries it built, by layer."""
-    gen, out = iter_build(runner, space, implied, inp, batch, done), {}
+    gen, out = iter_build(runner, space, implied, inp, batch, done, factors), {}
     try:
         while True:
             entry = next(gen)

@@ -95,6 +95,14 @@ def sparse_kl(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -
     return (kl + rest).sum()
 
 
+def drawn_tokens(logits: torch.Tensor, seed: int, window: int) -> torch.Tensor:
+    """One next token per position drawn from the model's own distribution (the true Fisher's labels),
+    seeded by window index: the same draws however the windows are batched or sharded."""
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + window)
+    probs = torch.softmax(logits.detach().double(), -1).cpu()
+    return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+
+
 class PrefixCache:
     """Hidden states of recent level-search candidates after each layer, keyed by the token set and the levels
     of every layer up to it. A child that first differs from its parent at layer j runs only layers j..;
@@ -310,6 +318,55 @@ class ShardRunner:
         return hidden
 
     # -- calibration (dense model) ---------------------------------------------------------------------
+    def output_factors(self, inp: torch.Tensor, grad_out: torch.Tensor | None = None, batch: int = 1, seed: int = 0,
+                       ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """K-FAC output factors of the dense shard's MLPs (LLM-Surgeon): per layer, sum over tokens of g g^T
+        for the loss gradient g where the MLP adds into the residual stream (float64, hidden x hidden). The
+        loss is the NLL of next tokens drawn from the dense model's own distribution (seeded per window), so
+        the factors belong to the true Fisher: the curvature of the KL from the dense model, the level
+        search's fitness. The last shard starts the backward pass; the others take `grad_out`, the gradient
+        of their output. Returns the gradient of the input (None on the first shard: tokens) and the factors."""
+        g, full = self.geometry, LayerSlice.full(self.geometry)
+        blocks = self.blocks({i: full for i in self.spec.layers})
+        factors = {i: torch.zeros(g.hidden, g.hidden, dtype=torch.float64, device=self.device) for i in self.spec.layers}
+
+        def accumulate(acc: torch.Tensor):
+            def hook(_module, _inputs, out: torch.Tensor) -> None:
+                def on_grad(grad: torch.Tensor) -> None:
+                    gf = grad.reshape(-1, grad.shape[-1]).double()
+                    acc.add_(gf.T @ gf)
+                out.register_hook(on_grad)
+            return hook
+
+        handles = [b.mlp.register_forward_hook(accumulate(factors[int(i)])) for i, b in blocks.items()]
+        grads = []
+        try:
+            for s in range(0, inp.shape[0], batch):
+                x = inp[s : s + batch]
+                # a leaf needing its gradient on every shard: the blocks' weights need none
+                h = (self.embed(x) if self.spec.first else x.to(self.device, self.dtype)).requires_grad_(True)
+                cos, sin = self.cos_sin(h.shape[1])
+                if cos is not None:
+                    cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+                with torch.enable_grad():
+                    out = h
+                    for block in blocks.values():
+                        out = block(out, cos, sin)
+                    if self.spec.last:
+                        loss = 0.0
+                        for k, o in enumerate(out):
+                            logits = self.logits(o)[:-1]
+                            loss = loss + F.cross_entropy(logits, drawn_tokens(logits, seed, s + k), reduction="sum")
+                        loss.backward()
+                    else:
+                        out.backward(grad_out[s : s + batch].to(self.device, out.dtype))
+                if not self.spec.first:
+                    grads.append(h.grad.detach())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return (torch.cat(grads) if grads else None), {i: f.cpu() for i, f in factors.items()}
+
     def calibrate(self, inp: torch.Tensor, batch: int = 1, damp: float = 0.01) -> torch.Tensor:
         """Run the dense shard layer by layer over all calibration windows, scoring each layer's channels
         from its input Gram matrices (only one layer's Grams alive at a time); returns the output hidden."""

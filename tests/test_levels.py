@@ -6,14 +6,15 @@ import torch
 
 from searchllm.export import build
 from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, build_local, error_allocation,
-                              implied_levels, load_layers, obs_head_order, refit, save_layer, uniform_genome)
+                              implied_levels, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
 from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
 from searchllm.reform import solve_exact
 from searchllm.rundir import RunDir
-from searchllm.shard import NLL, PrefixCache, sparse_kl, topk_targets
+from searchllm.shard import NLL, PrefixCache, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
 
 from conftest import tiny_family
+from searchllm.models.weights import share
 from test_slicing import whole
 
 
@@ -103,6 +104,60 @@ def test_a_database_entry_equals_a_direct_obs_solve_of_its_level():
     per_group = [min(range(kv * g.group_size, (kv + 1) * g.group_size), key=cost.__getitem__) for kv in range(g.num_kv_heads)]
     assert db.layers[1].head_order[0] == min(per_group, key=cost.__getitem__)
     assert obs_head_order(w["o"], G, g, True, space.params.obs_damp) == db.layers[1].head_order
+
+
+def test_an_mlp_order_weighed_by_a_multiple_of_the_identity_is_the_unweighted_order():
+    model, adapter, runner, db, _ = build_db()
+    g, W = adapter.geometry(), runner.blocks_w[1]["down"]
+    rng = torch.Generator().manual_seed(3)
+    X = torch.randn(400, g.intermediate, generator=rng) * torch.rand(g.intermediate, generator=rng)
+    eye = 7.0 * torch.eye(g.hidden, dtype=torch.float64)
+    assert obs_channel_order(W, X.T @ X, 12, 4, 0.01, eye) == obs_channel_order(W, X.T @ X, 12, 4, 0.01)
+
+
+def test_output_weighting_removes_first_the_channels_that_write_least_into_the_weighed_direction():
+    model, adapter, runner, db, _ = build_db()
+    g, W = adapter.geometry(), runner.blocks_w[1]["down"]
+    H = torch.eye(g.intermediate, dtype=torch.float64)  # uncorrelated unit inputs: the OBS cost is the weighted column norm
+    F = torch.zeros(g.hidden, g.hidden, dtype=torch.float64)
+    F[0, 0] = 1.0  # only output 0 matters to the loss
+    order = obs_channel_order(W, H, 12, 1, 0.01, F)
+    assert order[:12] == torch.argsort(W[0].double() ** 2)[:12].tolist()
+    assert order != obs_channel_order(W, H, 12, 1, 0.01)
+
+
+def test_output_factors_are_the_gradient_covariance_of_the_models_nll_on_its_own_drawn_tokens():
+    model, adapter = tiny_family("llama", num_attention_heads=8)
+    calib = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(4))
+    _, factors = whole(adapter, model).output_factors(calib, None, 2, 5)
+    expect, outs = {}, {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o)) for k, layer in enumerate(model.model.layers)]
+    for w in range(calib.shape[0]):  # the transformers model itself, one window at a time
+        logits = model(calib[w : w + 1]).logits[0, :-1]
+        for o in outs.values():
+            o.retain_grad()
+        torch.nn.functional.cross_entropy(logits, drawn_tokens(logits, 5, w), reduction="sum").backward()
+        for k, o in outs.items():
+            gr = o.grad[0].double()
+            expect[k] = expect.get(k, 0) + gr.T @ gr
+    for h in hooks:
+        h.remove()
+    for k, f in factors.items():
+        torch.testing.assert_close(f, expect[k], rtol=1e-3, atol=1e-6 * float(expect[k].diagonal().sum()))
+
+
+def test_output_factors_through_two_shards_equal_one_shard():
+    model, adapter = tiny_family("llama", num_attention_heads=8, layers=4)
+    g, state = adapter.geometry(), share(model.state_dict())
+    calib = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(4))
+    none, one = whole(adapter, model).output_factors(calib, None, 2, 5)
+    a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
+    grad, second = b.output_factors(a.forward([LayerSlice.full(g)] * g.num_layers, calib), None, 2, 5)
+    _, first = a.output_factors(calib, grad, 2, 5)
+    assert none is None and sorted(first | second) == sorted(one) == list(range(g.num_layers))
+    for i, fm in (first | second).items():
+        torch.testing.assert_close(fm, one[i], rtol=1e-4, atol=1e-9)
+        assert torch.linalg.eigvalsh(fm).min() > -1e-9 * fm.diagonal().sum() and fm.diagonal().sum() > 0
 
 
 def test_obs_compensation_beats_plain_removal():
@@ -245,6 +300,8 @@ def test_bad_level_settings_are_refused_naming_the_key():
         LevelSpace(adapter.geometry(), LevelParams(mlp_levels=7))
     with pytest.raises(LevelError, match="levels.heads='x'"):
         LevelSpace(adapter.geometry(), LevelParams(heads="x"))
+    with pytest.raises(LevelError, match="levels.weighting='hessian' is not allowed; choose one of: fisher, none"):
+        LevelSpace(adapter.geometry(), LevelParams(weighting="hessian"))
 
 
 def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_same_count(tmp_path):
