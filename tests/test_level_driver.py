@@ -1,8 +1,6 @@
 """The level search through the driver on Ray: what is scored is what is exported, a resume reuses the
 saved database and ends identical, and the result does not depend on how many replicas or stages ran it."""
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -65,10 +63,10 @@ def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(ray_cluster
         ("levels.fisher_windows=0", "levels.fisher_windows=0 must be >= 1"),
     ],
 )
-def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, override, message):
+def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, capsys, override, message):
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "searchllm.driver", *level_args(path, corpus, run), override],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not run.exists()
+    assert main([*level_args(path, corpus, run), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not run.exists()
