@@ -22,6 +22,7 @@ Ablations of searchllm (one setting changed each):
   ab:single       single-step selection (every child on the last stage's 8,192 tokens; fewer children for the
                   same time)
   ab:long-stages  multi-step selection on 2,048 -> 4,096 -> 8,192 tokens instead of 512 -> 2,048 -> 4,096
+  ab:8x1k         multi-step selection of 8 children on 1,024 -> 4,096 -> 8,192 tokens (2 -> 1 survivors)
   ab:dense-db     database built on the dense model's activations (no error accumulation)
   ab:unweighted   MLP channels removed in plain OBS order (ZipLM) instead of weighed by the output Fisher factors
   ab:free-heads   query heads pruned freely inside their KV groups (unequal groups) instead of equally
@@ -54,6 +55,7 @@ METHODS = {
     "ab:ppl": ["method=searchllm", "levels.fitness=ppl"],
     "ab:single": ["method=searchllm", "levels.tokens=[8192]", "levels.survivors=[]", "levels.offspring=4"],
     "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]"],
+    "ab:8x1k": ["method=searchllm", "levels.tokens=[1024,4096,8192]", "levels.survivors=[2,1]", "levels.offspring=8"],
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
     "ab:unweighted": ["method=searchllm", "levels.weighting=none"],
     "ab:free-heads": ["method=searchllm", "levels.heads=free"],

@@ -110,7 +110,7 @@ class SearchConfig(EvolutionParams):
 @dataclass
 class LevelsConfig(LevelParams, LevelSearchParams):
     """search.mode=levels: how the level database is built (LevelParams: heads, mlp_levels, inputs, damping,
-    dtype) and searched (LevelSearchParams: offspring, parents, the multi-step schedule tokens/survivors,
+    dtype, the output-Fisher weighting) and searched (LevelSearchParams: offspring, parents, the multi-step schedule tokens/survivors,
     crossover); search.generations and search.seed apply."""
 
     fitness: str = "kl"  # kl: mean KL divergence from the dense model (top-k sparse) | ppl
