@@ -191,7 +191,6 @@ def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_pat
         ("data.fitness.seqlen=100000", "shorter than one sequence of 100000"),
         ("data.calibration.seqlen=100000", "data.calibration: the corpus has 6000 tokens, shorter than one sequence of 100000"),
         ("model.path={gpt_neox}", "model type 'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"),
-        ("ray.address=127.0.0.1:1", "cannot reach the Ray cluster at '127.0.0.1:1'"),
         ("ray.replicas=many", "ray.replicas='many' must be an integer >= 1 or auto"),
     ],
 )
@@ -202,7 +201,7 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
     run = tmp_path / "run"
-    # in process (the command line's own exit code and stderr: the RAY_ADDRESS test below)
+    # in process (the command line's own exit code and stderr: test_an_unreachable_ray_address_stops_early)
     assert main([*tiny_run_args(path, corpus, run), override.format(gpt_neox=other)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -210,12 +209,16 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
     assert not run.exists()  # nothing a resume could mistake for progress
 
 
-def test_an_unreachable_ray_address_in_the_environment_stops_early(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("how", ["environment", "config"])
+def test_an_unreachable_ray_address_stops_early(tiny_checkpoint, tmp_path, how):
+    # a subprocess: a Ray already started in this process would be reused, and this is the command line's own exit code
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
-    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1")
-    proc = subprocess.run([sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run)], capture_output=True, text=True,
-                          timeout=120, env=env)
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1") if how == "environment" else dict(os.environ)
+    extra = ["ray.address=127.0.0.1:1"] if how == "config" else []
+    proc = subprocess.run([sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run), *extra], capture_output=True,
+                          text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "RAY_ADDRESS" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert ("RAY_ADDRESS" if how == "environment" else "cannot reach the Ray cluster at '127.0.0.1:1'") in proc.stderr
     assert not run.exists()
