@@ -10,7 +10,8 @@ nested), and the kept o/down columns of every level are refit by reform.py's exa
 damping toward the original weights. Levels are spaced by the same absolute number of parameters in every
 layer: attention one query head per level (`heads=free`) or one per KV group (`heads=equal`, every layer
 stays a standard GQA layer), MLP `mlp_levels` equal steps of channels; a level switch between two layers
-therefore keeps the total exactly.
+therefore keeps the total exactly. With `weighting=fisher` the MLP's OBS costs weigh output directions by
+the block's K-FAC output factor (ShardRunner.output_factors), so errors the rest of the model ignores are cheap.
 
 Error accumulation (`inputs=accumulated`, Týr): each block's calibration inputs come from the upstream
 blocks pruned at the levels the target implies (the uniform assignment), with their database weights;
