@@ -443,8 +443,8 @@ class EvaluatorPool:
         stream, results = None, []
         for spec, actor in zip(self.specs, self.lead):
             mine = {i: e for i, e in done.items() if i in spec.layers}
-            weights = {i: f for i, f in factors.items() if i in spec.layers}
-            gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine, weights)
+            their = {i: f for i, f in factors.items() if i in spec.layers}
+            gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine, their)
             (stream,) = _collect(spec, gen, results, on_layer, 1)
         return results
 

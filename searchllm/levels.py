@@ -307,7 +307,6 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
         w = runner.blocks_w[i]
         a_imp, m_imp = (int(x) for x in implied[i])
         accumulate = p.inputs == "accumulated"
-        cos, sin = runner.cos_sin(h_all.shape[1])
         xs, mids = [], []
         entry = done.get(i)  # built before: only run (no statistics), so the next layers see the same inputs
         with torch.no_grad():
@@ -315,8 +314,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
             for s in range(0, h_all.shape[0], batch):
                 h = h_all[s : s + batch]
                 rec = {}
-                c, sn = (None, None) if cos is None else (cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1))
-                attn_out = block.self_attn(block.input_layernorm(h), c, sn, rec.__setitem__)
+                attn_out = block.self_attn(block.input_layernorm(h), *runner.rope(h), rec.__setitem__)
                 x = rec["o"]
                 xs.append((x, attn_out))
                 if entry is None:

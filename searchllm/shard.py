@@ -222,6 +222,13 @@ class ShardRunner:
             self._cos_sin[seqlen] = self.rotary(probe, pos)
         return self._cos_sin[seqlen]
 
+    def rope(self, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rotary cos/sin for a batch of hidden states `h` (None, None without rotary positions)."""
+        cos, sin = self.cos_sin(h.shape[1])
+        if cos is None:
+            return None, None
+        return cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+
     # -- running --------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -234,10 +241,7 @@ class ShardRunner:
     @torch.no_grad()
     def run_block(self, block: nn.Module, h: torch.Tensor, record=None) -> torch.Tensor:
         """One block on one batch of hidden states; `record(key, x)` sees its module inputs."""
-        cos, sin = self.cos_sin(h.shape[1])
-        if cos is not None:
-            cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
-        return block(h, cos, sin, record)
+        return block(h, *self.rope(h), record)
 
     @torch.no_grad()
     def run_blocks(self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None, out=None) -> torch.Tensor:
@@ -345,9 +349,7 @@ class ShardRunner:
                 x = inp[s : s + batch]
                 # a leaf needing its gradient on every shard: the blocks' weights need none
                 h = (self.embed(x) if self.spec.first else x.to(self.device, self.dtype)).requires_grad_(True)
-                cos, sin = self.cos_sin(h.shape[1])
-                if cos is not None:
-                    cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+                cos, sin = self.rope(h)
                 with torch.enable_grad():
                     out = h
                     for block in blocks.values():

@@ -9,12 +9,12 @@ from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParam
                               implied_levels, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
 from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
+from searchllm.models.weights import share
 from searchllm.reform import solve_exact
 from searchllm.rundir import RunDir
 from searchllm.shard import NLL, PrefixCache, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
 
 from conftest import tiny_family
-from searchllm.models.weights import share
 from test_slicing import whole
 
 
