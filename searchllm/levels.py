@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +44,7 @@ HEAD_MODES = ("equal", "free")
 DB_INPUTS = ("accumulated", "dense")
 DB_DTYPES = ("float16", "bfloat16", "float32")
 WEIGHTINGS = ("fisher", "none")
+TARGETS = ("module", "dense", "stream")
 
 
 class LevelError(ValueError):
@@ -66,6 +68,10 @@ class LevelParams:
     # Query heads keep the unweighted order: weighing them measured worse (docs/quality.md).
     weighting: str = "fisher"
     fisher_windows: int = 16  # calibration windows of the output factors' backward pass (the first ones; all when fewer)
+    # What the refit of a level reproduces (inputs=accumulated): module (the original o/down on the same pruned
+    # inputs), dense (the dense model's o/down output on the dense stream, OSSCAR's fullseq) or stream (the dense
+    # model's residual stream after the module: the refit also cancels the upstream error where it can).
+    refit: str = "module"
 
     def digest(self) -> str:
         params = {f.name: getattr(self, f.name) for f in fields(LevelParams)}
@@ -80,6 +86,8 @@ class LevelParams:
             raise LevelError(f"levels.dtype={self.dtype!r} is not allowed; choose one of: {', '.join(DB_DTYPES)}")
         if self.weighting not in WEIGHTINGS:
             raise LevelError(f"levels.weighting={self.weighting!r} is not allowed; choose one of: {', '.join(WEIGHTINGS)}")
+        if self.refit not in TARGETS:
+            raise LevelError(f"levels.refit={self.refit!r} is not allowed; choose one of: {', '.join(TARGETS)}")
         if self.fisher_windows < 1:
             raise LevelError(f"levels.fisher_windows={self.fisher_windows} must be >= 1 (calibration windows of the output factors)")
         if self.mlp_levels < 1 or g.intermediate % self.mlp_levels:
@@ -250,37 +258,42 @@ def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, d
     return order
 
 
-def refit(W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
+def refit(W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float, R: torch.Tensor | None = None) -> torch.Tensor:
     """Kept columns re-solved by least squares, as reformation does (targets: the original module on the
-    same inputs, so C = G)."""
+    same inputs, so C = G, unless R = Y X^T names another target Y)."""
     idx = torch.tensor(keep, dtype=torch.long, device=G.device)
     Gd = G.double()
-    return solve_exact(W, Gd[idx][:, idx], Gd[:, idx], keep, damp)
+    return solve_exact(W, Gd[idx][:, idx], Gd[:, idx], keep, damp, None if R is None else R[:, idx])
 
 
 def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp: float, dtype: torch.dtype,
-                  F: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], list[float]]:
+                  F: torch.Tensor | None = None, target: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[dict[int, torch.Tensor], list[float]]:
     """Refit weights (for every level below the top that keeps something) and relative errors of each level;
-    `kept[l]` are the kept input columns of level l (the last level is the whole module). Errors are
-    weighed by the output factor F where given: ||F^1/2 (W X - W' X_S)||^2 / ||F^1/2 W X||^2."""
+    `kept[l]` are the kept input columns of level l (the last level is the whole module). The refit reproduces
+    the module's own output W X unless `target` = (Y X^T, Y Y^T) names another Y. Errors are weighed by the
+    output factor F where given: ||F^1/2 (Y - W' X_S)||^2 / ||F^1/2 Y||^2."""
     weights, errors = {}, []
     Gd, Wd = G.double(), W.double().to(G.device)
+    R, YY = (Wd @ Gd, None) if target is None else (t.double().to(G.device) for t in target)
+    YY = R @ Wd.T if YY is None else YY
     Fd = None if F is None else F.to(Wd)
-    FW = Wd if Fd is None else Fd @ Wd
-    WG = Wd @ Gd  # shared by every level's error: ||W X - W' X_S||^2 = tr(W G W^T) - 2 tr(W' (W G)_S^T) + tr(W' G_SS W'^T)
-    ref = float((FW @ Gd * Wd).sum().clamp_min(1e-30))
+    ref = float((YY if Fd is None else Fd @ YY).trace().clamp_min(1e-30))
+
+    def error(new: torch.Tensor, idx: torch.Tensor) -> float:
+        Fnew = new if Fd is None else Fd @ new
+        return max(ref - 2 * float((Fnew * R[:, idx]).sum()) + float((Fnew @ Gd[idx][:, idx] * new).sum()), 0.0) / ref
+
     top = len(kept) - 1
     for level, keep in enumerate(kept):
-        if level == top:
-            errors.append(0.0)
+        idx = torch.tensor(keep, dtype=torch.long, device=G.device)
+        if level == top and (target is None or not os.environ.get("SEARCHLLM_TOP")):
+            errors.append(0.0 if target is None else error(Wd, idx))
         elif not keep:
             errors.append(1.0)
         else:
-            new = refit(W, G, keep, damp)
-            idx = torch.tensor(keep, dtype=torch.long, device=G.device)
-            Fnew = new if Fd is None else Fd @ new
-            err = ref - 2 * float((Fnew * WG[:, idx]).sum()) + float((Fnew @ Gd[idx][:, idx] * new).sum())
-            errors.append(max(err, 0.0) / ref)
+            new = refit(W, G, keep, damp, None if target is None else R)
+            errors.append(error(new, idx))
             weights[level] = new.to("cpu", dtype).contiguous()
     return weights, errors
 
@@ -292,48 +305,73 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                ) -> Generator[LayerLevels | None, None, torch.Tensor]:
     """Build the entries of every layer of a shard, in order, yielding each layer's LayerLevels as soon as
     it is done (None for a layer in `done`, built before: it is only run, so the layers after it see the
-    same inputs) and returning the hidden states leaving the shard (the stream of the next shard).
+    same inputs) and returning the hidden states leaving the shard (the stream of the next shard; with
+    levels.refit other than module, the pruned and the dense stream stacked).
 
     `inp` is the calibration tokens on the first shard, else the stream entering the shard; `implied` the
     (L, 2) levels the stream is pruned at (inputs=accumulated); `factors` each layer's MLP output factor
     (ShardRunner.output_factors; unweighted OBS where absent)."""
     p, g, done, factors = space.params, runner.geometry, done or {}, factors or {}
     dtype = getattr(torch, p.dtype)
-    h_all = runner.embed(inp) if runner.spec.first else inp.to(runner.device, runner.dtype)
+    accumulate = p.inputs == "accumulated"
+    aim = p.refit if accumulate else "module"  # on dense inputs every target is the module's own output
+    if runner.spec.first:
+        h_all = runner.embed(inp)
+        hd_all = h_all if aim != "module" else None
+    else:
+        x = inp.to(runner.device, runner.dtype)
+        h_all, hd_all = (x, None) if aim == "module" else x.chunk(2)
     full = LayerSlice.full(g)
+
+    def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.reshape(-1, a.shape[-1]).float().T @ b.reshape(-1, b.shape[-1]).float()
+
     for i in runner.spec.layers:
         t0 = time.perf_counter()
         block = runner.block(i, full)
         w = runner.blocks_w[i]
         a_imp, m_imp = (int(x) for x in implied[i])
-        accumulate = p.inputs == "accumulated"
-        xs, mids = [], []
+        xs, mids, dense = [], [], []
         entry = done.get(i)  # built before: only run (no statistics), so the next layers see the same inputs
+        build = entry is None
         with torch.no_grad():
-            G = None
+            G = R = YY = None
             for s in range(0, h_all.shape[0], batch):
                 h = h_all[s : s + batch]
                 rec = {}
                 attn_out = block.self_attn(block.input_layernorm(h), *runner.rope(h), rec.__setitem__)
                 x = rec["o"]
                 xs.append((x, attn_out))
-                if entry is None:
-                    xf = x.reshape(-1, x.shape[-1]).float()
-                    G = xf.T @ xf if G is None else G.add_(xf.T @ xf)
-            if entry is None:
+                if aim != "module":  # the dense block on the dense stream: the targets, and the next dense stream
+                    hd = hd_all[s : s + batch]
+                    rec_d = {}
+                    attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd), rec_d.__setitem__)
+                    mid_d = hd + attn_d
+                    rec_m = {}
+                    mlp_d = block.mlp(block.post_attention_layernorm(mid_d), rec_m.__setitem__)
+                    dense.append((mid_d + mlp_d, mlp_d))
+                    y = attn_d if aim == "dense" else mid_d - h
+                    y = y - w["o_bias"] if w.get("o_bias") is not None else y  # the bias stays as it is
+                    if build:
+                        R = cross(y, x) if R is None else R.add_(cross(y, x))
+                        YY = cross(y, y) if YY is None else YY.add_(cross(y, y))
+                if build:
+                    G = cross(x, x) if G is None else G.add_(cross(x, x))
+            if build:
                 order = obs_head_order(w["o"], G, g, p.heads == "equal", p.obs_damp)
                 entry = LayerLevels(i, order, [])
                 kept = [sum((list(range(h * g.head_dim, (h + 1) * g.head_dim)) for h in entry.kept_heads(space, a)), [])
                         for a in range(space.attn_top + 1)]
-                entry.attn, entry.attn_error = module_levels(w["o"], G, kept, p.damp, dtype)
-            del G
+                entry.attn, entry.attn_error = module_levels(w["o"], G, kept, p.damp, dtype, None,
+                                                             None if R is None else (R, YY))
+            del G, R, YY
             # The MLP sees the attention at its implied level (its kept heads' outputs, compensated o).
             a_cols = _head_cols(entry.kept_heads(space, a_imp), g)
-            Gd = None
+            Gd = R = YY = None
             feats = []
-            for x, attn_out in xs:
-                h = h_all[len(mids) * batch : len(mids) * batch + x.shape[0]]
-                if accumulate and a_imp != space.attn_top:
+            for b, (x, attn_out) in enumerate(xs):
+                h = h_all[b * batch : b * batch + x.shape[0]]
+                if accumulate and (a_imp != space.attn_top or a_imp in entry.attn):
                     attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
                 mid = h + attn_out
                 rec = {}
@@ -341,26 +379,34 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 f = rec["down"]
                 feats.append((f, mlp_out))
                 mids.append(mid)
-                if i not in done:
-                    ff = f.reshape(-1, f.shape[-1]).float()
-                    Gd = ff.T @ ff if Gd is None else Gd.add_(ff.T @ ff)
+                if build:
+                    Gd = cross(f, f) if Gd is None else Gd.add_(cross(f, f))
+                    if aim != "module":
+                        out_d, mlp_d = dense[b]
+                        y = mlp_d if aim == "dense" else out_d - mid
+                        y = y - w["down_bias"] if w.get("down_bias") is not None else y
+                        R = cross(y, f) if R is None else R.add_(cross(y, f))
+                        YY = cross(y, y) if YY is None else YY.add_(cross(y, y))
             del xs
-            if i not in done:
+            if build:
                 entry.mlp_order = obs_channel_order(w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp, factors.get(i))
                 kept = [entry.kept_channels(space, m) for m in range(space.mlp_top + 1)]
-                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype, factors.get(i))
-            del Gd
+                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype, factors.get(i),
+                                                           None if R is None else (R, YY))
+            del Gd, R, YY
             m_cols = entry.kept_channels(space, m_imp)
             outs = []
             for (f, mlp_out), mid in zip(feats, mids):
-                if accumulate and m_imp != space.mlp_top:
+                if accumulate and (m_imp != space.mlp_top or m_imp in entry.mlp):
                     mlp_out = _project(f, m_cols, entry.mlp.get(m_imp), w.get("down_bias"), mid)
                 outs.append(mid + mlp_out)
             h_all = torch.cat(outs)
-            del feats, mids, outs
+            if aim != "module":
+                hd_all = torch.cat([out_d for out_d, _ in dense])
+            del feats, mids, outs, dense
         entry.seconds = time.perf_counter() - t0
         yield None if i in done else entry
-    return h_all
+    return h_all if hd_all is None else torch.cat([h_all, hd_all])
 
 
 def build_local(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,

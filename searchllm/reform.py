@@ -102,11 +102,13 @@ def _positions(cols: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return torch.tensor([where[k] for k in keep], dtype=torch.long, device=cols.device)
 
 
-def solve_exact(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int], damp: float) -> torch.Tensor:
-    """W' (out x |S|) solving W' (G + damp diag G) = W C + damp W_S diag G."""
+def solve_exact(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor | None, keep: list[int], damp: float,
+                R: torch.Tensor | None = None) -> torch.Tensor:
+    """W' (out x |S|) solving W' (G + damp diag G) = W C + damp W_S diag G; R = Y X_S^T replaces W C when the
+    target Y is not the original module's output on the same inputs."""
     W = W.double().to(G.device)
     d = damp * G.diagonal().clamp_min(1e-12)
-    rhs = W @ C + W[:, keep] * d
+    rhs = (W @ C if R is None else R.double()) + W[:, keep] * d
     chol = torch.linalg.cholesky(G + torch.diag(d))
     return torch.cholesky_solve(rhs.T, chol).T
 

@@ -18,7 +18,7 @@ from conftest import tiny_family
 from test_slicing import whole
 
 
-def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, seed=0, calib=None):
+def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, seed=0, calib=None, refit="module"):
     """A tiny model of the family (8 query heads in 2 KV groups where it has GQA; OPT: 4 heads, free)
     and its level database built in this process at `target` kept."""
     if family == "opt":
@@ -27,7 +27,7 @@ def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, se
     else:
         model, adapter = tiny_family(family, num_attention_heads=8, seed=seed)
     g = adapter.geometry()
-    space = LevelSpace(g, LevelParams(heads=heads, mlp_levels=8, inputs=inputs))
+    space = LevelSpace(g, LevelParams(heads=heads, mlp_levels=8, inputs=inputs, refit=refit))
     band = (int(0.97 * target * g.total_params), int(1.03 * target * g.total_params))
     runner = whole(adapter, model)
     calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2)) if calib is None else calib
@@ -104,6 +104,37 @@ def test_a_database_entry_equals_a_direct_obs_solve_of_its_level():
     per_group = [min(range(kv * g.group_size, (kv + 1) * g.group_size), key=cost.__getitem__) for kv in range(g.num_kv_heads)]
     assert db.layers[1].head_order[0] == min(per_group, key=cost.__getitem__)
     assert obs_head_order(w["o"], G, g, True, space.params.obs_damp) == db.layers[1].head_order
+
+
+def test_a_stream_refit_entry_solves_toward_the_dense_models_residual_stream():
+    model, adapter, runner, db, band = build_db(refit="stream")
+    g, space = adapter.geometry(), db.space
+    calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
+    dense, pruned, feats = {}, {}, {}
+    h = runner.embed(calib)
+    runner.run_blocks(runner.blocks([LayerSlice.full(g)] * g.num_layers), h, 6, out=dense.__setitem__)
+    implied = [tuple(int(v) for v in x) for x in implied_levels(space, *band)]
+    runner.run_blocks(runner.blocks(implied), h, 6, lambda i, key, x: feats.__setitem__((i, key), x), pruned.__setitem__)
+    i, (_, m_imp) = 1, implied[1]
+    entry, w = db.layers[i], runner.blocks_w[i]
+    # the stream entering the MLP of the implied model (its output less what its down_proj added), all its
+    # MLP channels' features, and what its down_proj must add to reach the dense stream
+    mid = pruned[i] - feats[(i, "down")] @ entry.mlp[m_imp].float().T
+    full = runner.block(i, LayerSlice.full(g))
+    with torch.no_grad():
+        full.mlp(full.post_attention_layernorm(mid), lambda key, x: feats.__setitem__("full", x))
+    f = feats["full"].reshape(-1, g.intermediate).double()
+    y = (dense[i] - mid).reshape(-1, g.hidden).double()
+    G = f.T @ f
+    for m in (2, 5):
+        keep = entry.kept_channels(space, m)
+        idx = torch.tensor(keep)
+        want = solve_exact(w["down"], G[idx][:, idx], None, keep, space.params.damp, y.T @ f[:, idx])
+        assert torch.allclose(entry.mlp[m].float(), want.float(), atol=2e-3, rtol=2e-3)
+    # layer 0's attention sees the dense stream: its stream target is its own output
+    _, _, _, module, _ = build_db(refit="module")
+    for a, wa in module.layers[0].attn.items():
+        assert torch.allclose(db.layers[0].attn[a].float(), wa.float(), atol=2e-3, rtol=2e-3)
 
 
 def test_an_mlp_order_weighed_by_a_multiple_of_the_identity_is_the_unweighted_order():
@@ -302,6 +333,8 @@ def test_bad_level_settings_are_refused_naming_the_key():
         LevelSpace(adapter.geometry(), LevelParams(heads="x"))
     with pytest.raises(LevelError, match="levels.weighting='hessian' is not allowed; choose one of: fisher, none"):
         LevelSpace(adapter.geometry(), LevelParams(weighting="hessian"))
+    with pytest.raises(LevelError, match="levels.refit='output' is not allowed; choose one of: module, dense, stream"):
+        LevelSpace(adapter.geometry(), LevelParams(refit="output"))
 
 
 def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_same_count(tmp_path):
