@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .evaluate import EvalConfig
 from .evolution import EvolutionParams
-from .levels import DB_DTYPES, DB_INPUTS, HEAD_MODES, WEIGHTINGS, LevelParams
+from .levels import DB_DTYPES, DB_INPUTS, HEAD_MODES, REFITS, WEIGHTINGS, LevelParams
 from .levelsearch import LevelSearchParams
 from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
 from .space import ATTENTION_MODES, BUDGET_COUNTS
@@ -211,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "levels.inputs": DB_INPUTS,
     "levels.dtype": DB_DTYPES,
     "levels.weighting": WEIGHTINGS,
+    "levels.refit": REFITS,
     "levels.fitness": LEVEL_FITNESS,
     "levels.init": LEVEL_INITS,
     "method": METHODS,

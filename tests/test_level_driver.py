@@ -61,6 +61,7 @@ def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(ray_cluster
         ("levels.heads=some", "levels.heads='some' is not allowed; choose one of: equal, free"),
         ("levels.fitness=acc", "levels.fitness='acc' is not allowed; choose one of: kl, ppl"),
         ("levels.fisher_windows=0", "levels.fisher_windows=0 must be >= 1"),
+        ("levels.refit=output", "levels.refit='output' is not allowed; choose one of: module, dense, stream"),
     ],
 )
 def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, capsys, override, message):
