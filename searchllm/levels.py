@@ -349,7 +349,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                     rec_m = {}
                     mlp_d = block.mlp(block.post_attention_layernorm(mid_d), rec_m.__setitem__)
                     dense.append((mid_d + mlp_d, mlp_d))
-                    y = _sink_kept(attn_d if aim == "dense" else mid_d - h, attn_out)
+                    y = attn_d if aim == "dense" else mid_d - h
                     y = y - w["o_bias"] if w.get("o_bias") is not None else y  # the bias stays as it is
                     if build:
                         R = cross(y, x) if R is None else R.add_(cross(y, x))
@@ -382,7 +382,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                     Gd = cross(f, f) if Gd is None else Gd.add_(cross(f, f))
                     if aim != "module":
                         out_d, mlp_d = dense[b]
-                        y = _sink_kept(mlp_d if aim == "dense" else out_d - mid, mlp_out)
+                        y = mlp_d if aim == "dense" else out_d - mid
                         y = y - w["down_bias"] if w.get("down_bias") is not None else y
                         R = cross(y, f) if R is None else R.add_(cross(y, f))
                         YY = cross(y, y) if YY is None else YY.add_(cross(y, y))
@@ -420,15 +420,6 @@ def build_local(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, i
                 out[entry.layer] = entry
     except StopIteration:
         return out
-
-
-def _sink_kept(y: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """The refit target with each window's first position (the attention sink, whose hidden state is ~100x
-    larger than the others' in SmolLM2: its error would dominate the least squares) set to the module's own
-    output: the refit keeps the sink as it is and corrects the other positions."""
-    y = y.clone()
-    y[:, 0] = own[:, 0]
-    return y
 
 
 def _head_cols(heads: list[int], g: Geometry) -> list[int]:
