@@ -25,6 +25,8 @@ Ablations of searchllm (one setting changed each):
   ab:8x1k         multi-step selection of 8 children on 1,024 -> 4,096 -> 8,192 tokens (2 -> 1 survivors)
   ab:dense-db     database built on the dense model's activations (no error accumulation)
   ab:unweighted   MLP channels removed in plain OBS order (ZipLM) instead of weighed by the output Fisher factors
+  ab:stream-refit the database's refit aims at the dense model's residual stream after each module (cancels the
+                  upstream error too) instead of the module's own output on the pruned inputs
   ab:free-heads   query heads pruned freely inside their KV groups (unequal groups) instead of equally
   ab:rereform     the chosen assignment re-reformed from the original weights by the reformation stage
   ab:channels     searchllm's previous design: evolution over in-head channel masks, reformation of the
@@ -58,6 +60,7 @@ METHODS = {
     "ab:8x1k": ["method=searchllm", "levels.tokens=[1024,4096,8192]", "levels.survivors=[2,1]", "levels.offspring=8"],
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
     "ab:unweighted": ["method=searchllm", "levels.weighting=none"],
+    "ab:stream-refit": ["method=searchllm", "levels.refit=stream"],
     "ab:free-heads": ["method=searchllm", "levels.heads=free"],
     "ab:rereform": ["method=searchllm", "levels.rereform=true"],
     "ab:channels": ["method=searchllm", "search.mode=evolution"],
