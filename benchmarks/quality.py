@@ -25,6 +25,7 @@ Ablations of searchllm (one setting changed each):
   ab:8x1k         multi-step selection of 8 children on 1,024 -> 4,096 -> 8,192 tokens (2 -> 1 survivors)
   ab:dense-db     database built on the dense model's activations (no error accumulation)
   ab:unweighted   MLP channels removed in plain OBS order (ZipLM) instead of weighed by the output Fisher factors
+  ab:mlp32        32 MLP levels (steps of intermediate / 32 channels) instead of 16: finer allocation, twice the database
   ab:stream-refit the database's refit aims at the dense model's residual stream after each module (cancels the
                   upstream error too) instead of the module's own output on the pruned inputs
   ab:free-heads   query heads pruned freely inside their KV groups (unequal groups) instead of equally
@@ -61,6 +62,7 @@ METHODS = {
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
     "ab:unweighted": ["method=searchllm", "levels.weighting=none"],
     "ab:stream-refit": ["method=searchllm", "levels.refit=stream"],
+    "ab:mlp32": ["method=searchllm", "levels.mlp_levels=32"],
     "ab:free-heads": ["method=searchllm", "levels.heads=free"],
     "ab:rereform": ["method=searchllm", "levels.rereform=true"],
     "ab:channels": ["method=searchllm", "search.mode=evolution"],
