@@ -16,7 +16,10 @@ the block's K-FAC output factor (ShardRunner.output_factors), so errors the rest
 Error accumulation (`inputs=accumulated`, Týr): each block's calibration inputs come from the upstream
 blocks pruned at the levels the target implies (the uniform assignment), with their database weights;
 inside a block, the MLP's statistics come after the attention pruned at its implied level.
-`inputs=dense` uses the original model's activations everywhere.
+`inputs=dense` uses the original model's activations everywhere. `refit` names what a level's refit
+reproduces: the original module on the same inputs (module, the default), the dense model's module output
+(dense) or its residual stream after the module (stream, also cancelling the upstream error; worse on
+held-out text, docs/quality.md).
 """
 from __future__ import annotations
 
@@ -343,11 +346,9 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 xs.append((x, attn_out))
                 if aim != "module":  # the dense block on the dense stream: the targets, and the next dense stream
                     hd = hd_all[s : s + batch]
-                    rec_d = {}
-                    attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd), rec_d.__setitem__)
+                    attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd))
                     mid_d = hd + attn_d
-                    rec_m = {}
-                    mlp_d = block.mlp(block.post_attention_layernorm(mid_d), rec_m.__setitem__)
+                    mlp_d = block.mlp(block.post_attention_layernorm(mid_d))
                     dense.append((mid_d + mlp_d, mlp_d))
                     y = attn_d if aim == "dense" else mid_d - h
                     y = y - w["o_bias"] if w.get("o_bias") is not None else y  # the bias stays as it is
@@ -370,7 +371,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
             feats = []
             for b, (x, attn_out) in enumerate(xs):
                 h = h_all[b * batch : b * batch + x.shape[0]]
-                if accumulate and (a_imp != space.attn_top or a_imp in entry.attn):
+                if accumulate and a_imp != space.attn_top:
                     attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
                 mid = h + attn_out
                 rec = {}
@@ -396,7 +397,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
             m_cols = entry.kept_channels(space, m_imp)
             outs = []
             for (f, mlp_out), mid in zip(feats, mids):
-                if accumulate and (m_imp != space.mlp_top or m_imp in entry.mlp):
+                if accumulate and m_imp != space.mlp_top:
                     mlp_out = _project(f, m_cols, entry.mlp.get(m_imp), w.get("down_bias"), mid)
                 outs.append(mid + mlp_out)
             h_all = torch.cat(outs)

@@ -6,7 +6,7 @@ import torch
 
 from searchllm.export import build
 from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, build_local, error_allocation,
-                              implied_levels, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
+                              implied_levels, iter_build, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
 from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
@@ -189,6 +189,30 @@ def test_output_factors_through_two_shards_equal_one_shard():
     for i, fm in (first | second).items():
         torch.testing.assert_close(fm, one[i], rtol=1e-4, atol=1e-9)
         assert torch.linalg.eigvalsh(fm).min() > -1e-9 * fm.diagonal().sum() and fm.diagonal().sum() > 0
+
+
+def test_a_stream_refit_database_through_two_shards_equals_one_shard():
+    model, adapter = tiny_family("llama", num_attention_heads=8, layers=4)
+    g, state = adapter.geometry(), share(model.state_dict())
+    space = LevelSpace(g, LevelParams(mlp_levels=8, refit="stream"))
+    implied = implied_levels(space, int(0.6 * g.total_params), int(0.7 * g.total_params))
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
+    one = build_local(whole(adapter, model), space, implied, calib, 2)
+    a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
+    gen, first = iter_build(a, space, implied, calib, 2), {}
+    try:
+        while True:
+            e = next(gen)
+            first[e.layer] = e
+    except StopIteration as stop:
+        stream = stop.value  # the pruned and the dense stream, stacked
+    assert stream.shape[0] == 2 * calib.shape[0]
+    two = first | build_local(b, space, implied, stream, 2)
+    assert sorted(two) == sorted(one) == list(range(g.num_layers))
+    for i in one:
+        assert two[i].mlp_order == one[i].mlp_order and two[i].head_order == one[i].head_order
+        for m, w in one[i].mlp.items():
+            torch.testing.assert_close(two[i].mlp[m], w)
 
 
 def test_obs_compensation_beats_plain_removal():
