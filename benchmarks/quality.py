@@ -19,9 +19,11 @@ Methods (a name -> driver overrides on top of conf/default.yaml; `--` passes mor
   searchllm       the default: level search over the compensated database, KL fitness, multi-step selection
 Ablations of searchllm (one setting changed each):
   ab:ppl          fitness = perplexity instead of KL
-  ab:single       single-step selection (every child on the last stage's 8,192 tokens; fewer children for the
-                  same time)
-  ab:long-stages  multi-step selection on 2,048 -> 4,096 -> 8,192 tokens instead of 512 -> 2,048 -> 4,096
+  ab:multi-step   multi-step selection (the previous default): 12 children on 512 tokens, the best 3 on 2,048,
+                  the best on 4,096, instead of 4 children each on 8,192
+  ab:single-4k    single-step selection on 4,096 tokens instead of 8,192
+  ab:fp32-score   candidates scored in float32 (model.dtype) instead of bfloat16
+  ab:long-stages  multi-step selection of 12 children on 2,048 -> 4,096 -> 8,192 tokens (3 -> 1 survivors)
   ab:8x1k         multi-step selection of 8 children on 1,024 -> 4,096 -> 8,192 tokens (2 -> 1 survivors)
   ab:dense-db     database built on the dense model's activations (no error accumulation)
   ab:unweighted   MLP channels removed in plain OBS order (ZipLM) instead of weighed by the output Fisher factors
@@ -56,8 +58,10 @@ METHODS = {
     "paper": ["method=paper"],
     "searchllm": ["method=searchllm"],
     "ab:ppl": ["method=searchllm", "levels.fitness=ppl"],
-    "ab:single": ["method=searchllm", "levels.tokens=[8192]", "levels.survivors=[]", "levels.offspring=4"],
-    "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]"],
+    "ab:multi-step": ["method=searchllm", "levels.tokens=[512,2048,4096]", "levels.survivors=[3,1]", "levels.offspring=12"],
+    "ab:single-4k": ["method=searchllm", "levels.tokens=[4096]"],
+    "ab:fp32-score": ["method=searchllm", "levels.score_dtype=model"],
+    "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]", "levels.survivors=[3,1]", "levels.offspring=12"],
     "ab:8x1k": ["method=searchllm", "levels.tokens=[1024,4096,8192]", "levels.survivors=[2,1]", "levels.offspring=8"],
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
     "ab:unweighted": ["method=searchllm", "levels.weighting=none"],

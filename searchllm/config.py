@@ -124,6 +124,10 @@ class LevelsConfig(LevelParams, LevelSearchParams):
     # Per evaluator actor: hidden states of recent candidates after each layer, so a child runs only the
     # layers from its first change on (exact; 0 turns it off). Memory of the actor's device.
     cache_mb: int = 2048
+    # The dtype the level search scores candidates in (every selection stage and its KL targets): model
+    # (model.dtype), auto (bfloat16 where the evaluator's device computes it natively: CUDA with bf16, a CPU
+    # with AVX-512; else model.dtype), or a dtype. The database build, reformation and report stay in model.dtype.
+    score_dtype: str = "model"
 
 
 @dataclass
@@ -207,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "space.attention": ATTENTION_MODES,
     "budget.count": BUDGET_COUNTS,
     "search.init": SEARCH_INITS,
+    "levels.score_dtype": ("model", "auto", *DTYPES),
     "levels.heads": HEAD_MODES,
     "levels.inputs": DB_INPUTS,
     "levels.dtype": DB_DTYPES,

@@ -36,7 +36,7 @@ from .models.sliced import LayerSlice
 from .models.weights import share, unshare
 from .reform import LayerResult, ReformParams, iter_reform
 from .scores import LayerScores, Scores
-from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, shard_state_names, split_layers
+from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, resolve_score_dtype, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger("searchllm")
@@ -149,11 +149,16 @@ class RayMetrics:
 class StageActor:
     """One shard of one evaluator replica."""
 
-    def __init__(self, hf_config: Any, state: dict, spec: ShardSpec, dtype: str, threads: int, tokens: dict) -> None:
+    def __init__(self, hf_config: Any, state: dict, spec: ShardSpec, dtype: str, threads: int, tokens: dict,
+                 score_dtype: str = "model") -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
-        self.runner = ShardRunner(adapter_for(hf_config), state, spec, device, getattr(torch, dtype))
+        adapter, model_dtype = adapter_for(hf_config), getattr(torch, dtype)
+        self.runner = ShardRunner(adapter, state, spec, device, model_dtype)
+        # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
+        scored = resolve_score_dtype(score_dtype, model_dtype, self.runner.device)
+        self.scorer = self.runner if scored == model_dtype else ShardRunner(adapter, state, spec, device, scored)
         self.tokens = {k: ray.get(v) for k, v in tokens.items()}
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
@@ -171,20 +176,23 @@ class StageActor:
         if version == self.version:
             return
         state = ray.get(ref)
-        layers, device, dtype = self.spec.layers, self.runner.device, self.runner.dtype
-        self.runner.means = {i: m for i, m in state["means"].items() if i in layers}
-        self.runner.reformed = {i: (s, {k: v.to(device, dtype) for k, v in w.items()}) for i, (s, w) in state["reformed"].items() if i in layers}
+        layers = self.spec.layers
+        for runner in {id(r): r for r in (self.runner, self.scorer)}.values():
+            runner.means = {i: m for i, m in state["means"].items() if i in layers}
+            runner.reformed = {i: (s, {k: v.to(runner.device, runner.dtype) for k, v in w.items()})
+                               for i, (s, w) in state["reformed"].items() if i in layers}
         if state["levels"] is not None and state["levels"][1][self.spec.start].hex() != self._levels_ref:
             space, refs, cache_bytes = state["levels"]  # this shard's database entries, fetched once
             self._levels_ref = refs[self.spec.start].hex()
             self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
-            self.runner.prefix = PrefixCache(cache_bytes) if cache_bytes else None
+            self.scorer.level_space, self.scorer.levels = space, self.runner.levels
+            self.scorer.prefix = PrefixCache(cache_bytes) if cache_bytes else None
         if self.spec.last:  # KL targets: only the token sets not fetched before
-            held = self.runner.targets
-            self.runner.targets = {w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()}
-            new = [w for w in state["targets"] if w not in self.runner.targets]
+            held = self.scorer.targets
+            self.scorer.targets = {w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()}
+            new = [w for w in state["targets"] if w not in self.scorer.targets]
             for w, t in ray.get([state["targets"][w] for w in new]):
-                self.runner.targets[w] = (t[0].to(device), t[1].to(device))
+                self.scorer.targets[w] = (t[0].to(self.scorer.device), t[1].to(self.scorer.device))
             self._target_refs = {w: ref.hex() for w, ref in state["targets"].items()}
         self.version = version
 
@@ -192,7 +200,8 @@ class StageActor:
         t0 = time.perf_counter()
         self._sync(extras)
         tokens = self.tokens[which]
-        out = self.runner.forward(slices, tokens if self.spec.first else inp, tokens, batch, metric, which)
+        runner = self.runner if which == "report" else self.scorer  # the report is exact (model.dtype)
+        out = runner.forward(slices, tokens if self.spec.first else inp, tokens, batch, metric, which)
         self._busy(time.perf_counter() - t0)
         return out
 
@@ -243,7 +252,7 @@ class EvaluatorPool:
     """Replicas x stages of StageActors sharing one copy of the weights per shard and node."""
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, cfg: RayConfig, dtype: str, tokens: dict[str, torch.Tensor],
-                 actor: type = StageActor, metrics: Optional[RayMetrics] = None) -> None:
+                 actor: type = StageActor, metrics: Optional[RayMetrics] = None, score_dtype: str = "model") -> None:
         self.metrics = metrics
         g = adapter.geometry()
         state = model.state_dict()
@@ -280,7 +289,7 @@ class EvaluatorPool:
                             max_restarts=cfg.max_restarts,
                             max_task_retries=-1 if cfg.max_restarts else 0,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
-                        ).remote(model.config, ref, spec, dtype, layout.threads, token_refs)
+                        ).remote(model.config, ref, spec, dtype, layout.threads, token_refs, score_dtype)
                     )
                 self.replicas.append(chain)
             self.placed = [ray.get([a.ready.remote() for a in chain]) for chain in self.replicas]

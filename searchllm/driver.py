@@ -186,7 +186,8 @@ def run(p: Prepared) -> int:
         if metrics is not None:
             monitor.sinks.append(metrics)
         try:
-            with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens, metrics=metrics) as pool:
+            with EvaluatorPool(loaded.model, loaded.adapter, cfg.ray, cfg.model.dtype, tokens, metrics=metrics,
+                               score_dtype=cfg.levels.score_dtype if levels else "model") as pool:
                 del loaded.model  # the object store holds the weights now
                 export_dir = search_and_report(cfg, run_dir, space, budget, pool, tokens, where, loaded, monitor)
             if export_dir is not None and cfg.eval.enabled:  # after the pool is gone: its weights are freed first

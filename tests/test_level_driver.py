@@ -53,6 +53,21 @@ def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(ray_cluster
     assert outcome(tmp_path / "one") == outcome(tmp_path / "two")
 
 
+def test_bfloat16_scoring_moves_fitness_slightly_and_never_the_report(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    runs = {d: tmp_path / d for d in ("float32", "bfloat16")}
+    for dtype, run in runs.items():
+        assert main(level_args(path, corpus, run, "search.generations=1", f"levels.score_dtype={dtype}")) == 0
+    evals = {d: {e["key"]: e["fitness"] for e in map(json.loads, (r / "evals.jsonl").read_text().splitlines())} for d, r in runs.items()}
+    both = sorted(set(evals["float32"]) & set(evals["bfloat16"]))
+    assert len(both) >= 3  # generation 0 starts from the same candidates
+    for key in both:
+        assert evals["bfloat16"][key] == pytest.approx(evals["float32"][key], rel=0.05, abs=1e-3)
+    assert any(evals["bfloat16"][k] != evals["float32"][k] for k in both)  # it did score in bfloat16
+    summaries = {d: json.loads((r / "summary.json").read_text()) for d, r in runs.items()}
+    assert summaries["bfloat16"]["dense_report_ppl"] == summaries["float32"]["dense_report_ppl"]  # the report runs in model.dtype
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -62,6 +77,7 @@ def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(ray_cluster
         ("levels.fitness=acc", "levels.fitness='acc' is not allowed; choose one of: kl, ppl"),
         ("levels.fisher_windows=0", "levels.fisher_windows=0 must be >= 1"),
         ("levels.refit=output", "levels.refit='output' is not allowed; choose one of: module, dense, stream"),
+        ("levels.score_dtype=int8", "levels.score_dtype='int8' is not allowed; choose one of: model, auto, float32, bfloat16, float16"),
     ],
 )
 def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, capsys, override, message):
