@@ -36,7 +36,7 @@ def main() -> None:
     t0 = time.time()
     factors = runner.output_factors(calib[: params.fisher_windows], None, 2, 0)[1] if params.weighting == "fisher" else None
     t1 = time.time()
-    layers = build_local(runner, space, implied_levels(space, *band), calib, 2, factors=factors)
+    layers, _ = build_local(runner, space, implied_levels(space, *band), calib, 2, factors=factors)
     print(f"output factors {t1 - t0:.0f} s, build {time.time() - t1:.0f} s, {params}, calibration {calib_n} x {seqlen}")
     db = LevelDatabase(space, layers)
     runner.levels, runner.level_space = layers, space

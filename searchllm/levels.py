@@ -411,16 +411,17 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
 
 def build_local(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
                 done: Mapping[int, LayerLevels] | None = None, factors: Mapping[int, torch.Tensor] | None = None,
-                ) -> dict[int, LayerLevels]:
-    """iter_build run to the end in this process (one shard, no actors): the entries it built, by layer."""
+                ) -> tuple[dict[int, LayerLevels], torch.Tensor]:
+    """iter_build run to the end in this process (one shard, no actors): the entries it built, by layer,
+    and the calibration stream leaving the shard (the next shard's input)."""
     gen, out = iter_build(runner, space, implied, inp, batch, done, factors), {}
-    try:
-        while True:
+    while True:
+        try:
             entry = next(gen)
-            if entry is not None:
-                out[entry.layer] = entry
-    except StopIteration:
-        return out
+        except StopIteration as stop:
+            return out, stop.value
+        if entry is not None:
+            out[entry.layer] = entry
 
 
 def _head_cols(heads: list[int], g: Geometry) -> list[int]:

@@ -6,7 +6,7 @@ import torch
 
 from searchllm.export import build
 from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, build_local, error_allocation,
-                              implied_levels, iter_build, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
+                              implied_levels, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
 from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
@@ -31,7 +31,7 @@ def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, se
     band = (int(0.97 * target * g.total_params), int(1.03 * target * g.total_params))
     runner = whole(adapter, model)
     calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2)) if calib is None else calib
-    layers = build_local(runner, space, implied_levels(space, *band), calib, 2)
+    layers, _ = build_local(runner, space, implied_levels(space, *band), calib, 2)
     runner.levels, runner.level_space = layers, space
     return model, adapter, runner, LevelDatabase(space, layers), band
 
@@ -197,17 +197,11 @@ def test_a_stream_refit_database_through_two_shards_equals_one_shard():
     space = LevelSpace(g, LevelParams(mlp_levels=8, refit="stream"))
     implied = implied_levels(space, int(0.6 * g.total_params), int(0.7 * g.total_params))
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
-    one = build_local(whole(adapter, model), space, implied, calib, 2)
+    one, _ = build_local(whole(adapter, model), space, implied, calib, 2)
     a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
-    gen, first = iter_build(a, space, implied, calib, 2), {}
-    try:
-        while True:
-            e = next(gen)
-            first[e.layer] = e
-    except StopIteration as stop:
-        stream = stop.value  # the pruned and the dense stream, stacked
-    assert stream.shape[0] == 2 * calib.shape[0]
-    two = first | build_local(b, space, implied, stream, 2)
+    first, stream = build_local(a, space, implied, calib, 2)
+    assert stream.shape[0] == 2 * calib.shape[0]  # the pruned and the dense stream, stacked
+    two = first | build_local(b, space, implied, stream, 2)[0]
     assert sorted(two) == sorted(one) == list(range(g.num_layers))
     for i in one:
         assert two[i].mlp_order == one[i].mlp_order and two[i].head_order == one[i].head_order
@@ -382,7 +376,7 @@ def test_a_build_resumed_after_its_first_layers_gives_the_same_database():
     space = db.space
     runner = whole(adapter, model)
     calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
-    fresh = build_local(runner, space, implied_levels(space, *band), calib, 2, done={0: db.layers[0]})
+    fresh, _ = build_local(runner, space, implied_levels(space, *band), calib, 2, done={0: db.layers[0]})
     assert sorted(fresh) == [1, 2]  # layer 0 was only run
     for e in fresh.values():
         assert e.head_order == db.layers[e.layer].head_order and e.mlp_order == db.layers[e.layer].mlp_order
