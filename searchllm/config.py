@@ -355,8 +355,9 @@ def validate(c: Config) -> None:
             raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
     if lv.cache_mb < 0:
         raise ConfigError(f"levels.cache_mb={lv.cache_mb} must be >= 0 (0: no prefix cache)")
-    if lv.probe < 0:
-        raise ConfigError(f"levels.probe={lv.probe} must be >= 0 (0: no sensitivity probes)")
+    if lv.probe < 0 or lv.probe_tokens < 0 or lv.probe_tokens == 1:
+        raise ConfigError(f"levels.probe={lv.probe} must be >= 0 (0: no sensitivity probes) and levels.probe_tokens={lv.probe_tokens} "
+                          "0 (the first stage's tokens) or a token count >= 2")
     if not 0 <= lv.crossover <= 1 or lv.obs_damp <= 0 or lv.damp < 0:
         raise ConfigError(f"levels.crossover={lv.crossover} must be in [0, 1], levels.obs_damp={lv.obs_damp} > 0 and levels.damp={lv.damp} >= 0")
     f = c.reform

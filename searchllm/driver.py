@@ -29,6 +29,7 @@ from .gguf_export import GGUFError
 from .llamacpp import LlamaCppMissing
 from .layout import ClusterError
 from .levels import LevelError, LevelSpace
+from .levelsearch import PROBE_STAGE
 from .monitor import Monitor, ProgressServer, write_report
 from .models.adapters import UnsupportedModelError
 from .models.loading import DTYPES as DTYPES_BY_NAME
@@ -131,7 +132,10 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
             tokens["final"] = first_windows(ids[key], n, corpus.seqlen, "reform.final_windows") if n else tokens[name]
             if strategies.get(cfg.search.mode).kind == "levels":  # the level search's selection stages: the first windows holding their tokens
                 for k, t in enumerate(cfg.levels.tokens):
-                    tokens[f"levels{k}"] = first_windows(ids[key], -(-t // corpus.seqlen), corpus.seqlen, f"levels.tokens[{k}]")
+                    tokens[stage_tokens(k)] = first_windows(ids[key], -(-t // corpus.seqlen), corpus.seqlen, f"levels.tokens[{k}]")
+                if cfg.levels.probe_tokens:
+                    n = -(-cfg.levels.probe_tokens // corpus.seqlen)
+                    tokens[stage_tokens(PROBE_STAGE)] = first_windows(ids[key], n, corpus.seqlen, "levels.probe_tokens")
     return tokens, where
 
 
@@ -313,13 +317,18 @@ def build_level_database(cfg: Config, run_dir: RunDir, pool, space, band: tuple[
 
 
 class LevelEvaluator:
-    """The level search's StageEvaluator over a pool: stage k scores on token set levels<k>."""
+    """The level search's StageEvaluator over a pool: stage k scores on token set levels<k> (the probes' own
+    set, levels.probe_tokens, is stage PROBE_STAGE)."""
 
     def __init__(self, pool, codec, batch: int, metric: str) -> None:
         self.pool, self.codec, self.batch, self.metric = pool, codec, batch, metric
 
     def evaluate(self, genomes, stage: int):
-        return self.pool.stream(self.codec, genomes, f"levels{stage}", self.batch, self.metric)
+        return self.pool.stream(self.codec, genomes, stage_tokens(stage), self.batch, self.metric)
+
+
+def stage_tokens(stage: int) -> str:
+    return "levels-probe" if stage == PROBE_STAGE else f"levels{stage}"
 
 
 def summarize_levels(db, genome) -> dict:
@@ -345,10 +354,10 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
     codec, full = GenomeCodec(), space.full()
     db, built = build_level_database(cfg, run_dir, pool, space, band, monitor)
     pool.set_levels(space, db.layers, lv.cache_mb * 2**20)
-    stages = [f"levels{k}" for k in range(len(lv.tokens))]
+    stages = [stage_tokens(k) for k in range(len(lv.tokens))]
     metric = "kl" if lv.fitness == "kl" else "nll"
     if metric == "kl":
-        for w in stages:
+        for w in stages + ([stage_tokens(PROBE_STAGE)] if lv.probe and lv.probe_tokens else []):
             pool.set_targets(codec, full, w, lv.topk, batch)
     inits = []
     if lv.init in ("all", "uniform"):

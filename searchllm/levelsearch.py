@@ -56,6 +56,12 @@ class LevelSearchParams:
     # alone is scored on the first stage's tokens; the least sensitive layers then give levels to the
     # most sensitive ones (a few exact-budget candidates of different sizes join the selection).
     probe: int = 2
+    # Tokens the probes are scored on (0: the first stage's): they only rank layers against each other,
+    # on the same tokens, which a short set does nearly as well for a fraction of generation 0's time.
+    probe_tokens: int = 0
+
+
+PROBE_STAGE = -1  # the stage the probes are scored as when they have their own tokens (levels.probe_tokens)
 
 
 def genome_key(genome: np.ndarray) -> str:
@@ -166,7 +172,7 @@ class LevelSearch:
                     g = base.copy()
                     g[i, mod] -= d
                     cands.append(((i, mod), g))
-        recs = self._stage(0, 0, [(g, "probe") for _, g in cands], done)
+        recs = self._stage(0, PROBE_STAGE if self.p.probe_tokens else 0, [(g, "probe") for _, g in cands], done)
         for ((i, mod), _), r in zip(cands, recs):
             sens[(i, mod)] = r["fitness"]
         probes += recs

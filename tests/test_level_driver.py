@@ -68,6 +68,16 @@ def test_bfloat16_scoring_moves_fitness_slightly_and_never_the_report(ray_cluste
     assert summaries["bfloat16"]["dense_report_ppl"] == summaries["float32"]["dense_report_ppl"]  # the report runs in model.dtype
 
 
+def test_sensitivity_probes_run_on_their_own_first_windows(ray_cluster, tiny_checkpoint, tmp_path):
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(level_args(path, corpus, run, "search.generations=1", "levels.probe_tokens=32")) == 0
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    probes = [e for e in evals if e["origin"] == "probe"]
+    assert probes and all(e["tokens"] == 31 for e in probes)  # the first window of 32 (31 next-token predictions)
+    assert all(e["tokens"] in (62, 124) for e in evals if e["origin"] != "probe")  # the stages' 64 and 128 tokens
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -78,6 +88,7 @@ def test_bfloat16_scoring_moves_fitness_slightly_and_never_the_report(ray_cluste
         ("levels.fisher_windows=0", "levels.fisher_windows=0 must be >= 1"),
         ("levels.refit=output", "levels.refit='output' is not allowed; choose one of: module, dense, stream"),
         ("levels.score_dtype=int8", "levels.score_dtype='int8' is not allowed; choose one of: model, auto, float32, bfloat16, float16"),
+        ("levels.probe_tokens=1", "levels.probe_tokens=1 0 (the first stage's tokens) or a token count >= 2"),
     ],
 )
 def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, capsys, override, message):

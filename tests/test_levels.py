@@ -7,7 +7,7 @@ import torch
 from searchllm.export import build
 from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, build_local, error_allocation,
                               implied_levels, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
-from searchllm.levelsearch import LevelSearch, LevelSearchParams, genome_key
+from searchllm.levelsearch import PROBE_STAGE, LevelSearch, LevelSearchParams, genome_key
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
 from searchllm.reform import solve_exact
@@ -144,6 +144,30 @@ def test_an_mlp_order_weighed_by_a_multiple_of_the_identity_is_the_unweighted_or
     X = torch.randn(400, g.intermediate, generator=rng) * torch.rand(g.intermediate, generator=rng)
     eye = 7.0 * torch.eye(g.hidden, dtype=torch.float64)
     assert obs_channel_order(W, X.T @ X, 12, 4, 0.01, eye) == obs_channel_order(W, X.T @ X, 12, 4, 0.01)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_mlp_order_is_greedy_obs_re_solved_from_scratch_at_every_step(group):
+    """At each step the channels removed are those of lowest w^T F w / (H_RR^-1)_jj, where w are the
+    remaining columns R optimally compensated for everything removed before (W' = W H_:R H_RR^-1)."""
+    rng = torch.Generator().manual_seed(5)
+    d, n, step = 6, 12, 6
+    W = torch.randn(d, n, generator=rng, dtype=torch.float64)
+    X = torch.randn(40, n, generator=rng, dtype=torch.float64) @ torch.randn(n, n, generator=rng, dtype=torch.float64)
+    A = torch.randn(d, d, generator=rng, dtype=torch.float64)
+    F, H = A @ A.T, X.T @ X
+    Hd = H + 0.01 * H.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    want, alive = [], list(range(n))
+    while alive:
+        k = min(group, step - len(want) % step)
+        R = torch.tensor(alive)
+        Hinv = torch.linalg.inv(Hd[R][:, R])
+        Wr = W @ Hd[:, R] @ Hinv
+        score = ((F @ Wr) * Wr).sum(0) / Hinv.diagonal()
+        pick = sorted(range(len(alive)), key=lambda j: float(score[j]))[:k]
+        want += [alive[j] for j in pick]
+        alive = [c for j, c in enumerate(alive) if j not in pick]
+    assert obs_channel_order(W, H, step, group, 0.01, F) == want
 
 
 def test_output_weighting_removes_first_the_channels_that_write_least_into_the_weighed_direction():
@@ -369,6 +393,17 @@ def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_sa
     for child, origin in moved:
         assert db.params(child) == db.params(base) and "MLP" in origin
         assert child[0, 1] == base[0, 1] + 1  # the sensitive layer gained a level
+
+
+def test_probes_with_their_own_tokens_are_scored_only_on_them(tmp_path):
+    _, _, _, db, band = build_db()
+    ev = FakeEvaluator(np.ones((db.space.num_layers, 2)))
+    params = LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=1, probe_tokens=16)
+    search = searcher(db, band, ev, RunDir(tmp_path).create(), params, generations=1)
+    search.run_search([(uniform_genome(db.space, db.params, *band, db.space.attn_top), "uniform")])
+    probes = [r for r in RunDir(tmp_path).load_evals().values() if r["origin"] == "probe"]
+    assert probes and {r["stage"] for r in probes} == {PROBE_STAGE}
+    assert {stage for _, stage in ev.calls} == {0, PROBE_STAGE}  # everything else on the selection stage
 
 
 def test_a_build_resumed_after_its_first_layers_gives_the_same_database():
