@@ -36,7 +36,7 @@ from .models.sliced import LayerSlice
 from .models.weights import share, unshare
 from .reform import LayerResult, ReformParams, iter_reform
 from .scores import LayerScores, Scores
-from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, resolve_score_dtype, shard_state_names, split_layers
+from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, planned_weight_bytes, resolve_score_dtype, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger("searchllm")
@@ -257,7 +257,7 @@ class EvaluatorPool:
         g = adapter.geometry()
         state = model.state_dict()
         unique = {t.data_ptr(): t for t in state.values()}.values()  # tied embeddings count once
-        model_bytes = sum(t.numel() * getattr(torch, dtype).itemsize for t in unique)
+        model_bytes = planned_weight_bytes(sum(t.numel() for t in unique), getattr(torch, dtype), score_dtype)
         nodes = cluster_nodes()
         gpu_memory = probe_gpu_memory(nodes) if cfg.device != "cpu" and any(n.gpus >= 1 for n in nodes) and "auto" in (cfg.stages, cfg.replicas) else None
         self.layout = layout = choose_layout(cfg, nodes, model_bytes, g.num_layers, gpu_memory)

@@ -156,6 +156,17 @@ def resolve_score_dtype(name: str, model_dtype: torch.dtype, device: torch.devic
     return torch.bfloat16 if native and model_dtype == torch.float32 else model_dtype
 
 
+def planned_weight_bytes(numel: int, model_dtype: torch.dtype, score_dtype: str) -> int:
+    """Bytes of weights a stage actor holds, planned before its device is known: the model.dtype copy, and the
+    scorer's second copy where levels.score_dtype may differ from it (`auto` counts the bfloat16 copy it makes
+    wherever bfloat16 is native: a float32 model on a GPU holds 1.5x its float32 bytes)."""
+    if score_dtype == "auto":
+        scored = torch.bfloat16 if model_dtype == torch.float32 else model_dtype
+    else:
+        scored = model_dtype if score_dtype == "model" else getattr(torch, score_dtype)
+    return numel * (model_dtype.itemsize + (scored.itemsize if scored != model_dtype else 0))
+
+
 class ShardRunner:
     def __init__(
         self,

@@ -14,10 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from searchllm.config import RayConfig, load_config
 from searchllm.layout import ClusterError, NodeInfo, choose_layout
+from searchllm.shard import planned_weight_bytes
 
 from conftest import start_local_ray, tiny_run_args
 from helpers import evaluator_pool
@@ -101,6 +103,16 @@ def test_auto_shards_a_model_too_big_for_one_gpu_and_keeps_each_replica_on_one_n
     lay = choose_layout(RayConfig(replicas="auto", stages="auto"), nodes(2), 130 * GiB, 80, gpu_memory=80 * GiB)
     assert (lay.replicas, lay.stages) == (2, 3)  # 169 GiB with room: 3 GPUs per replica, 8 GPUs -> 2 replicas
     assert lay.nodes == ["node0", "node1"]
+
+
+def test_a_float32_model_scored_in_bfloat16_plans_gpus_for_both_copies_of_its_weights():
+    numel = 8_000_000_000  # Llama-3-8B's size: 30 GiB in float32, 45 GiB with the bfloat16 scoring copy
+    alone, both = (planned_weight_bytes(numel, torch.float32, s) for s in ("model", "auto"))
+    assert (alone, both) == (4 * numel, 6 * numel)
+    assert planned_weight_bytes(numel, torch.bfloat16, "auto") == 2 * numel  # already bfloat16: one copy
+    assert planned_weight_bytes(numel, torch.float32, "float16") == 6 * numel
+    lay = {b: choose_layout(RayConfig(replicas="auto", stages="auto"), nodes(1), b, 32, gpu_memory=48 * GiB) for b in (alone, both)}
+    assert (lay[alone].stages, lay[both].stages) == (1, 2)
 
 
 def test_auto_refuses_a_model_that_needs_more_gpus_than_the_cluster_has():
