@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import asdict, dataclass, field, fields

@@ -56,8 +56,8 @@ class LevelSearchParams:
     # alone is scored on the first stage's tokens; the least sensitive layers then give levels to the
     # most sensitive ones (a few exact-budget candidates of different sizes join the selection).
     probe: int = 2
-    # Tokens the probes are scored on (0: the first stage's): they only rank layers against each other,
-    # on the same tokens, which a short set does nearly as well for a fraction of generation 0's time.
+    # Tokens the probes are scored on (0: the first stage's). A shorter set ranks the layers for a fraction of
+    # generation 0's time, but 2,048 tokens exported a worse model at 0.5 than 8,192 (docs/quality.md).
     probe_tokens: int = 0
 
 
