@@ -36,7 +36,7 @@ from .models.sliced import LayerSlice
 from .models.weights import share, unshare
 from .reform import LayerResult, ReformParams, iter_reform
 from .scores import LayerScores, Scores
-from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, planned_weight_bytes, resolve_score_dtype, shard_state_names, split_layers
+from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, bf16_native, planned_weight_bytes, resolve_score_dtype, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger("searchllm")
@@ -157,7 +157,7 @@ class StageActor:
         adapter, model_dtype = adapter_for(hf_config), getattr(torch, dtype)
         self.runner = ShardRunner(adapter, state, spec, device, model_dtype)
         # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
-        scored = resolve_score_dtype(score_dtype, model_dtype, self.runner.device)
+        scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
         self.scorer = self.runner if scored == model_dtype else ShardRunner(adapter, state, spec, device, scored)
         self.tokens = {k: ray.get(v) for k, v in tokens.items()}
         self.spec = spec

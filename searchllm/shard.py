@@ -142,17 +142,20 @@ class PrefixCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def resolve_score_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """levels.score_dtype on this device: `model` is model_dtype; `auto` is bfloat16 where the device computes it
-    natively (its matrix units make scoring 1.5-3x faster) and model_dtype elsewhere."""
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively (CUDA with bf16; a CPU with AVX-512 bf16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_score_dtype(name: str, model_dtype: torch.dtype, native: bool) -> torch.dtype:
+    """levels.score_dtype: `model` is model_dtype; `auto` is bfloat16 where the device computes it natively
+    (`native`: its matrix units make scoring 1.5-3x faster) and model_dtype elsewhere."""
     if name == "model":
         return model_dtype
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.bfloat16 if native and model_dtype == torch.float32 else model_dtype
 
 
@@ -160,10 +163,7 @@ def planned_weight_bytes(numel: int, model_dtype: torch.dtype, score_dtype: str)
     """Bytes of weights a stage actor holds, planned before its device is known: the model.dtype copy, and the
     scorer's second copy where levels.score_dtype may differ from it (`auto` counts the bfloat16 copy it makes
     wherever bfloat16 is native: a float32 model on a GPU holds 1.5x its float32 bytes)."""
-    if score_dtype == "auto":
-        scored = torch.bfloat16 if model_dtype == torch.float32 else model_dtype
-    else:
-        scored = model_dtype if score_dtype == "model" else getattr(torch, score_dtype)
+    scored = resolve_score_dtype(score_dtype, model_dtype, native=True)
     return numel * (model_dtype.itemsize + (scored.itemsize if scored != model_dtype else 0))
 
 
