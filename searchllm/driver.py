@@ -133,7 +133,7 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
             if strategies.get(cfg.search.mode).kind == "levels":  # the level search's selection stages: the first windows holding their tokens
                 for k, t in enumerate(cfg.levels.tokens):
                     tokens[stage_tokens(k)] = first_windows(ids[key], -(-t // corpus.seqlen), corpus.seqlen, f"levels.tokens[{k}]")
-                if cfg.levels.probe_tokens:
+                if cfg.levels.probe and cfg.levels.probe_tokens:  # the probes' own windows (targets set only then too)
                     n = -(-cfg.levels.probe_tokens // corpus.seqlen)
                     tokens[stage_tokens(PROBE_STAGE)] = first_windows(ids[key], n, corpus.seqlen, "levels.probe_tokens")
     return tokens, where
