@@ -57,8 +57,17 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _started_cluster() -> Optional[str]:
+    """The address of the cluster `ray start` runs on this machine (what ray.init() without an address
+    attaches to), if any. Not address="auto", which also takes a Ray another process started for itself with
+    ray.init() (a notebook's, a test suite's, another driver's): a run there queues behind that one's work."""
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None)
+
+
 def connect(cfg: RayConfig, name: str = "searchllm") -> str:
-    """Attach to $RAY_ADDRESS / ray.address, else to a running local cluster, else start a local Ray.
+    """Attach to $RAY_ADDRESS / ray.address, else to the cluster `ray start` runs here, else start a local Ray.
     `name` labels the driver's job (its metadata on the dashboard's Jobs page)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
@@ -75,11 +84,13 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
                 "or unset it to run on a local Ray"
             ) from None
         return f"attached to Ray at {address}"
-    try:
-        ray.init(address="auto", **quiet)
-        return "attached to the running local Ray cluster"
-    except ConnectionError:
-        pass
+    started = _started_cluster()
+    if started:
+        try:
+            ray.init(address=started, **quiet)
+            return f"attached to the local Ray cluster that `ray start` runs ({started})"
+        except ConnectionError:
+            pass  # the address file outlived its cluster
     # Our own throwaway cluster: no token auth left behind (it would lock later `ray start --head` users
     # out of their dashboard), no dashboard processes (~1 GB RSS on a laptop-sized machine).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -209,6 +209,25 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
     assert not run.exists()  # nothing a resume could mistake for progress
 
 
+CONNECT = """
+import ray
+from searchllm.config import RayConfig
+from searchllm.distributed import connect
+print(connect(RayConfig(num_cpus=1)))
+print(ray.get_runtime_context().gcs_address)
+"""
+
+
+def test_a_driver_starts_its_own_ray_beside_one_another_process_started_for_itself(ray_cluster):
+    # the session's Ray was started by ray.init() in this process, as a notebook's would be: not joined
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", CONNECT], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message, address = proc.stdout.strip().splitlines()[-2:]
+    assert message.startswith("started a local Ray")
+    assert address != ray_cluster.get_runtime_context().gcs_address
+
+
 @pytest.mark.parametrize("how", ["environment", "config"])
 def test_an_unreachable_ray_address_stops_early(tiny_checkpoint, tmp_path, how):
     # a subprocess: a Ray already started in this process would be reused, and this is the command line's own exit code
