@@ -6,7 +6,7 @@ import pytest
 
 from searchllm.driver import main
 
-from conftest import tiny_run_args
+from conftest import make_tiny_checkpoint, tiny_run_args
 
 pytestmark = pytest.mark.ray
 
@@ -21,10 +21,21 @@ def outcome(run):
     return m["search"]["levels"], m["search"]["best_fitness"], m["perplexity"]["exported"]
 
 
-def test_the_level_search_exports_exactly_the_subnet_it_scored(ray_cluster, tiny_checkpoint, tmp_path):
-    path, corpus = tiny_checkpoint
-    run = tmp_path / "run"
-    assert main(level_args(path, corpus, run, "search.generations=2")) == 0
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def two_generations(ray_cluster, checkpoint, tmp_path_factory):
+    """A finished two-generation level search on one replica (read, never changed, by the tests below)."""
+    run = tmp_path_factory.mktemp("levels") / "run"
+    assert main(level_args(*checkpoint, run, "search.generations=2")) == 0
+    return run
+
+
+def test_the_level_search_exports_exactly_the_subnet_it_scored(two_generations):
+    run = two_generations
     m = json.loads((run / "manifest.json").read_text())
     assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["searched"], rel=1e-4)
     assert m["export"]["params"] == m["params"]["subnet"]
@@ -46,11 +57,9 @@ def test_a_resumed_level_search_reuses_its_database_and_ends_identical(ray_clust
     assert json.loads((stopped / "manifest.json").read_text())["level_database"]["layers_built"] == 0
 
 
-def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(ray_cluster, tiny_checkpoint, tmp_path):
-    path, corpus = tiny_checkpoint
-    assert main(level_args(path, corpus, tmp_path / "one", "search.generations=2")) == 0
-    assert main(level_args(path, corpus, tmp_path / "two", "search.generations=2", "ray.replicas=2", "ray.stages=2")) == 0
-    assert outcome(tmp_path / "one") == outcome(tmp_path / "two")
+def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(two_generations, checkpoint, tmp_path):
+    assert main(level_args(*checkpoint, tmp_path / "two", "search.generations=2", "ray.replicas=2", "ray.stages=2")) == 0
+    assert outcome(two_generations) == outcome(tmp_path / "two")
 
 
 def test_bfloat16_scoring_moves_fitness_slightly_and_never_the_report(ray_cluster, tiny_checkpoint, tmp_path):
