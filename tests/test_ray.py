@@ -96,7 +96,7 @@ def test_one_and_two_replicas_with_the_same_seed_find_the_same_best(ray_cluster,
     assert search_best(llama, adapter, tokens, tmp_path / "one", 1) == search_best(llama, adapter, tokens, tmp_path / "two", 2)
 
 
-def test_driver_runs_the_search_end_to_end_and_resumes(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+def test_driver_runs_the_search_end_to_end_refuses_to_overwrite_it_and_resumes(ray_cluster, tiny_checkpoint, tmp_path, capsys):
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
     assert main(tiny_run_args(path, corpus, run, "search.generations=2")) == 0
@@ -104,6 +104,9 @@ def test_driver_runs_the_search_end_to_end_and_resumes(ray_cluster, tiny_checkpo
     assert "best subnet: kept ratio" in out and "dense" in out
     summary = json.loads((run / "summary.json").read_text())
     assert 0.67 <= summary["best_ratio"] <= 0.73 and summary["generations"] == 2
+    # The same command again does not start over the finished run.
+    assert main(tiny_run_args(path, corpus, run, "search.generations=2")) == 2
+    assert "already holds a search; pass resume=" in capsys.readouterr().err
     # Continue the same run for one more generation: the first two are not evaluated again.
     assert main([f"resume={run}", "search.generations=3"]) == 0
     arch = RunDir(run).archive()
@@ -170,14 +173,6 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
     assert evaluate_main([str(run), "eval.lengths=[8]"]) == 0
     again = pd.read_parquet(run / "eval.parquet")
     assert len(again) == len(table) + 1 and again.iloc[-1].seqlen == 8 and again.iloc[-1].model == str(run / "export")
-
-
-def test_driver_refuses_to_overwrite_a_run(ray_cluster, tiny_checkpoint, tmp_path, capsys):
-    path, corpus = tiny_checkpoint
-    run = tmp_path / "run"
-    assert main(tiny_run_args(path, corpus, run, "search.generations=1")) == 0
-    assert main(tiny_run_args(path, corpus, run)) == 2
-    assert "already holds a search; pass resume=" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
