@@ -144,6 +144,12 @@ def tiny_checkpoint(tmp_path):
     return make_tiny_checkpoint(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny checkpoint shared by one module's tests (runs that only read it)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
 def tiny_run_args(path, corpus, run_dir, *extra):
     data = [f"data.{n}.name=text data.{n}.path={corpus} data.{n}.seqlen=32" for n in ("calibration", "fitness", "report")]
     return [

@@ -13,7 +13,7 @@ from searchllm.driver import main
 from searchllm.rundir import RunDir
 from searchllm.space import SearchSpace
 
-from conftest import make_tiny_checkpoint, tiny_run_args
+from conftest import tiny_run_args
 from helpers import evaluator_pool, small_search
 
 pytestmark = pytest.mark.ray
@@ -136,11 +136,6 @@ setattr(owner, parts[-1], counted)
 from searchllm.driver import main
 sys.exit(main(sys.argv[3:]))
 """
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from searchllm.driver import main
 
-from conftest import make_tiny_checkpoint, tiny_run_args
+from conftest import tiny_run_args
 
 pytestmark = pytest.mark.ray
 
@@ -19,11 +19,6 @@ def level_args(path, corpus, run, *extra):
 def outcome(run):
     m = json.loads((run / "manifest.json").read_text())
     return m["search"]["levels"], m["search"]["best_fitness"], m["perplexity"]["exported"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
