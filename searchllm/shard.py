@@ -80,19 +80,25 @@ def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return top.values, top.indices.to(torch.int32)
 
 
+KL_ROWS = 64  # positions per float block of sparse_kl: 64 x vocab stays in cache (whole windows: 1.5x slower on CPU)
+
+
 def sparse_kl(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Summed KL(P_dense || Q) over positions, on the dense model's top-k tokens plus one bin for the
     rest of the vocabulary (the KL of the coarsened distributions: a lower bound of the full KL, equal to
-    it when k is the vocabulary)."""
-    logq = F.log_softmax(logits.float(), -1)
+    it when k is the vocabulary). `logits` may be in any dtype: each block of KL_ROWS positions is scored in
+    float32, every position alone, so the sum is the same to the bit however the blocks fall."""
     logp, idx = target
-    p = logp.exp()
-    logq_k = logq.gather(-1, idx.long())
-    kl = (p * (logp - logq_k)).sum(-1)
-    p_rest = (1 - p.sum(-1)).clamp_min(0)
-    q_rest = (1 - logq_k.exp().sum(-1)).clamp_min(1e-30)
-    rest = torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
-    return (kl + rest).sum()
+    kl = torch.empty(logits.shape[0], device=logits.device)
+    for s in range(0, logits.shape[0], KL_ROWS):
+        rows = slice(s, s + KL_ROWS)
+        logq_k = F.log_softmax(logits[rows].float(), -1).gather(-1, idx[rows].long())
+        p = logp[rows].exp()
+        p_rest = (1 - p.sum(-1)).clamp_min(0)
+        q_rest = (1 - logq_k.exp().sum(-1)).clamp_min(1e-30)
+        rest = torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
+        kl[rows] = (p * (logp[rows] - logq_k)).sum(-1) + rest
+    return kl.sum()
 
 
 def drawn_tokens(logits: torch.Tensor, seed: int, window: int) -> torch.Tensor:
@@ -284,8 +290,12 @@ class ShardRunner:
             outs.append(h)
         return torch.cat(outs)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's output in the runner's dtype."""
+        return F.linear(norm(h.to(self.device), self.norm_w, self.norm_b, self.eps), self.head_w)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(norm(h.to(self.device), self.norm_w, self.norm_b, self.eps), self.head_w).float()
+        return self.head(h).float()
 
     @torch.no_grad()
     def nll(self, hidden: torch.Tensor, tokens: torch.Tensor) -> NLL:
@@ -303,7 +313,7 @@ class ShardRunner:
         logp, idx = self.targets[which]
         total, count = 0.0, 0
         for j, h in enumerate(hidden):
-            total += float(sparse_kl(self.logits(h)[:-1], (logp[j], idx[j])))
+            total += float(sparse_kl(self.head(h)[:-1], (logp[j], idx[j])))
             count += h.shape[0] - 1
         return NLL(total, count, kind="kl")
 

@@ -288,6 +288,20 @@ def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl()
     assert 0 < float(sparse_kl(q_logits, topk_targets(p_logits, 5))) <= float(exact) + 1e-4  # a lower bound
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_kl_in_blocks_of_positions_is_the_whole_window_kl_to_the_bit(monkeypatch, dtype):
+    import searchllm.shard as shard
+
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(150, 300) * 3, (torch.randn(150, 300) * 3).to(dtype)
+    target = topk_targets(p_logits, 20)
+    monkeypatch.setattr(shard, "KL_ROWS", 10**6)
+    whole_window = float(sparse_kl(q_logits, target))
+    monkeypatch.setattr(shard, "KL_ROWS", 7)  # blocks that do not divide the window
+    assert float(sparse_kl(q_logits, target)) == whole_window
+    assert whole_window == pytest.approx(float(sparse_kl(q_logits.float(), target)), rel=1e-6)  # scored in float32
+
+
 def test_kl_fitness_through_a_shard_is_zero_for_the_dense_model(llama, adapter, tokens):
     runner = whole(adapter, llama)
     full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
