@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -122,7 +123,11 @@ def probe_gpu_memory(nodes: list[NodeInfo]) -> Optional[float]:
 
 class RayMetrics:
     """The run's progress as Ray metrics (Prometheus export of every node: `ray_searchllm_*`), tagged
-    with the run; subscribed to the driver's Monitor events. Actors add their busy time themselves."""
+    with the run; subscribed to the driver's Monitor events. Actors add their busy time themselves.
+
+    Ray (2.60) drops a gauge value from its export 20-30 s after it was set unless it is set again, and a
+    generation or a finalist's reformation takes longer than that; so the last value of every gauge is
+    re-set from a background thread until `close`."""
 
     def __init__(self, run: str) -> None:
         from ray.util.metrics import Counter, Gauge
@@ -141,18 +146,41 @@ class RayMetrics:
         self.reform_layers = gauge("reform_layers", "layers the current finalist has to reform")
         self.evaluations = Counter("searchllm_evaluations", "candidate evaluations finished", tag_keys=("run",))
         self.evaluations.set_default_tags({"run": run})
+        self._last: dict[Any, float] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        # Half an export interval: every export the emitter makes then carries a fresh value.
+        self.refresh_s = max(ray._config.metrics_report_interval_ms(), 1000) / 2000
+        self._thread = threading.Thread(target=self._refresh, name="searchllm-metrics", daemon=True)
+        self._thread.start()
+
+    def set(self, gauge: Any, value: float) -> None:
+        with self._lock:
+            self._last[gauge] = value
+        gauge.set(value)
+
+    def _refresh(self) -> None:
+        while not self._closed.wait(self.refresh_s):
+            with self._lock:
+                held = list(self._last.items())
+            for gauge, value in held:
+                gauge.set(value)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "result":
             self.evaluations.inc()
         elif event == "generation":
-            self.generation.set(data["generation"] + 1)
+            self.set(self.generation, data["generation"] + 1)
             for gauge, key in ((self.best, "best"), (self.median, "median"), (self.rate, "evals_per_s")):
                 if math.isfinite(data.get(key, math.inf)):
-                    gauge.set(data[key])
+                    self.set(gauge, data[key])
         elif event == "reform":
-            self.reform_layer.set(data["done"])
-            self.reform_layers.set(data["layers"])
+            self.set(self.reform_layer, data["done"])
+            self.set(self.reform_layers, data["layers"])
 
 
 # -- actors --------------------------------------------------------------------------------------------
@@ -385,7 +413,7 @@ class EvaluatorPool:
             if not inflight:
                 raise ClusterError("every evaluator replica has died; nothing left to evaluate on")
             if self.metrics is not None:
-                self.metrics.in_flight.set(len(inflight))
+                self.metrics.set(self.metrics.in_flight, len(inflight))
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             i, r = inflight.pop(ref)
             load[r] -= 1

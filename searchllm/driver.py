@@ -203,6 +203,8 @@ def run(p: Prepared) -> int:
         finally:
             if server is not None:
                 server.close()
+            if metrics is not None:
+                metrics.close()
         return 0
 
 

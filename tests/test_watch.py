@@ -181,7 +181,7 @@ def test_the_notebook_executes_on_a_fresh_run(watched, monkeypatch):
     assert any(f"{evaluations} evaluations, 0 failed" in o.get("text", "") for o in outputs)
 
 
-def test_metrics_appear_in_rays_prometheus_export(ray_cluster, llama, adapter, tokens):
+def test_run_metrics_stay_in_rays_prometheus_export_between_updates(ray_cluster, llama, adapter, tokens):
     from searchllm.distributed import RayMetrics
     from searchllm.space import SearchSpace
 
@@ -189,19 +189,25 @@ def test_metrics_appear_in_rays_prometheus_export(ray_cluster, llama, adapter, t
     metrics("generation", {"generation": 2, "best": 12.5, "median": 20.0, "evals_per_s": 3.0})
     metrics("result", {})
     metrics("reform", {"done": 3, "layers": 4})
-    with evaluator_pool(llama, adapter, tokens, metrics=metrics) as pool:
-        space = SearchSpace(adapter.geometry())
-        list(pool.stream(space, [space.full()] * 3))
-        port = ray_cluster.nodes()[0]["MetricsExportPort"]
-        # This run's series (other tests' runs export theirs too), each with its run tag.
-        wanted = [rf'{name}\{{[^}}]*run="metrics-test"[^}}]*\}} ([0-9.e+]+)' for name in (
-            "ray_searchllm_best_fitness", "ray_searchllm_generation", "ray_searchllm_evaluations_total", "ray_searchllm_reform_layer",
-            "ray_searchllm_candidates_in_flight")]
-        wanted.append(r'ray_searchllm_actor_busy_seconds_total\{[^}]*actor="searchllm-\w+-replica0-layers0-2"[^}]*\} ([0-9.e+]+)')
-        deadline, text = time.time() + 60, ""
-        while time.time() < deadline and not all(re.search(w, text) for w in wanted):
-            time.sleep(2)
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    updated = time.time()
+    try:
+        with evaluator_pool(llama, adapter, tokens, metrics=metrics) as pool:
+            space = SearchSpace(adapter.geometry())
+            list(pool.stream(space, [space.full()] * 3))
+            port = ray_cluster.nodes()[0]["MetricsExportPort"]
+            # This run's series (other tests' runs export theirs too), each with its run tag, read when
+            # Ray's agent has dropped gauge values not re-reported since they were set (after 20-30 s).
+            wanted = [rf'{name}\{{[^}}]*run="metrics-test"[^}}]*\}} ([0-9.e+]+)' for name in (
+                "ray_searchllm_best_fitness", "ray_searchllm_generation", "ray_searchllm_evaluations_total", "ray_searchllm_reform_layer",
+                "ray_searchllm_candidates_in_flight")]
+            wanted.append(r'ray_searchllm_actor_busy_seconds_total\{[^}]*actor="searchllm-\w+-replica0-layers0-2"[^}]*\} ([0-9.e+]+)')
+            time.sleep(max(0.0, updated + 35 - time.time()))
+            deadline, text = time.time() + 60, ""
+            while time.time() < deadline and not all(re.search(w, text) for w in wanted):
+                time.sleep(2)
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.close()
     found = [re.search(w, text) for w in wanted]
     assert all(found), [w for w, f in zip(wanted, found) if not f]
     values = [float(f.group(1)) for f in found]
