@@ -30,7 +30,7 @@ def main() -> None:
     ids = tokenize(load_text(CorpusConfig(name="wikitext2", split="validation"), "auto")[0], loaded.tokenizer)
     calib = random_windows(ids, calib_n, seqlen, 0, "calibration")
     held = first_windows(ids, 24, 512, "evaluation")[8:24]
-    runner = ShardRunner(loaded.adapter, loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
+    runner = ShardRunner(loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
     space = LevelSpace(g, params)
     band = (int((target - 0.01) * g.total_params), int((target + 0.01) * g.total_params))
     t0 = time.time()

@@ -40,7 +40,7 @@ def main() -> None:
     tokens, _ = token_sets(cfg, loaded.tokenizer)
     space = LevelSpace(g, cfg.levels)
     folder = next(p for p in (run.path / "levels").iterdir() if p.is_dir())
-    runner = ShardRunner(loaded.adapter, loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
+    runner = ShardRunner(loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
     runner.levels, runner.level_space = load_layers(folder), space
     evals = sorted(run.load_evals().values(), key=lambda r: r["finished_at"])
     evals = evals[: a.limit] if a.limit else evals

@@ -48,7 +48,7 @@ def main() -> None:
     g = m.adapter.geometry()
     state = share(m.model.state_dict())
     spec = split_layers(g.num_layers, 1)[0]
-    scorer = ShardRunner(m.adapter, state, spec)
+    scorer = ShardRunner(m.adapter.architecture(), state, spec)
     scorer.calibrate(calib, a.batch)
     sc = Scores.stack(scorer.scores)
     dense = scorer.forward([LayerSlice.full(g)] * g.num_layers, evals, batch=a.batch).ppl
@@ -64,7 +64,7 @@ def main() -> None:
         slices = space.slices(cand)
         before = scorer.forward(slices, evals, batch=a.batch).ppl
         for solver, (inputs, targets), features, damp in itertools.product(a.solvers, modes, FEATURES, a.damps):
-            runner = ShardRunner(m.adapter, state, spec)
+            runner = ShardRunner(m.adapter.architecture(), state, spec)
             t0 = time.perf_counter()
             p = ReformParams(solver=solver, inputs=inputs, features=features, targets=targets, damp=damp)
             reform_shard(runner, slices, calib, None, p, a.batch)

@@ -79,7 +79,7 @@ def main() -> None:
 
     adapter = adapter_for(cfg)
     g = adapter.geometry()
-    runner = ShardRunner(adapter, state, ShardSpec(0, layers, True, True), device, dtype)
+    runner = ShardRunner(adapter.architecture(), state, ShardSpec(0, layers, True, True), device, dtype)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (a.windows, a.seqlen), generator=gen)
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def main() -> None:
     budget = Budget(0.7, 0.01)
     cand = space.initial(rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget)
     calib = torch.randint(0, vocab, (a.calib, a.seqlen), generator=gen)
-    part = ShardRunner(adapter, state, ShardSpec(0, a.reform_layers, True, False), device, dtype)
+    part = ShardRunner(adapter.architecture(), state, ShardSpec(0, a.reform_layers, True, False), device, dtype)
     solved = []
     it = iter_reform(part, space.slices(cand), calib, None, ReformParams(bias=True), 1)
     t = time.perf_counter()

@@ -53,7 +53,7 @@ def main() -> None:
     # 1) Slicing overhead, in one process with 2 threads: evaluate = slice resident weights + forward;
     #    standalone = the same subnet's blocks built once, then the same forward.
     torch.set_num_threads(2)
-    runner = ShardRunner(m.adapter, share(m.model.state_dict()), split_layers(g.num_layers, 1)[0])
+    runner = ShardRunner(m.adapter.architecture(), share(m.model.state_dict()), split_layers(g.num_layers, 1)[0])
     rows = []
     for c in cands[:3]:
         slices = space.slices(c)

@@ -70,7 +70,7 @@ def main() -> None:
         model, adapter = loaded.model.to(dtype), loaded.adapter
         g = adapter.geometry()
         calib = random_windows(tokenize(load_text(CorpusConfig("wikitext2", "validation"), "auto")[0], loaded.tokenizer), 8, 256, 0, "calib")
-        runner = ShardRunner(adapter, share(model.state_dict()), split_layers(g.num_layers, 1)[0])
+        runner = ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(g.num_layers, 1)[0])
         runner.calibrate(calib, 4, 0.01)
         attn_scores = np.stack([runner.scores[i].attn for i in range(g.num_layers)])
         mlp_scores = np.stack([runner.scores[i].mlp for i in range(g.num_layers)])

@@ -23,22 +23,24 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import ray
 import torch
 from ray.util import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from .config import RayConfig
 from .layout import ClusterError, NodeInfo, choose_layout
-from .models.adapters import ModelAdapter, adapter_for
+from .models.adapters import Architecture, ModelAdapter
 from .models.sliced import LayerSlice
 from .models.weights import share, unshare
 from .reform import LayerResult, ReformParams, iter_reform
 from .scores import LayerScores, Scores
 from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, bf16_native, planned_weight_bytes, resolve_score_dtype, shard_state_names, split_layers
 from .space import Candidate, SearchSpace
+
+if TYPE_CHECKING:  # at run time actors would import every stage's config (pandas, omegaconf) for nothing
+    from .config import RayConfig
 
 log = logging.getLogger("searchllm")
 
@@ -188,16 +190,16 @@ class RayMetrics:
 class StageActor:
     """One shard of one evaluator replica."""
 
-    def __init__(self, hf_config: Any, state: dict, spec: ShardSpec, dtype: str, threads: int, tokens: dict,
+    def __init__(self, arch: Architecture, state: dict, spec: ShardSpec, dtype: str, threads: int, tokens: dict,
                  score_dtype: str = "model") -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
-        adapter, model_dtype = adapter_for(hf_config), getattr(torch, dtype)
-        self.runner = ShardRunner(adapter, state, spec, device, model_dtype)
+        model_dtype = getattr(torch, dtype)
+        self.runner = ShardRunner(arch, state, spec, device, model_dtype)
         # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
         scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
-        self.scorer = self.runner if scored == model_dtype else ShardRunner(adapter, state, spec, device, scored)
+        self.scorer = self.runner if scored == model_dtype else ShardRunner(arch, state, spec, device, scored)
         self.tokens = {k: ray.get(v) for k, v in tokens.items()}
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
@@ -311,6 +313,7 @@ class EvaluatorPool:
         self.put_seconds = time.perf_counter() - t0
         self._extras: dict[str, Any] = {"means": {}, "reformed": {}, "levels": None, "targets": {}}
         self._version = (0, [ray.put(self._extras)])
+        arch = adapter.architecture()
         self.groups = [self._group(r, node) for r, node in enumerate(layout.nodes)]
         actor_cls = ray.remote(actor)
         run_id = uuid.uuid4().hex[:6]
@@ -328,7 +331,7 @@ class EvaluatorPool:
                             max_restarts=cfg.max_restarts,
                             max_task_retries=-1 if cfg.max_restarts else 0,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
-                        ).remote(model.config, ref, spec, dtype, layout.threads, token_refs, score_dtype)
+                        ).remote(arch, ref, spec, dtype, layout.threads, token_refs, score_dtype)
                     )
                 self.replicas.append(chain)
             self.placed = [ray.get([a.ready.remote() for a in chain]) for chain in self.replicas]

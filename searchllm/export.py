@@ -4,7 +4,7 @@ Two forms, chosen by the subnet's structure:
   plain      every kept layer keeps the same number of whole KV heads and the same MLP size: the source
              family's own config class (LlamaConfig, Qwen2Config, ...) with smaller sizes; no remote code.
   searchllm  anything else (per-layer head counts, per-head widths, kept rotary pairs): SearchLLMConfig
-             with each layer's structure, and modeling_searchllm.py copied beside the weights, loadable
+             with each layer's structure, and modeling_searchllm.py (with blocks.py) copied beside the weights, loadable
              with from_pretrained(path, trust_remote_code=True) where searchllm is not installed.
 Weights hold exactly the kept rows and columns (parameter count = the search's count). Heads of one
 layer with different widths are zero-padded to the widest at run time only; the padding is reported.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .models import modeling_searchllm
+from .models import blocks, modeling_searchllm
 from .models.adapters import ModelAdapter
 from .models.modeling_searchllm import SearchLLMForCausalLM
 from .models.sliced import MODULE_PATHS, LayerSlice, slice_weights
@@ -130,13 +130,14 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
 
 
 def save(model: torch.nn.Module, info: ExportInfo, out: str | Path, tokenizer=None, source: str | None = None) -> Path:
-    """Write safetensors, config.json (with auto_map for the searchllm form), the remote code file,
+    """Write safetensors, config.json (with auto_map for the searchllm form), the remote code files,
     the tokenizer, and the source's generation config."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     if info.kind == "searchllm":
-        shutil.copy(modeling_searchllm.__file__, out / "modeling_searchllm.py")
+        for module in (modeling_searchllm, blocks):
+            shutil.copy(module.__file__, out / Path(module.__file__).name)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if source is not None:

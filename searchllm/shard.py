@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baselines import compensation
-from .models.adapters import ModelAdapter
-from .models.modeling_searchllm import norm
+from .models.adapters import Architecture, ModelAdapter
+from .models.blocks import norm
 from .models.sliced import LayerSlice, build_block
 from .models.weights import SharedState, unshare
 from .scores import GramAccumulator, LayerScores, layer_scores
@@ -176,30 +176,29 @@ def planned_weight_bytes(numel: int, model_dtype: torch.dtype, score_dtype: str)
 class ShardRunner:
     def __init__(
         self,
-        adapter: ModelAdapter,
+        arch: Architecture,
         state: SharedState | Mapping[str, torch.Tensor],
         spec: ShardSpec,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.adapter, self.spec, self.device, self.dtype = adapter, spec, torch.device(device), dtype
-        self.geometry = adapter.geometry()
+        self.arch, self.spec, self.device, self.dtype = arch, spec, torch.device(device), dtype
+        self.geometry = arch.geometry
         tensors = unshare(state) if any(isinstance(v, np.ndarray) for v in state.values()) else dict(state)
 
         def get(name: str) -> torch.Tensor:
             # On CPU at the stored dtype this is the shared tensor itself (no copy); never written.
             return tensors[name].to(device=self.device, dtype=dtype)
 
-        self.blocks_w = {i: {k: get(n) for k, n in adapter.block_state_keys(i).items()} for i in spec.layers}
-        outer = adapter.outer_state_keys()
+        self.blocks_w = {i: {k: get(n) for k, n in arch.block_keys[i].items()} for i in spec.layers}
+        outer = arch.outer_keys
         self.embed_w = get(outer["embed"]) if spec.first else None
         self.positions_w = get(outer["positions"]) if spec.first and "positions" in outer else None
         self.norm_w = get(outer["norm"]) if spec.last else None
         self.norm_b = get(outer["norm_bias"]) if spec.last and "norm_bias" in outer else None
         self.head_w = get(outer["lm_head"]) if spec.last else None
-        rotary = adapter.rotary()
-        self.rotary = rotary.to(self.device) if rotary is not None else None
-        self.block_config = adapter.sliced_config()
+        self.rotary = arch.rope.to(self.device) if arch.rope is not None else None
+        self.block_config = arch.block
         self.eps = self.block_config.rms_norm_eps
         self._cos_sin: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scores: dict[int, LayerScores] = {}
@@ -234,7 +233,7 @@ class ShardRunner:
 
     def block(self, layer: int, s: LayerSlice, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """One layer's sliced block; `overrides` replaces sliced tensors (reformed o/down) by standard key."""
-        return build_block(self.block_config, self.blocks_w[layer], s, self.geometry, overrides, self.adapter.window(layer))
+        return build_block(self.block_config, self.blocks_w[layer], s, self.geometry, overrides, self.arch.windows[layer])
 
     def _overrides(self, layer: int, s: LayerSlice) -> dict[str, torch.Tensor] | None:
         got = self.reformed.get(layer)

@@ -16,7 +16,7 @@ from conftest import FAMILIES, tiny_family
 
 def calibrated(model, adapter, tokens):
     g = adapter.geometry()
-    runner = ShardRunner(adapter, share(model.state_dict()), split_layers(g.num_layers, 1)[0])
+    runner = ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(g.num_layers, 1)[0])
     runner.calibrate(tokens)
     return runner, Scores.stack(runner.scores)
 

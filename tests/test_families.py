@@ -63,6 +63,28 @@ def test_llama3_rope_scaling_is_kept_by_slices_and_export(tokens):
     assert perplexity(exported, tokens).ppl == pytest.approx(got, rel=1e-5)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    LLAMA3_ROPE,
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+], ids=lambda r: r["rope_type"])
+def test_the_rotary_actors_run_is_transformers_rotary_to_the_bit(rope):
+    """What the architecture ships to actors computes transformers' cos/sin exactly, past the original
+    context too (where dynamic NTK rescales its frequencies)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                         vocab_size=128, max_position_embeddings=16, rope_parameters=rope)
+    ours, theirs = adapter_for(config).architecture().rope, LlamaRotaryEmbedding(config)
+    for dtype in (torch.float32, torch.bfloat16):
+        for length in (8, 64):
+            x, pos = torch.empty(1, dtype=dtype), torch.arange(length)[None]
+            assert all(torch.equal(a, b) for a, b in zip(ours(x, pos), theirs(x, pos)))
+
+
 def test_opt_positions_follow_the_attention_mask_under_left_padding(tokens):
     """OPT-style learned positions in the export: a left-padded prompt generates what the unpadded one does."""
     model, adapter = tiny_family("opt")

@@ -206,7 +206,7 @@ def test_output_factors_through_two_shards_equal_one_shard():
     g, state = adapter.geometry(), share(model.state_dict())
     calib = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(4))
     none, one = whole(adapter, model).output_factors(calib, None, 2, 5)
-    a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
+    a, b = (ShardRunner(adapter.architecture(), state, s) for s in split_layers(g.num_layers, 2))
     grad, second = b.output_factors(a.forward([LayerSlice.full(g)] * g.num_layers, calib), None, 2, 5)
     _, first = a.output_factors(calib, grad, 2, 5)
     assert none is None and sorted(first | second) == sorted(one) == list(range(g.num_layers))
@@ -222,7 +222,7 @@ def test_a_stream_refit_database_through_two_shards_equals_one_shard():
     implied = implied_levels(space, int(0.6 * g.total_params), int(0.7 * g.total_params))
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
     one, _ = build_local(whole(adapter, model), space, implied, calib, 2)
-    a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
+    a, b = (ShardRunner(adapter.architecture(), state, s) for s in split_layers(g.num_layers, 2))
     first, stream = build_local(a, space, implied, calib, 2)
     assert stream.shape[0] == 2 * calib.shape[0]  # the pruned and the dense stream, stacked
     two = first | build_local(b, space, implied, stream, 2)[0]

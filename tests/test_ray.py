@@ -55,6 +55,14 @@ def test_results_stream_back_from_every_replica(ray_cluster, llama, adapter, tok
     assert {r for _, _, r in got} == {0, 1}
 
 
+def test_evaluator_actors_import_neither_transformers_nor_pandas(ray_cluster, llama, adapter, tokens):
+    # each actor is a new process: those imports cost it seconds (most of a test-suite's Ray time)
+    with pool(llama, adapter, tokens) as p:
+        actor = p.replicas[0][0]
+        loaded = ray_cluster.get(actor.__ray_call__.remote(lambda _: [m for m in ("transformers", "pandas") if m in sys.modules]))
+    assert loaded == []
+
+
 @pytest.mark.parametrize("inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")])
 def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(ray_cluster, llama, adapter, tokens, inputs, targets):
     from searchllm.reform import ReformParams

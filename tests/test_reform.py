@@ -127,7 +127,7 @@ def test_reformation_lowers_perplexity_of_smollm2_at_half_kept(smollm2):
     held_out = tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], smollm2.tokenizer)
     evals = first_windows(held_out, 2, 256, "report")
     g = smollm2.adapter.geometry()
-    runner = ShardRunner(smollm2.adapter, share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0])
+    runner = ShardRunner(smollm2.adapter.architecture(), share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0])
     runner.calibrate(calib, batch=4)
     space = SearchSpace.for_target(g, 0.5)
     attn = np.stack([runner.scores[i].attn.numpy() for i in range(g.num_layers)])

@@ -18,7 +18,7 @@ def make_search(model, adapter, tokens, run_dir, generations, params=PARAMS, tar
     g = adapter.geometry()
     space = SearchSpace.for_target(g, target)
     budget = Budget(target, 0.03)
-    runner = ShardRunner(adapter, share(model.state_dict()), split_layers(g.num_layers, 1)[0])
+    runner = ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(g.num_layers, 1)[0])
     init = space.initial(
         np.random.default_rng(0).random((g.num_layers, g.num_kv_heads, g.head_dim // 2)),
         np.random.default_rng(1).random((g.num_layers, g.intermediate)),

@@ -12,7 +12,7 @@ from helpers import hf_ppl, masked_model
 
 
 def whole(adapter, model):
-    return ShardRunner(adapter, share(model.state_dict()), split_layers(adapter.geometry().num_layers, 1)[0])
+    return ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(adapter.geometry().num_layers, 1)[0])
 
 
 def random_slices(g, rng, heads_only=False, drop_layer=None):
@@ -83,7 +83,7 @@ def test_two_shards_give_the_same_loss_as_one(llama, adapter, tokens):
     g = adapter.geometry()
     slices = random_slices(g, np.random.default_rng(7))
     state = share(llama.state_dict())
-    a, b = (ShardRunner(adapter, state, s) for s in split_layers(g.num_layers, 2))
+    a, b = (ShardRunner(adapter.architecture(), state, s) for s in split_layers(g.num_layers, 2))
     two = b.forward(slices, a.forward(slices, tokens), tokens).ppl
     assert two == pytest.approx(whole(adapter, llama).forward(slices, tokens).ppl, rel=1e-6)
 

@@ -22,7 +22,7 @@ def windows(smollm2):
 @pytest.fixture(scope="module")
 def runner(smollm2):
     g = smollm2.adapter.geometry()
-    return ShardRunner(smollm2.adapter, share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0])
+    return ShardRunner(smollm2.adapter.architecture(), share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0])
 
 
 def test_full_candidate_gives_the_original_perplexity(smollm2, runner, windows):

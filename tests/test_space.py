@@ -25,7 +25,7 @@ def test_param_count_equals_numel_of_physically_sliced_layers(family, attention)
     model, adapter = tiny_family(family, **({"attention_bias": True} if family == "llama" else {}))
     space = SearchSpace(adapter.geometry(), attention)
     cand = random_candidate(space, np.random.default_rng(0))
-    runner = ShardRunner(adapter, share(model.state_dict()), split_layers(space.num_layers, 1)[0])
+    runner = ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(space.num_layers, 1)[0])
     blocks = runner.blocks(space.slices(cand))
     numel = sum(p.numel() for p in blocks.parameters())
     assert space.layer_params(cand).sum() == numel

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from torch import nn
+
+from .blocks import BlockConfig
 
 
 class UnsupportedModelError(ValueError):
@@ -75,6 +77,19 @@ class Geometry:
 BLOCK_KEYS = ("q", "k", "v", "o", "gate", "up", "down", "in_norm", "post_norm")
 
 
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    """What running a model's layers takes, free of transformers: the adapter builds it in the driver and
+    evaluator actors receive it, so their processes import torch alone (transformers takes ~4 s each)."""
+
+    geometry: Geometry
+    block: BlockConfig
+    block_keys: tuple[dict[str, str], ...]  # per layer: ModelAdapter.block_state_keys
+    outer_keys: dict[str, str]  # ModelAdapter.outer_state_keys
+    windows: tuple[Optional[int], ...]  # per layer: its sliding attention window, None for full attention
+    rope: Optional[nn.Module]  # forward(x, position_ids) -> (cos, sin) at the full head dim; None without RoPE
+
+
 class ModelAdapter(ABC):
     """One family: its geometry, its state-dict names, and how its blocks map onto SearchLLMConfig."""
 
@@ -106,6 +121,12 @@ class ModelAdapter(ABC):
     def rotary(self) -> nn.Module | None:
         """Module with forward(x, position_ids) -> (cos, sin) at the full head dim; None without RoPE."""
         return None
+
+    def architecture(self) -> Architecture:
+        g = self.geometry()
+        layers = range(g.num_layers)
+        return Architecture(g, BlockConfig.of(self.sliced_config()), tuple(self.block_state_keys(i) for i in layers),
+                            self.outer_state_keys(), tuple(self.window(i) for i in layers), self.rotary())
 
     def window(self, layer: int) -> int | None:
         """The sliding attention window of a layer, None for full attention."""

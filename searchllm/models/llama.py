@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import Geometry, ModelAdapter
+from .blocks import Rope
 
 
 class LlamaAdapter(ModelAdapter):
@@ -108,4 +109,9 @@ class LlamaAdapter(ModelAdapter):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         # Llama's rotary module reads only rope parameters and head_dim, which all three families share.
-        return LlamaRotaryEmbedding(config=self.config)
+        # Its frequencies, once made, are all a forward needs, except for the rope types that change them
+        # with the sequence length (dynamic NTK, LongRoPE): those keep the module itself.
+        module = LlamaRotaryEmbedding(config=self.config)
+        if "dynamic" in module.rope_type or module.rope_type == "longrope":
+            return module
+        return Rope(module.inv_freq, module.attention_scaling)

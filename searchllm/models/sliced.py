@@ -1,7 +1,7 @@
 """Physically sliced decoder blocks built from a model's original weights: compute falls with size.
 
 A `LayerSlice` says which rotary pairs of each KV head and which MLP channels a block keeps. The block
-itself is the export's `SlicedDecoderLayer` (modeling_searchllm), so the search scores exactly the
+itself is the export's `SlicedDecoderLayer` (blocks.py), so the search scores exactly the
 module the exported checkpoint runs; with its rules a sliced block computes what the original block
 computes with the dropped rows/columns zeroed.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import Geometry
-from .modeling_searchllm import SearchLLMConfig, SlicedDecoderLayer, kv_dims
+from .blocks import BlockConfig, SlicedDecoderLayer, kv_dims
 
 # Standard block keys (adapters.BLOCK_KEYS) -> parameter paths inside a SlicedDecoderLayer (LLaMA's names).
 MODULE_PATHS = {
@@ -104,7 +104,7 @@ def slice_weights(w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry) -> 
     return out
 
 
-def build_block(config: SearchLLMConfig, w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry,
+def build_block(config: BlockConfig, w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry,
                 overrides: Mapping[str, torch.Tensor] | None = None, window: int | None = None) -> SlicedDecoderLayer:
     """A SlicedDecoderLayer sharing storage with `w` where it can; `overrides` replaces sliced tensors
     (reformed o/down) by standard key; `window` is the layer's sliding attention window."""

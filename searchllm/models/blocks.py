@@ -1,0 +1,270 @@
+"""The sliced decoder block of every supported family, in torch alone.
+
+Both the search's actors and the exported remote code (`modeling_searchllm.py`, which imports this file
+beside it) build their layers from these classes, so what the search scores is what the export runs;
+actors import only this and torch (transformers costs seconds per process).
+
+Attention of a layer is described by `kv_pairs`: for each original KV head, the rotary pairs it keeps
+(pair d is dims (d, d + head_dim/2) of the original head; an empty list drops the head and its query
+heads). A kept head's dims are stored as [first halves..., second halves...], so rotating with the
+original cos/sin of the kept frequencies equals rotating the full head and dropping dims. Query heads
+share their KV head's dims (GQA); `q_counts` may keep fewer query heads per KV head (whole query heads
+pruned inside their group; unequal groups are allowed). The scale stays 1/sqrt(original head_dim). Heads of one layer that keep
+different widths are zero-padded to the widest at run time only: weights hold exactly the kept rows and
+columns, so parameter counts are exact; the padding costs attention FLOPs, not parameters.
+
+Family differences are config fields, not classes: RMSNorm or LayerNorm (`norm`), rotary or learned
+positions (`positions`, OPT's table offset by `position_offset`), a gated (SwiGLU) or plain MLP
+(`gated_mlp`), and per-layer sliding-window attention. Without rotary positions a "pair" is just two dims
+of a head that are kept or dropped together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+
+Recorder = Optional[Callable[[str, torch.Tensor], None]]
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """The fields of a model config (SearchLLMConfig names) that its blocks read."""
+
+    hidden_size: int
+    rms_norm_eps: float
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    down_bias: bool = False
+    norm: str = "rms"
+    positions: str = "rope"
+    position_offset: int = 0
+    gated_mlp: bool = True
+
+    @classmethod
+    def of(cls, config: Any) -> "BlockConfig":
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+class Rope(nn.Module):
+    """Rotary cos/sin at the full head dim from fixed inverse frequencies: the arithmetic of transformers'
+    LlamaRotaryEmbedding for every rope type whose frequencies do not depend on the sequence length."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+# Activations of the supported families, as transformers' ACT2FN computes them; others come from ACT2FN.
+ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU,
+               "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def activation(name: str) -> nn.Module:
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]()
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as LlamaRMSNorm (fp32 statistics, cast back before the weight).
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm without a bias, LayerNorm with one."""
+    if bias is None:
+        return rms_norm(x, weight, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+class Norm(nn.Module):
+    def __init__(self, size: int, eps: float, kind: str = "rms", device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(size, device=device, dtype=dtype)) if kind == "layer" else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm(x, self.weight, self.bias, self.eps)
+
+
+def window_mask(t: int, kv: int, window: int, device) -> torch.Tensor:
+    """Boolean (t, kv) mask of the last t queries: causal, and each sees at most `window` keys back."""
+    q = torch.arange(kv - t, kv, device=device)[:, None]
+    k = torch.arange(kv, device=device)[None]
+    return (k <= q) & (k > q - window)
+
+
+def kv_dims(pairs: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
+    return list(pairs) + [p + head_dim // 2 for p in pairs]
+
+
+class SlicedAttention(nn.Module):
+    def __init__(self, hidden: int, kv_pairs, head_dim: int, group: int, scale: float, qkv_bias: bool, o_bias: bool,
+                 device=None, dtype=None, buffer_device=None, rope: bool = True, window: int | None = None,
+                 q_counts: list[int] | None = None) -> None:
+        super().__init__()
+        self.rope, self.window = rope, window
+        # Query heads kept per original KV head (`q_counts`, default the whole group): a KV head whose
+        # group keeps none is gone. Equal counts are a standard GQA layer; unequal ones repeat each KV head
+        # for its own query heads (exact, at the cost of repeated K/V in the attention product).
+        counts = list(q_counts) if q_counts is not None else [group] * len(kv_pairs)
+        kept = [h for h, p in enumerate(kv_pairs) if len(p) and counts[h]]
+        widths = [2 * len(kv_pairs[h]) for h in kept]
+        self.counts = [counts[h] for h in kept]
+        self.n_kv, self.scale = len(kept), scale
+        self.equal = len(set(self.counts)) <= 1
+        self.rep = self.counts[0] if self.counts and self.equal else 1
+        self.n_q = sum(self.counts)
+        self.width = max(widths, default=0)
+        self.uniform = len(set(widths)) <= 1
+        q_dim, kv_dim = sum(w * c for w, c in zip(widths, self.counts)), sum(widths)
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias, **kw)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias and q_dim > 0, **kw)
+        self.kv_pairs, self.head_dim = [list(kv_pairs[h]) for h in kept], head_dim
+        dev = buffer_device if buffer_device is not None else (None if str(device) == "meta" else device)
+        for name, value in self.layout().items():
+            self.register_buffer(name, value.to(dev), persistent=False)
+
+    def layout(self) -> dict[str, torch.Tensor]:
+        """Index buffers: the original frequency of every (padded) dim per kept KV head, where kept dims
+        sit in the padded head layout (padding dims carry zeros, so their frequency is arbitrary), and,
+        with unequal groups, the KV head of every query head."""
+        wh, half = self.width // 2, self.head_dim // 2
+        freq = torch.zeros(self.n_kv, self.width, dtype=torch.long)
+        pos = []
+        for j, pairs in enumerate(self.kv_pairs):
+            n = len(pairs)
+            freq[j, :n] = torch.tensor(pairs)
+            freq[j, wh : wh + n] = torch.tensor(pairs) + half
+            pos.append(list(range(n)) + list(range(wh, wh + n)))
+        q_kv = [j for j, c in enumerate(self.counts) for _ in range(c)]
+        out = {"freq": freq}
+        if not self.equal:
+            out["q_kv"] = torch.tensor(q_kv, dtype=torch.long)
+        if not self.uniform:
+            out["kv_pos"] = torch.tensor([j * self.width + p for j, ps in enumerate(pos) for p in ps], dtype=torch.long)
+            out["q_pos"] = torch.tensor([qi * self.width + p for qi, j in enumerate(q_kv) for p in pos[j]], dtype=torch.long)
+        return out
+
+    def _heads(self, x: torch.Tensor, n_heads: int, pos_name: str) -> torch.Tensor:
+        b, t, _ = x.shape
+        if not self.uniform:
+            x = x.new_zeros(b, t, n_heads * self.width).index_copy_(-1, getattr(self, pos_name), x)
+        return x.view(b, t, n_heads, self.width).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
+                mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        if self.n_kv == 0:
+            return torch.zeros_like(x)
+        b, t, _ = x.shape
+        nq = self.n_q
+        q = self._heads(self.q_proj(x), nq, "q_pos")
+        k = self._heads(self.k_proj(x), self.n_kv, "kv_pos")
+        v = self._heads(self.v_proj(x), self.n_kv, "kv_pos")
+        if self.rope:
+            # cos/sin: (b, t, head_dim) of the original head -> per kept KV head (b, n_kv, t, width).
+            idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
+            ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
+            sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
+            if self.equal:  # query heads of a group share their KV head's frequencies: broadcast, not repeat
+                qg = q.view(b, self.n_kv, self.rep, t, self.width)
+                q = (qg * ck[:, :, None] + rotate_half(qg) * sk[:, :, None]).view(b, nq, t, self.width)
+            else:
+                cq, sq = ck.index_select(1, self.q_kv), sk.index_select(1, self.q_kv)
+                q = q * cq + rotate_half(q) * sq
+            k = k * ck + rotate_half(k) * sk
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        if not self.equal:
+            k, v = k.index_select(1, self.q_kv), v.index_select(1, self.q_kv)
+        if mask is None and self.window is not None and k.shape[2] > self.window:
+            mask = window_mask(t, k.shape[2], self.window, x.device)  # a block run alone (search, reformation)
+        causal = mask is None and t > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1)
+        out = out.transpose(1, 2).reshape(b, t, nq * self.width)
+        if not self.uniform:
+            out = out.index_select(-1, self.q_pos)
+        if record is not None:
+            record("o", out)
+        return self.o_proj(out)
+
+
+class SlicedMLP(nn.Module):
+    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None, down_bias: bool = False,
+                 gated: bool = True) -> None:
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.empty = channels == 0
+        self.gate_proj = nn.Linear(hidden, channels, bias=bias, **kw) if gated else None
+        self.up_proj = nn.Linear(hidden, channels, bias=bias, **kw)
+        self.down_proj = nn.Linear(channels, hidden, bias=(bias or down_bias) and channels > 0, **kw)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor, record: Recorder = None) -> torch.Tensor:
+        if self.empty:
+            return torch.zeros_like(x)
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+        if record is not None:
+            record("down", h)
+        return self.down_proj(h)
+
+
+class SlicedDecoderLayer(nn.Module):
+    """A pre-norm block. `record(key, x)` sees the inputs of q/k/v ("qkv"), o ("o"), gate/up ("mlp"), down ("down")."""
+
+    def __init__(self, config: "BlockConfig", kv_pairs, channels: int, device=None, dtype=None, buffer_device=None,
+                 window: int | None = None, q_counts: list[int] | None = None) -> None:
+        super().__init__()
+        import warnings
+
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # a module pruned away is an empty Linear
+        c, kw = config, dict(device=device, dtype=dtype)
+        self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
+        group = c.num_attention_heads // c.num_key_value_heads
+        self.self_attn = SlicedAttention(c.hidden_size, kv_pairs, c.head_dim, group, c.head_dim**-0.5, c.qkv_bias, c.o_bias,
+                                        buffer_device=buffer_device, rope=c.positions == "rope", window=window, q_counts=q_counts, **kw)
+        self.post_attention_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
+        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, gated=c.gated_mlp, **kw)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
+                mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if record is not None:
+            record("qkv", h)
+        x = x + self.self_attn(h, cos, sin, record, mask, cache, layer_idx)
+        h = self.post_attention_layernorm(x)
+        if record is not None:
+            record("mlp", h)
+        return x + self.mlp(h, record)
