@@ -24,6 +24,7 @@ Ablations of searchllm (one setting changed each):
   ab:single-4k    single-step selection on 4,096 tokens instead of 8,192
   ab:fp32-score   candidates scored in float32 (model.dtype) instead of bfloat16
   ab:probe-2k     generation 0's sensitivity probes scored on the first 2,048 tokens instead of the stage's 8,192
+  ab:probe-4k     the same on the first 4,096 tokens
   ab:fit2048      the selection's 8,192 tokens as 4 windows of 2,048 (the evaluation's length) instead of 16 of 512
   ab:long-stages  multi-step selection of 12 children on 2,048 -> 4,096 -> 8,192 tokens (3 -> 1 survivors)
   ab:8x1k         multi-step selection of 8 children on 1,024 -> 4,096 -> 8,192 tokens (2 -> 1 survivors)
@@ -64,6 +65,7 @@ METHODS = {
     "ab:single-4k": ["method=searchllm", "levels.tokens=[4096]"],
     "ab:fp32-score": ["method=searchllm", "levels.score_dtype=model"],
     "ab:probe-2k": ["method=searchllm", "levels.probe_tokens=2048"],
+    "ab:probe-4k": ["method=searchllm", "levels.probe_tokens=4096"],
     "ab:fit2048": ["method=searchllm", "data.fitness.seqlen=2048"],
     "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]", "levels.survivors=[3,1]", "levels.offspring=12"],
     "ab:8x1k": ["method=searchllm", "levels.tokens=[1024,4096,8192]", "levels.survivors=[2,1]", "levels.offspring=8"],

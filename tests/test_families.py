@@ -85,6 +85,17 @@ def test_the_rotary_actors_run_is_transformers_rotary_to_the_bit(rope):
             assert all(torch.equal(a, b) for a, b in zip(ours(x, pos), theirs(x, pos)))
 
 
+@pytest.mark.parametrize("name", ["silu", "swish", "relu", "gelu", "gelu_pytorch_tanh"])
+def test_the_blocks_torch_activations_are_transformers_to_the_bit(name):
+    from transformers.activations import ACT2FN
+
+    from searchllm.models.blocks import ACTIVATIONS, activation
+
+    assert name in ACTIVATIONS
+    x = torch.randn(4, 64) * 4
+    assert torch.equal(activation(name)(x), ACT2FN[name](x))
+
+
 def test_opt_positions_follow_the_attention_mask_under_left_padding(tokens):
     """OPT-style learned positions in the export: a left-padded prompt generates what the unpadded one does."""
     model, adapter = tiny_family("opt")
