@@ -133,8 +133,8 @@ def token_sets(cfg: Config, tokenizer) -> tuple[dict[str, torch.Tensor], dict[st
             if strategies.get(cfg.search.mode).kind == "levels":  # the level search's selection stages: the first windows holding their tokens
                 for k, t in enumerate(cfg.levels.tokens):
                     tokens[stage_tokens(k)] = first_windows(ids[key], -(-t // corpus.seqlen), corpus.seqlen, f"levels.tokens[{k}]")
-                if cfg.levels.probe and cfg.levels.probe_tokens:  # the probes' own windows (targets set only then too)
-                    n = -(-cfg.levels.probe_tokens // corpus.seqlen)
+                if cfg.levels.probe_own_tokens:  # the probes' own windows (targets set only then too)
+                    n = -(-cfg.levels.probe_own_tokens // corpus.seqlen)
                     tokens[stage_tokens(PROBE_STAGE)] = first_windows(ids[key], n, corpus.seqlen, "levels.probe_tokens")
     return tokens, where
 
@@ -359,7 +359,7 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
     stages = [stage_tokens(k) for k in range(len(lv.tokens))]
     metric = "kl" if lv.fitness == "kl" else "nll"
     if metric == "kl":
-        for w in stages + ([stage_tokens(PROBE_STAGE)] if lv.probe and lv.probe_tokens else []):
+        for w in stages + ([stage_tokens(PROBE_STAGE)] if lv.probe_own_tokens else []):
             pool.set_targets(codec, full, w, lv.topk, batch)
     inits = []
     if lv.init in ("all", "uniform"):

@@ -56,9 +56,15 @@ class LevelSearchParams:
     # alone is scored on the first stage's tokens; the least sensitive layers then give levels to the
     # most sensitive ones (a few exact-budget candidates of different sizes join the selection).
     probe: int = 2
-    # Tokens the probes are scored on (0: the first stage's). A shorter set ranks the layers for a fraction of
-    # generation 0's time, but 2,048 tokens exported a worse model at 0.5 than 8,192 (docs/quality.md).
+    # Tokens the probes are scored on (0, or at least the first stage's: the first stage's). A shorter set ranks
+    # the layers for a fraction of generation 0's time: 4,096 of 8,192 exported as good a model at 0.8 and 0.5,
+    # 2,048 a worse one at 0.5 (docs/quality.md).
     probe_tokens: int = 0
+
+    @property
+    def probe_own_tokens(self) -> int:
+        """The probes' own token count; 0 where they are scored on the first stage's tokens."""
+        return self.probe_tokens if self.probe and 0 < self.probe_tokens < self.tokens[0] else 0
 
 
 PROBE_STAGE = -1  # the stage the probes are scored as when they have their own tokens (levels.probe_tokens)
@@ -172,7 +178,7 @@ class LevelSearch:
                     g = base.copy()
                     g[i, mod] -= d
                     cands.append(((i, mod), g))
-        recs = self._stage(0, PROBE_STAGE if self.p.probe_tokens else 0, [(g, "probe") for _, g in cands], done)
+        recs = self._stage(0, PROBE_STAGE if self.p.probe_own_tokens else 0, [(g, "probe") for _, g in cands], done)
         for ((i, mod), _), r in zip(cands, recs):
             sens[(i, mod)] = r["fitness"]
         probes += recs

@@ -48,7 +48,7 @@ def test_defaults_are_the_searchllm_method():
     c = load_config([])
     assert (c.method, c.search.mode, c.search.compensate) == ("searchllm", "levels", False)
     lv = c.levels
-    assert (lv.heads, lv.fitness, lv.inputs, lv.tokens, lv.score_dtype, lv.probe_tokens) == ("equal", "kl", "accumulated", [8192], "auto", 0)
+    assert (lv.heads, lv.fitness, lv.inputs, lv.tokens, lv.score_dtype, lv.probe_tokens) == ("equal", "kl", "accumulated", [8192], "auto", 4096)
     assert c.data.calibration.samples * c.data.calibration.seqlen >= 64 * 512  # enough tokens for the solves
     assert load_config(["method=searchllm"]).levels == lv and load_config(["method=searchllm"]).search == c.search  # the preset says what the defaults say
 

@@ -420,6 +420,15 @@ def test_probes_with_their_own_tokens_are_scored_only_on_them(tmp_path):
     assert {stage for _, stage in ev.calls} == {0, PROBE_STAGE}  # everything else on the selection stage
 
 
+def test_probes_asked_for_as_many_tokens_as_the_first_stage_or_more_are_scored_on_it(tmp_path):
+    _, _, _, db, band = build_db()
+    ev = FakeEvaluator(np.ones((db.space.num_layers, 2)))
+    params = LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=1, probe_tokens=4096)
+    search = searcher(db, band, ev, RunDir(tmp_path).create(), params, generations=1)
+    search.run_search([(uniform_genome(db.space, db.params, *band, db.space.attn_top), "uniform")])
+    assert {stage for _, stage in ev.calls} == {0}
+
+
 def test_a_build_resumed_after_its_first_layers_gives_the_same_database():
     model, adapter, _, db, band = build_db()
     space = db.space
