@@ -409,24 +409,16 @@ def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_sa
         assert child[0, 1] == base[0, 1] + 1  # the sensitive layer gained a level
 
 
-def test_probes_with_their_own_tokens_are_scored_only_on_them(tmp_path):
+@pytest.mark.parametrize("probe_tokens,probe_stage", [(16, PROBE_STAGE), (4096, 0)])  # the first stage has 32
+def test_probes_are_scored_on_their_own_tokens_only_when_fewer_than_the_first_stages(tmp_path, probe_tokens, probe_stage):
     _, _, _, db, band = build_db()
     ev = FakeEvaluator(np.ones((db.space.num_layers, 2)))
-    params = LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=1, probe_tokens=16)
+    params = LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=1, probe_tokens=probe_tokens)
     search = searcher(db, band, ev, RunDir(tmp_path).create(), params, generations=1)
     search.run_search([(uniform_genome(db.space, db.params, *band, db.space.attn_top), "uniform")])
     probes = [r for r in RunDir(tmp_path).load_evals().values() if r["origin"] == "probe"]
-    assert probes and {r["stage"] for r in probes} == {PROBE_STAGE}
-    assert {stage for _, stage in ev.calls} == {0, PROBE_STAGE}  # everything else on the selection stage
-
-
-def test_probes_asked_for_as_many_tokens_as_the_first_stage_or_more_are_scored_on_it(tmp_path):
-    _, _, _, db, band = build_db()
-    ev = FakeEvaluator(np.ones((db.space.num_layers, 2)))
-    params = LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=1, probe_tokens=4096)
-    search = searcher(db, band, ev, RunDir(tmp_path).create(), params, generations=1)
-    search.run_search([(uniform_genome(db.space, db.params, *band, db.space.attn_top), "uniform")])
-    assert {stage for _, stage in ev.calls} == {0}
+    assert probes and {r["stage"] for r in probes} == {probe_stage}
+    assert {stage for _, stage in ev.calls} == {0, probe_stage}  # everything else on the selection stage
 
 
 def test_a_build_resumed_after_its_first_layers_gives_the_same_database():
