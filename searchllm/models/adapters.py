@@ -80,7 +80,7 @@ BLOCK_KEYS = ("q", "k", "v", "o", "gate", "up", "down", "in_norm", "post_norm")
 @dataclass(frozen=True, eq=False)
 class Architecture:
     """What running a model's layers takes, free of transformers: the adapter builds it in the driver and
-    evaluator actors receive it, so their processes import torch alone (transformers takes ~4 s each)."""
+    evaluator actors receive it, so their processes import torch alone (transformers took ~6 s of each start)."""
 
     geometry: Geometry
     block: BlockConfig
