@@ -307,13 +307,13 @@ class EvaluatorPool:
         self.specs = split_layers(g.num_layers, layout.stages)
         self.cfg = cfg
         # Held for the pool's life: a restarted actor re-reads its constructor arguments from the store.
+        arch = adapter.architecture()
         t0 = time.perf_counter()
-        self.shard_refs = shard_refs = [ray.put(share(state, shard_state_names(adapter, s))) for s in self.specs]
+        self.shard_refs = shard_refs = [ray.put(share(state, shard_state_names(arch, s))) for s in self.specs]
         self.token_refs = token_refs = {k: ray.put(v) for k, v in tokens.items()}
         self.put_seconds = time.perf_counter() - t0
         self._extras: dict[str, Any] = {"means": {}, "reformed": {}, "levels": None, "targets": {}}
         self._version = (0, [ray.put(self._extras)])
-        arch = adapter.architecture()
         self.groups = [self._group(r, node) for r, node in enumerate(layout.nodes)]
         actor_cls = ray.remote(actor)
         run_id = uuid.uuid4().hex[:6]

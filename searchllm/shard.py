@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baselines import compensation
-from .models.adapters import Architecture, ModelAdapter
+from .models.adapters import Architecture
 from .models.blocks import norm
 from .models.sliced import LayerSlice, build_block
 from .models.weights import SharedState, unshare
@@ -45,9 +45,10 @@ def split_layers(num_layers: int, stages: int) -> list[ShardSpec]:
     return [ShardSpec(int(a), int(b), i == 0, i == stages - 1) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def shard_state_names(adapter: ModelAdapter, spec: ShardSpec) -> list[str]:
-    names = [n for i in spec.layers for n in adapter.block_state_keys(i).values()]
-    outer = adapter.outer_state_keys()
+def shard_state_names(arch: Architecture, spec: ShardSpec) -> list[str]:
+    """The state-dict names a ShardRunner of `spec` reads."""
+    names = [n for i in spec.layers for n in arch.block_keys[i].values()]
+    outer = arch.outer_keys
     first, last = ("embed", "positions"), ("norm", "norm_bias", "lm_head")
     names += [outer[k] for k in (first if spec.first else ()) + (last if spec.last else ()) if k in outer]
     return list(dict.fromkeys(names))
