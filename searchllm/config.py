@@ -115,9 +115,10 @@ class LevelsConfig(LevelParams, LevelSearchParams):
 
     fitness: str = "kl"  # kl: mean KL divergence from the dense model (top-k sparse) | ppl
     topk: int = 256  # dense tokens kept per position for the KL (the rest is one bin)
-    # Starting points: uniform (the same levels in every layer, one candidate per attention level that
-    # fits the budget), errors (greedy allocation by the database's own reconstruction errors), or all.
-    init: str = "all"
+    # Starting points: uniform (the same levels in every layer, from the whole attention down while the fitness
+    # falls), errors (greedy allocation by the database's own reconstruction errors), or all. The error
+    # allocation never ranked in generation 0's best two at 0.9, 0.8, 0.7 or 0.5 (docs/quality.md).
+    init: str = "uniform"
     # Re-reform the chosen assignment with the reformation stage (reform.*) from the original weights and
     # keep whichever of it and the database weights scores better on the last stage's tokens.
     rereform: bool = False

@@ -361,12 +361,12 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
     if metric == "kl":
         for w in stages + ([stage_tokens(PROBE_STAGE)] if lv.probe_own_tokens else []):
             pool.set_targets(codec, full, w, lv.topk, batch)
-    inits = []
-    if lv.init in ("all", "uniform"):
+    inits, ladder = [], []
+    if lv.init in ("all", "uniform"):  # from the whole attention down, as far as the KL keeps falling
         for a in range(space.attn_top, -1, -1):
             genome = uniform_genome(space, db.params, *band, a)
             if genome is not None:
-                inits.append((genome, f"uniform attention level {a}"))
+                ladder.append((genome, f"uniform attention level {a}"))
     if lv.init in ("all", "errors"):
         inits.append((error_allocation(db, *band), "error allocation"))
     monitor.stage("searching")
@@ -375,7 +375,7 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
                                          leave=False, mininterval=1, disable=None)
     search = strategies.get(cfg.search.mode).make(db, space.top, g.total_params, band, lv, LevelEvaluator(pool, codec, batch, metric), run_dir, cfg.search.seed,
                          cfg.search.generations, monitor, lambda x: summarize_levels(db, x), bar)
-    result = search.run_search(inits)
+    result = search.run_search(inits, ladder)
     wall = time.perf_counter() - t0
     best = result.best
     dense_rep, best_rep = (nll.ppl for _, nll, _ in sorted(pool.stream(codec, [full, best], "report", batch), key=lambda x: x[0]))
@@ -404,7 +404,7 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
         **manifest_source(cfg, loaded, where),
         "search": {"mode": "levels", "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
                    "fitness_corpus": where["fitness"], "fitness": lv.fitness, "best_fitness": result.fitness, "seconds": wall,
-                   "levels": best.tolist(), "inits": [o for _, o in inits]},
+                   "levels": best.tolist(), "inits": [o for _, o in ladder + inits]},
         "level_database": built,
         "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
         "params": {"original": g.total_params, "subnet": result.params, "decoder_original": g.num_layers * g.layer_params,

@@ -344,6 +344,21 @@ def test_multi_step_selection_keeps_the_best_survivor(tmp_path):
     assert hist == sorted(hist, reverse=True) and result.fitness == hist[-1]
 
 
+def test_the_ladder_of_starting_points_stops_at_the_first_rung_scored_worse(tmp_path):
+    _, _, _, db, band = build_db()
+    space = db.space
+    w = np.zeros((space.num_layers, 2))
+    w[:, 0] = 1.0  # fitness grows with every attention level removed: the top rung is best, the second worse
+    ev = FakeEvaluator(w)
+    search = searcher(db, band, ev, RunDir(tmp_path).create(), LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=0), generations=1)
+    ladder = [(g, f"uniform attention level {a}") for a in range(space.attn_top, -1, -1)
+              if (g := uniform_genome(space, db.params, *band, a)) is not None]
+    assert len(ladder) >= 3
+    search.run_search([], ladder)
+    scored = {r["origin"] for r in RunDir(tmp_path).load_evals().values()}
+    assert scored == {ladder[0][1], ladder[1][1]}
+
+
 def test_search_resumed_from_its_checkpoint_ends_identical(tmp_path):
     _, _, _, db, band = build_db()
     w = np.random.default_rng(1).random((db.space.num_layers, 2))
