@@ -106,10 +106,8 @@ def drawn_tokens(logits: torch.Tensor, seed: int, window: int) -> torch.Tensor:
     """One next token per position drawn from the model's own distribution (the true Fisher's labels),
     seeded by window index: the same draws however the windows are batched or sharded."""
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + window)
-    cdf = torch.softmax(logits.detach().double(), -1).cpu().cumsum(-1)
-    # Inverse CDF: the same distribution as torch.multinomial in a quarter of its time on a 49k vocabulary.
-    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.shape[-1] - 1).to(logits.device)
+    probs = torch.softmax(logits.detach().double(), -1).cpu()
+    return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
 
 
 class PrefixCache:
