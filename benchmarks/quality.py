@@ -11,12 +11,12 @@ A row already run under --root (its eval.parquet there) is read back, not run ag
 Methods (a name -> driver overrides on top of conf/default.yaml; `--` passes more to every run):
   uniform         same kept ratio in every block by the paper's importance scores; no compensation
   uniform+obs     the level database's uniform assignments (every block at the same levels; the best
-                  attention/MLP split on the selection stages), exported with their OBS-compensated
-                  weights: no search over layers
+                  attention/MLP split on the selection stages, climbing down the attention levels while
+                  the KL falls), exported with their OBS-compensated weights: no search over layers
   flap            FLAP (WIFV, global threshold, bias compensation)
   layerdrop       ShortGPT: blocks of least block influence removed, no compensation
   paper           the paper: evolution over in-head channel masks + ADMM reformation
-  searchllm       the default: level search over the compensated database, KL fitness, multi-step selection
+  searchllm       the default: level search over the compensated database, KL fitness, single-step selection
 Ablations of searchllm (one setting changed each):
   ab:ppl          fitness = perplexity instead of KL
   ab:multi-step   multi-step selection (the previous default): 12 children on 512 tokens, the best 3 on 2,048,
