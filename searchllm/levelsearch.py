@@ -282,7 +282,8 @@ class LevelSearch:
 
     def run_search(self, inits: list[tuple[np.ndarray, str]], ladder: list[tuple[np.ndarray, str]] = ()) -> SearchResult:
         """Generation 0 scores `inits` and the rungs of `ladder` that `climb` reaches; later ones evolve the parents."""
-        L = (list(ladder) + list(inits))[0][0].shape[0]
+        first = (list(ladder) + list(inits))[0][0]  # the fallback base of the probes
+        L = first.shape[0]
         done = self.run.load_evals()
         ckpt = self.run.load_checkpoint()
         if ckpt is None:
@@ -302,12 +303,12 @@ class LevelSearch:
         for gen in range(start, self.generations):
             t0 = time.perf_counter()
             if gen == 0:
-                children = self.climb(list(ladder), done, seen) + self.fresh(inits, seen)
+                children = self.climb(ladder, done, seen) + self.fresh(inits, seen)
             else:
                 children = self.offspring(parents, rng, seen)
             finals, records, counts = self.select(gen, children, done)
             if gen == 0 and self.p.probe:
-                best = min(finals, key=lambda x: x[1])[0] if finals else (list(ladder) + list(inits))[0][0]
+                best = min(finals, key=lambda x: x[1])[0] if finals else first
                 moved, probes = self.reallocations(best, done, seen)
                 more, recs, _ = self.select(gen, moved, done)
                 finals, records = finals + more, records + probes + recs
