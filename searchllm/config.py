@@ -165,6 +165,9 @@ class RayConfig:
     replicas: Union[int, str] = 1
     stages: Union[int, str] = 1
     in_flight: int = 2  # candidates queued per replica
+    # Intra-op threads of each actor: auto = the CPUs it reserves. CPU bfloat16 matrix kernels round by thread
+    # count (1e-4 of the KL), so runs reproduce each other's scores to the bit only with equal threads per actor.
+    threads: Union[int, str] = "auto"
     num_cpus: Optional[int] = None  # only when the driver starts its own Ray
     device: str = "auto"  # auto: a GPU per actor when Ray lists GPUs
     max_restarts: int = 3  # per actor; a replica whose actor runs out of restarts is dropped
@@ -389,7 +392,7 @@ def validate(c: Config) -> None:
     if c.space.round_to < 1 or (c.space.attention == "channels" and c.space.round_to > 1 and c.space.round_to % 2):
         raise ConfigError(f"space.round_to={c.space.round_to} must be 1 or an even number >= 2 (kept head dims come in rotary pairs), e.g. 8, 64 or 128")
     r = c.ray
-    for key in ("replicas", "stages", "in_flight"):
+    for key in ("replicas", "stages", "threads", "in_flight"):
         value = getattr(r, key)
         if (value != "auto" or key == "in_flight") and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"ray.{key}={value!r} must be an integer >= 1{' or auto' if key != 'in_flight' else ''}")

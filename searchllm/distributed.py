@@ -210,7 +210,8 @@ class StageActor:
 
     def ready(self) -> dict[str, Any]:
         return {"layers": f"{self.spec.start}-{self.spec.stop - 1}", "device": str(self.runner.device),
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "load_s": self.load_seconds}
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "load_s": self.load_seconds,
+                "threads": torch.get_num_threads()}
 
     def _sync(self, extras: tuple[int, list]) -> None:
         version, (ref,) = extras
@@ -339,7 +340,7 @@ class EvaluatorPool:
             self.shutdown()
             raise
         for r, chain in enumerate(self.placed):
-            log.info("replica %d: %s", r, "; ".join(f"layers {a['layers']} on {a['device']} @ node {a['node'][:8]} ({a['load_s']:.2f}s to load)" for a in chain))
+            log.info("replica %d: %s", r, "; ".join(f"layers {a['layers']} on {a['device']} @ node {a['node'][:8]}, {a['threads']} thread(s) ({a['load_s']:.2f}s to load)" for a in chain))
         self.alive = list(range(len(self.replicas)))
 
     def _group(self, replica: int, node: Optional[str]):

@@ -106,6 +106,8 @@ def choose_layout(cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_l
         # Never more CPUs than the cluster has: such actors never start.
         per = cpus / actors if actors > cpus else float(int(cpus // actors))
         layout = Layout(replicas, stages, per, 0.0, max(1, int(per)))
+    if cfg.threads != "auto":
+        layout.threads = int(cfg.threads)
     layout.nodes = _pin(layout, nodes)
     layout.why = "; ".join(why)
     return layout

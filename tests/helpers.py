@@ -45,13 +45,13 @@ def hf_ppl(model, tokens: torch.Tensor) -> float:
     return float(torch.exp(nll))
 
 
-def evaluator_pool(model, adapter, tokens, replicas=1, stages=1, max_restarts=0, actor=None, metrics=None):
+def evaluator_pool(model, adapter, tokens, replicas=1, stages=1, max_restarts=0, actor=None, metrics=None, threads="auto"):
     """An EvaluatorPool on the session's Ray with `tokens` as every role's windows."""
     from searchllm.config import RayConfig
     from searchllm.distributed import EvaluatorPool, StageActor
 
     tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
-    cfg = RayConfig(replicas=replicas, stages=stages, max_restarts=max_restarts)
+    cfg = RayConfig(replicas=replicas, stages=stages, max_restarts=max_restarts, threads=threads)
     return EvaluatorPool(model, adapter, cfg, "float32", tok, actor=actor or StageActor, metrics=metrics)
 
 

@@ -126,6 +126,12 @@ def test_auto_on_cpus_puts_one_replica_on_each_node_with_all_its_cores():
     assert sorted(lay.nodes) == ["node0", "node1", "node2"]
 
 
+def test_ray_threads_overrides_the_threads_of_the_cpus_each_actor_reserves():
+    lay = choose_layout(RayConfig(replicas=2, threads=2), nodes(1, cpus=2, gpus=0), GiB, 30)
+    assert (lay.num_cpus, lay.threads) == (1, 2)
+    assert choose_layout(RayConfig(replicas=2), nodes(1, cpus=2, gpus=0), GiB, 30).threads == 1
+
+
 def test_a_replica_no_node_can_hold_is_left_to_rays_pack():
     lay = choose_layout(RayConfig(replicas=1, stages=4), nodes(2, cpus=2, gpus=0), GiB, 8)
     assert lay.num_cpus == 1 and lay.nodes == [None]

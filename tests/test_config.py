@@ -109,8 +109,10 @@ def test_resume_auto_refuses_a_run_started_with_other_settings(tmp_path):
         resolve_config([f"run_dir={run}", "budget.target=0.8", "resume=auto"])
 
 
-def test_ray_replicas_and_stages_take_a_number_or_auto():
+def test_ray_replicas_stages_and_threads_take_a_number_or_auto():
     cfg = load_config(["ray.replicas=auto", "ray.stages=3"])
     assert cfg.ray.replicas == "auto" and cfg.ray.stages == 3
     with pytest.raises(ConfigError, match="ray.stages=0 must be an integer >= 1 or auto"):
         load_config(["ray.stages=0"])
+    with pytest.raises(ConfigError, match="ray.threads=0 must be an integer >= 1 or auto"):
+        load_config(["ray.threads=0"])

@@ -55,6 +55,12 @@ def test_results_stream_back_from_every_replica(ray_cluster, llama, adapter, tok
     assert {r for _, _, r in got} == {0, 1}
 
 
+def test_every_actor_runs_the_intra_op_threads_ray_threads_names(ray_cluster, llama, adapter, tokens):
+    # equal threads per actor is what makes bfloat16 CPU scores reproduce across layouts (README)
+    with pool(llama, adapter, tokens, replicas=2, threads=3) as p:
+        assert [a["threads"] for chain in p.placed for a in chain] == [3, 3]
+
+
 def test_evaluator_actors_import_neither_transformers_nor_pandas(ray_cluster, llama, adapter, tokens):
     # each actor is a new process: those imports cost it seconds (most of a test-suite's Ray time)
     with pool(llama, adapter, tokens) as p:
