@@ -377,10 +377,8 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 if accumulate and a_imp != space.attn_top:
                     attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
                 mid = h + attn_out
-                rec = {}
-                mlp_out = block.mlp(block.post_attention_layernorm(mid), rec.__setitem__)
-                f = rec["down"]
-                feats.append((f, mlp_out))
+                f = block.mlp.features(block.post_attention_layernorm(mid))  # the full down_proj only where kept
+                feats.append((f, block.mlp.down_proj(f) if not accumulate or m_imp == space.mlp_top else None))
                 mids.append(mid)
                 if build:
                     Gd = cross(f, f) if Gd is None else Gd.add_(cross(f, f))

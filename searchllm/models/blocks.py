@@ -232,10 +232,14 @@ class SlicedMLP(nn.Module):
         self.down_proj = nn.Linear(channels, hidden, bias=(bias or down_bias) and channels > 0, **kw)
         self.act = activation(act)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of down_proj."""
+        return self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+
     def forward(self, x: torch.Tensor, record: Recorder = None) -> torch.Tensor:
         if self.empty:
             return torch.zeros_like(x)
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+        h = self.features(x)
         if record is not None:
             record("down", h)
         return self.down_proj(h)
