@@ -400,11 +400,12 @@ def levels_search_and_export(cfg: Config, run_dir: RunDir, pool, tokens, where, 
     if cfg.monitor.report:
         write_report(monitor, run_dir.path / "report.html")
     reformed, ppl = db.overrides(best), {"original": dense_rep, "searched": best_rep}
+    scored = {r["origin"] for r in run_dir.load_evals().values() if r["generation"] == 0}  # the ladder stops early
     manifest = {
         **manifest_source(cfg, loaded, where),
         "search": {"mode": "levels", "seed": cfg.search.seed, "generations": result.generations, "evaluations": result.evaluations,
                    "fitness_corpus": where["fitness"], "fitness": lv.fitness, "best_fitness": result.fitness, "seconds": wall,
-                   "levels": best.tolist(), "inits": [o for _, o in ladder + inits]},
+                   "levels": best.tolist(), "inits": [o for _, o in ladder + inits if o in scored]},
         "level_database": built,
         "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
         "params": {"original": g.total_params, "subnet": result.params, "decoder_original": g.num_layers * g.layer_params,

@@ -42,6 +42,15 @@ def test_the_level_search_exports_exactly_the_subnet_it_scored(two_generations):
     assert summary["fitness_kind"] == "kl" and summary["best_fitness"] > 0
 
 
+def test_the_manifest_names_the_starting_points_scored_not_the_rungs_the_ladder_skipped(ray_cluster, checkpoint, tmp_path):
+    run = tmp_path / "run"  # at 0.5 the tiny model's level 1 scores worse than level 2: level 0 is offered, never scored
+    assert main(level_args(*checkpoint, run, "search.generations=1", "budget.target=0.5")) == 0
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    scored = [r["origin"] for r in evals if r["generation"] == r["stage"] == 0 and r["origin"].startswith("uniform attention level")]
+    inits = json.loads((run / "manifest.json").read_text())["search"]["inits"]
+    assert inits == scored == ["uniform attention level 2", "uniform attention level 1"]
+
+
 def test_a_resumed_level_search_reuses_its_database_and_ends_identical(ray_cluster, tiny_checkpoint, tmp_path):
     path, corpus = tiny_checkpoint
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
