@@ -377,7 +377,7 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 if accumulate and a_imp != space.attn_top:
                     attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
                 mid = h + attn_out
-                f = block.mlp.features(block.post_attention_layernorm(mid))  # the full down_proj only where kept
+                f = block.mlp.features(block.post_attention_layernorm(mid))  # full-width down_proj only where the implied level keeps the whole MLP
                 feats.append((f, block.mlp.down_proj(f) if not accumulate or m_imp == space.mlp_top else None))
                 mids.append(mid)
                 if build:
