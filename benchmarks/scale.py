@@ -1,12 +1,16 @@
 """Scale: one evaluator replica on a random-weight model of a real LLaMA shape, on one device (no Ray).
 
     python benchmarks/scale.py [--shape llama-7b --dtype float16 --windows 5 --seqlen 2048 --candidates 6]
+    python benchmarks/scale.py --shape llama3-8b --dtype bfloat16 --windows 16 --seqlen 512 --level-layers 2
 
 Prints the layout `ray.replicas=auto ray.stages=auto` would choose for this device (its memory measured
 like the Ray probe does), the time to evaluate one candidate subnet (fitness on windows x seqlen tokens,
 the paper's 5 x 2048 by default) at several kept ratios against the dense model, and the time to reform
 a few layers on calibration windows. From these, the wall-clock of a search of G generations of P
-candidates on R such replicas is about G * P * t_eval / R. Asserts nothing.
+candidates on R such replicas is about G * P * t_eval / R. With --level-layers K > 0 also the level
+database (method=searchllm): the output factors of the whole model (levels.fisher_windows windows) and
+the entries of its first K layers (`levels.build_local`, conf defaults, 0.8 kept implied), per layer and
+extrapolated to every layer (the build is one layer after another, so it scales with the depth). Asserts nothing.
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ def main() -> None:
     ap.add_argument("--reform-layers", type=int, default=2)
     ap.add_argument("--calib", type=int, default=16, help="calibration windows for the reformation timing")
     ap.add_argument("--round-to", default="1", help="space.round_to values to time the evaluation with, e.g. 1,8,128")
+    ap.add_argument("--level-layers", type=int, default=0, help="layers of the level database to build and time (0: none)")
+    ap.add_argument("--level-calib", type=int, default=64, help="calibration windows of 512 tokens for the level database")
     a = ap.parse_args()
 
     from searchllm.evolution import Evolution, EvolutionParams
@@ -68,8 +74,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     mem = torch.cuda.mem_get_info()[1] if device == "cuda" else None
 
-    class Auto:  # the two keys the layout reads, as `ray.replicas=auto ray.stages=auto`
-        replicas = stages = "auto"
+    class Auto:  # the keys the layout reads, as `ray.replicas=auto ray.stages=auto`
+        replicas = stages = threads = "auto"
         device = "auto"
 
     lay = choose_layout(Auto, [NodeInfo("this", 16, 1 if mem else 0, 128 * 2**30)], nbytes, layers, mem)
@@ -131,6 +137,33 @@ def main() -> None:
     print("|---|---|---|---|")
     for layer, s, before, after in solved:
         print(f"| {layer} | {s:.2f} | {before['o']:.4f} -> {after['o']:.4f} | {before['down']:.4f} -> {after['down']:.4f} |")
+    if a.level_layers:
+        level_database(a, adapter, state, runner, device, dtype, layers, vocab, gen, timed)
+
+
+def level_database(a, adapter, state, runner, device, dtype, layers, vocab, gen, timed) -> None:
+    """Times the level database: output factors of the whole model, then the first --level-layers layers."""
+    from searchllm.levels import LevelParams, LevelSpace, build_local, implied_levels
+    from searchllm.shard import ShardRunner, ShardSpec
+
+    g, p = adapter.geometry(), LevelParams()
+    space = LevelSpace(g, p)
+    calib = torch.randint(0, vocab, (a.level_calib, 512), generator=gen)
+    factors = {}
+    fisher_s = timed(lambda: factors.update(runner.output_factors(calib[: p.fisher_windows], None, 1, 0)[1]))
+    k = min(a.level_layers, layers)
+    part = ShardRunner(adapter.architecture(), state, ShardSpec(0, k, True, False), device, dtype)
+    implied = implied_levels(space, int(0.79 * g.total_params), int(0.81 * g.total_params))
+    built = {}
+    build_s = timed(lambda: built.update(build_local(part, space, implied, calib, 1, factors={i: factors[i] for i in range(k)})[0]))
+    per_bytes = sum(e.nbytes() for e in built.values()) / k
+    print(f"\n| level database ({a.level_calib} x 512 calibration tokens, {space.mlp_top} MLP levels, {p.dtype}) | s | MiB |")
+    print("|---|---|---|")
+    print(f"| output factors, all {layers} layers ({min(p.fisher_windows, a.level_calib)} x 512 tokens) | {fisher_s:.1f} | |")
+    for i, e in sorted(built.items()):
+        print(f"| layer {i} | {e.seconds:.1f} | {e.nbytes() / 2**20:.0f} |")
+    print(f"| {k} layers built | {build_s:.1f} | {per_bytes * k / 2**20:.0f} |")
+    print(f"| all {layers} layers (extrapolated) | {build_s / k * layers:.0f} | {per_bytes * layers / 2**20:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ class LayerLevels:
     mlp_error: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.attn, self.mlp) for t in d.values())
+
     def kept_heads(self, space: LevelSpace, a: int) -> list[int]:
         removed = set(self.head_order[: space.geometry.num_heads - space.heads_kept(a)])
         return [h for h in range(space.geometry.num_heads) if h not in removed]
@@ -482,7 +485,7 @@ class LevelDatabase:
         return (np.array([self.layers[i].attn_error for i in range(L)]), np.array([self.layers[i].mlp_error for i in range(L)]))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self.layers.values() for d in (e.attn, e.mlp) for t in d.values())
+        return sum(e.nbytes() for e in self.layers.values())
 
 
 def save_layer(folder: Path, entry: LayerLevels) -> None:
