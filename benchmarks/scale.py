@@ -138,16 +138,16 @@ def main() -> None:
     for layer, s, before, after in solved:
         print(f"| {layer} | {s:.2f} | {before['o']:.4f} -> {after['o']:.4f} | {before['down']:.4f} -> {after['down']:.4f} |")
     if a.level_layers:
-        level_database(a, adapter, state, runner, device, dtype, layers, vocab, gen, timed)
+        level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed)
 
 
-def level_database(a, adapter, state, runner, device, dtype, layers, vocab, gen, timed) -> None:
+def level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed) -> None:
     """Times the level database: output factors of the whole model, then the first --level-layers layers."""
     from searchllm.levels import LevelParams, LevelSpace, build_local, implied_levels
     from searchllm.shard import ShardRunner, ShardSpec
 
     g, p = adapter.geometry(), LevelParams()
-    space = LevelSpace(g, p)
+    space, layers = LevelSpace(g, p), g.num_layers
     calib = torch.randint(0, vocab, (a.level_calib, 512), generator=gen)
     factors = {}
     fisher_s = timed(lambda: factors.update(runner.output_factors(calib[: p.fisher_windows], None, 1, 0)[1]))
@@ -156,14 +156,14 @@ def level_database(a, adapter, state, runner, device, dtype, layers, vocab, gen,
     implied = implied_levels(space, int(0.79 * g.total_params), int(0.81 * g.total_params))
     built = {}
     build_s = timed(lambda: built.update(build_local(part, space, implied, calib, 1, factors={i: factors[i] for i in range(k)})[0]))
-    per_bytes = sum(e.nbytes() for e in built.values()) / k
+    nbytes = sum(e.nbytes() for e in built.values())
     print(f"\n| level database ({a.level_calib} x 512 calibration tokens, {space.mlp_top} MLP levels, {p.dtype}) | s | MiB |")
     print("|---|---|---|")
     print(f"| output factors, all {layers} layers ({min(p.fisher_windows, a.level_calib)} x 512 tokens) | {fisher_s:.1f} | |")
     for i, e in sorted(built.items()):
         print(f"| layer {i} | {e.seconds:.1f} | {e.nbytes() / 2**20:.0f} |")
-    print(f"| {k} layers built | {build_s:.1f} | {per_bytes * k / 2**20:.0f} |")
-    print(f"| all {layers} layers (extrapolated) | {build_s / k * layers:.0f} | {per_bytes * layers / 2**20:,.0f} |")
+    print(f"| {k} layers built | {build_s:.1f} | {nbytes / 2**20:.0f} |")
+    print(f"| all {layers} layers (extrapolated) | {build_s / k * layers:.0f} | {nbytes / k * layers / 2**20:,.0f} |")
 
 
 if __name__ == "__main__":
