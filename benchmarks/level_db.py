@@ -3,11 +3,13 @@
     python benchmarks/level_db.py [calib=64] [seqlen=512] [target=0.8] [LevelParams field=value ...]
 
 Builds the level database in this process (`ShardRunner.output_factors` and `levels.build_local`: what the
-stage actors run, on one shard), then scores the uniform assignments of the top attention levels (every block at the same levels,
+stage actors run, on one shard), then scores the uniform assignments of the top attention levels (every block at the
+same levels,
 the MLP filling the budget) by mean KL from the dense model (top-256) and perplexity on WikiText-2
 *validation* windows 8..23 of 512 tokens: past the level search's own selection windows, and never the
 test split. Calibration: `calib` random windows of WikiText-2 validation (seed 0), as the driver draws them.
 """
+
 import sys
 import time
 
@@ -15,9 +17,9 @@ import torch
 
 from searchllm.config import CorpusConfig, ModelConfig
 from searchllm.data import data_root, first_windows, load_text, random_windows, tokenize
-from searchllm.levels import LevelDatabase, LevelParams, LevelSpace, build_local, implied_levels, uniform_genome
 from searchllm.models.loading import load
-from searchllm.shard import ShardRunner, ShardSpec
+from searchllm.pruning.levels import LevelDatabase, LevelParams, LevelSpace, build_local, implied_levels, uniform_genome
+from searchllm.pruning.shard import ShardRunner, ShardSpec
 
 
 def main() -> None:
@@ -30,11 +32,15 @@ def main() -> None:
     ids = tokenize(load_text(CorpusConfig(name="wikitext2", split="validation"), "auto")[0], loaded.tokenizer)
     calib = random_windows(ids, calib_n, seqlen, 0, "calibration")
     held = first_windows(ids, 24, 512, "evaluation")[8:24]
-    runner = ShardRunner(loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
+    runner = ShardRunner(
+        loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True)
+    )
     space = LevelSpace(g, params)
     band = (int((target - 0.01) * g.total_params), int((target + 0.01) * g.total_params))
     t0 = time.time()
-    factors = runner.output_factors(calib[: params.fisher_windows], None, 2, 0)[1] if params.weighting == "fisher" else None
+    factors = (
+        runner.output_factors(calib[: params.fisher_windows], None, 2, 0)[1] if params.weighting == "fisher" else None
+    )
     t1 = time.time()
     layers, _ = build_local(runner, space, implied_levels(space, *band), calib, 2, factors=factors)
     print(f"output factors {t1 - t0:.0f} s, build {time.time() - t1:.0f} s, {params}, calibration {calib_n} x {seqlen}")
@@ -48,7 +54,10 @@ def main() -> None:
         choice = [tuple(x) for x in genome]
         kl = runner.forward(choice, held, held, 2, "kl", "held").value
         ppl = runner.forward(choice, held, held, 2).ppl
-        print(f"attention level {a}: kept {db.params(genome) / g.total_params:.4f}, KL {kl:.4f}, ppl {ppl:.2f}", flush=True)
+        print(
+            f"attention level {a}: kept {db.params(genome) / g.total_params:.4f}, KL {kl:.4f}, ppl {ppl:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

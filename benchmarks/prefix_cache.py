@@ -7,6 +7,7 @@ one shard, and print the seconds, the layers skipped and whether every fitness e
 RUN is a run dir of method=searchllm (its config.yaml, levels/ and evals.jsonl); its token sets come from
 the driver's own `token_sets`. Asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,11 @@ def main() -> None:
     from searchllm.config import load_config
     from searchllm.data import data_root
     from searchllm.driver import token_sets
-    from searchllm.levels import LevelSpace, load_layers
-    from searchllm.levelsearch import genome_from
     from searchllm.models.loading import load
+    from searchllm.pruning.levels import LevelSpace, load_layers
+    from searchllm.pruning.shard import PrefixCache, ShardRunner, ShardSpec
     from searchllm.rundir import RunDir
-    from searchllm.shard import PrefixCache, ShardRunner, ShardSpec
+    from searchllm.search.levelsearch import genome_from
 
     run = RunDir(Path(a.run))
     cfg = load_config([], base_file=run.path / "config.yaml")
@@ -40,7 +41,9 @@ def main() -> None:
     tokens, _ = token_sets(cfg, loaded.tokenizer)
     space = LevelSpace(g, cfg.levels)
     folder = next(p for p in (run.path / "levels").iterdir() if p.is_dir())
-    runner = ShardRunner(loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True))
+    runner = ShardRunner(
+        loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True)
+    )
     runner.levels, runner.level_space = load_layers(folder), space
     evals = sorted(run.load_evals().values(), key=lambda r: r["finished_at"])
     evals = evals[: a.limit] if a.limit else evals
@@ -66,7 +69,10 @@ def main() -> None:
     print("| cache | seconds | hits | layers skipped | fitness equal to the log | max rel. diff |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, s, hits, skipped, same, worst in rows:
-        print(f"| {name} | {s:.1f} | {hits} | {skipped} of {len(evals) * g.num_layers} | {same}/{len(evals)} | {worst:.1e} |")
+        print(
+            f"| {name} | {s:.1f} | {hits} | {skipped} of {len(evals) * g.num_layers} | {same}/{len(evals)} | "
+            f"{worst:.1e} |"
+        )
 
 
 if __name__ == "__main__":

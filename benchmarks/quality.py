@@ -30,7 +30,7 @@ Ablations of searchllm (one setting changed each):
   ab:8x1k         multi-step selection of 8 children on 1,024 -> 4,096 -> 8,192 tokens (2 -> 1 survivors)
   ab:dense-db     database built on the dense model's activations (no error accumulation)
   ab:unweighted   MLP channels removed in plain OBS order (ZipLM) instead of weighed by the output Fisher factors
-  ab:mlp32        32 MLP levels (steps of intermediate / 32 channels) instead of 16: finer allocation, twice the database
+  ab:mlp32        32 MLP levels (steps of intermediate / 32) instead of 16: finer allocation, twice the database
   ab:stream-refit the database's refit aims at the dense model's residual stream after each module (cancels the
                   upstream error too) instead of the module's own output on the pruned inputs
   ab:free-heads   query heads pruned freely inside their KV groups (unequal groups) instead of equally
@@ -44,6 +44,7 @@ rows differ only in the search; the mask methods reuse the first run's calibrati
 the same calibration windows at every ratio). Calibration, fitness and selection use WikiText-2 validation; the numbers
 are WikiText-2 raw test and PTB test, held out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,13 +62,23 @@ METHODS = {
     "paper": ["method=paper"],
     "searchllm": ["method=searchllm"],
     "ab:ppl": ["method=searchllm", "levels.fitness=ppl"],
-    "ab:multi-step": ["method=searchllm", "levels.tokens=[512,2048,4096]", "levels.survivors=[3,1]", "levels.offspring=12"],
+    "ab:multi-step": [
+        "method=searchllm",
+        "levels.tokens=[512,2048,4096]",
+        "levels.survivors=[3,1]",
+        "levels.offspring=12",
+    ],
     "ab:single-4k": ["method=searchllm", "levels.tokens=[4096]"],
     "ab:fp32-score": ["method=searchllm", "levels.score_dtype=model"],
     "ab:probe-2k": ["method=searchllm", "levels.probe_tokens=2048"],
     "ab:probe-4k": ["method=searchllm", "levels.probe_tokens=4096"],
     "ab:fit2048": ["method=searchllm", "data.fitness.seqlen=2048"],
-    "ab:long-stages": ["method=searchllm", "levels.tokens=[2048,4096,8192]", "levels.survivors=[3,1]", "levels.offspring=12"],
+    "ab:long-stages": [
+        "method=searchllm",
+        "levels.tokens=[2048,4096,8192]",
+        "levels.survivors=[3,1]",
+        "levels.offspring=12",
+    ],
     "ab:8x1k": ["method=searchllm", "levels.tokens=[1024,4096,8192]", "levels.survivors=[2,1]", "levels.offspring=8"],
     "ab:dense-db": ["method=searchllm", "levels.inputs=dense"],
     "ab:unweighted": ["method=searchllm", "levels.weighting=none"],
@@ -100,8 +111,17 @@ def evaluate(model_dir: str, name: str, run: Path, extra: list[str]):
     else:
         what = describe(model, Path(model_dir))
     ids: dict = {}
-    tables = [evaluate_model(model, tok, what, EvalConfig(corpora=[f"{c}:test"], lengths=[str(n)], max_windows=w, tasks=[]), cfg.data.root, ids)
-              for (c, n), w in WINDOWS.items()]
+    tables = [
+        evaluate_model(
+            model,
+            tok,
+            what,
+            EvalConfig(corpora=[f"{c}:test"], lengths=[str(n)], max_windows=w, tasks=[]),
+            cfg.data.root,
+            ids,
+        )
+        for (c, n), w in WINDOWS.items()
+    ]
     return append_results(run, pd.concat(tables, ignore_index=True))
 
 
@@ -116,7 +136,9 @@ def run_row(root: Path, method: str, ratio: float, extra: list[str]) -> dict:
             shutil.rmtree(run)
         donor = root / f"{ratio:g}-searchllm" / "levels"
         if donor.is_dir() and method != "searchllm":
-            shutil.copytree(donor, run / "levels")  # the same settings find their database there; others build their own
+            shutil.copytree(
+                donor, run / "levels"
+            )  # the same settings find their database there; others build their own
         scores = sorted(root.glob("*/scores.npz"))
         if scores:  # the calibration scores do not depend on the ratio: one calibration pass serves every mask method
             run.mkdir(parents=True, exist_ok=True)
@@ -136,16 +158,26 @@ def read_row(run: Path, method: str, ratio: float) -> dict:
     m = json.loads((run / "manifest.json").read_text())
     ev = pd.read_parquet(run / "eval.parquet")
     ev = ev[(ev.metric == "ppl") & (ev.status == "ok")]
-    row = {"target": ratio, "method": method, "params": m["export"]["params"], "kept": m["export"]["params"] / m["params"]["original"]}
+    row = {
+        "target": ratio,
+        "method": method,
+        "params": m["export"]["params"],
+        "kept": m["export"]["params"] / m["params"]["original"],
+    }
     for (corpus, length), n in WINDOWS.items():
         hit = ev[(ev.task == corpus) & (ev.seqlen == length)]
         row[f"{corpus}@{length}"] = float(hit.value.iloc[0]) if len(hit) else float("nan")
         row[f"{corpus}@{length} windows"] = int(min(hit.windows.iloc[0], n)) if len(hit) else 0
     search = m.get("search", {})
-    row["search+reform s"] = search.get("seconds", 0.0) + sum(m.get(k, {}).get("seconds", 0.0) for k in ("reform", "rereform")) + \
-        m.get("level_database", {}).get("build_seconds", 0.0)
+    row["search+reform s"] = (
+        search.get("seconds", 0.0)
+        + sum(m.get(k, {}).get("seconds", 0.0) for k in ("reform", "rereform"))
+        + m.get("level_database", {}).get("build_seconds", 0.0)
+    )
     row["evaluations"] = search.get("evaluations", 0)
-    row["wall s"] = json.loads((run / "wall.json").read_text())["seconds"] if (run / "wall.json").is_file() else float("nan")
+    row["wall s"] = (
+        json.loads((run / "wall.json").read_text())["seconds"] if (run / "wall.json").is_file() else float("nan")
+    )
     return row
 
 
@@ -175,10 +207,17 @@ def main() -> None:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
-    ap.add_argument("--methods", nargs="+", default=["searchllm", "uniform+obs", "uniform", "flap", "layerdrop", "paper"], choices=list(METHODS))
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["searchllm", "uniform+obs", "uniform", "flap", "layerdrop", "paper"],
+        choices=list(METHODS),
+    )
     ap.add_argument("--root", default="runs/quality")
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
-    ap.add_argument("--table-only", action="store_true", help="print the table of the rows already run under --root; run nothing")
+    ap.add_argument(
+        "--table-only", action="store_true", help="print the table of the rows already run under --root; run nothing"
+    )
     a = ap.parse_args(argv)
 
     import pandas as pd
@@ -201,8 +240,20 @@ def main() -> None:
         df[f"{col} x"] = df[col] / dense[col]
     if a.out:
         df.to_csv(a.out, index=False)
-    cols = ["target", "method", "params", "kept", "wikitext2-raw@128", "wikitext2-raw@128 x", "wikitext2-raw@2048", "wikitext2-raw@2048 x",
-            "ptb@2048", "ptb@2048 x", "search+reform s", "evaluations"]
+    cols = [
+        "target",
+        "method",
+        "params",
+        "kept",
+        "wikitext2-raw@128",
+        "wikitext2-raw@128 x",
+        "wikitext2-raw@2048",
+        "wikitext2-raw@2048 x",
+        "ptb@2048",
+        "ptb@2048 x",
+        "search+reform s",
+        "evaluations",
+    ]
     print(df[[c for c in cols if c in df.columns]].to_markdown(index=False, floatfmt=".4g"))
 
 

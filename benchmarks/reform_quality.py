@@ -8,6 +8,7 @@ WikiText-2 validation (data.seed 0); perplexity: the first windows of WikiText-2
 Reformation runs in-process on one ShardRunner holding every layer (the actor pool runs the same code
 per shard). Prints a table; asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,10 @@ def main() -> None:
     from searchllm.models.loading import load
     from searchllm.models.sliced import LayerSlice
     from searchllm.models.weights import share
-    from searchllm.reform import FEATURES, TARGETS, ReformParams, reform_shard
-    from searchllm.scores import Scores
-    from searchllm.shard import ShardRunner, split_layers
-    from searchllm.space import Budget, SearchSpace
+    from searchllm.pruning.reform import FEATURES, TARGETS, ReformParams, reform_shard
+    from searchllm.pruning.scores import Scores
+    from searchllm.pruning.shard import ShardRunner, split_layers
+    from searchllm.pruning.space import Budget, SearchSpace
 
     m = load(ModelConfig(), data_root("auto"))
     valid = tokenize(load_text(CorpusConfig("wikitext2", "validation"), "auto")[0], m.tokenizer)
@@ -52,8 +53,10 @@ def main() -> None:
     scorer.calibrate(calib, a.batch)
     sc = Scores.stack(scorer.scores)
     dense = scorer.forward([LayerSlice.full(g)] * g.num_layers, evals, batch=a.batch).ppl
-    print(f"SmolLM2-135M, {torch.get_num_threads()} threads; calibration {a.calib}x{a.seqlen} WikiText-2 valid; "
-          f"ppl on {a.eval}x{a.seqlen} WikiText-2 raw test; dense ppl {dense:.2f}\n")
+    print(
+        f"SmolLM2-135M, {torch.get_num_threads()} threads; calibration {a.calib}x{a.seqlen} WikiText-2 valid; "
+        f"ppl on {a.eval}x{a.seqlen} WikiText-2 raw test; dense ppl {dense:.2f}\n"
+    )
     print("| kept | solver | inputs | targets | features | damp | ppl before | ppl after | reform s |")
     print("|---|---|---|---|---|---|---|---|---|")
     # Targets only differ with sequential inputs (independent inputs: the original model's activations).
@@ -70,7 +73,11 @@ def main() -> None:
             reform_shard(runner, slices, calib, None, p, a.batch)
             secs = time.perf_counter() - t0
             after = runner.forward(slices, evals, batch=a.batch).ppl
-            print(f"| {space.ratio(cand):.3f} | {solver} | {inputs} | {targets if inputs == 'sequential' else '-'} | {features} | {damp:g} | {before:.2f} | {after:.2f} | {secs:.1f} |", flush=True)
+            print(
+                f"| {space.ratio(cand):.3f} | {solver} | {inputs} | {targets if inputs == 'sequential' else '-'} | "
+                f"{features} | {damp:g} | {before:.2f} | {after:.2f} | {secs:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ database (method=searchllm): the output factors of the whole model (levels.fishe
 the entries of its first K layers (`levels.build_local`, conf defaults, 0.8 kept implied), per layer and
 extrapolated to every layer (the build is one layer after another, so it scales with the depth). Asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,15 @@ def random_llama(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
     with torch.device(device):
         return LlamaForCausalLM(cfg).to(dtype).eval()
 
@@ -51,16 +59,20 @@ def main() -> None:
     ap.add_argument("--reform-layers", type=int, default=2)
     ap.add_argument("--calib", type=int, default=16, help="calibration windows for the reformation timing")
     ap.add_argument("--round-to", default="1", help="space.round_to values to time the evaluation with, e.g. 1,8,128")
-    ap.add_argument("--level-layers", type=int, default=0, help="layers of the level database to build and time (0: none)")
-    ap.add_argument("--level-calib", type=int, default=64, help="calibration windows of 512 tokens for the level database")
+    ap.add_argument(
+        "--level-layers", type=int, default=0, help="layers of the level database to build and time (0: none)"
+    )
+    ap.add_argument(
+        "--level-calib", type=int, default=64, help="calibration windows of 512 tokens for the level database"
+    )
     a = ap.parse_args()
 
-    from searchllm.evolution import Evolution, EvolutionParams
-    from searchllm.layout import NodeInfo, choose_layout
+    from searchllm.cluster.layout import NodeInfo, choose_layout
     from searchllm.models.adapters import adapter_for
-    from searchllm.reform import ReformParams, iter_reform
-    from searchllm.shard import ShardRunner, ShardSpec
-    from searchllm.space import Budget, SearchSpace
+    from searchllm.pruning.reform import ReformParams, iter_reform
+    from searchllm.pruning.shard import ShardRunner, ShardSpec
+    from searchllm.pruning.space import Budget, SearchSpace
+    from searchllm.search.evolution import Evolution, EvolutionParams
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
@@ -79,8 +91,11 @@ def main() -> None:
         device = "auto"
 
     lay = choose_layout(Auto, [NodeInfo("this", 16, 1 if mem else 0, 128 * 2**30)], nbytes, layers, mem)
-    print(f"{a.shape} ({sum(t.numel() for t in state.values()) / 1e9:.2f}B params, {nbytes / 2**30:.2f} GiB {a.dtype}) on {name}; "
-          f"built in {build_s:.1f}s")
+    print(
+        f"{a.shape} ({sum(t.numel() for t in state.values()) / 1e9:.2f}B params, {nbytes / 2**30:.2f} GiB {a.dtype}) "
+        f"on {name}; "
+        f"built in {build_s:.1f}s"
+    )
     print(f"auto layout on this machine: {lay.why}")
 
     adapter = adapter_for(cfg)
@@ -102,15 +117,30 @@ def main() -> None:
     rows = []
     dense = SearchSpace(g).full()
     runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)  # warm-up
-    rows.append(("1.00 (dense)", statistics.median(timed(lambda: runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)) for _ in range(3))))
+    rows.append((
+        "1.00 (dense)",
+        statistics.median(
+            timed(lambda: runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)) for _ in range(3)
+        ),
+    ))
     for ratio in (float(r) for r in a.ratios.split(",")):
         for multiple in (int(m) for m in a.round_to.split(",")):
             space = SearchSpace.for_target(g, ratio, multiple=multiple)
             budget = Budget(ratio, 0.01)
-            init = space.initial(rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget)
-            cands = [c for c, _ in Evolution(space, budget, EvolutionParams(population=a.candidates)).first_generation([init], rng, set())]
+            init = space.initial(
+                rng.random((layers, g.num_kv_heads, g.head_dim // 2)), rng.random((layers, inter)), budget
+            )
+            cands = [
+                c
+                for c, _ in Evolution(space, budget, EvolutionParams(population=a.candidates)).first_generation(
+                    [init], rng, set()
+                )
+            ]
             times = [timed(lambda c=c: runner.forward(space.slices(c), tokens, tokens, 1)) for c in cands]
-            rows.append((f"{ratio:.2f}" + (f" round {multiple}" if multiple > 1 else ""), statistics.median(times[1:] or times)))
+            rows.append((
+                f"{ratio:.2f}" + (f" round {multiple}" if multiple > 1 else ""),
+                statistics.median(times[1:] or times),
+            ))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
     # Reformation of the first few layers of a 0.7 subnet on calibration windows (sequential inputs).
@@ -128,23 +158,32 @@ def main() -> None:
             t = time.perf_counter()
 
     toks = a.windows * a.seqlen
-    print(f"\n| kept ratio | evaluate one candidate ({a.windows} x {a.seqlen} tokens) s | tokens/s | evaluations/s per replica |")
+    print(
+        f"\n| kept ratio | evaluate one candidate ({a.windows} x {a.seqlen} tokens) s | tokens/s | evaluations/s per "
+        "replica |"
+    )
     print("|---|---|---|---|")
     for r, s in rows:
         print(f"| {r} | {s:.3f} | {toks / s:,.0f} | {1 / s:.2f} |")
     print(f"\npeak GPU memory while evaluating: {peak:.1f} GiB")
-    print(f"\n| layer | reform (o+down, exact, bias) on {a.calib} x {a.seqlen} tokens s | rel. error o before -> after | down before -> after |")
+    print(
+        f"\n| layer | reform (o+down, exact, bias) on {a.calib} x {a.seqlen} tokens s | rel. error o before -> after "
+        "| down before -> after |"
+    )
     print("|---|---|---|---|")
     for layer, s, before, after in solved:
-        print(f"| {layer} | {s:.2f} | {before['o']:.4f} -> {after['o']:.4f} | {before['down']:.4f} -> {after['down']:.4f} |")
+        print(
+            f"| {layer} | {s:.2f} | {before['o']:.4f} -> {after['o']:.4f} | {before['down']:.4f} -> "
+            f"{after['down']:.4f} |"
+        )
     if a.level_layers:
         level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed)
 
 
 def level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed) -> None:
     """Times the level database: output factors of the whole model, then the first --level-layers layers."""
-    from searchllm.levels import LevelParams, LevelSpace, build_local, implied_levels
-    from searchllm.shard import ShardRunner, ShardSpec
+    from searchllm.pruning.levels import LevelParams, LevelSpace, build_local, implied_levels
+    from searchllm.pruning.shard import ShardRunner, ShardSpec
 
     g, p = adapter.geometry(), LevelParams()
     space, layers = LevelSpace(g, p), g.num_layers
@@ -155,11 +194,19 @@ def level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed) 
     part = ShardRunner(adapter.architecture(), state, ShardSpec(0, k, True, False), device, dtype)
     implied = implied_levels(space, int(0.79 * g.total_params), int(0.81 * g.total_params))
     built = {}
-    build_s = timed(lambda: built.update(build_local(part, space, implied, calib, 1, factors={i: factors[i] for i in range(k)})[0]))
+    build_s = timed(
+        lambda: built.update(build_local(part, space, implied, calib, 1, factors={i: factors[i] for i in range(k)})[0])
+    )
     nbytes = sum(e.nbytes() for e in built.values())
-    print(f"\n| level database ({a.level_calib} x 512 calibration tokens, {space.mlp_top} MLP levels, {p.dtype}) | s | MiB |")
+    print(
+        f"\n| level database ({a.level_calib} x 512 calibration tokens, {space.mlp_top} MLP levels, {p.dtype}) | s | "
+        "MiB |"
+    )
     print("|---|---|---|")
-    print(f"| output factors, all {layers} layers ({min(p.fisher_windows, a.level_calib)} x 512 tokens) | {fisher_s:.1f} | |")
+    print(
+        f"| output factors, all {layers} layers ({min(p.fisher_windows, a.level_calib)} x 512 tokens) | "
+        f"{fisher_s:.1f} | |"
+    )
     for i, e in sorted(built.items()):
         print(f"| layer {i} | {e.seconds:.1f} | {e.nbytes() / 2**20:.0f} |")
     print(f"| {k} layers built | {build_s:.1f} | {nbytes / 2**20:.0f} |")

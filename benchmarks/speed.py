@@ -18,6 +18,7 @@ gets from its automatic torch.compile, without the compile time), where time fol
 `--compile` adds a third: the same graphed step, with the forward compiled by torch.compile (inductor
 fuses the many small element-wise kernels whose fixed cost still dominates a graphed 7B step at batch 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ import time
 
 import numpy as np
 import torch
-
 from scale import SHAPES, random_llama  # benchmarks/ is the script's directory, so on sys.path
 
 
@@ -40,19 +40,28 @@ def main() -> None:
     ap.add_argument("--decode", default=None, help="batches for decoding, e.g. 1,8")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--graphs", choices=["auto", "yes", "no"], default="auto",
-                    help="also decode with a static cache as a CUDA graph (auto: on GPU)")
-    ap.add_argument("--compile", action="store_true", help="also decode with the graphed step compiled by torch.compile")
+    ap.add_argument(
+        "--graphs",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="also decode with a static cache as a CUDA graph (auto: on GPU)",
+    )
+    ap.add_argument(
+        "--compile", action="store_true", help="also decode with the graphed step compiled by torch.compile"
+    )
     a = ap.parse_args()
 
-    from searchllm.export import build
+    from searchllm.export.hf import build
     from searchllm.models.adapters import adapter_for
-    from searchllm.space import Budget, SearchSpace
+    from searchllm.pruning.space import Budget, SearchSpace
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
     dtype = getattr(torch, a.dtype or ("float16" if gpu else "float32"))
-    prefill = [tuple(int(v) for v in x.split("x")) for x in (a.prefill or ("1x2048,8x2048" if gpu else "1x256,4x256")).split(",")]
+    prefill = [
+        tuple(int(v) for v in x.split("x"))
+        for x in (a.prefill or ("1x2048,8x2048" if gpu else "1x256,4x256")).split(",")
+    ]
     decode = [int(b) for b in (a.decode or ("1,16" if gpu else "1,4")).split(",")]
     new_tokens = a.new_tokens or (128 if gpu else 32)
     graphs = a.graphs == "yes" or (a.graphs == "auto" and gpu)
@@ -64,30 +73,49 @@ def main() -> None:
         from searchllm.config import CorpusConfig, ModelConfig
         from searchllm.data import data_root, first_windows, load_text, random_windows, tokenize
         from searchllm.models.weights import share
-        from searchllm.shard import ShardRunner, split_layers
+        from searchllm.pruning.shard import ShardRunner, split_layers
 
         loaded = load_model_smollm2(ModelConfig, data_root)
         model, adapter = loaded.model.to(dtype), loaded.adapter
         g = adapter.geometry()
-        calib = random_windows(tokenize(load_text(CorpusConfig("wikitext2", "validation"), "auto")[0], loaded.tokenizer), 8, 256, 0, "calib")
+        calib = random_windows(
+            tokenize(load_text(CorpusConfig("wikitext2", "validation"), "auto")[0], loaded.tokenizer),
+            8,
+            256,
+            0,
+            "calib",
+        )
         runner = ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(g.num_layers, 1)[0])
         runner.calibrate(calib, 4, 0.01)
         attn_scores = np.stack([runner.scores[i].attn for i in range(g.num_layers)])
         mlp_scores = np.stack([runner.scores[i].mlp for i in range(g.num_layers)])
-        ppl_windows = first_windows(tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], loaded.tokenizer), 8, 256, "ppl")
+        ppl_windows = first_windows(
+            tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], loaded.tokenizer), 8, 256, "ppl"
+        )
         name = "SmolLM2-135M"
     else:
         model = random_llama(a.shape, device, dtype)
         adapter = adapter_for(model.config)
         g = adapter.geometry()
         rng = np.random.default_rng(0)
-        attn_scores, mlp_scores = rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate))
+        attn_scores, mlp_scores = (
+            rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)),
+            rng.random((g.num_layers, g.intermediate)),
+        )
         name = f"{a.shape} (random weights)"
     model = model.to(device).eval()
     state = model.state_dict()
     vocab = model.config.vocab_size
 
-    rows = [("dense", 1.0, 1.0, measure(model, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile), ppl(model, ppl_windows))]
+    rows = [
+        (
+            "dense",
+            1.0,
+            1.0,
+            measure(model, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile),
+            ppl(model, ppl_windows),
+        )
+    ]
     for ratio in (float(r) for r in a.ratios.split(",")):
         for multiple in (int(m) for m in a.round_to.split(",")):
             space = SearchSpace.for_target(g, ratio, multiple=multiple)
@@ -100,18 +128,36 @@ def main() -> None:
             sub, info = build(adapter, state, space.slices(cand), {}, dtype)
             sub = sub.to(device).eval()
             kept, dec = space.ratio(cand, "total"), space.ratio(cand, "decoder")
-            rows.append((f"{ratio:g} / round {multiple}", kept, dec, measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile),
-                         ppl(sub, ppl_windows)))
+            rows.append((
+                f"{ratio:g} / round {multiple}",
+                kept,
+                dec,
+                measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile),
+                ppl(sub, ppl_windows),
+            ))
             del sub
             if gpu:
                 torch.cuda.empty_cache()
 
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{name}, {str(dtype).removeprefix('torch.')}, {where}; decode: {new_tokens} new tokens after a 32-token prompt\n")
+    print(
+        f"\n{name}, {str(dtype).removeprefix('torch.')}, {where}; decode: {new_tokens} new tokens after a 32-token "
+        "prompt\n"
+    )
     base = rows[0][3]
-    head = ["subnet", "kept", "decoder kept", "ideal x"] + [f"prefill {b}x{n} tok/s (x)" for b, n in prefill] + \
-        [f"decode b{b} tok/s (x)" for b in decode] + ([f"{'graphed' if gpu else 'static-cache'} decode b{b} tok/s (x)" for b in decode] if graphs else []) + \
-        ([f"compiled {'graphed' if gpu else 'static-cache'} decode b{b} tok/s (x)" for b in decode] if a.compile else []) + ["weights MiB", "peak MiB"] + (["ppl (no reform)"] if ppl_windows is not None else [])
+    head = (
+        ["subnet", "kept", "decoder kept", "ideal x"]
+        + [f"prefill {b}x{n} tok/s (x)" for b, n in prefill]
+        + [f"decode b{b} tok/s (x)" for b in decode]
+        + ([f"{'graphed' if gpu else 'static-cache'} decode b{b} tok/s (x)" for b in decode] if graphs else [])
+        + (
+            [f"compiled {'graphed' if gpu else 'static-cache'} decode b{b} tok/s (x)" for b in decode]
+            if a.compile
+            else []
+        )
+        + ["weights MiB", "peak MiB"]
+        + (["ppl (no reform)"] if ppl_windows is not None else [])
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for label, kept, dec, m, p in rows:
@@ -158,11 +204,19 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, forwar
         cache.reset()
         mask.zero_()
         mask[..., :n] = True
-        logits = model(ids, past_key_values=cache, use_cache=True, position_ids=torch.arange(n, device=dev)[None].expand(b, -1)).logits
+        logits = model(
+            ids, past_key_values=cache, use_cache=True, position_ids=torch.arange(n, device=dev)[None].expand(b, -1)
+        ).logits
         tok.copy_(logits[:, -1:].argmax(-1))
 
     def step() -> torch.Tensor:
-        return (model if forward is None else forward)(tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        return (
+            (model if forward is None else forward)(
+                tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            )
+            .logits[:, -1:]
+            .argmax(-1)
+        )
 
     def warm_up() -> None:  # compiles `forward`; the layers' static tensors exist once a forward has run
         prefill()
@@ -198,8 +252,17 @@ def static_decode(model, ids: torch.Tensor, new_tokens: int, graph: bool, forwar
 
 
 @torch.no_grad()
-def measure(model, vocab: int, prefill, decode, new_tokens: int, repeats: int, device: str, graphs: bool = False,
-            compile: bool = False) -> dict:
+def measure(
+    model,
+    vocab: int,
+    prefill,
+    decode,
+    new_tokens: int,
+    repeats: int,
+    device: str,
+    graphs: bool = False,
+    compile: bool = False,
+) -> dict:
     gen = torch.Generator().manual_seed(0)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {"prefill": [], "decode": [], "graphed": [], "compiled": [], "weights": weights / 2**20}
@@ -241,7 +304,11 @@ def measure(model, vocab: int, prefill, decode, new_tokens: int, repeats: int, d
             except Exception as e:  # report the row without it rather than lose the whole table
                 print(f"{key} decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 out[key].append(float("nan"))
-        print(f"  measured batch {b}: " + ", ".join(f"{k} {out[k][-1]:.1f} tok/s" for k in ("decode", "graphed", "compiled") if out[k]), flush=True)
+        print(
+            f"  measured batch {b}: "
+            + ", ".join(f"{k} {out[k][-1]:.1f} tok/s" for k in ("decode", "graphed", "compiled") if out[k]),
+            flush=True,
+        )
     out["peak"] = (torch.cuda.max_memory_allocated() - others) / 2**20 if device == "cuda" else None
     return out
 

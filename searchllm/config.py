@@ -4,21 +4,17 @@
 `--config FILE`), and dotted overrides, then validates. Any problem raises ConfigError with a one-line
 message naming the key, the value and what is allowed.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
-from .evaluate import EvalConfig
-from .evolution import EvolutionParams
-from .levels import DB_DTYPES, DB_INPUTS, HEAD_MODES, REFITS, WEIGHTINGS, LevelParams
-from .levelsearch import LevelSearchParams
-from .reform import FEATURES, INPUTS, SOLVERS, TARGETS, ReformParams
-from .space import ATTENTION_MODES, BUDGET_COUNTS
 
 REPO = Path(__file__).resolve().parent.parent
 # conf/ of a checkout (editable install), else the copy a wheel installs as searchllm/conf (pyproject).
@@ -38,6 +34,208 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class ConfigError(ValueError):
     pass
+
+
+# Settings of each stage: plain dataclasses the stages read and the run config below extends.
+# -- the evaluation (evaluate)
+DEFAULT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+class EvalError(ValueError):
+    pass
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # a driver step after export (the original and the exported model)
+    original: bool = True  # evaluate the original model too (a benchmark of many runs measures it once)
+    # "name:split" of data.CORPORA (local files under data.root, else the hub), or "text:<path>".
+    corpora: list[str] = field(default_factory=lambda: ["wikitext2-raw:test", "ptb:test", "c4:validation"])
+    # Window lengths; "full" is the model's context (max_position_embeddings).
+    lengths: list[str] = field(default_factory=lambda: ["128", "full"])
+    max_windows: int = 0  # 0: every window of the split (the standard protocol); > 0: the first N
+    missing: str = "skip"  # a corpus that cannot be loaded: skip (a row says why) | error
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    task_limit: Optional[int] = None  # examples per task (None: all)
+    include_path: Optional[str] = None  # extra lm-eval task YAMLs (local, offline tasks)
+    batch: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+
+def resolve_length(length: str | int, model_config) -> int:
+    if str(length) == "full":
+        n = getattr(model_config, "max_position_embeddings", None)
+        if not n:
+            raise EvalError(
+                "eval.lengths has 'full' but the model config has no max_position_embeddings; give a number"
+            )
+        return int(n)
+    try:
+        n = int(length)
+    except ValueError:
+        raise EvalError(f"eval.lengths entry {length!r} is not a number or 'full'") from None
+    if n < 2:
+        raise EvalError(f"eval.lengths entry {n} must be >= 2")
+    return n
+
+
+def parse_corpus(spec: str) -> CorpusConfig:
+    name, _, rest = spec.partition(":")
+    if name not in CORPORA:
+        raise EvalError(
+            f"eval.corpora entry {spec!r}: unknown corpus {name!r}; choose from {', '.join(CORPORA)} (as name:split)"
+        )
+    if name == "text":
+        if not rest:
+            raise EvalError(f"eval.corpora entry {spec!r} needs a file: text:<path>")
+        return CorpusConfig(name="text", split="test", path=rest, samples=0)
+    return CorpusConfig(name=name, split=rest or "test", samples=0)
+
+
+# -- the search space and budget (pruning.space)
+ATTENTION_MODES = ("channels", "heads")
+BUDGET_COUNTS = ("total", "decoder")
+
+
+# -- the paper's evolution (search.evolution)
+@dataclass
+class EvolutionParams:
+    population: int = 100
+    parents: int = 10
+    mutations: int = 50
+    crossovers: int = 30
+    prob_mask_init: float = 0.6
+    prob_ratio_init: float = 0.3
+    prob_mask: float = 0.3
+    prob_ratio: float = 0.1
+    prob_depth: float = 0.1
+    alpha: float = 0.8
+    max_tries: int = 1000
+
+
+# -- the level database (pruning.levels)
+HEAD_MODES = ("equal", "free")
+DB_INPUTS = ("accumulated", "dense")
+DB_DTYPES = ("float16", "bfloat16", "float32")
+WEIGHTINGS = ("fisher", "none")
+REFITS = ("module", "dense", "stream")
+
+
+class LevelError(ValueError):
+    pass
+
+
+@dataclass
+class LevelParams:
+    """How the database is built (a resume reuses a saved database only with the same settings)."""
+
+    heads: str = "equal"  # equal: one query head per KV group per level (standard GQA layers); free: any head
+    mlp_levels: int = 16  # MLP levels: kept channels in steps of intermediate / mlp_levels
+    obs_group: int = 16  # MLP channels removed per OBS step (a group update, as Týr's groups of 16; 1 = one at a time)
+    obs_damp: float = 0.01  # H^-1 of the OBS order: H + obs_damp * mean(diag H) I
+    damp: float = 0.1  # the refit's damping toward the original weights (reform.solve_exact)
+    inputs: str = "accumulated"  # accumulated (error accumulation) | dense
+    dtype: str = "float16"  # of the stored weights
+    # How output errors are weighed when OBS picks the MLP channels to remove: fisher (each block's K-FAC output
+    # factor, E[g g^T] of the loss gradient where the MLP adds into the residual stream, on the dense model with
+    # next tokens drawn from its own distribution; LLM-Surgeon) or none (every output direction alike, ZipLM).
+    # Query heads keep the unweighted order: weighing them measured worse (docs/quality.md).
+    weighting: str = "fisher"
+    fisher_windows: int = (
+        16  # calibration windows of the output factors' backward pass (the first ones; all when fewer)
+    )
+    # What the refit of a level reproduces (inputs=accumulated): module (the original o/down on the same pruned
+    # inputs), dense (the dense model's o/down output on the dense stream, OSSCAR's fullseq) or stream (the dense
+    # model's residual stream after the module: the refit also cancels the upstream error where it can).
+    refit: str = "module"
+
+    def digest(self) -> str:
+        params = {f.name: getattr(self, f.name) for f in fields(LevelParams)}
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+
+    def check(self, g: Any) -> None:  # g: models.adapters.Geometry
+        if self.heads not in HEAD_MODES:
+            raise LevelError(f"levels.heads={self.heads!r} is not allowed; choose one of: {', '.join(HEAD_MODES)}")
+        if self.inputs not in DB_INPUTS:
+            raise LevelError(f"levels.inputs={self.inputs!r} is not allowed; choose one of: {', '.join(DB_INPUTS)}")
+        if self.dtype not in DB_DTYPES:
+            raise LevelError(f"levels.dtype={self.dtype!r} is not allowed; choose one of: {', '.join(DB_DTYPES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise LevelError(
+                f"levels.weighting={self.weighting!r} is not allowed; choose one of: {', '.join(WEIGHTINGS)}"
+            )
+        if self.refit not in REFITS:
+            raise LevelError(f"levels.refit={self.refit!r} is not allowed; choose one of: {', '.join(REFITS)}")
+        if self.fisher_windows < 1:
+            raise LevelError(
+                f"levels.fisher_windows={self.fisher_windows} must be >= 1 (calibration windows of the output factors)"
+            )
+        if self.mlp_levels < 1 or g.intermediate % self.mlp_levels:
+            divisors = [d for d in (4, 8, 12, 16, 24, 32, 48, 64) if g.intermediate % d == 0]
+            raise LevelError(
+                f"levels.mlp_levels={self.mlp_levels} must divide the MLP width {g.intermediate} (equal steps); "
+                f"e.g. {', '.join(map(str, divisors)) or 1}"
+            )
+        if self.obs_group < 1 or self.obs_damp <= 0 or self.damp < 0:
+            raise LevelError(
+                f"levels.obs_group={self.obs_group} must be >= 1, levels.obs_damp={self.obs_damp} > 0 and "
+                f"levels.damp={self.damp} >= 0"
+            )
+
+
+# -- the level search (search.levelsearch)
+@dataclass
+class LevelSearchParams:
+    offspring: int = 16  # lambda: children per generation
+    parents: int = 2  # kept between generations (the best on the last stage)
+    # Multi-step selection: tokens scored per stage, and how many candidates each stage but the last passes on.
+    tokens: list[int] = field(default_factory=lambda: [512, 2048, 8192])
+    survivors: list[int] = field(default_factory=lambda: [4, 1])
+    crossover: float = 0.25  # share of children made by crossover (with >= 2 parents)
+    max_tries: int = 200  # draws per child before it is given up (counted as skipped)
+    # Sensitivity probes after generation 0 (0: none): each layer's module lowered by this many levels
+    # alone is scored on the first stage's tokens; the least sensitive layers then give levels to the
+    # most sensitive ones (a few exact-budget candidates of different sizes join the selection).
+    probe: int = 2
+    # Tokens the probes are scored on (0, or at least the first stage's: the first stage's). A shorter set ranks
+    # the layers for a fraction of generation 0's time: 4,096 of 8,192 exported as good a model at 0.8 and 0.5,
+    # 2,048 a worse one at 0.5 (docs/quality.md).
+    probe_tokens: int = 0
+
+    @property
+    def probe_own_tokens(self) -> int:
+        """The probes' own token count; 0 where they are scored on the first stage's tokens."""
+        return self.probe_tokens if self.probe and 0 < self.probe_tokens < self.tokens[0] else 0
+
+
+# -- reformation (pruning.reform)
+SOLVERS = ("exact", "admm")
+INPUTS = ("sequential", "independent")
+FEATURES = ("full", "pruned")
+TARGETS = ("original", "layer")
+
+
+@dataclass
+class ReformParams:
+    solver: str = "exact"
+    inputs: str = "sequential"  # sequential: features from the already reformed upstream; independent: original
+    features: str = "full"  # full: module inputs from the layer's full q/k/v, gate/up; pruned: from the pruned layer
+    # With sequential inputs: what the reformed layer must reproduce. original: the original model's
+    # activations (corrects upstream drift too); layer: the original layer applied to the same inputs
+    # (SparseGPT's and the paper code's choice). Independent inputs make both the same.
+    targets: str = "layer"
+    damp: float = 0.1
+    # Fit a bias of o/down jointly with the kept weights (affine least squares: a constant input column),
+    # so the omitted channels' mean contribution is absorbed too (FLAP's bias compensation, made optimal).
+    bias: bool = False
+    rho: float = 1.0  # ADMM penalty on the normalised problem
+    iters: int = 30  # ADMM iterations
+
+    def digest(self) -> str:
+        """Names these solver settings: saved layers are reused only by a resume with the same ones."""
+        params = {f.name: getattr(self, f.name) for f in fields(ReformParams)}
+        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclass
@@ -110,7 +308,8 @@ class SearchConfig(EvolutionParams):
 @dataclass
 class LevelsConfig(LevelParams, LevelSearchParams):
     """search.mode=levels: how the level database is built (LevelParams: heads, mlp_levels, inputs, damping,
-    dtype, the output-Fisher weighting) and searched (LevelSearchParams: offspring, parents, the multi-step schedule tokens/survivors,
+    dtype, the output-Fisher weighting) and searched (LevelSearchParams: offspring, parents, the multi-step schedule
+    tokens/survivors,
     crossover); search.generations and search.seed apply."""
 
     fitness: str = "kl"  # kl: mean KL divergence from the dense model (top-k sparse) | ppl
@@ -153,8 +352,10 @@ class ExportConfig:
     dir: Optional[str] = None  # None: <run_dir>/export
     dtype: Optional[str] = None  # None: model.dtype
     overwrite: bool = False  # replace an existing export.dir that is not a searchllm export
-    format: str = "hf"  # hf | gguf (llama.cpp; needs the `gguf` extra) | both (searchllm.formats)
-    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])  # llama.cpp types, quantized by llama.cpp
+    format: str = "hf"  # hf | gguf (llama.cpp; needs the `gguf` extra) | both (searchllm.export.formats)
+    gguf_types: list[str] = field(
+        default_factory=lambda: ["f16", "q8_0", "q4_k_m"]
+    )  # llama.cpp types, quantized by llama.cpp
 
 
 @dataclass
@@ -239,7 +440,9 @@ RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, layer)
+        merged = OmegaConf.merge(base, layer)
+        assert isinstance(merged, DictConfig)
+        return merged
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
@@ -274,12 +477,16 @@ def _load_yaml(path: Path) -> DictConfig:
     except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}; fix it or pass another with --config") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML{at}; fix it or pass another with --config"
+        ) from None
     if data is None:  # an empty file: no keys
         return OmegaConf.create({})
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of config keys "
-                          "(key: value lines, as conf/default.yaml)")
+        raise ConfigError(
+            f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of config keys "
+            "(key: value lines, as conf/default.yaml)"
+        )
     return node
 
 
@@ -309,7 +516,7 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
 
 
 def validate(c: Config) -> None:
-    from . import strategies  # the registered strategies (their modules import this one's neighbours)
+    from searchllm import strategies  # the registered strategies (their modules import this one's neighbours)
 
     node = OmegaConf.structured(c)  # once: building it takes ~0.25 s
     for key, allowed in (CHOICES | {"search.mode": strategies.names()}).items():
@@ -334,7 +541,8 @@ def validate(c: Config) -> None:
             raise ConfigError(f"search.{key}={getattr(s, key)} must be >= 1")
     if s.mutations < 0 or s.crossovers < 0 or s.mutations + s.crossovers > s.population:
         raise ConfigError(
-            f"search.mutations={s.mutations} + search.crossovers={s.crossovers} must be >= 0 and <= search.population={s.population}"
+            f"search.mutations={s.mutations} + search.crossovers={s.crossovers} must be >= 0 and <= "
+            f"search.population={s.population}"
         )
     if s.parents > s.population:
         raise ConfigError(f"search.parents={s.parents} must be <= search.population={s.population}")
@@ -351,20 +559,31 @@ def validate(c: Config) -> None:
         raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
     lv = c.levels
     if not lv.tokens or any(not isinstance(t, int) or t < 2 for t in lv.tokens):
-        raise ConfigError(f"levels.tokens={list(lv.tokens)} must be a non-empty list of token counts >= 2, one per selection stage, e.g. [512,2048,8192]")
+        raise ConfigError(
+            f"levels.tokens={list(lv.tokens)} must be a non-empty list of token counts >= 2, one per selection stage, "
+            "e.g. [512,2048,8192]"
+        )
     if len(lv.survivors) != len(lv.tokens) - 1 or any(n < 1 for n in lv.survivors):
-        raise ConfigError(f"levels.survivors={list(lv.survivors)} must list {len(lv.tokens) - 1} counts >= 1 "
-                          f"(how many candidates each stage but the last of levels.tokens={list(lv.tokens)} passes on)")
+        raise ConfigError(
+            f"levels.survivors={list(lv.survivors)} must list {len(lv.tokens) - 1} counts >= 1 "
+            f"(how many candidates each stage but the last of levels.tokens={list(lv.tokens)} passes on)"
+        )
     for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group", "fisher_windows"):
         if getattr(lv, key) < 1:
             raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
     if lv.cache_mb < 0:
         raise ConfigError(f"levels.cache_mb={lv.cache_mb} must be >= 0 (0: no prefix cache)")
     if lv.probe < 0 or lv.probe_tokens < 0 or lv.probe_tokens == 1:
-        raise ConfigError(f"levels.probe={lv.probe} must be >= 0 (0: no sensitivity probes) and levels.probe_tokens={lv.probe_tokens} "
-                          "0 (the first stage's tokens) or a token count >= 2")
+        raise ConfigError(
+            f"levels.probe={lv.probe} must be >= 0 (0: no sensitivity probes) and "
+            f"levels.probe_tokens={lv.probe_tokens} "
+            "0 (the first stage's tokens) or a token count >= 2"
+        )
     if not 0 <= lv.crossover <= 1 or lv.obs_damp <= 0 or lv.damp < 0:
-        raise ConfigError(f"levels.crossover={lv.crossover} must be in [0, 1], levels.obs_damp={lv.obs_damp} > 0 and levels.damp={lv.damp} >= 0")
+        raise ConfigError(
+            f"levels.crossover={lv.crossover} must be in [0, 1], levels.obs_damp={lv.obs_damp} > 0 and "
+            f"levels.damp={lv.damp} >= 0"
+        )
     f = c.reform
     if f.final_windows < 0:
         raise ConfigError(f"reform.final_windows={f.final_windows} must be >= 0 (0: the fitness windows)")
@@ -373,15 +592,21 @@ def validate(c: Config) -> None:
     if f.damp < 0 or f.rho <= 0 or f.iters < 1:
         raise ConfigError(f"reform.damp={f.damp} must be >= 0, reform.rho={f.rho} > 0 and reform.iters={f.iters} >= 1")
     if c.export.dtype is not None and c.export.dtype not in DTYPES:
-        raise ConfigError(f"export.dtype={c.export.dtype!r} is not allowed; choose one of: {', '.join(DTYPES)} (or null: model.dtype)")
+        raise ConfigError(
+            f"export.dtype={c.export.dtype!r} is not allowed; choose one of: {', '.join(DTYPES)} (or null: model.dtype)"
+        )
     e = c.eval
     if e.batch < 1 or e.max_windows < 0 or (e.task_limit is not None and e.task_limit < 1):
-        raise ConfigError(f"eval.batch={e.batch} must be >= 1, eval.max_windows={e.max_windows} >= 0 and eval.task_limit={e.task_limit} >= 1 or null")
+        raise ConfigError(
+            f"eval.batch={e.batch} must be >= 1, eval.max_windows={e.max_windows} >= 0 and "
+            f"eval.task_limit={e.task_limit} >= 1 or null"
+        )
     if e.corpora and not e.lengths:
-        raise ConfigError(f"eval.lengths=[] leaves eval.corpora={list(e.corpora)} without a window length; give one, e.g. eval.lengths=[128,2048]")
+        raise ConfigError(
+            f"eval.lengths=[] leaves eval.corpora={list(e.corpora)} without a window length; give one, e.g. "
+            "eval.lengths=[128,2048]"
+        )
     try:
-        from .evaluate import parse_corpus, resolve_length
-
         for spec in e.corpora:
             parse_corpus(spec)
         for length in e.lengths:
@@ -390,14 +615,19 @@ def validate(c: Config) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if c.space.round_to < 1 or (c.space.attention == "channels" and c.space.round_to > 1 and c.space.round_to % 2):
-        raise ConfigError(f"space.round_to={c.space.round_to} must be 1 or an even number >= 2 (kept head dims come in rotary pairs), e.g. 8, 64 or 128")
+        raise ConfigError(
+            f"space.round_to={c.space.round_to} must be 1 or an even number >= 2 (kept head dims come in rotary "
+            "pairs), e.g. 8, 64 or 128"
+        )
     r = c.ray
     for key in ("replicas", "stages", "threads", "in_flight"):
         value = getattr(r, key)
         if (value != "auto" or key == "in_flight") and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"ray.{key}={value!r} must be an integer >= 1{' or auto' if key != 'in_flight' else ''}")
     if r.placement_timeout <= 0 or r.max_restarts < 0:
-        raise ConfigError(f"ray.placement_timeout={r.placement_timeout} must be > 0 and ray.max_restarts={r.max_restarts} >= 0")
+        raise ConfigError(
+            f"ray.placement_timeout={r.placement_timeout} must be > 0 and ray.max_restarts={r.max_restarts} >= 0"
+        )
 
 
 def check_resume_overrides(argv: list[str]) -> None:
@@ -406,15 +636,18 @@ def check_resume_overrides(argv: list[str]) -> None:
         key = item.split("=", 1)[0]
         if not key.startswith(RESUMABLE_PREFIXES):
             raise ConfigError(
-                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, monitor.*, search.generations, reform.*, export.* and eval.* can"
+                f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, monitor.*, "
+                "search.generations, reform.*, export.* and eval.* can"
             )
 
 
 def differing_keys(saved: Config, wanted: Config) -> list[tuple[str, Any, Any]]:
     """Keys that decide what a run computes and differ between two configs (execution keys excluded)."""
-    a, b = (_flat(OmegaConf.to_container(OmegaConf.structured(c))) for c in (saved, wanted))
+    a, b = (_flat(cast(dict, OmegaConf.to_container(OmegaConf.structured(c)))) for c in (saved, wanted))
     skip = RESUMABLE_PREFIXES + ("run_dir",)
-    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if not k.startswith(skip) and a.get(k) != b.get(k)]
+    return [
+        (k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if not k.startswith(skip) and a.get(k) != b.get(k)
+    ]
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

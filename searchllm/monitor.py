@@ -6,6 +6,7 @@ table) into one JSON-able state. `ProgressServer` serves it on loopback (`/` the
 state, polled by the page every 2 s); `write_report` puts the same page with the state embedded into the
 run directory, readable without a server. Sinks (Ray metrics, terminal bars) subscribe to the events.
 """
+
 from __future__ import annotations
 
 import json

@@ -14,11 +14,11 @@ leaves a half-written file under a real name; checkpoint.prev.json keeps the gen
 read back is checked: a damaged one stops the run with one line (RunFileError) naming the file, what is
 wrong and what to do, and nothing else in the run dir is touched.
 """
+
 from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -30,54 +30,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
 import torch
 
-from .reform import LayerResult
-from .scores import Scores
-
-
-class RunFileError(RuntimeError):
-    """A run-dir file that cannot be read back or written: the message is the one line a user sees."""
-
-
-def damaged(path: Path, err: BaseException, advice: str) -> RunFileError:
-    what = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-    return RunFileError(f"{path} is damaged ({what}); {advice}")
-
-
-@contextlib.contextmanager
-def writing(path: Path, tmp: Path):
-    """Write `tmp`, then rename it to `path`; on any failure (a full disk: ENOSPC) the temp file goes and
-    `path` keeps its previous content."""
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            if tmp.is_dir():
-                import shutil
-
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
-        full = " (no space left on device: free some, then resume)" if e.errno == errno.ENOSPC else ""
-        raise RunFileError(f"cannot write {path}: {e.strerror or e}{full}; the previous {path.name}, if any, is intact") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with writing(path, path.with_name(path.name + ".tmp")) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def read_json(path: Path, advice: str) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise damaged(path, e, advice) from None
+from searchllm.files import RunFileError, alive, atomic_write, damaged, read_json, writing
+from searchllm.pruning.reform import LayerResult
+from searchllm.pruning.scores import Scores
 
 
 class RunDir:
@@ -95,7 +52,7 @@ class RunDir:
 
     # -- config and scores -------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
-        _atomic_write(self.path / name, text.encode())
+        atomic_write(self.path / name, text.encode())
 
     def read_text(self, name: str) -> str:
         return (self.path / name).read_text()
@@ -149,8 +106,12 @@ class RunDir:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError) as e:
                 if n == len(lines) - 1:  # the cut last line (no newline after it)
                     break
-                raise damaged(p, e, f"line {n + 1} of {len(lines) - 1} is not an evaluation record; delete that line "
-                              "(its evaluation is redone) and resume") from None
+                raise damaged(
+                    p,
+                    e,
+                    f"line {n + 1} of {len(lines) - 1} is not an evaluation record; delete that line "
+                    "(its evaluation is redone) and resume",
+                ) from None
             out[row["key"]] = row
         return out
 
@@ -177,16 +138,20 @@ class RunDir:
         """checkpoint.json, the generation before kept as checkpoint.prev.json (a resume's fallback)."""
         p = self.path / "checkpoint.json"
         if p.is_file():
-            _atomic_write(self.path / "checkpoint.prev.json", p.read_bytes())
-        _atomic_write(p, json.dumps(state).encode())
+            atomic_write(self.path / "checkpoint.prev.json", p.read_bytes())
+        atomic_write(p, json.dumps(state).encode())
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / "checkpoint.json"
         if not p.is_file():
             return None
         prev = self.path / "checkpoint.prev.json"
-        advice = (f"the generation before is in {prev.name}: `mv {prev} {p}` and resume (one generation is redone)" if prev.is_file()
-                  else f"delete it to restart the search from generation 0 (rm {p}); evaluations logged in evals.jsonl are not redone")
+        advice = (
+            f"the generation before is in {prev.name}: `mv {prev} {p}` and resume (one generation is redone)"
+            if prev.is_file()
+            else f"delete it to restart the search from generation 0 (rm {p}); evaluations logged in evals.jsonl are "
+            "not redone"
+        )
         state = read_json(p, advice)
         if not isinstance(state, dict) or "generation" not in state:
             raise damaged(p, ValueError("not a checkpoint record"), advice)
@@ -211,7 +176,7 @@ class RunDir:
         return out
 
     def save_json(self, name: str, obj: Any) -> None:
-        _atomic_write(self.path / name, json.dumps(obj, indent=2, default=_json_default).encode())
+        atomic_write(self.path / name, json.dumps(obj, indent=2, default=_json_default).encode())
 
     def load_json(self, name: str) -> Any:
         return read_json(self.path / name, f"rerun the step that writes it (a resume of the run rewrites {name})")
@@ -221,7 +186,10 @@ class RunDir:
     def locked(self):
         """Hold RUN/lock while a driver uses the run dir. A lock of a process that no longer exists on this
         host (a crash) is stale and taken over; a live holder stops this driver with one line."""
-        p, me = self.path / "lock", {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        p, me = (
+            self.path / "lock",
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
+        )
         for _ in range(2):
             try:
                 fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -233,9 +201,11 @@ class RunDir:
                 if holder.get("host") == me["host"] and not alive(holder.get("pid")):
                     p.unlink(missing_ok=True)  # stale: its driver is gone
                     continue
-                raise RunFileError(f"{self.path} is in use by the driver with pid {holder.get('pid', '?')} on host "
-                                   f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it or stop it "
-                                   f"(if it is gone, delete {p})") from None
+                raise RunFileError(
+                    f"{self.path} is in use by the driver with pid {holder.get('pid', '?')} on host "
+                    f"{holder.get('host', '?')} (since {holder.get('since', '?')}); wait for it or stop it "
+                    f"(if it is gone, delete {p})"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             break
@@ -243,19 +213,6 @@ class RunDir:
             yield self
         finally:
             p.unlink(missing_ok=True)
-
-
-def alive(pid: Any) -> bool:
-    """Whether a process of this host with that pid exists."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _json_default(o: Any) -> Any:

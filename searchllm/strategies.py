@@ -11,6 +11,7 @@ A strategy is one of three kinds, each with one small interface, and registers i
 Adding a strategy is adding a module that calls `register` (and naming it in BUILTIN, or importing it
 before the config is validated); the driver dispatches on the kind, never on the name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 KINDS = ("levels", "search", "baseline")
-BUILTIN = ("searchllm.levelsearch", "searchllm.evolution", "searchllm.baselines")
+BUILTIN = ("searchllm.search.levelsearch", "searchllm.search.evolution", "searchllm.search.baselines")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class Strategy:
 _REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str, kind: str, summary: str, compensates: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register(
+    name: str, kind: str, summary: str, compensates: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: `make` becomes the strategy `name` of `kind`."""
     if kind not in KINDS:
         raise ValueError(f"strategy kind {kind!r} is not one of {', '.join(KINDS)}")

@@ -15,13 +15,27 @@ def tiny_model(model_type: str = "llama", layers: int = 3, seed: int = 0, **over
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_type == "opt":  # multi-head attention, fc1/fc2, learned positions; biases everywhere
-        kw = dict(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=96, vocab_size=128,
-                  max_position_embeddings=256, tie_word_embeddings=False)
+        kw = dict(
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            ffn_dim=96,
+            vocab_size=128,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     else:
         kw = dict(
-            hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, vocab_size=128, max_position_embeddings=256, head_dim=16,
-            rope_theta=10000.0, tie_word_embeddings=False,
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            vocab_size=128,
+            max_position_embeddings=256,
+            head_dim=16,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
         )
     kw.update(overrides)
     cfg = AutoConfig.for_model(model_type, **kw)
@@ -116,8 +130,11 @@ def bpe_tokenizer(path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )
     tok.train_from_iterator([" ".join(WORDS * 20)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = CHATML
@@ -151,13 +168,31 @@ def checkpoint(tmp_path_factory):
 
 
 def tiny_run_args(path, corpus, run_dir, *extra):
-    data = [f"data.{n}.name=text data.{n}.path={corpus} data.{n}.seqlen=32" for n in ("calibration", "fitness", "report")]
+    data = [
+        f"data.{n}.name=text data.{n}.path={corpus} data.{n}.seqlen=32" for n in ("calibration", "fitness", "report")
+    ]
     return [
-        f"model.path={path}", f"run_dir={run_dir}", *" ".join(data).split(),
-        "data.calibration.samples=8", "data.fitness.samples=2", "data.report.samples=2",
-        *(() if any(a.startswith("method=") for a in extra) else ("search.mode=evolution",)),  # a method preset names its own mode
-        "search.generations=3", "search.population=8", "search.parents=3", "search.mutations=4", "search.crossovers=2",
-        "budget.target=0.7", "budget.tol=0.03", f"eval.corpora=[text:{corpus}]", "eval.lengths=[16]", "eval.tasks=[]", "reform.final_windows=4", *extra,
+        f"model.path={path}",
+        f"run_dir={run_dir}",
+        *" ".join(data).split(),
+        "data.calibration.samples=8",
+        "data.fitness.samples=2",
+        "data.report.samples=2",
+        *(
+            () if any(a.startswith("method=") for a in extra) else ("search.mode=evolution",)
+        ),  # a method preset names its own mode
+        "search.generations=3",
+        "search.population=8",
+        "search.parents=3",
+        "search.mutations=4",
+        "search.crossovers=2",
+        "budget.target=0.7",
+        "budget.tol=0.03",
+        f"eval.corpora=[text:{corpus}]",
+        "eval.lengths=[16]",
+        "eval.tasks=[]",
+        "reform.final_windows=4",
+        *extra,
     ]
 
 

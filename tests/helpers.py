@@ -1,4 +1,5 @@
 """Reference computations the tests compare searchllm against."""
+
 import copy
 
 import torch
@@ -45,10 +46,12 @@ def hf_ppl(model, tokens: torch.Tensor) -> float:
     return float(torch.exp(nll))
 
 
-def evaluator_pool(model, adapter, tokens, replicas=1, stages=1, max_restarts=0, actor=None, metrics=None, threads="auto"):
+def evaluator_pool(
+    model, adapter, tokens, replicas=1, stages=1, max_restarts=0, actor=None, metrics=None, threads="auto"
+):
     """An EvaluatorPool on the session's Ray with `tokens` as every role's windows."""
+    from searchllm.cluster.pool import EvaluatorPool, StageActor
     from searchllm.config import RayConfig
-    from searchllm.distributed import EvaluatorPool, StageActor
 
     tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
     cfg = RayConfig(replicas=replicas, stages=stages, max_restarts=max_restarts, threads=threads)
@@ -58,16 +61,16 @@ def evaluator_pool(model, adapter, tokens, replicas=1, stages=1, max_restarts=0,
 def small_search(pool, adapter, run_dir, wrap=None):
     """Calibrate on the pool, then 3 generations of 8 at 0.7 kept with seed 7; `wrap` may wrap the
     evaluator (fault injection). Returns the SearchResult."""
-    from searchllm.distributed import RayEvaluator
-    from searchllm.evolution import Evolution, EvolutionParams
+    from searchllm.pruning.space import Budget, SearchSpace
     from searchllm.rundir import RunDir
-    from searchllm.search import Search
-    from searchllm.space import Budget, SearchSpace
+    from searchllm.search.evolution import Evolution, EvolutionParams
+    from searchllm.search.loop import Search
+    from searchllm.stages.search_masks import PoolEvaluator
 
     space = SearchSpace.for_target(adapter.geometry(), 0.7)
     budget = Budget(0.7, 0.03)
     scores = pool.calibrate(1, 0.01)
-    evaluator = RayEvaluator(pool, space, 1)
+    evaluator = PoolEvaluator(pool, space, 1)
     if wrap is not None:
         evaluator = wrap(evaluator)
     params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)

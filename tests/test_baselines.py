@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from searchllm.baselines import bias_params, flap, flap_biases, standardize
 from searchllm.evaluate import perplexity
-from searchllm.evolution import EvolutionParams, RandomSearch
-from searchllm.export import build
+from searchllm.export.hf import build
 from searchllm.models.weights import share
-from searchllm.scores import Scores
-from searchllm.shard import ShardRunner, split_layers
-from searchllm.space import Budget, SearchSpace
+from searchllm.pruning.scores import Scores, flap_biases
+from searchllm.pruning.shard import ShardRunner, split_layers
+from searchllm.pruning.space import Budget, SearchSpace
+from searchllm.search.baselines import bias_params, flap, standardize
+from searchllm.search.evolution import EvolutionParams, RandomSearch
 
 from conftest import FAMILIES, tiny_family
 
@@ -103,7 +103,9 @@ def test_random_search_draws_valid_distinct_subnets_reproducibly(adapter):
     params = EvolutionParams(population=12, parents=3, mutations=4, crossovers=2)
 
     def draw(seed):
-        return [c for c, _ in RandomSearch(space, budget, params).first_generation([], np.random.default_rng(seed), set())]
+        return [
+            c for c, _ in RandomSearch(space, budget, params).first_generation([], np.random.default_rng(seed), set())
+        ]
 
     gen = draw(0)
     assert len(gen) == 12 and len({c.key() for c in gen}) == 12
@@ -129,7 +131,7 @@ def test_compensated_fitness_runs_each_candidate_with_its_flap_biases(llama, ada
 
 
 def test_layer_drop_removes_the_blocks_of_least_influence_until_the_budget(llama, adapter, tokens):
-    from searchllm.baselines import layer_drop
+    from searchllm.search.baselines import layer_drop
 
     model, adapter = tiny_family("llama", layers=6)
     runner, scores = calibrated(model, adapter, tokens)

@@ -1,4 +1,5 @@
 """Running on a real cluster: shipped cluster configs, layout and placement, `ray job submit`, two nodes."""
+
 import json
 import os
 import re
@@ -17,9 +18,9 @@ import pytest
 import torch
 import yaml
 
+from searchllm.cluster.layout import ClusterError, NodeInfo, choose_layout
 from searchllm.config import RayConfig, load_config
-from searchllm.layout import ClusterError, NodeInfo, choose_layout
-from searchllm.shard import planned_weight_bytes
+from searchllm.pruning.shard import planned_weight_bytes
 
 from conftest import start_local_ray, tiny_run_args
 from helpers import evaluator_pool
@@ -42,7 +43,9 @@ def test_the_cluster_launcher_config_is_valid_for_ray_up_and_installs_searchllm(
     cfg = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
     validate_config(prepare_config(dict(cfg)))  # what `ray up` checks
     workers = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
-    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) and t["max_workers"] >= 1 for t in workers)  # GPU instances
+    assert any(
+        t["node_config"]["InstanceType"].startswith(("g", "p")) and t["max_workers"] >= 1 for t in workers
+    )  # GPU instances
     setup = " && ".join(cfg["setup_commands"])
     assert setup.index("torch==") < setup.index("/home/ray/searchllm")  # torch pinned first, then this checkout
     assert cfg["file_mounts"]["/home/ray/searchllm"] == "."
@@ -88,6 +91,7 @@ def test_every_driver_command_in_the_readme_uses_real_config_keys():
 
 # -- layout --------------------------------------------------------------------------------------------
 
+
 def nodes(n, cpus=16, gpus=4, memory=256 * GiB):
     return [NodeInfo(f"node{i}", cpus, gpus, memory) for i in range(n)]
 
@@ -111,7 +115,10 @@ def test_a_float32_model_scored_in_bfloat16_plans_gpus_for_both_copies_of_its_we
     assert (alone, both) == (4 * numel, 6 * numel)
     assert planned_weight_bytes(numel, torch.bfloat16, "auto") == 2 * numel  # already bfloat16: one copy
     assert planned_weight_bytes(numel, torch.float32, "float16") == 6 * numel
-    lay = {b: choose_layout(RayConfig(replicas="auto", stages="auto"), nodes(1), b, 32, gpu_memory=48 * GiB) for b in (alone, both)}
+    lay = {
+        b: choose_layout(RayConfig(replicas="auto", stages="auto"), nodes(1), b, 32, gpu_memory=48 * GiB)
+        for b in (alone, both)
+    }
     assert (lay[alone].stages, lay[both].stages) == (1, 2)
 
 
@@ -139,6 +146,7 @@ def test_a_replica_no_node_can_hold_is_left_to_rays_pack():
 
 # -- a real cluster ------------------------------------------------------------------------------------
 
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,14 +157,32 @@ def free_port():
 def test_the_driver_runs_under_ray_job_submit_on_a_local_head(tiny_checkpoint, tmp_path):
     gcs, dash, agent, agent_grpc, runtime_env = (free_port() for _ in range(5))
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     ray_cli = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={temp}", "--disable-usage-stats",
-         # free ports for the agents too: their defaults (52365...) are taken while another Ray runs here
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+            # free ports for the agents too: their defaults (52365...) are taken while another Ray runs here
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
     )
     try:
         deadline = time.time() + 90
@@ -169,16 +195,31 @@ def test_the_driver_runs_under_ray_job_submit_on_a_local_head(tiny_checkpoint, t
                 time.sleep(0.5)
         run = tmp_path / "run"
         job = subprocess.run(
-            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-             sys.executable, "-m", "searchllm.driver", *tiny_run_args(*tiny_checkpoint, run, "search.generations=1", "eval.enabled=false")],
-            capture_output=True, text=True, timeout=300, env=env,
+            [
+                ray_cli,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--",
+                sys.executable,
+                "-m",
+                "searchllm.driver",
+                *tiny_run_args(*tiny_checkpoint, run, "search.generations=1", "eval.enabled=false"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
         assert "attached to Ray at" in job.stdout and "best subnet: kept ratio" in job.stdout
         assert "succeeded" in job.stdout + job.stderr
         assert json.loads((run / "manifest.json").read_text())["export"]["params"] > 0
         # The dashboard lists the job's actors under their replica and layers.
-        actors = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/v0/actors?limit=100", timeout=10).read())
+        actors = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/v0/actors?limit=100", timeout=10).read()
+        )
         names = {a["name"] for a in actors["data"]["result"]["result"]}
         assert any(re.fullmatch(r"searchllm-\w{6}-replica0-layers0-3", n) for n in names), names
     finally:
@@ -211,11 +252,13 @@ def two_nodes(ray_cluster):
 
 
 @pytest.mark.ray
-def test_on_two_nodes_each_replica_packs_on_one_node_and_weights_reach_each_node_once(two_nodes, llama, adapter, tokens):
+def test_on_two_nodes_each_replica_packs_on_one_node_and_weights_reach_each_node_once(
+    two_nodes, llama, adapter, tokens
+):
     import ray
     from ray.experimental import get_object_locations
 
-    from searchllm.space import SearchSpace
+    from searchllm.pruning.space import SearchSpace
 
     with evaluator_pool(llama, adapter, tokens, replicas=2, stages=2, max_restarts=3) as pool:
         where = [{a["node"] for a in chain} for chain in pool.placed]

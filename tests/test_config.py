@@ -1,4 +1,5 @@
 """Config: defaults from conf/, dotted overrides, and one-line errors for bad keys and values."""
+
 import pytest
 
 from searchllm.config import ConfigError, check_resume_overrides, load_config
@@ -26,7 +27,10 @@ def test_paper_config_has_the_papers_budget():
         (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
         (["data.fitness.name=text"], "data.fitness.name=text needs data.fitness.path"),
         (["oops"], "unexpected argument 'oops'"),
-        (["method=sparsegpt"], "method='sparsegpt' is not allowed; choose one of: searchllm, paper, uniform, flap, random"),
+        (
+            ["method=sparsegpt"],
+            "method='sparsegpt' is not allowed; choose one of: searchllm, paper, uniform, flap, random",
+        ),
         (["eval.lengths=[128,long]"], "eval.lengths entry 'long' is not a number or 'full'"),
         (["eval.corpora=[wiki:test]"], "unknown corpus 'wiki'"),
         (["reform.finalists=0"], "reform.finalists=0 must be >= 1"),
@@ -48,9 +52,18 @@ def test_defaults_are_the_searchllm_method():
     c = load_config([])
     assert (c.method, c.search.mode, c.search.compensate) == ("searchllm", "levels", False)
     lv = c.levels
-    assert (lv.heads, lv.fitness, lv.inputs, lv.tokens, lv.score_dtype, lv.probe_tokens) == ("equal", "kl", "accumulated", [8192], "auto", 4096)
+    assert (lv.heads, lv.fitness, lv.inputs, lv.tokens, lv.score_dtype, lv.probe_tokens) == (
+        "equal",
+        "kl",
+        "accumulated",
+        [8192],
+        "auto",
+        4096,
+    )
     assert c.data.calibration.samples * c.data.calibration.seqlen >= 64 * 512  # enough tokens for the solves
-    assert load_config(["method=searchllm"]).levels == lv and load_config(["method=searchllm"]).search == c.search  # the preset says what the defaults say
+    assert (
+        load_config(["method=searchllm"]).levels == lv and load_config(["method=searchllm"]).search == c.search
+    )  # the preset says what the defaults say
 
 
 @pytest.mark.parametrize(
@@ -66,14 +79,23 @@ def test_defaults_are_the_searchllm_method():
 def test_a_method_preset_sets_its_keys_and_later_overrides_still_win(method, expect):
     c = load_config([f"method={method}"])
     assert c.method == method and c.search.mode == expect["mode"] and c.reform.enabled == expect["reform"]
-    assert c.search.init == expect.get("init", c.search.init) and c.reform.solver == expect.get("solver", c.reform.solver)
+    assert c.search.init == expect.get("init", c.search.init) and c.reform.solver == expect.get(
+        "solver", c.reform.solver
+    )
     assert c.budget.target == 0.8  # untouched keys keep conf/default.yaml's values
     assert load_config([f"method={method}", "reform.enabled=true"]).reform.enabled
 
 
 def test_paper_method_uses_the_papers_admm_settings():
     r = load_config(["method=paper"]).reform
-    assert (r.solver, r.rho, r.iters, r.inputs, r.targets, r.features) == ("admm", 1.0, 30, "sequential", "layer", "full")
+    assert (r.solver, r.rho, r.iters, r.inputs, r.targets, r.features) == (
+        "admm",
+        1.0,
+        30,
+        "sequential",
+        "layer",
+        "full",
+    )
     assert (r.bias, r.finalists, r.flap_finalist) == (False, 1, False)
 
 

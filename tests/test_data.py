@@ -1,4 +1,5 @@
 """Corpora and token windows."""
+
 import pytest
 import torch
 
@@ -25,7 +26,10 @@ def test_corpus_shorter_than_one_sequence_names_the_fix():
 
 def test_wikitext_rows_are_joined_like_the_hf_recipe():
     raw = " = Title = \n \n text line \n"
-    assert join_rows("wikitext2", rows_of_file("wikitext2", raw)) == " = Title = \n" + "\n\n" + "" + "\n\n" + " text line \n"
+    assert (
+        join_rows("wikitext2", rows_of_file("wikitext2", raw))
+        == " = Title = \n" + "\n\n" + "" + "\n\n" + " text line \n"
+    )
 
 
 def test_missing_local_file_is_a_clear_error(tmp_path):

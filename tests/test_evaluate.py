@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model, word_tokenizer
 from searchllm.evaluate import EvalConfig, Evaluated, count_params, evaluate_model, perplexity, zero_shot
+
+from conftest import tiny_model, word_tokenizer
 
 
 class Bigram(nn.Module):
@@ -123,8 +124,16 @@ def test_lm_eval_zero_shot_runs_offline_on_a_local_task_and_agrees_with_a_direct
 
 def test_evaluate_cli_appends_a_results_table_to_the_checkpoint_dir(tiny_checkpoint):
     path, corpus = tiny_checkpoint
-    args = [sys.executable, "-m", "searchllm.evaluate", str(path), f"eval.corpora=[text:{corpus}]", "eval.lengths=[16,full]",
-            "eval.tasks=[]", "eval.max_windows=3"]
+    args = [
+        sys.executable,
+        "-m",
+        "searchllm.evaluate",
+        str(path),
+        f"eval.corpora=[text:{corpus}]",
+        "eval.lengths=[16,full]",
+        "eval.tasks=[]",
+        "eval.max_windows=3",
+    ]
     for _ in range(2):
         proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
@@ -136,5 +145,7 @@ def test_evaluate_cli_appends_a_results_table_to_the_checkpoint_dir(tiny_checkpo
 
 
 def test_evaluate_cli_rejects_a_path_that_is_not_a_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "searchllm.evaluate", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "searchllm.evaluate", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "neither a checkpoint dir" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,10 +1,11 @@
 """Evolutionary operators: budget, depth range, mask similarity, determinism."""
+
 import numpy as np
 import pytest
 
-from searchllm.evolution import Evolution, EvolutionParams, mutate_mask
 from searchllm.models.adapters import Geometry
-from searchllm.space import Budget, SearchSpace
+from searchllm.pruning.space import Budget, SearchSpace
+from searchllm.search.evolution import Evolution, EvolutionParams, mutate_mask
 
 # SmolLM2-135M's real shapes (no weights needed to test the operators).
 SMOL = Geometry(30, 576, 9, 3, 64, 1536, 49152, False, False, False, 1152, 49152 * 576 + 576)
@@ -15,7 +16,12 @@ def setup(target, attention="channels", seed=0):
     budget = Budget(target, 0.02)  # heads on 3 KV heads with a 0.05 MLP grid cannot hit 0.9 within 0.01
     rng = np.random.default_rng(seed)
     init = space.initial(rng.random((30, 3, 32)), rng.random((30, 1536)), budget)
-    return space, budget, Evolution(space, budget, EvolutionParams(population=30, parents=5, mutations=15, crossovers=9)), init
+    return (
+        space,
+        budget,
+        Evolution(space, budget, EvolutionParams(population=30, parents=5, mutations=15, crossovers=9)),
+        init,
+    )
 
 
 @pytest.mark.parametrize("target", [0.9, 0.7, 0.5])

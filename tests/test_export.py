@@ -1,4 +1,5 @@
 """Export: a physically smaller checkpoint that loads with plain from_pretrained and runs generate()."""
+
 import json
 import subprocess
 import sys
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from searchllm.export import build, save
+from searchllm.export.hf import build, save
 from searchllm.models.loading import load_pretrained
 from searchllm.models.sliced import LayerSlice
-from searchllm.reform import ReformParams, reform_shard
-from searchllm.space import SearchSpace
+from searchllm.pruning.reform import ReformParams, reform_shard
+from searchllm.pruning.space import SearchSpace
 
 from conftest import FAMILIES, tiny_family, word_tokenizer
 from test_slicing import random_slices, whole
@@ -73,12 +74,19 @@ def test_export_round_trip_in_a_fresh_process_without_searchllm(family, tokens, 
     out = save(exported, info, tmp_path / "export", word_tokenizer(tmp_path / "tok"))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "searchllm" and "AutoModelForCausalLM" in cfg["auto_map"]
-    assert len(cfg["layer_kv_pairs"]) == 3 and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (
+        len(cfg["layer_kv_pairs"]) == 3 and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    )
     np.save(tmp_path / "tokens.npy", tokens.numpy())
     # Run outside the repo with a path that cannot reach searchllm's sources.
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy")],
-                   check=True, cwd=tmp_path, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(out), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy")],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     with torch.no_grad():
         want = exported(tokens).logits.numpy()
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, rtol=1e-4, atol=1e-4)
@@ -210,6 +218,7 @@ def test_a_uniform_qwen2_subnet_keeps_its_layer_types_in_the_plain_export(tokens
 @pytest.mark.parametrize("equal", [True, False])
 def test_query_head_subnets_export_and_reload_with_the_same_perplexity(equal, tokens, tmp_path):
     from searchllm.evaluate import perplexity
+
     from test_slicing import query_head_slices
 
     model, adapter = tiny_family("llama", num_attention_heads=8)

@@ -1,9 +1,10 @@
 """Model families: which are accepted, which variants are refused, and the shapes each must handle."""
+
 import numpy as np
 import pytest
 import torch
 
-from searchllm.export import build
+from searchllm.export.hf import build
 from searchllm.models.adapters import UnsupportedModelError, adapter_for
 
 from conftest import family_model, tiny_family, tiny_model
@@ -14,7 +15,9 @@ from test_slicing import random_slices, whole
 def test_an_unsupported_architecture_is_refused_with_the_supported_list():
     from transformers import GPTNeoXConfig
 
-    with pytest.raises(UnsupportedModelError, match="'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"):
+    with pytest.raises(
+        UnsupportedModelError, match="'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"
+    ):
         adapter_for(GPTNeoXConfig())
 
 
@@ -42,8 +45,14 @@ def test_gqa_groups_of_any_size_slice_exactly(kv_heads, tokens):
     assert got == pytest.approx(hf_ppl(masked_model(model, adapter, slices), tokens), rel=1e-4)
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def test_llama3_rope_scaling_is_kept_by_slices_and_export(tokens):
@@ -63,21 +72,33 @@ def test_llama3_rope_scaling_is_kept_by_slices_and_export(tokens):
     assert perplexity(exported, tokens).ppl == pytest.approx(got, rel=1e-5)
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "default", "rope_theta": 10000.0},
-    LLAMA3_ROPE,
-    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
-    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
-], ids=lambda r: r["rope_type"])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        LLAMA3_ROPE,
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+    ],
+    ids=lambda r: r["rope_type"],
+)
 def test_the_rotary_actors_run_is_transformers_rotary_to_the_bit(rope):
     """What the architecture ships to actors computes transformers' cos/sin exactly, past the original
     context too (where dynamic NTK rescales its frequencies)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-                         vocab_size=128, max_position_embeddings=16, rope_parameters=rope)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        vocab_size=128,
+        max_position_embeddings=16,
+        rope_parameters=rope,
+    )
     ours, theirs = adapter_for(config).architecture().rope, LlamaRotaryEmbedding(config)
     for dtype in (torch.float32, torch.bfloat16):
         for length in (8, 64):

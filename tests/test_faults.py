@@ -1,4 +1,5 @@
 """Faults: a dead evaluator actor, a candidate whose evaluation raises, a driver killed with SIGKILL."""
+
 import json
 import logging
 import os
@@ -8,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from searchllm.distributed import StageActor
+from searchllm.cluster.pool import StageActor
 from searchllm.driver import main
+from searchllm.pruning.space import SearchSpace
 from searchllm.rundir import RunDir
-from searchllm.space import SearchSpace
 
 from conftest import tiny_run_args
 from helpers import evaluator_pool, small_search
@@ -43,8 +44,9 @@ def search_on(pool, adapter, run_dir, fault=None):
 
 @pytest.fixture(scope="module")
 def undisturbed(ray_cluster, tmp_path_factory):
-    from conftest import tiny_model
     from searchllm.models.adapters import adapter_for
+
+    from conftest import tiny_model
 
     g = torch.Generator().manual_seed(1)
     model = tiny_model("llama")
@@ -53,7 +55,9 @@ def undisturbed(ray_cluster, tmp_path_factory):
         return search_on(p, adapter_for(model.config), tmp_path_factory.mktemp("undisturbed"))
 
 
-def test_a_killed_evaluator_restarts_and_the_search_ends_as_an_undisturbed_one(undisturbed, llama, adapter, tokens, tmp_path):
+def test_a_killed_evaluator_restarts_and_the_search_ends_as_an_undisturbed_one(
+    undisturbed, llama, adapter, tokens, tmp_path
+):
     with evaluator_pool(llama, adapter, tokens, replicas=2, max_restarts=2) as p:
         pid = p.placed[0][0]["pid"]
         result, keys = search_on(p, adapter, tmp_path, lambda e: KillAfter(e, p, 0, 11, no_restart=False))
@@ -66,7 +70,9 @@ def test_a_killed_evaluator_restarts_and_the_search_ends_as_an_undisturbed_one(u
     assert sorted(keys) == sorted(undisturbed[1]) and len(set(keys)) == len(keys)
 
 
-def test_an_evaluator_that_cannot_come_back_leaves_the_search_on_fewer_replicas(undisturbed, llama, adapter, tokens, tmp_path, caplog):
+def test_an_evaluator_that_cannot_come_back_leaves_the_search_on_fewer_replicas(
+    undisturbed, llama, adapter, tokens, tmp_path, caplog
+):
     with caplog.at_level(logging.WARNING, logger="searchllm"), evaluator_pool(llama, adapter, tokens, replicas=2) as p:
         result, keys = search_on(p, adapter, tmp_path, lambda e: KillAfter(e, p, 1, 5, no_restart=True))
         assert p.alive == [0]
@@ -106,9 +112,14 @@ def test_a_candidate_that_raises_once_is_retried_and_scored(ray_cluster, llama, 
     assert {i: n.ppl for i, n in got.items()} == clean and got[1].error is None
 
 
-def test_a_candidate_that_keeps_raising_is_recorded_failed_and_the_rest_are_scored(ray_cluster, llama, adapter, tokens, caplog):
+def test_a_candidate_that_keeps_raising_is_recorded_failed_and_the_rest_are_scored(
+    ray_cluster, llama, adapter, tokens, caplog
+):
     space, cands = candidates(adapter)
-    with caplog.at_level(logging.WARNING, logger="searchllm"), evaluator_pool(llama, adapter, tokens, actor=flaky(tuple(space.slices(cands[1])), 99)) as p:
+    with (
+        caplog.at_level(logging.WARNING, logger="searchllm"),
+        evaluator_pool(llama, adapter, tokens, actor=flaky(tuple(space.slices(cands[1])), 99)) as p,
+    ):
         got = {i: n for i, n, _ in p.stream(space, cands)}
     assert sorted(got) == [0, 1, 2] and got[1].ppl == float("inf")
     assert got[1].error.startswith("OutOfMemoryError: CUDA out of memory (injected)")
@@ -149,7 +160,9 @@ def kill_driver_at(run, checkpoint, method, after):
     import ray
 
     args = tiny_run_args(*checkpoint, run, f"ray.address={ray.get_runtime_context().gcs_address}")
-    proc = subprocess.run([sys.executable, "-c", KILL_AT, method, str(after), *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT, method, str(after), *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
 
 
@@ -173,7 +186,9 @@ def test_a_driver_killed_mid_search_resumes_with_the_same_command_to_the_same_re
     # The same command again with resume=auto, as a retried cluster job would run it.
     assert main(tiny_run_args(*checkpoint, run, "resume=auto")) == 0
     keys = [json.loads(line)["key"] for line in (run / "evals.jsonl").read_text().splitlines()]
-    assert len(keys) == len(set(keys))  # the 3 candidates of generation 1 finished before the kill are not evaluated again
+    assert len(keys) == len(
+        set(keys)
+    )  # the 3 candidates of generation 1 finished before the kill are not evaluated again
     same_final_result(run, reference)
 
 
@@ -191,17 +206,26 @@ def test_a_driver_killed_mid_reformation_resumes_from_the_last_finished_layer(re
     assert [f.stat().st_mtime_ns for f in saved] == stamps  # the two finished layers were not solved again
 
 
-def test_a_driver_killed_mid_export_leaves_no_export_and_a_resume_without_corpora_writes_it(reference, checkpoint, tmp_path):
+def test_a_driver_killed_mid_export_leaves_no_export_and_a_resume_without_corpora_writes_it(
+    reference, checkpoint, tmp_path
+):
     run = tmp_path / "run"
-    kill_driver_at(run, checkpoint, "searchllm.export:write_info", 1)  # the weights are written, the export is not complete
+    kill_driver_at(
+        run, checkpoint, "searchllm.export.hf:write_info", 1
+    )  # the weights are written, the export is not complete
     assert not (run / "export").exists() and not (run / "manifest.json").exists()
     assert main([f"resume={run}", "eval.corpora=[]"]) == 0  # and no evaluation corpora: a valid, empty evaluation
     same_final_result(run, reference)
     assert (run / "export" / "model.safetensors").is_file() and not list(run.glob(".export.*"))
-    assert json.loads((run / "manifest.json").read_text())["evaluation"] == {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"}
+    assert json.loads((run / "manifest.json").read_text())["evaluation"] == {
+        "rows": 0,
+        "reason": "eval.corpora and eval.tasks are empty",
+    }
 
 
-def test_a_damaged_checkpoint_stops_the_resume_and_the_previous_one_resumes_to_the_same_result(reference, checkpoint, tmp_path, capsys):
+def test_a_damaged_checkpoint_stops_the_resume_and_the_previous_one_resumes_to_the_same_result(
+    reference, checkpoint, tmp_path, capsys
+):
     run = tmp_path / "run"
     kill_driver_at(run, checkpoint, "append_eval", 8 + 8 + 3)  # generations 0 and 1 checkpointed, dies inside 2
     (run / "checkpoint.json").write_text('{"generation": 1, "par')
@@ -225,4 +249,3 @@ def test_a_second_driver_on_a_run_dir_in_use_stops_naming_the_holder(checkpoint,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"in use by the driver with pid {os.getpid()}" in err[0]
     assert not (run / "config.yaml").exists()  # it stopped before writing anything
-

@@ -1,20 +1,22 @@
 """GGUF export: non-uniform subnets that llama.cpp loads and runs exactly as the HF export does."""
+
 import numpy as np
 import pytest
 import torch
 
-from searchllm.export import build
-from searchllm.formats import check_format
-from searchllm.gguf_export import GGUFError, family_of, modelfile, write
+from searchllm.evaluate.llamacpp import available
+from searchllm.export.formats import check_format
+from searchllm.export.gguf import GGUFError, family_of, modelfile, write
+from searchllm.export.hf import build
 from searchllm.models.adapters import adapter_for
 from searchllm.models.sliced import LayerSlice
 
-from searchllm.llamacpp import available
-
 from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
 
-needs_llama = pytest.mark.skipif(not available(),
-                                 reason="llama.cpp bindings not installed (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36)")
+needs_llama = pytest.mark.skipif(
+    not available(),
+    reason="llama.cpp bindings not installed (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +37,33 @@ def subnet(g, kind):
     if kind == "uniform":
         return [LayerSlice(both, mlp(32), True, ((1,), (0,)))] * g.num_layers
     if kind == "per-layer":
-        return [LayerSlice(both, mlp(40)), LayerSlice(both, mlp(24), True, ((0,), (1,))),
-                LayerSlice((full_pairs, ()), mlp(48), True, ((0, 1), ())), LayerSlice(both, mlp(8))]
+        return [
+            LayerSlice(both, mlp(40)),
+            LayerSlice(both, mlp(24), True, ((0,), (1,))),
+            LayerSlice((full_pairs, ()), mlp(48), True, ((0, 1), ())),
+            LayerSlice(both, mlp(8)),
+        ]
     if kind == "dropped":
-        return [LayerSlice(both, mlp(32)), LayerSlice(both, mlp(32), active=False), LayerSlice(both, mlp(16)), LayerSlice(both, mlp(40))]
+        return [
+            LayerSlice(both, mlp(32)),
+            LayerSlice(both, mlp(32), active=False),
+            LayerSlice(both, mlp(16)),
+            LayerSlice(both, mlp(40)),
+        ]
     if kind == "channels":  # in-head channel space: heads of different widths
-        return [LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32)), LayerSlice((full_pairs, (0, 1)), mlp(40)),
-                LayerSlice(both, mlp(24)), LayerSlice(((7,), full_pairs), mlp(32))]
+        return [
+            LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32)),
+            LayerSlice((full_pairs, (0, 1)), mlp(40)),
+            LayerSlice(both, mlp(24)),
+            LayerSlice(((7,), full_pairs), mlp(32)),
+        ]
     if kind == "unequal":  # unequal query heads per KV group; an attention-free layer; a layer without MLP
-        return [LayerSlice(both, mlp(32), True, ((0, 1), (1,))), LayerSlice(((), ()), mlp(40), True, ((), ())),
-                LayerSlice(both, (), True, ((1,), (0, 1))), LayerSlice(both, mlp(24))]
+        return [
+            LayerSlice(both, mlp(32), True, ((0, 1), (1,))),
+            LayerSlice(((), ()), mlp(40), True, ((), ())),
+            LayerSlice(both, (), True, ((1,), (0, 1))),
+            LayerSlice(both, mlp(24)),
+        ]
     raise KeyError(kind)
 
 
@@ -61,15 +80,25 @@ def ids(n=24, seed=0):
 
 
 @needs_llama
-@pytest.mark.parametrize("family,kind", [("llama", k) for k in ("uniform", "per-layer", "dropped", "channels", "unequal")]
-                         + [("mistral", "uniform"), ("mistral", "per-layer"), ("qwen2", "uniform"), ("qwen2", "per-layer"),
-                            ("qwen2", "unequal")])
+@pytest.mark.parametrize(
+    "family,kind",
+    [("llama", k) for k in ("uniform", "per-layer", "dropped", "channels", "unequal")]
+    + [
+        ("mistral", "uniform"),
+        ("mistral", "per-layer"),
+        ("qwen2", "uniform"),
+        ("qwen2", "per-layer"),
+        ("qwen2", "unequal"),
+    ],
+)
 def test_llama_cpp_runs_the_gguf_with_the_hf_exports_logits(family, kind, bpe, tmp_path):
-    from searchllm import llamacpp
+    from searchllm.evaluate import llamacpp
 
     model = exported(family, kind, bpe)
     info = write(model, bpe[1], tmp_path / "m.gguf")
-    assert info.arch == ("deci" if kind != "uniform" or family == "qwen2" else "llama")  # qwen2: fewer query heads than hidden
+    assert info.arch == (
+        "deci" if kind != "uniform" or family == "qwen2" else "llama"
+    )  # qwen2: fewer query heads than hidden
     assert info.layers == (3 if kind == "dropped" else 4)
     seq = ids()
     want = model(torch.tensor([seq])).logits[0].detach().numpy()
@@ -89,7 +118,7 @@ def test_padding_is_counted_and_only_where_llama_cpp_needs_it(bpe, tmp_path):
 
 @needs_llama
 def test_a_per_layer_subnet_written_as_plain_llama_is_refused_by_llama_cpp(bpe, tmp_path):
-    from searchllm import llamacpp
+    from searchllm.evaluate import llamacpp
 
     write(exported("llama", "per-layer", bpe), bpe[1], tmp_path / "bad.gguf", arch="llama")
     with pytest.raises(RuntimeError, match="llama.cpp refused"):
@@ -98,8 +127,8 @@ def test_a_per_layer_subnet_written_as_plain_llama_is_refused_by_llama_cpp(bpe, 
 
 @needs_llama
 def test_q8_0_perplexity_is_within_two_percent_of_f32(bpe, tmp_path):
-    from searchllm import llamacpp
-    from searchllm.gguf_export import FTYPES
+    from searchllm.evaluate import llamacpp
+    from searchllm.export.gguf import FTYPES
 
     write(exported("llama", "per-layer", bpe), bpe[1], tmp_path / "f32.gguf")
     llamacpp.quantize(tmp_path / "f32.gguf", tmp_path / "q8.gguf", FTYPES["q8_0"])
@@ -112,12 +141,12 @@ def test_q8_0_perplexity_is_within_two_percent_of_f32(bpe, tmp_path):
 
 @needs_llama
 def test_greedy_generation_from_the_gguf_gives_the_hf_exports_tokens(bpe, tmp_path):
-    from searchllm import llamacpp
+    from searchllm.evaluate import llamacpp
 
     model = exported("llama", "unequal", bpe)
     write(model, bpe[1], tmp_path / "m.gguf")
     prompt = ids(8)
-    hf = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :].tolist()
     assert llamacpp.greedy(llamacpp.load(tmp_path / "m.gguf", 32, f32_cache=True), prompt, 10) == hf
 
 
@@ -134,7 +163,9 @@ def test_a_tokenizer_gguf_cannot_express_stops_the_export_naming_it(tmp_path):
 
     tok = word_tokenizer(tmp_path / "words")
     model = tiny_model("llama", layers=2, vocab_size=len(tok))
-    out, _ = build(adapter_for(model.config), model.state_dict(), [LayerSlice.full(adapter_for(model.config).geometry())] * 2)
+    out, _ = build(
+        adapter_for(model.config), model.state_dict(), [LayerSlice.full(adapter_for(model.config).geometry())] * 2
+    )
     with pytest.raises(GGUFError, match="not a GPT-2 style byte-level BPE"):
         write(out, tmp_path / "words", tmp_path / "m.gguf")
 
@@ -154,27 +185,45 @@ def test_bad_gguf_types_stop_with_one_line_naming_the_value():
 
 @needs_llama
 @pytest.mark.ray
-def test_a_run_exports_both_formats_and_evaluates_them_in_llama_cpp_then_adds_a_type_without_searching(ray_cluster, tmp_path):
+def test_a_run_exports_both_formats_and_evaluates_them_in_llama_cpp_then_adds_a_type_without_searching(
+    ray_cluster, tmp_path
+):
     import json
 
-    from searchllm import export
     from searchllm.driver import main
+    from searchllm.export.__main__ import main as export_main
 
     path, corpus = make_tiny_checkpoint(tmp_path, tokenizer=bpe_tokenizer)
     run = tmp_path / "run"
-    args = tiny_run_args(path, corpus, run, "method=searchllm", "search.generations=1", "levels.tokens=[64]", "levels.survivors=[]",
-                         "levels.offspring=4", "levels.mlp_levels=8", "levels.probe=0", "monitor.page=false",
-                         "export.format=both", "export.gguf_types=[f32,q8_0]")
+    args = tiny_run_args(
+        path,
+        corpus,
+        run,
+        "method=searchllm",
+        "search.generations=1",
+        "levels.tokens=[64]",
+        "levels.survivors=[]",
+        "levels.offspring=4",
+        "levels.mlp_levels=8",
+        "levels.probe=0",
+        "monitor.page=false",
+        "export.format=both",
+        "export.gguf_types=[f32,q8_0]",
+    )
     assert main(args) == 0
     m = json.loads((run / "manifest.json").read_text())
     files = {f["type"]: f for f in m["export"]["gguf"]["files"]}
     assert set(files) == {"f32", "q8_0"} and (run / "export" / "config.json").is_file()
-    assert files["f32"]["ppl"] == pytest.approx(m["perplexity"]["exported"], rel=5e-3)  # llama.cpp ~ the HF export (f16 KV cache)
+    assert files["f32"]["ppl"] == pytest.approx(
+        m["perplexity"]["exported"], rel=5e-3
+    )  # llama.cpp ~ the HF export (f16 KV cache)
     assert (run / "export" / "Modelfile").read_text().startswith("FROM ./model-f32.gguf")
     names = [r["model"] for r in m["llama_cpp"]]
     assert names == ["original f32", "original q8_0", "exported (searchllm) f32", "exported (searchllm) q8_0"]
     assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ppl"] for r in m["llama_cpp"])
-    assert export.main([str(run), "export.format=gguf", "export.gguf_types=[q4_0]"]) == 0
+    assert export_main([str(run), "export.format=gguf", "export.gguf_types=[q4_0]"]) == 0
     m2 = json.loads((run / "manifest.json").read_text())
-    assert [f["type"] for f in m2["export"]["gguf"]["files"]] == ["f32", "q8_0", "q4_0"] and (run / "export" / "model-q4_0.gguf").is_file()
+    assert [f["type"] for f in m2["export"]["gguf"]["files"]] == ["f32", "q8_0", "q4_0"] and (
+        run / "export" / "model-q4_0.gguf"
+    ).is_file()
     assert m2["search"] == m["search"]  # nothing searched again

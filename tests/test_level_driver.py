@@ -1,5 +1,6 @@
 """The level search through the driver on Ray: what is scored is what is exported, a resume reuses the
 saved database and ends identical, and the result does not depend on how many replicas or stages ran it."""
+
 import json
 
 import pytest
@@ -12,8 +13,18 @@ pytestmark = pytest.mark.ray
 
 
 def level_args(path, corpus, run, *extra):
-    return tiny_run_args(path, corpus, run, "search.mode=levels", "levels.tokens=[64,128]", "levels.survivors=[2]",
-                         "levels.offspring=6", "levels.mlp_levels=8", "monitor.page=false", *extra)
+    return tiny_run_args(
+        path,
+        corpus,
+        run,
+        "search.mode=levels",
+        "levels.tokens=[64,128]",
+        "levels.survivors=[2]",
+        "levels.offspring=6",
+        "levels.mlp_levels=8",
+        "monitor.page=false",
+        *extra,
+    )
 
 
 def outcome(run):
@@ -36,17 +47,29 @@ def test_the_level_search_exports_exactly_the_subnet_it_scored(two_generations):
     assert m["export"]["params"] == m["params"]["subnet"]
     assert 0.67 <= m["ratio"]["actual"] <= 0.73
     db = m["level_database"]
-    assert db["layers_built"] == 4 and db["disk_bytes"] > 0 and len(list((run / "levels").glob("*/layer-*.safetensors"))) == 4
+    assert (
+        db["layers_built"] == 4
+        and db["disk_bytes"] > 0
+        and len(list((run / "levels").glob("*/layer-*.safetensors"))) == 4
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["history"][-1]["stage0_candidates"] == 6 and summary["history"][-1]["stage1_candidates"] == 2
     assert summary["fitness_kind"] == "kl" and summary["best_fitness"] > 0
 
 
-def test_the_manifest_names_the_starting_points_scored_not_the_rungs_the_ladder_skipped(ray_cluster, checkpoint, tmp_path):
-    run = tmp_path / "run"  # at 0.5 the tiny model's level 1 scores worse than level 2: level 0 is offered, never scored
+def test_the_manifest_names_the_starting_points_scored_not_the_rungs_the_ladder_skipped(
+    ray_cluster, checkpoint, tmp_path
+):
+    run = (
+        tmp_path / "run"
+    )  # at 0.5 the tiny model's level 1 scores worse than level 2: level 0 is offered, never scored
     assert main(level_args(*checkpoint, run, "search.generations=1", "budget.target=0.5")) == 0
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
-    scored = [r["origin"] for r in evals if r["generation"] == r["stage"] == 0 and r["origin"].startswith("uniform attention level")]
+    scored = [
+        r["origin"]
+        for r in evals
+        if r["generation"] == r["stage"] == 0 and r["origin"].startswith("uniform attention level")
+    ]
     inits = json.loads((run / "manifest.json").read_text())["search"]["inits"]
     assert inits == scored == ["uniform attention level 2", "uniform attention level 1"]
 
@@ -62,7 +85,9 @@ def test_a_resumed_level_search_reuses_its_database_and_ends_identical(ray_clust
 
 
 def test_one_replica_and_two_two_stage_replicas_find_the_same_subnet(two_generations, checkpoint, tmp_path):
-    assert main(level_args(*checkpoint, tmp_path / "two", "search.generations=2", "ray.replicas=2", "ray.stages=2")) == 0
+    assert (
+        main(level_args(*checkpoint, tmp_path / "two", "search.generations=2", "ray.replicas=2", "ray.stages=2")) == 0
+    )
     assert outcome(two_generations) == outcome(tmp_path / "two")
 
 
@@ -71,14 +96,19 @@ def test_bfloat16_scoring_moves_fitness_slightly_and_never_the_report(ray_cluste
     runs = {d: tmp_path / d for d in ("float32", "bfloat16")}
     for dtype, run in runs.items():
         assert main(level_args(path, corpus, run, "search.generations=1", f"levels.score_dtype={dtype}")) == 0
-    evals = {d: {e["key"]: e["fitness"] for e in map(json.loads, (r / "evals.jsonl").read_text().splitlines())} for d, r in runs.items()}
+    evals = {
+        d: {e["key"]: e["fitness"] for e in map(json.loads, (r / "evals.jsonl").read_text().splitlines())}
+        for d, r in runs.items()
+    }
     both = sorted(set(evals["float32"]) & set(evals["bfloat16"]))
     assert len(both) >= 3  # generation 0 starts from the same candidates
     for key in both:
         assert evals["bfloat16"][key] == pytest.approx(evals["float32"][key], rel=0.05, abs=1e-3)
     assert any(evals["bfloat16"][k] != evals["float32"][k] for k in both)  # it did score in bfloat16
     summaries = {d: json.loads((r / "summary.json").read_text()) for d, r in runs.items()}
-    assert summaries["bfloat16"]["dense_report_ppl"] == summaries["float32"]["dense_report_ppl"]  # the report runs in model.dtype
+    assert (
+        summaries["bfloat16"]["dense_report_ppl"] == summaries["float32"]["dense_report_ppl"]
+    )  # the report runs in model.dtype
 
 
 def test_sensitivity_probes_run_on_their_own_first_windows(ray_cluster, tiny_checkpoint, tmp_path):
@@ -100,11 +130,16 @@ def test_sensitivity_probes_run_on_their_own_first_windows(ray_cluster, tiny_che
         ("levels.fitness=acc", "levels.fitness='acc' is not allowed; choose one of: kl, ppl"),
         ("levels.fisher_windows=0", "levels.fisher_windows=0 must be >= 1"),
         ("levels.refit=output", "levels.refit='output' is not allowed; choose one of: module, dense, stream"),
-        ("levels.score_dtype=int8", "levels.score_dtype='int8' is not allowed; choose one of: model, auto, float32, bfloat16, float16"),
+        (
+            "levels.score_dtype=int8",
+            "levels.score_dtype='int8' is not allowed; choose one of: model, auto, float32, bfloat16, float16",
+        ),
         ("levels.probe_tokens=1", "levels.probe_tokens=1 0 (the first stage's tokens) or a token count >= 2"),
     ],
 )
-def test_bad_level_settings_stop_early_with_one_line_naming_the_key(tiny_checkpoint, tmp_path, capsys, override, message):
+def test_bad_level_settings_stop_early_with_one_line_naming_the_key(
+    tiny_checkpoint, tmp_path, capsys, override, message
+):
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
     assert main([*level_args(path, corpus, run), override]) == 2

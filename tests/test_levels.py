@@ -1,18 +1,31 @@
 """The level database and the level search: exact budgets, entries that are OBS solves, candidates that are
 exactly what the export holds, KL fitness, multi-step selection."""
+
 import numpy as np
 import pytest
 import torch
 
-from searchllm.export import build
-from searchllm.levels import (LayerLevels, LevelDatabase, LevelError, LevelParams, LevelSpace, build_local, error_allocation,
-                              implied_levels, load_layers, obs_channel_order, obs_head_order, refit, save_layer, uniform_genome)
-from searchllm.levelsearch import PROBE_STAGE, LevelSearch, LevelSearchParams, genome_key
+from searchllm.export.hf import build
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
-from searchllm.reform import solve_exact
+from searchllm.pruning.levels import (
+    LevelDatabase,
+    LevelError,
+    LevelParams,
+    LevelSpace,
+    build_local,
+    error_allocation,
+    implied_levels,
+    load_layers,
+    obs_channel_order,
+    obs_head_order,
+    save_layer,
+    uniform_genome,
+)
+from searchllm.pruning.reform import solve_exact
+from searchllm.pruning.shard import NLL, PrefixCache, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
 from searchllm.rundir import RunDir
-from searchllm.shard import NLL, PrefixCache, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
+from searchllm.search.levelsearch import PROBE_STAGE, LevelSearch, LevelSearchParams, genome_key
 
 from conftest import tiny_family
 from test_slicing import whole
@@ -38,8 +51,17 @@ def build_db(family="llama", heads="equal", inputs="accumulated", target=0.7, se
 
 def searcher(db, band, evaluator=None, run=None, params=None, generations=3):
     s = db.space
-    return LevelSearch(db, s.top, s.geometry.total_params, band, params or LevelSearchParams(offspring=6, tokens=[32, 64], survivors=[2]),
-                       evaluator, run, 0, generations)
+    return LevelSearch(
+        db,
+        s.top,
+        s.geometry.total_params,
+        band,
+        params or LevelSearchParams(offspring=6, tokens=[32, 64], survivors=[2]),
+        evaluator,
+        run,
+        0,
+        generations,
+    )
 
 
 @pytest.mark.parametrize("heads", ["equal", "free"])
@@ -101,7 +123,9 @@ def test_a_database_entry_equals_a_direct_obs_solve_of_its_level():
     for h in range(g.num_heads):
         c = slice(h * g.head_dim, (h + 1) * g.head_dim)
         cost.append(float((W[:, c] @ torch.linalg.inv(Hinv[c, c]) * W[:, c]).sum()))
-    per_group = [min(range(kv * g.group_size, (kv + 1) * g.group_size), key=cost.__getitem__) for kv in range(g.num_kv_heads)]
+    per_group = [
+        min(range(kv * g.group_size, (kv + 1) * g.group_size), key=cost.__getitem__) for kv in range(g.num_kv_heads)
+    ]
     assert db.layers[1].head_order[0] == min(per_group, key=cost.__getitem__)
     assert obs_head_order(w["o"], G, g, True, space.params.obs_damp) == db.layers[1].head_order
 
@@ -114,7 +138,9 @@ def test_a_stream_refit_entry_solves_toward_the_dense_models_residual_stream():
     h = runner.embed(calib)
     runner.run_blocks(runner.blocks([LayerSlice.full(g)] * g.num_layers), h, 6, out=dense.__setitem__)
     implied = [tuple(int(v) for v in x) for x in implied_levels(space, *band)]
-    runner.run_blocks(runner.blocks(implied), h, 6, lambda i, key, x: feats.__setitem__((i, key), x), pruned.__setitem__)
+    runner.run_blocks(
+        runner.blocks(implied), h, 6, lambda i, key, x: feats.__setitem__((i, key), x), pruned.__setitem__
+    )
     i, (_, m_imp) = 1, implied[1]
     entry, w = db.layers[i], runner.blocks_w[i]
     # the stream entering the MLP of the implied model (its output less what its down_proj added), all its
@@ -173,7 +199,9 @@ def test_the_mlp_order_is_greedy_obs_re_solved_from_scratch_at_every_step(group)
 def test_output_weighting_removes_first_the_channels_that_write_least_into_the_weighed_direction():
     model, adapter, runner, db, _ = build_db()
     g, W = adapter.geometry(), runner.blocks_w[1]["down"]
-    H = torch.eye(g.intermediate, dtype=torch.float64)  # uncorrelated unit inputs: the OBS cost is the weighted column norm
+    H = torch.eye(
+        g.intermediate, dtype=torch.float64
+    )  # uncorrelated unit inputs: the OBS cost is the weighted column norm
     F = torch.zeros(g.hidden, g.hidden, dtype=torch.float64)
     F[0, 0] = 1.0  # only output 0 matters to the loss
     order = obs_channel_order(W, H, 12, 1, 0.01, F)
@@ -186,7 +214,10 @@ def test_output_factors_are_the_gradient_covariance_of_the_models_nll_on_its_own
     calib = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(4))
     _, factors = whole(adapter, model).output_factors(calib, None, 2, 5)
     expect, outs = {}, {}
-    hooks = [layer.mlp.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o)) for k, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.mlp.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o))
+        for k, layer in enumerate(model.model.layers)
+    ]
     for w in range(calib.shape[0]):  # the transformers model itself, one window at a time
         logits = model(calib[w : w + 1]).logits[0, :-1]
         for o in outs.values():
@@ -244,7 +275,9 @@ def test_obs_compensation_beats_plain_removal():
 def test_a_candidate_assembled_from_the_database_equals_the_exported_model(family):
     model, adapter, runner, db, band = build_db(family)
     rng = np.random.default_rng(3)
-    genome = next(x for a in range(db.space.attn_top, -1, -1) if (x := uniform_genome(db.space, db.params, *band, a)) is not None)
+    genome = next(
+        x for a in range(db.space.attn_top, -1, -1) if (x := uniform_genome(db.space, db.params, *band, a)) is not None
+    )
     search = searcher(db, band)
     for _ in range(5):
         genome = search.mutate(genome, rng)
@@ -256,7 +289,10 @@ def test_a_candidate_assembled_from_the_database_equals_the_exported_model(famil
         exported, _ = build(adapter, model.state_dict(), db.slices(genome), db.overrides(genome))
         theirs = exported(tokens).logits.float()
     assert (ours - theirs).abs().max() < 1e-4
-    full = torch.stack([runner.logits(x) for x in runner.run_blocks(runner.blocks([tuple(t) for t in db.space.full()]), runner.embed(tokens))])
+    full = torch.stack([
+        runner.logits(x)
+        for x in runner.run_blocks(runner.blocks([tuple(t) for t in db.space.full()]), runner.embed(tokens))
+    ])
     assert (ours - full).abs().max() > 1e-2  # the candidate is really pruned
 
 
@@ -283,14 +319,16 @@ def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl()
     torch.manual_seed(0)
     p_logits, q_logits = torch.randn(20, 50) * 3, torch.randn(20, 50) * 3
     assert float(sparse_kl(p_logits, topk_targets(p_logits, 5))) == pytest.approx(0, abs=1e-4)
-    exact = torch.nn.functional.kl_div(q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True, reduction="sum")
+    exact = torch.nn.functional.kl_div(
+        q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True, reduction="sum"
+    )
     assert float(sparse_kl(q_logits, topk_targets(p_logits, 50))) == pytest.approx(float(exact), rel=1e-4)
     assert 0 < float(sparse_kl(q_logits, topk_targets(p_logits, 5))) <= float(exact) + 1e-4  # a lower bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_kl_in_blocks_of_positions_is_the_whole_window_kl_to_the_bit(monkeypatch, dtype):
-    import searchllm.shard as shard
+    import searchllm.pruning.shard as shard
 
     torch.manual_seed(0)
     p_logits, q_logits = torch.randn(150, 300) * 3, (torch.randn(150, 300) * 3).to(dtype)
@@ -328,7 +366,9 @@ class FakeEvaluator:
 def test_multi_step_selection_keeps_the_best_survivor(tmp_path):
     _, _, _, db, band = build_db()
     ev = FakeEvaluator(np.random.default_rng(0).random((db.space.num_layers, 2)))
-    search = searcher(db, band, ev, RunDir(tmp_path).create(), LevelSearchParams(offspring=8, tokens=[32, 64, 128], survivors=[4, 2]))
+    search = searcher(
+        db, band, ev, RunDir(tmp_path).create(), LevelSearchParams(offspring=8, tokens=[32, 64, 128], survivors=[4, 2])
+    )
     rng = np.random.default_rng(0)
     parent = uniform_genome(db.space, db.params, *band, db.space.attn_top)
     cands = [(c, "mutation") for c, _ in search.offspring([(parent, 0.0)], rng, set())]
@@ -350,9 +390,19 @@ def test_the_ladder_of_starting_points_stops_at_the_first_rung_scored_worse(tmp_
     w = np.zeros((space.num_layers, 2))
     w[:, 0] = 1.0  # fitness grows with every attention level removed: the top rung is best, the second worse
     ev = FakeEvaluator(w)
-    search = searcher(db, band, ev, RunDir(tmp_path).create(), LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=0), generations=1)
-    ladder = [(g, f"uniform attention level {a}") for a in range(space.attn_top, -1, -1)
-              if (g := uniform_genome(space, db.params, *band, a)) is not None]
+    search = searcher(
+        db,
+        band,
+        ev,
+        RunDir(tmp_path).create(),
+        LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=0),
+        generations=1,
+    )
+    ladder = [
+        (g, f"uniform attention level {a}")
+        for a in range(space.attn_top, -1, -1)
+        if (g := uniform_genome(space, db.params, *band, a)) is not None
+    ]
     assert len(ladder) >= 3
     search.run_search([], ladder)
     scored = {r["origin"] for r in RunDir(tmp_path).load_evals().values()}
@@ -412,7 +462,13 @@ def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_sa
     _, _, _, db, band = build_db()
     weights = np.zeros((db.space.num_layers, 2))
     weights[0, 1] = 5.0  # layer 0's MLP is by far the most sensitive
-    search = searcher(db, band, FakeEvaluator(weights), RunDir(tmp_path).create(), LevelSearchParams(offspring=4, tokens=[32], survivors=[], probe=1))
+    search = searcher(
+        db,
+        band,
+        FakeEvaluator(weights),
+        RunDir(tmp_path).create(),
+        LevelSearchParams(offspring=4, tokens=[32], survivors=[], probe=1),
+    )
     base = uniform_genome(db.space, db.params, *band, db.space.attn_top)
     base[:, 1] = db.space.mlp_top - 2
     base[1, 1] += 1
@@ -425,7 +481,9 @@ def test_sensitivity_reallocation_moves_levels_toward_sensitive_layers_at_the_sa
 
 
 @pytest.mark.parametrize("probe_tokens,probe_stage", [(16, PROBE_STAGE), (4096, 0)])  # the first stage has 32
-def test_probes_are_scored_on_their_own_tokens_only_when_fewer_than_the_first_stages(tmp_path, probe_tokens, probe_stage):
+def test_probes_are_scored_on_their_own_tokens_only_when_fewer_than_the_first_stages(
+    tmp_path, probe_tokens, probe_stage
+):
     _, _, _, db, band = build_db()
     ev = FakeEvaluator(np.ones((db.space.num_layers, 2)))
     params = LevelSearchParams(offspring=2, tokens=[32], survivors=[], probe=1, probe_tokens=probe_tokens)

@@ -1,4 +1,5 @@
 """Evaluator actors on a local Ray: sharding, replicas, streaming, and the driver end to end."""
+
 import json
 import os
 import shutil
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from searchllm.driver import main
+from searchllm.pruning.space import SearchSpace
 from searchllm.rundir import RunDir
-from searchllm.space import SearchSpace
 
 from conftest import make_tiny_checkpoint, tiny_family, tiny_run_args
 from helpers import evaluator_pool as pool
@@ -65,13 +66,19 @@ def test_evaluator_actors_import_neither_transformers_nor_pandas(ray_cluster, ll
     # each actor is a new process: those imports cost it seconds (most of a test-suite's Ray time)
     with pool(llama, adapter, tokens) as p:
         actor = p.replicas[0][0]
-        loaded = ray_cluster.get(actor.__ray_call__.remote(lambda _: [m for m in ("transformers", "pandas") if m in sys.modules]))
+        loaded = ray_cluster.get(
+            actor.__ray_call__.remote(lambda _: [m for m in ("transformers", "pandas") if m in sys.modules])
+        )
     assert loaded == []
 
 
-@pytest.mark.parametrize("inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")])
-def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(ray_cluster, llama, adapter, tokens, inputs, targets):
-    from searchllm.reform import ReformParams
+@pytest.mark.parametrize(
+    "inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")]
+)
+def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(
+    ray_cluster, llama, adapter, tokens, inputs, targets
+):
+    from searchllm.pruning.reform import ReformParams
 
     from test_slicing import random_slices
 
@@ -88,7 +95,7 @@ def test_a_two_actor_reformation_gives_the_same_weights_as_a_one_actor_one(ray_c
 
 
 def test_reformed_weights_reach_every_replica(ray_cluster, llama, adapter, tokens):
-    from searchllm.reform import ReformParams
+    from searchllm.pruning.reform import ReformParams
 
     space = SearchSpace(adapter.geometry())
     cand = space.full()
@@ -107,10 +114,14 @@ def search_best(model, adapter, tokens, run_dir, replicas):
 
 
 def test_one_and_two_replicas_with_the_same_seed_find_the_same_best(ray_cluster, llama, adapter, tokens, tmp_path):
-    assert search_best(llama, adapter, tokens, tmp_path / "one", 1) == search_best(llama, adapter, tokens, tmp_path / "two", 2)
+    assert search_best(llama, adapter, tokens, tmp_path / "one", 1) == search_best(
+        llama, adapter, tokens, tmp_path / "two", 2
+    )
 
 
-def test_driver_runs_the_search_end_to_end_refuses_to_overwrite_it_and_resumes(ray_cluster, tiny_checkpoint, tmp_path, capsys):
+def test_driver_runs_the_search_end_to_end_refuses_to_overwrite_it_and_resumes(
+    ray_cluster, tiny_checkpoint, tmp_path, capsys
+):
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
     assert main(tiny_run_args(path, corpus, run, "search.generations=2")) == 0
@@ -135,7 +146,9 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     ppl = m["perplexity"]
     assert set(ppl) >= {"original", "searched", "reformed", "exported"}
     assert ppl["exported"] == pytest.approx(ppl["reformed"], rel=1e-4)
-    assert m["export"]["params"] == m["params"]["subnet"] and m["ratio"]["actual"] == pytest.approx(m["params"]["subnet"] / m["params"]["original"])
+    assert m["export"]["params"] == m["params"]["subnet"] and m["ratio"]["actual"] == pytest.approx(
+        m["params"]["subnet"] / m["params"]["original"]
+    )
     assert m["calibration"]["seed"] == 0 and m["source"]["model"] == str(path)
     assert len(m["structure"]["mlp_channels"]) == 4 and m["reform"]["solver"] == "exact"
     # Reformation-aware choice: the top-3 parents and FLAP's subnet were reformed; the lowest fitness won
@@ -144,7 +157,9 @@ def test_driver_reforms_exports_and_writes_the_manifest(ray_cluster, tiny_checkp
     assert m["reform"]["finalists"] == 3
     assert [f["origin"] for f in fin] == ["parent 1", "parent 2", "parent 3", "flap"]
     winner = min(fin, key=lambda f: f["final_ppl"])
-    assert fin[0]["final_tokens"] == 4 * 31  # judged on reform.final_windows=4 windows, the search on data.fitness.samples=2
+    assert (
+        fin[0]["final_tokens"] == 4 * 31
+    )  # judged on reform.final_windows=4 windows, the search on data.fitness.samples=2
     assert m["search"]["chosen"] == winner["key"] and m["search"]["seconds"] > 0
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.json").is_file()
     # The same saved search, reformed again with ADMM into another directory, without searching again.
@@ -171,7 +186,9 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
     assert main(tiny_run_args(path, corpus, run, "method=flap")) == 0
     m = json.loads((run / "manifest.json").read_text())
     assert m["method"] == "flap" and m["search"]["evaluations"] == 1 and not m["reform"]["enabled"]
-    assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["searched"], rel=1e-4)  # biases included in both
+    assert m["perplexity"]["exported"] == pytest.approx(
+        m["perplexity"]["searched"], rel=1e-4
+    )  # biases included in both
     assert 0.67 <= m["export"]["params"] / m["params"]["original"] <= 0.73
     table = pd.read_parquet(run / "eval.parquet")
     assert set(table.model) == {"original", "exported (flap)"} and (table.status == "ok").all()
@@ -179,10 +196,12 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
     assert exported.ratio == pytest.approx(m["export"]["params"] / m["params"]["original"])
     # The manifest carries the measured speed and weight memory of the export beside the original's.
     speed = json.loads((run / "manifest.json").read_text())["speed"]
-    assert set(speed) == {"original", "exported"} and speed["exported"]["weights_mib"] < speed["original"]["weights_mib"]
+    assert (
+        set(speed) == {"original", "exported"} and speed["exported"]["weights_mib"] < speed["original"]["weights_mib"]
+    )
     assert speed["exported"]["prefill_tokens_per_s"] == pytest.approx(exported.tokens_per_s)
     # The evaluation CLI on the run dir evaluates its export and appends to the same table.
-    from searchllm.evaluate import main as evaluate_main
+    from searchllm.evaluate.__main__ import main as evaluate_main
 
     assert evaluate_main([str(run), "eval.lengths=[8]"]) == 0
     again = pd.read_parquet(run / "eval.parquet")
@@ -198,8 +217,14 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
         ("model.path=/nonexistent/model", "model.path='/nonexistent/model' does not exist"),
         ("budget.target=0.1", "cannot be met"),
         ("data.fitness.seqlen=100000", "shorter than one sequence of 100000"),
-        ("data.calibration.seqlen=100000", "data.calibration: the corpus has 6000 tokens, shorter than one sequence of 100000"),
-        ("model.path={gpt_neox}", "model type 'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"),
+        (
+            "data.calibration.seqlen=100000",
+            "data.calibration: the corpus has 6000 tokens, shorter than one sequence of 100000",
+        ),
+        (
+            "model.path={gpt_neox}",
+            "model type 'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2",
+        ),
         ("ray.replicas=many", "ray.replicas='many' must be an integer >= 1 or auto"),
     ],
 )
@@ -208,7 +233,9 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
     other = tmp_path / "gpt-neox"  # a family without an adapter
     shutil.copytree(path, other)
     cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    (other / "config.json").write_text(
+        json.dumps(cfg | {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]})
+    )
     run = tmp_path / "run"
     # in process (the command line's own exit code and stderr: test_an_unreachable_ray_address_stops_early)
     assert main([*tiny_run_args(path, corpus, run), override.format(gpt_neox=other)]) == 2
@@ -221,7 +248,7 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
 CONNECT = """
 import ray
 from searchllm.config import RayConfig
-from searchllm.distributed import connect
+from searchllm.cluster.pool import connect
 print(connect(RayConfig(num_cpus=1)))
 print(ray.get_runtime_context().gcs_address)
 """
@@ -244,8 +271,13 @@ def test_an_unreachable_ray_address_stops_early(tiny_checkpoint, tmp_path, how):
     run = tmp_path / "run"
     env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1") if how == "environment" else dict(os.environ)
     extra = ["ray.address=127.0.0.1:1"] if how == "config" else []
-    proc = subprocess.run([sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run), *extra], capture_output=True,
-                          text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "searchllm.driver", *tiny_run_args(path, corpus, run), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert ("RAY_ADDRESS" if how == "environment" else "cannot reach the Ray cluster at '127.0.0.1:1'") in proc.stderr

@@ -1,11 +1,11 @@
 """Reformation: the solvers against float64 references, and layer-wise reformation on tiny and real models."""
+
 import numpy as np
 import pytest
 import torch
 
 from searchllm.models.sliced import LayerSlice
-from searchllm.reform import Normal, ReformParams, reform_shard, solve_admm, solve_exact
-
+from searchllm.pruning.reform import Normal, ReformParams, reform_shard, solve_admm, solve_exact
 
 from conftest import FAMILIES, tiny_family
 from test_slicing import random_slices, whole
@@ -45,10 +45,14 @@ def test_admm_converges_to_the_exact_solution():
     assert gaps[2] < 1e-3
 
 
-@pytest.mark.parametrize("inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")])
+@pytest.mark.parametrize(
+    "inputs,targets", [("sequential", "original"), ("sequential", "layer"), ("independent", "original")]
+)
 @pytest.mark.parametrize("features", ["full", "pruned"])
 @pytest.mark.parametrize("solver", ["exact", "admm"])
-def test_reformation_never_increases_the_layer_reconstruction_error(llama, adapter, tokens, inputs, targets, features, solver):
+def test_reformation_never_increases_the_layer_reconstruction_error(
+    llama, adapter, tokens, inputs, targets, features, solver
+):
     slices = random_slices(adapter.geometry(), np.random.default_rng(3))
     p = ReformParams(solver=solver, inputs=inputs, features=features, targets=targets)
     _, _, results = reform_shard(whole(adapter, llama), slices, tokens, None, p, batch=2)
@@ -90,7 +94,9 @@ def test_a_fitted_bias_never_reconstructs_worse_than_weights_alone(llama, adapte
     slices = random_slices(adapter.geometry(), np.random.default_rng(3))
     errs = {}
     for bias in (False, True):
-        p = ReformParams(solver=solver, inputs="independent", targets="original", bias=bias, damp=0.0 if solver == "exact" else 0.1)
+        p = ReformParams(
+            solver=solver, inputs="independent", targets="original", bias=bias, damp=0.0 if solver == "exact" else 0.1
+        )
         _, _, results = reform_shard(whole(adapter, llama), slices, tokens, None, p, batch=2)
         errs[bias] = [r.error_after[k] for r in results for k in ("o", "down")]
     assert all(b <= a + 1e-9 for a, b in zip(errs[False], errs[True]))
@@ -100,14 +106,16 @@ def test_a_fitted_bias_never_reconstructs_worse_than_weights_alone(llama, adapte
 @pytest.mark.parametrize("family", ["llama", "opt"])  # without and with biases of its own on o/down
 def test_reformation_with_bias_exports_and_computes_what_the_runner_computed(family, tokens):
     from searchllm.evaluate import perplexity
-    from searchllm.export import build
+    from searchllm.export.hf import build
 
     model, adapter = tiny_family(family)
     g = adapter.geometry()
     slices = random_slices(g, np.random.default_rng(4))
     runner = whole(adapter, model)
     _, _, results = reform_shard(runner, slices, tokens, None, ReformParams(bias=True), batch=3)
-    assert set(results[0].weights) == {"o", "down", "o_bias", "down_bias"} and results[0].weights["o_bias"].shape == (g.hidden,)
+    assert set(results[0].weights) == {"o", "down", "o_bias", "down_bias"} and results[0].weights["o_bias"].shape == (
+        g.hidden,
+    )
     model, info = build(adapter, model.state_dict(), slices, {r.layer: r.weights for r in results})
     assert model.config.o_bias and (model.config.down_bias or model.config.mlp_bias)
     assert perplexity(model, tokens).ppl == pytest.approx(runner.forward(slices, tokens).ppl, rel=1e-4)
@@ -118,8 +126,8 @@ def test_reformation_lowers_perplexity_of_smollm2_at_half_kept(smollm2):
     from searchllm.config import CorpusConfig
     from searchllm.data import first_windows, load_text, random_windows, tokenize
     from searchllm.models.weights import share
-    from searchllm.shard import ShardRunner, split_layers
-    from searchllm.space import Budget, SearchSpace
+    from searchllm.pruning.shard import ShardRunner, split_layers
+    from searchllm.pruning.space import Budget, SearchSpace
 
     torch.set_num_threads(2)
     ids = tokenize(load_text(CorpusConfig("wikitext2", "validation"), "auto")[0], smollm2.tokenizer)
@@ -127,7 +135,9 @@ def test_reformation_lowers_perplexity_of_smollm2_at_half_kept(smollm2):
     held_out = tokenize(load_text(CorpusConfig("wikitext2-raw", "test"), "auto")[0], smollm2.tokenizer)
     evals = first_windows(held_out, 2, 256, "report")
     g = smollm2.adapter.geometry()
-    runner = ShardRunner(smollm2.adapter.architecture(), share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0])
+    runner = ShardRunner(
+        smollm2.adapter.architecture(), share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0]
+    )
     runner.calibrate(calib, batch=4)
     space = SearchSpace.for_target(g, 0.5)
     attn = np.stack([runner.scores[i].attn.numpy() for i in range(g.num_layers)])
@@ -143,7 +153,7 @@ def test_a_layer_left_without_a_fitted_bias_exports_a_counted_zero_bias(llama, a
     """reform.bias fits o/down biases only where inputs were dropped; the export's one bias layout gives
     the other layers zeros, which ExportInfo counts apart from the subnet's own parameters."""
     from searchllm.evaluate import perplexity
-    from searchllm.export import build
+    from searchllm.export.hf import build
 
     g = adapter.geometry()
     slices = random_slices(g, np.random.default_rng(4))

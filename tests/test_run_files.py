@@ -1,5 +1,6 @@
 """Every file searchllm reads back is checked, every write is atomic: a damaged or unwritable file gives one
 line naming it and what to do, and the files already there stay as they were."""
+
 import errno
 import json
 import os
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 from searchllm.config import ConfigError, load_config
-from searchllm.formats import ExportDirError, ExportJob, check_export_dir, write_all
-from searchllm.levels import LayerLevels, load_layers, save_layer
-from searchllm.reform import LayerResult
+from searchllm.export.formats import ExportDirError, ExportJob, check_export_dir, write_all
+from searchllm.pruning.levels import LayerLevels, load_layers, save_layer
+from searchllm.pruning.reform import LayerResult
+from searchllm.pruning.scores import Scores
 from searchllm.rundir import RunDir, RunFileError
-from searchllm.scores import Scores
 
 from conftest import tiny_model
 
@@ -47,10 +48,13 @@ def layer_result(i=0):
 
 
 def level_entry(i=0):
-    return LayerLevels(i, [1, 0], [2, 0, 1], {1: torch.ones(4, 2)}, {2: torch.ones(4, 2)}, [1.0, 0.5, 0.0], [1.0, 0.3, 0.1, 0.0])
+    return LayerLevels(
+        i, [1, 0], [2, 0, 1], {1: torch.ones(4, 2)}, {2: torch.ones(4, 2)}, [1.0, 0.5, 0.0], [1.0, 0.3, 0.1, 0.0]
+    )
 
 
 # -- damaged files ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_checkpoint_names_itself_and_offers_the_previous_generation(run, damage):
@@ -135,7 +139,7 @@ def test_a_damaged_manifest_is_named(run):
 
 
 def exported(tmp_path):
-    from searchllm.export import build
+    from searchllm.export.hf import build
     from searchllm.models.adapters import adapter_for
     from searchllm.models.sliced import LayerSlice
 
@@ -146,19 +150,31 @@ def exported(tmp_path):
 
 
 def test_a_truncated_export_weight_file_gives_one_line_from_evaluate(tmp_path):
-    from searchllm.export import save
+    from searchllm.export.hf import save
 
     out, info = exported(tmp_path)
     save(out, info, tmp_path / "export")
     cut(tmp_path / "export" / "model.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "searchllm.evaluate", str(tmp_path / "export"), "eval.tasks=[]"],
-                          capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "searchllm.evaluate", str(tmp_path / "export"), "eval.tasks=[]"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is damaged" in lines[0] and "export it again" in lines[0] and "Traceback" not in proc.stderr
+    assert (
+        len(lines) == 1
+        and "is damaged" in lines[0]
+        and "export it again" in lines[0]
+        and "Traceback" not in proc.stderr
+    )
 
 
-@pytest.mark.parametrize("content,kind", [("- a\n- b\n", "list"), ("just a string\n", "str"), ("a: [1, 2\n", "invalid")])
+@pytest.mark.parametrize(
+    "content,kind", [("- a\n- b\n", "list"), ("just a string\n", "str"), ("a: [1, 2\n", "invalid")]
+)
 def test_a_config_file_that_is_not_a_mapping_is_refused_without_quoting_it(tmp_path, content, kind):
     f = tmp_path / "c.yaml"
     f.write_text(content)
@@ -177,6 +193,7 @@ def test_an_empty_window_length_list_with_corpora_is_refused_up_front():
 
 # -- full disks ----------------------------------------------------------------------------------------------
 
+
 def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -188,12 +205,27 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_file(run, monkey
     import safetensors.torch
 
     steps = {
-        "checkpoint": (lambda: run.save_checkpoint({"generation": 0}), run.path / "checkpoint.json", (builtins, "open")),
-        "archive": (lambda: run.write_generation(0, [{"key": "a"}]), run.path / "archive" / "gen-0000.parquet", (pd.DataFrame, "to_parquet")),
+        "checkpoint": (
+            lambda: run.save_checkpoint({"generation": 0}),
+            run.path / "checkpoint.json",
+            (builtins, "open"),
+        ),
+        "archive": (
+            lambda: run.write_generation(0, [{"key": "a"}]),
+            run.path / "archive" / "gen-0000.parquet",
+            (pd.DataFrame, "to_parquet"),
+        ),
         "scores": (lambda: run.save_scores(scores()), run.path / "scores.npz", (np, "savez")),
-        "reform layer": (lambda: run.save_layer("t", layer_result()), run.path / "reform" / "t" / "layer-0000.pt", (torch, "save")),
-        "level layer": (lambda: save_layer(run.path / "levels", level_entry()), run.path / "levels" / "layer-0000.safetensors",
-                        (safetensors.torch, "save_file")),
+        "reform layer": (
+            lambda: run.save_layer("t", layer_result()),
+            run.path / "reform" / "t" / "layer-0000.pt",
+            (torch, "save"),
+        ),
+        "level layer": (
+            lambda: save_layer(run.path / "levels", level_entry()),
+            run.path / "levels" / "layer-0000.safetensors",
+            (safetensors.torch, "save_file"),
+        ),
         "manifest": (lambda: run.save_json("manifest.json", {"a": 1}), run.path / "manifest.json", (builtins, "open")),
     }
     write, path, (owner, name) = steps[writer]
@@ -222,6 +254,7 @@ def test_a_full_disk_during_the_export_replaces_nothing(tmp_path, monkeypatch):
 
 # -- the export dir and the run lock ---------------------------------------------------------------------
 
+
 def test_an_export_dir_holding_a_users_files_is_refused_unless_overwrite(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -249,7 +282,9 @@ def test_a_second_driver_on_a_locked_run_dir_is_told_who_holds_it(run):
 def test_a_lock_left_by_a_crashed_driver_is_taken_over(run):
     import socket
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (run.path / "lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "since": "then"}))
     with run.locked():
         assert json.loads((run.path / "lock").read_text())["pid"] == os.getpid()

@@ -1,15 +1,16 @@
 """The search loop: improvement over the initial population, checkpoints and identical resumes."""
+
 import json
 
 import numpy as np
 import pytest
 
-from searchllm.evolution import Evolution, EvolutionParams
 from searchllm.models.weights import share
+from searchllm.pruning.shard import ShardRunner, split_layers
+from searchllm.pruning.space import Budget, SearchSpace
 from searchllm.rundir import RunDir
-from searchllm.search import LocalEvaluator, Search
-from searchllm.shard import ShardRunner, split_layers
-from searchllm.space import Budget, SearchSpace
+from searchllm.search.evolution import Evolution, EvolutionParams
+from searchllm.search.loop import LocalEvaluator, Search
 
 PARAMS = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
 
@@ -24,13 +25,22 @@ def make_search(model, adapter, tokens, run_dir, generations, params=PARAMS, tar
         np.random.default_rng(1).random((g.num_layers, g.intermediate)),
         budget,
     )
-    search = Search(space, Evolution(space, budget, params), LocalEvaluator(space, [runner], tokens), RunDir(run_dir).create(), 0, generations)
+    search = Search(
+        space,
+        Evolution(space, budget, params),
+        LocalEvaluator(space, [runner], tokens),
+        RunDir(run_dir).create(),
+        0,
+        generations,
+    )
     return search, init
 
 
 def outcome(run_dir):
     arch = RunDir(run_dir).archive().sort_values(["generation", "key"])
-    return list(zip(arch.generation, arch.key, arch.fitness.round(9))), json.loads((run_dir / "checkpoint.json").read_text())["parents"]
+    return list(zip(arch.generation, arch.key, arch.fitness.round(9))), json.loads(
+        (run_dir / "checkpoint.json").read_text()
+    )["parents"]
 
 
 def test_checkpoint_after_every_generation_and_archive_of_every_evaluation(llama, adapter, tokens, tmp_path):
@@ -45,7 +55,9 @@ def test_checkpoint_after_every_generation_and_archive_of_every_evaluation(llama
 
 def test_run_stopped_after_a_generation_and_resumed_ends_identical(llama, adapter, tokens, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    make_search(llama, adapter, tokens, straight, 4)[0].run_search([make_search(llama, adapter, tokens, straight, 4)[1]])
+    make_search(llama, adapter, tokens, straight, 4)[0].run_search([
+        make_search(llama, adapter, tokens, straight, 4)[1]
+    ])
     s, init = make_search(llama, adapter, tokens, stopped, 2)
     s.run_search([init])
     s, init = make_search(llama, adapter, tokens, stopped, 4)
@@ -78,8 +90,8 @@ def test_run_killed_mid_generation_resumes_identical_without_re_evaluating(llama
 
 @pytest.mark.smollm2
 def test_search_on_smollm2_improves_on_its_initial_population(smollm2, tmp_path):
-    from searchllm.data import first_windows, load_text, tokenize
     from searchllm.config import CorpusConfig
+    from searchllm.data import first_windows, load_text, tokenize
 
     text, _ = load_text(CorpusConfig("wikitext2", "validation"), "auto")
     tokens = first_windows(tokenize(text[:20000], smollm2.tokenizer), 1, 128, "fitness")
@@ -99,10 +111,14 @@ class FailingOn:
         self.inner, self.bad_key, self.cands = inner, bad_key, []
 
     def evaluate(self, cands):
-        from searchllm.shard import NLL
+        from searchllm.pruning.shard import NLL
 
         for i, nll, r in self.inner.evaluate(cands):
-            yield i, (NLL(float("inf"), 1, error="OutOfMemoryError: injected") if cands[i].key() == self.bad_key else nll), r
+            yield (
+                i,
+                (NLL(float("inf"), 1, error="OutOfMemoryError: injected") if cands[i].key() == self.bad_key else nll),
+                r,
+            )
 
 
 def test_a_failed_evaluation_is_recorded_with_its_error_and_the_search_goes_on(llama, adapter, tokens, tmp_path):

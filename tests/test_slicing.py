@@ -1,18 +1,21 @@
 """A physically sliced subnet computes exactly what the masked original model computes."""
+
 import numpy as np
 import pytest
 
 from searchllm.models.adapters import adapter_for
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share
-from searchllm.shard import ShardRunner, split_layers
+from searchllm.pruning.shard import ShardRunner, split_layers
 
 from conftest import FAMILIES, family_model, tiny_family
 from helpers import hf_ppl, masked_model
 
 
 def whole(adapter, model):
-    return ShardRunner(adapter.architecture(), share(model.state_dict()), split_layers(adapter.geometry().num_layers, 1)[0])
+    return ShardRunner(
+        adapter.architecture(), share(model.state_dict()), split_layers(adapter.geometry().num_layers, 1)[0]
+    )
 
 
 def random_slices(g, rng, heads_only=False, drop_layer=None):
@@ -63,8 +66,10 @@ def test_sliding_window_layers_see_only_their_window(family, tokens):
     """The same weights with the window removed give another loss: the window is applied, not ignored."""
     windowed = family_model(family)
     full = family_model(family, sliding_window=None, use_sliding_window=False)
-    got = [whole(adapter_for(m.config), m).forward([LayerSlice.full(adapter_for(m.config).geometry())] * 3, tokens).ppl
-           for m in (windowed, full)]
+    got = [
+        whole(adapter_for(m.config), m).forward([LayerSlice.full(adapter_for(m.config).geometry())] * 3, tokens).ppl
+        for m in (windowed, full)
+    ]
     assert got[0] == pytest.approx(hf_ppl(windowed, tokens), rel=1e-5)
     assert got[0] != pytest.approx(got[1], rel=1e-3)
 
@@ -97,8 +102,10 @@ def query_head_slices(g, rng, equal: bool):
             r = int(rng.integers(1, g.group_size + 1))
             q = tuple(tuple(sorted(rng.choice(g.group_size, r, replace=False).tolist())) for _ in range(g.num_kv_heads))
         else:
-            q = tuple(tuple(sorted(rng.choice(g.group_size, int(rng.integers(0, g.group_size + 1)), replace=False).tolist()))
-                      for _ in range(g.num_kv_heads))
+            q = tuple(
+                tuple(sorted(rng.choice(g.group_size, int(rng.integers(0, g.group_size + 1)), replace=False).tolist()))
+                for _ in range(g.num_kv_heads)
+            )
             if not any(q):
                 q = ((0,),) + q[1:]
         pairs = tuple(full.kv_pairs[h] if q[h] else () for h in range(g.num_kv_heads))

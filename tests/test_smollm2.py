@@ -1,12 +1,13 @@
 """On the real SmolLM2-135M (GQA 9/3 heads, RoPE, tied embeddings), with small token budgets."""
+
 import numpy as np
 import pytest
 
 from searchllm.config import CorpusConfig
 from searchllm.data import first_windows, load_text, tokenize
 from searchllm.models.weights import share
-from searchllm.shard import ShardRunner, split_layers
-from searchllm.space import SearchSpace
+from searchllm.pruning.shard import ShardRunner, split_layers
+from searchllm.pruning.space import SearchSpace
 
 from helpers import hf_ppl, masked_model
 
@@ -22,12 +23,16 @@ def windows(smollm2):
 @pytest.fixture(scope="module")
 def runner(smollm2):
     g = smollm2.adapter.geometry()
-    return ShardRunner(smollm2.adapter.architecture(), share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0])
+    return ShardRunner(
+        smollm2.adapter.architecture(), share(smollm2.model.state_dict()), split_layers(g.num_layers, 1)[0]
+    )
 
 
 def test_full_candidate_gives_the_original_perplexity(smollm2, runner, windows):
     space = SearchSpace(smollm2.adapter.geometry())
-    assert runner.forward(space.slices(space.full()), windows).ppl == pytest.approx(hf_ppl(smollm2.model, windows), rel=1e-4)
+    assert runner.forward(space.slices(space.full()), windows).ppl == pytest.approx(
+        hf_ppl(smollm2.model, windows), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("attention", ["channels", "heads"])

@@ -1,11 +1,12 @@
 """Parameter counting, the budget and the importance-initialised subnet."""
+
 import numpy as np
 import pytest
 
 from searchllm.models.adapters import adapter_for
 from searchllm.models.weights import share
-from searchllm.shard import ShardRunner, split_layers
-from searchllm.space import Budget, BudgetError, SearchSpace
+from searchllm.pruning.shard import ShardRunner, split_layers
+from searchllm.pruning.space import Budget, BudgetError, SearchSpace
 
 from conftest import FAMILIES, family_model, tiny_family
 
@@ -57,7 +58,10 @@ def test_initial_subnet_keeps_top_scores_at_one_ratio_in_every_block(adapter):
     g = adapter.geometry()
     space = SearchSpace.for_target(g, 0.8, mlp_min=0.2)
     rng = np.random.default_rng(0)
-    attn_s, mlp_s = rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate))
+    attn_s, mlp_s = (
+        rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)),
+        rng.random((g.num_layers, g.intermediate)),
+    )
     budget = Budget(0.8, 0.02)
     init = space.initial(attn_s, mlp_s, budget)
     assert budget.contains(space.ratio(init))
@@ -90,14 +94,16 @@ def test_candidate_round_trips_through_bytes(adapter):
 
 
 def test_rounded_space_keeps_mlp_channels_and_head_dims_in_multiples(adapter):
-    from searchllm.evolution import Evolution, EvolutionParams
+    from searchllm.search.evolution import Evolution, EvolutionParams
 
     g = adapter.geometry()  # head_dim 16 (8 rotary pairs), MLP 96
     space = SearchSpace.for_target(g, 0.7, multiple=8)
     assert set(space.mlp_counts) <= set(range(8, 97, 8)) and set(space.attn_counts) <= {4, 8}
     budget = Budget(0.7, 0.05)
     rng = np.random.default_rng(0)
-    init = space.initial(rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget)
+    init = space.initial(
+        rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget
+    )
     children = Evolution(space, budget, EvolutionParams(population=12)).first_generation([init], rng, set())
     for c, _ in children:
         assert (c.mlp.sum(-1) % 8 == 0).all() and (space.kv_dims(c) % 8 == 0).all()
@@ -116,7 +122,9 @@ def test_a_rounded_grid_that_steps_over_the_budget_mixes_two_mlp_sizes(adapter):
     space = SearchSpace.for_target(g, 0.8, multiple=16)
     budget = Budget(0.8, 0.005)
     rng = np.random.default_rng(0)
-    init = space.initial(rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget)
+    init = space.initial(
+        rng.random((g.num_layers, g.num_kv_heads, g.head_dim // 2)), rng.random((g.num_layers, g.intermediate)), budget
+    )
     assert budget.contains(space.ratio(init)) and init.depth == g.num_layers
     sizes = init.mlp.sum(-1).tolist()
     assert len(set(sizes)) == 2 and all(n % 16 == 0 for n in sizes) and sorted(sizes, reverse=True) == sizes

@@ -1,4 +1,5 @@
 """The strategy registry: search.mode names a registered strategy; a new one is a module, not a branch."""
+
 import pytest
 
 from searchllm import strategies
@@ -7,8 +8,14 @@ from searchllm.config import ConfigError, load_config
 
 def test_every_builtin_search_mode_is_a_registered_strategy_of_a_known_kind():
     kinds = {s: strategies.get(s).kind for s in strategies.names()}
-    assert kinds == {"levels": "levels", "evolution": "search", "random": "search",
-                     "uniform": "baseline", "flap": "baseline", "layerdrop": "baseline"}
+    assert kinds == {
+        "levels": "levels",
+        "evolution": "search",
+        "random": "search",
+        "uniform": "baseline",
+        "flap": "baseline",
+        "layerdrop": "baseline",
+    }
     assert [s for s in strategies.names() if strategies.get(s).compensates] == ["flap"]
 
 

@@ -1,5 +1,6 @@
 """Watching a run: the progress page (live, in headless Chromium), metrics in Ray's Prometheus export,
 the static report, the Grafana dashboard, and the analysis notebook executed on a fresh run."""
+
 import json
 import os
 import re
@@ -19,13 +20,22 @@ from helpers import evaluator_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)"
+)
 
 
 def browse(url: str, screenshot: Path) -> str:
     """The page's DOM after its scripts ran, and a screenshot of it."""
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1300",
-             "--virtual-time-budget=6000"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1400,1300",
+        "--virtual-time-budget=6000",
+    ]
     subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
     if os.environ.get("SEARCHLLM_SCREENSHOTS"):  # to look at them
@@ -39,10 +49,25 @@ def marks(dom: str, chart: str) -> int:
 
 # -- the monitor alone ---------------------------------------------------------------------------------
 
+
 def monitor_with(points):
-    m = Monitor({"model": "m", "target": 0.7, "method": "searchllm", "generations": 2, "attn_units": 4, "mlp_channels": 8})
+    m = Monitor({
+        "model": "m",
+        "target": 0.7,
+        "method": "searchllm",
+        "generations": 2,
+        "attn_units": 4,
+        "mlp_channels": 8,
+    })
     for i, (params, fit) in enumerate(points):
-        m.on_result({"key": f"k{i}", "generation": 0, "params": params, "ratio": params / 100, "origin": "mutation", "fitness": fit})
+        m.on_result({
+            "key": f"k{i}",
+            "generation": 0,
+            "params": params,
+            "ratio": params / 100,
+            "origin": "mutation",
+            "fitness": fit,
+        })
     return m
 
 
@@ -64,7 +89,7 @@ def test_the_page_serves_the_state_and_follows_new_results():
     try:
         assert server.url.startswith("http://127.0.0.1:")
         page = urllib.request.urlopen(server.url, timeout=5).read().decode()
-        assert "<svg id=\"pareto\"" in page and "const STATIC = null" in page  # live: it polls state.json
+        assert '<svg id="pareto"' in page and "const STATIC = null" in page  # live: it polls state.json
         first = json.loads(urllib.request.urlopen(server.url + "state.json", timeout=5).read())
         m.on_result({"key": "k9", "generation": 1, "params": 60, "ratio": 0.6, "origin": "crossover", "fitness": 25.0})
         second = json.loads(urllib.request.urlopen(server.url + "state.json", timeout=5).read())
@@ -81,17 +106,31 @@ def test_a_static_report_embeds_its_state():
 
 def test_the_grafana_dashboard_plots_only_metrics_the_driver_exports():
     dash = json.loads((ROOT / "cluster" / "grafana-searchllm.json").read_text())
-    exported = {f"ray_searchllm_{n}" for n in ("generation", "best_fitness", "median_fitness", "evaluations_per_second",
-                                               "candidates_in_flight", "reform_layer", "reform_layers")}
+    exported = {
+        f"ray_searchllm_{n}"
+        for n in (
+            "generation",
+            "best_fitness",
+            "median_fitness",
+            "evaluations_per_second",
+            "candidates_in_flight",
+            "reform_layer",
+            "reform_layers",
+        )
+    }
     exported |= {"ray_searchllm_evaluations_total", "ray_searchllm_actor_busy_seconds_total"}
-    source = (ROOT / "searchllm" / "distributed.py").read_text()
+    source = (ROOT / "searchllm" / "cluster" / "pool.py").read_text()
     for name in exported:  # each is defined in the code (counters get _total in the export)
-        assert f'"{name.removeprefix("ray_").removesuffix("_total")}' in source or f'"{name.removeprefix("ray_searchllm_").removesuffix("_total")}"' in source
+        assert (
+            f'"{name.removeprefix("ray_").removesuffix("_total")}' in source
+            or f'"{name.removeprefix("ray_searchllm_").removesuffix("_total")}"' in source
+        )
     used = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"ray_searchllm_\w+", t["expr"])}
     assert used and used <= exported and len(used) >= 7
 
 
 # -- a real run, watched ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def watched(ray_cluster, tmp_path_factory):
@@ -118,8 +157,11 @@ def watched(ray_cluster, tmp_path_factory):
 
     monitor_module.Monitor.on_generation, monitor_module.ProgressServer.__init__ = on_generation, server_init
     result = {}
-    driver = threading.Thread(target=lambda: result.setdefault("rc", main(tiny_run_args(
-        path, corpus, run, "search.generations=4", "monitor.port=0"))))
+    driver = threading.Thread(
+        target=lambda: result.setdefault(
+            "rc", main(tiny_run_args(path, corpus, run, "search.generations=4", "monitor.port=0"))
+        )
+    )
     driver.start()
     try:
         assert reached.wait(180), "the search never reached its second generation"
@@ -131,7 +173,10 @@ def watched(ray_cluster, tmp_path_factory):
     finally:
         proceed.set()
         driver.join(300)
-        monitor_module.Monitor.on_generation, monitor_module.ProgressServer.__init__ = original_generation, original_server
+        monitor_module.Monitor.on_generation, monitor_module.ProgressServer.__init__ = (
+            original_generation,
+            original_server,
+        )
     assert result.get("rc") == 0
     return run, live
 
@@ -173,7 +218,9 @@ def test_the_notebook_executes_on_a_fresh_run(watched, monkeypatch):
     run, _ = watched
     monkeypatch.setenv("SEARCHLLM_RUNS", str(run))
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # convergence, Pareto front, structure
@@ -182,8 +229,8 @@ def test_the_notebook_executes_on_a_fresh_run(watched, monkeypatch):
 
 
 def test_run_metrics_stay_in_rays_prometheus_export_between_updates(ray_cluster, llama, adapter, tokens):
-    from searchllm.distributed import RayMetrics
-    from searchllm.space import SearchSpace
+    from searchllm.cluster.pool import RayMetrics
+    from searchllm.pruning.space import SearchSpace
 
     metrics = RayMetrics("metrics-test")
     metrics("generation", {"generation": 2, "best": 12.5, "median": 20.0, "evals_per_s": 3.0})
@@ -197,10 +244,20 @@ def test_run_metrics_stay_in_rays_prometheus_export_between_updates(ray_cluster,
             port = ray_cluster.nodes()[0]["MetricsExportPort"]
             # This run's series (other tests' runs export theirs too), each with its run tag, read when
             # Ray's agent has dropped gauge values not re-reported since they were set (after 20-30 s).
-            wanted = [rf'{name}\{{[^}}]*run="metrics-test"[^}}]*\}} ([0-9.e+]+)' for name in (
-                "ray_searchllm_best_fitness", "ray_searchllm_generation", "ray_searchllm_evaluations_total", "ray_searchllm_reform_layer",
-                "ray_searchllm_candidates_in_flight")]
-            wanted.append(r'ray_searchllm_actor_busy_seconds_total\{[^}]*actor="searchllm-\w+-replica0-layers0-2"[^}]*\} ([0-9.e+]+)')
+            wanted = [
+                rf'{name}\{{[^}}]*run="metrics-test"[^}}]*\}} ([0-9.e+]+)'
+                for name in (
+                    "ray_searchllm_best_fitness",
+                    "ray_searchllm_generation",
+                    "ray_searchllm_evaluations_total",
+                    "ray_searchllm_reform_layer",
+                    "ray_searchllm_candidates_in_flight",
+                )
+            ]
+            wanted.append(
+                r"ray_searchllm_actor_busy_seconds_total\{[^}]*"
+                r'actor="searchllm-\w+-replica0-layers0-2"[^}]*\} ([0-9.e+]+)'
+            )
             time.sleep(max(0.0, updated + 35 - time.time()))
             deadline, text = time.time() + 60, ""
             while time.time() < deadline and not all(re.search(w, text) for w in wanted):

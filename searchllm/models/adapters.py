@@ -4,6 +4,7 @@ Everything downstream (scores, search, shards, reformation, export) talks to a `
 `Geometry`, never to a family's module names. A new family is one subclass registered for its
 `config.model_type` values.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from torch import nn
 
-from .blocks import BlockConfig
+from searchllm.models.blocks import BlockConfig
 
 
 class UnsupportedModelError(ValueError):
@@ -125,8 +126,14 @@ class ModelAdapter(ABC):
     def architecture(self) -> Architecture:
         g = self.geometry()
         layers = range(g.num_layers)
-        return Architecture(g, BlockConfig.of(self.sliced_config()), tuple(self.block_state_keys(i) for i in layers),
-                            self.outer_state_keys(), tuple(self.window(i) for i in layers), self.rotary())
+        return Architecture(
+            g,
+            BlockConfig.of(self.sliced_config()),
+            tuple(self.block_state_keys(i) for i in layers),
+            self.outer_state_keys(),
+            tuple(self.window(i) for i in layers),
+            self.rotary(),
+        )
 
     def window(self, layer: int) -> int | None:
         """The sliding attention window of a layer, None for full attention."""
@@ -137,11 +144,16 @@ class ModelAdapter(ABC):
         or None where the family's config cannot express it."""
         return None
 
-    def sliced_config(self, layer_kv_pairs: list | None = None, layer_intermediate: list | None = None,
-                      layers: list[int] | None = None, layer_q_heads: list | None = None):
+    def sliced_config(
+        self,
+        layer_kv_pairs: list | None = None,
+        layer_intermediate: list | None = None,
+        layers: list[int] | None = None,
+        layer_q_heads: list | None = None,
+    ):
         """The export's SearchLLMConfig: this model's fields plus the structure of each kept layer
         (`layers`: their original indices, for per-layer attention windows)."""
-        from .modeling_searchllm import SearchLLMConfig
+        from searchllm.models.modeling_searchllm import SearchLLMConfig
 
         g = self.geometry()
         windows = [self.window(i) for i in layers or []]

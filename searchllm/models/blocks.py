@@ -9,7 +9,8 @@ Attention of a layer is described by `kv_pairs`: for each original KV head, the 
 heads). A kept head's dims are stored as [first halves..., second halves...], so rotating with the
 original cos/sin of the kept frequencies equals rotating the full head and dropping dims. Query heads
 share their KV head's dims (GQA); `q_counts` may keep fewer query heads per KV head (whole query heads
-pruned inside their group; unequal groups are allowed). The scale stays 1/sqrt(original head_dim). Heads of one layer that keep
+pruned inside their group; unequal groups are allowed). The scale stays 1/sqrt(original head_dim). Heads of one layer
+that keep
 different widths are zero-padded to the widest at run time only: weights hold exactly the kept rows and
 columns, so parameter counts are exact; the padding costs attention FLOPs, not parameters.
 
@@ -18,6 +19,7 @@ positions (`positions`, OPT's table offset by `position_offset`), a gated (SwiGL
 (`gated_mlp`), and per-layer sliding-window attention. Without rotary positions a "pair" is just two dims
 of a head that are kept or dropped together.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -73,8 +75,13 @@ class Rope(nn.Module):
 
 
 # Activations of the supported families, as transformers' ACT2FN computes them; others come from ACT2FN.
-ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU,
-               "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
+ACTIVATIONS = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+}
 
 
 def activation(name: str) -> nn.Module:
@@ -128,9 +135,22 @@ def kv_dims(pairs: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
 
 
 class SlicedAttention(nn.Module):
-    def __init__(self, hidden: int, kv_pairs, head_dim: int, group: int, scale: float, qkv_bias: bool, o_bias: bool,
-                 device=None, dtype=None, buffer_device=None, rope: bool = True, window: int | None = None,
-                 q_counts: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        kv_pairs,
+        head_dim: int,
+        group: int,
+        scale: float,
+        qkv_bias: bool,
+        o_bias: bool,
+        device=None,
+        dtype=None,
+        buffer_device=None,
+        rope: bool = True,
+        window: int | None = None,
+        q_counts: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.rope, self.window = rope, window
         # Query heads kept per original KV head (`q_counts`, default the whole group): a KV head whose
@@ -175,7 +195,9 @@ class SlicedAttention(nn.Module):
             out["q_kv"] = torch.tensor(q_kv, dtype=torch.long)
         if not self.uniform:
             out["kv_pos"] = torch.tensor([j * self.width + p for j, ps in enumerate(pos) for p in ps], dtype=torch.long)
-            out["q_pos"] = torch.tensor([qi * self.width + p for qi, j in enumerate(q_kv) for p in pos[j]], dtype=torch.long)
+            out["q_pos"] = torch.tensor(
+                [qi * self.width + p for qi, j in enumerate(q_kv) for p in pos[j]], dtype=torch.long
+            )
         return out
 
     def _heads(self, x: torch.Tensor, n_heads: int, pos_name: str) -> torch.Tensor:
@@ -184,8 +206,16 @@ class SlicedAttention(nn.Module):
             x = x.new_zeros(b, t, n_heads * self.width).index_copy_(-1, getattr(self, pos_name), x)
         return x.view(b, t, n_heads, self.width).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
-                mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        record: Recorder = None,
+        mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
         if self.n_kv == 0:
             return torch.zeros_like(x)
         b, t, _ = x.shape
@@ -212,7 +242,9 @@ class SlicedAttention(nn.Module):
         if mask is None and self.window is not None and k.shape[2] > self.window:
             mask = window_mask(t, k.shape[2], self.window, x.device)  # a block run alone (search, reformation)
         causal = mask is None and t > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1
+        )
         out = out.transpose(1, 2).reshape(b, t, nq * self.width)
         if not self.uniform:
             out = out.index_select(-1, self.q_pos)
@@ -222,8 +254,17 @@ class SlicedAttention(nn.Module):
 
 
 class SlicedMLP(nn.Module):
-    def __init__(self, hidden: int, channels: int, act: str, bias: bool, device=None, dtype=None, down_bias: bool = False,
-                 gated: bool = True) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        channels: int,
+        act: str,
+        bias: bool,
+        device=None,
+        dtype=None,
+        down_bias: bool = False,
+        gated: bool = True,
+    ) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.empty = channels == 0
@@ -234,7 +275,9 @@ class SlicedMLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The input of down_proj."""
-        return self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+        return (
+            self.act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act(self.up_proj(x))
+        )
 
     def forward(self, x: torch.Tensor, record: Recorder = None) -> torch.Tensor:
         if self.empty:
@@ -248,22 +291,55 @@ class SlicedMLP(nn.Module):
 class SlicedDecoderLayer(nn.Module):
     """A pre-norm block. `record(key, x)` sees the inputs of q/k/v ("qkv"), o ("o"), gate/up ("mlp"), down ("down")."""
 
-    def __init__(self, config: "BlockConfig", kv_pairs, channels: int, device=None, dtype=None, buffer_device=None,
-                 window: int | None = None, q_counts: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        config: "BlockConfig",
+        kv_pairs,
+        channels: int,
+        device=None,
+        dtype=None,
+        buffer_device=None,
+        window: int | None = None,
+        q_counts: list[int] | None = None,
+    ) -> None:
         super().__init__()
         import warnings
 
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # a module pruned away is an empty Linear
+        warnings.filterwarnings(
+            "ignore", "Initializing zero-element tensors"
+        )  # a module pruned away is an empty Linear
         c, kw = config, dict(device=device, dtype=dtype)
         self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
         group = c.num_attention_heads // c.num_key_value_heads
-        self.self_attn = SlicedAttention(c.hidden_size, kv_pairs, c.head_dim, group, c.head_dim**-0.5, c.qkv_bias, c.o_bias,
-                                        buffer_device=buffer_device, rope=c.positions == "rope", window=window, q_counts=q_counts, **kw)
+        self.self_attn = SlicedAttention(
+            c.hidden_size,
+            kv_pairs,
+            c.head_dim,
+            group,
+            c.head_dim**-0.5,
+            c.qkv_bias,
+            c.o_bias,
+            buffer_device=buffer_device,
+            rope=c.positions == "rope",
+            window=window,
+            q_counts=q_counts,
+            **kw,
+        )
         self.post_attention_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
-        self.mlp = SlicedMLP(c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, gated=c.gated_mlp, **kw)
+        self.mlp = SlicedMLP(
+            c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, gated=c.gated_mlp, **kw
+        )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, record: Recorder = None,
-                mask: torch.Tensor | None = None, cache: Cache | None = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        record: Recorder = None,
+        mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
         h = self.input_layernorm(x)
         if record is not None:
             record("qkv", h)

@@ -1,12 +1,13 @@
 """LLaMA 1/2/3, Mistral and Qwen2: pre-norm RMSNorm blocks, RoPE, GQA, SwiGLU MLP."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
 
-from .adapters import Geometry, ModelAdapter
-from .blocks import Rope
+from searchllm.models.adapters import Geometry, ModelAdapter
+from searchllm.models.blocks import Rope
 
 
 class LlamaAdapter(ModelAdapter):
@@ -72,7 +73,12 @@ class LlamaAdapter(ModelAdapter):
         from transformers import LlamaConfig
 
         src = self.config.to_dict()
-        fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"num_hidden_layers", "head_dim", "num_key_value_heads", "mlp_bias"}
+        fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {
+            "num_hidden_layers",
+            "head_dim",
+            "num_key_value_heads",
+            "mlp_bias",
+        }
         return {k: src[k] for k in fields if k in src}
 
     def window(self, layer: int) -> int | None:

@@ -2,6 +2,7 @@
 
 The config is read first, so an unsupported family fails in a second, before any weights load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
-from .adapters import ModelAdapter, adapter_for
+from searchllm.config import ModelConfig
+from searchllm.models.adapters import ModelAdapter, adapter_for
 
 SMOLLM2 = ("smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,10 +97,15 @@ def resolve(cfg: ModelConfig, data_root: Path | None) -> str:
         return str(_gguf_checkpoint(gguf, cfg))
     if p.exists():
         if not (p / "config.json").is_file():
-            raise ModelError(f"model.path={cfg.path!r} exists but has no config.json; point it at a Hugging Face checkpoint dir")
+            raise ModelError(
+                f"model.path={cfg.path!r} exists but has no config.json; point it at a Hugging Face checkpoint dir"
+            )
         return str(p)
     if cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
-        raise ModelError(f"model.path={cfg.path!r} does not exist; give a local checkpoint dir, a .gguf file or a hub id like org/name")
+        raise ModelError(
+            f"model.path={cfg.path!r} does not exist; give a local checkpoint dir, a .gguf file or a hub id like "
+            "org/name"
+        )
     return cfg.path
 
 
@@ -126,14 +132,20 @@ def load(cfg: ModelConfig, data_root: Path | None) -> LoadedModel:
     where, _, adapter = load_config_only(cfg, data_root)
     model = AutoModelForCausalLM.from_pretrained(where, revision=cfg.revision, dtype=DTYPES[cfg.dtype]).eval()
     tok = load_tokenizer(cfg, data_root)
-    return LoadedModel(model, tok, adapter_for(model.config), source=f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else ""), checkpoint=where)
+    return LoadedModel(
+        model,
+        tok,
+        adapter_for(model.config),
+        source=f"{cfg.path}" + (f"@{cfg.revision}" if cfg.revision else ""),
+        checkpoint=where,
+    )
 
 
 def register_export_classes() -> None:
     """Let transformers load searchllm exports with the installed code (no trust_remote_code needed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling_searchllm import SearchLLMConfig, SearchLLMForCausalLM
+    from searchllm.models.modeling_searchllm import SearchLLMConfig, SearchLLMForCausalLM
 
     try:
         AutoConfig.register(SearchLLMConfig.model_type, SearchLLMConfig)
@@ -154,8 +166,10 @@ def load_pretrained(path: str, dtype: str | None = None):
         raise ModelError(f"cannot load a checkpoint from {path!r} ({str(e).splitlines()[0][:160]})") from None
     except Exception as e:  # a damaged file: safetensors' SafetensorError, a cut config.json (JSONDecodeError), ...
         what = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
-        raise ModelError(f"the checkpoint in {path!r} is damaged ({what}); export it again "
-                         "(python -m searchllm.driver resume=RUN re-exports a finished run)") from None
+        raise ModelError(
+            f"the checkpoint in {path!r} is damaged ({what}); export it again "
+            "(python -m searchllm.driver resume=RUN re-exports a finished run)"
+        ) from None
     local = Path(path).expanduser()
     has_tokenizer = not local.exists() or (local / "tokenizer_config.json").is_file()
     return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None

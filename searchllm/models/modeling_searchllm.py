@@ -6,6 +6,7 @@ decoder block it imports, next to every non-uniform checkpoint, so
 search builds its blocks from the same `blocks.py`, so what the search scores is what the export runs.
 `SearchLLMConfig` is the source model's config plus each layer's kept structure (see blocks.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .blocks import Norm, SlicedAttention, SlicedDecoderLayer
+from .blocks import Norm, SlicedAttention, SlicedDecoderLayer  # relative: the file ships beside exported weights
 
 # The model outputs' cache field: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which
 # generate() reads back and passes in as `cache=`).
@@ -75,7 +76,9 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id)
         self.layers = nn.ModuleList(
-            SlicedDecoderLayer(c, p, m, window=c.layer_window(i), q_counts=c.layer_q_heads[i] if c.layer_q_heads else None)
+            SlicedDecoderLayer(
+                c, p, m, window=c.layer_window(i), q_counts=c.layer_q_heads[i] if c.layer_q_heads else None
+            )
             for i, (p, m) in enumerate(zip(c.layer_kv_pairs, c.layer_intermediate))
         )
         self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm)
@@ -85,8 +88,17 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
             self.embed_positions = nn.Embedding(c.max_position_embeddings + c.position_offset, c.hidden_size)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
         past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -114,7 +126,9 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
         for i, layer in enumerate(self.layers):
             mask = masks["full_attention" if layer.self_attn.window is None else "sliding_attention"]
             h = layer(h, cos, sin, None, mask, past_key_values if use_cache else None, i)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None})
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(h), **{CACHE_FIELD: past_key_values if use_cache else None}
+        )
 
 
 class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
@@ -126,8 +140,19 @@ class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        cache=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         past_key_values = cache if cache is not None else past_key_values
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         h = out.last_hidden_state

@@ -5,11 +5,12 @@ In searchllm's standard keys fc1 is "up" (no "gate") and fc2 is "down". The sear
 is a pair of dims of a head (dims d and d + head_dim/2), as for the rotary families, so one search
 space serves all of them.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from .adapters import Geometry, ModelAdapter, UnsupportedModelError
+from searchllm.models.adapters import Geometry, ModelAdapter, UnsupportedModelError
 
 # OPT's LayerNorm is torch's default (eps 1e-5); its config does not store it.
 LAYER_NORM_EPS = 1e-5
@@ -24,7 +25,9 @@ class OPTAdapter(ModelAdapter):
         if not getattr(c, "do_layer_norm_before", True):
             why.append("post-norm blocks (do_layer_norm_before=False, as in opt-350m)")
         if getattr(c, "word_embed_proj_dim", c.hidden_size) not in (None, c.hidden_size):
-            why.append(f"projected embeddings (word_embed_proj_dim={c.word_embed_proj_dim} != hidden_size={c.hidden_size})")
+            why.append(
+                f"projected embeddings (word_embed_proj_dim={c.word_embed_proj_dim} != hidden_size={c.hidden_size})"
+            )
         if getattr(c, "_remove_final_layer_norm", False):
             why.append("no final layer norm (_remove_final_layer_norm=True)")
         if not getattr(c, "layer_norm_elementwise_affine", True):

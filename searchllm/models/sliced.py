@@ -5,6 +5,7 @@ itself is the export's `SlicedDecoderLayer` (blocks.py), so the search scores ex
 module the exported checkpoint runs; with its rules a sliced block computes what the original block
 computes with the dropped rows/columns zeroed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,24 +14,29 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .adapters import Geometry
-from .blocks import BlockConfig, SlicedDecoderLayer, kv_dims
+from searchllm.models.adapters import Geometry
+from searchllm.models.blocks import BlockConfig, SlicedDecoderLayer, kv_dims
 
 # Standard block keys (adapters.BLOCK_KEYS) -> parameter paths inside a SlicedDecoderLayer (LLaMA's names).
-MODULE_PATHS = {
-    "q": "self_attn.q_proj.weight",
-    "k": "self_attn.k_proj.weight",
-    "v": "self_attn.v_proj.weight",
-    "o": "self_attn.o_proj.weight",
-    "gate": "mlp.gate_proj.weight",
-    "up": "mlp.up_proj.weight",
-    "down": "mlp.down_proj.weight",
-    "in_norm": "input_layernorm.weight",
-    "post_norm": "post_attention_layernorm.weight",
-} | {f"{k}_bias": f"self_attn.{k}_proj.bias" for k in "qkvo"} | {f"{k}_bias": f"mlp.{k}_proj.bias" for k in ("gate", "up", "down")} | {
-    "in_norm_bias": "input_layernorm.bias",
-    "post_norm_bias": "post_attention_layernorm.bias",
-}
+MODULE_PATHS = (
+    {
+        "q": "self_attn.q_proj.weight",
+        "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight",
+        "o": "self_attn.o_proj.weight",
+        "gate": "mlp.gate_proj.weight",
+        "up": "mlp.up_proj.weight",
+        "down": "mlp.down_proj.weight",
+        "in_norm": "input_layernorm.weight",
+        "post_norm": "post_attention_layernorm.weight",
+    }
+    | {f"{k}_bias": f"self_attn.{k}_proj.bias" for k in "qkvo"}
+    | {f"{k}_bias": f"mlp.{k}_proj.bias" for k in ("gate", "up", "down")}
+    | {
+        "in_norm_bias": "input_layernorm.bias",
+        "post_norm_bias": "post_attention_layernorm.bias",
+    }
+)
 
 # Modules whose *input* columns a slice removes (reformation rectifies these); the rest lose output rows.
 COLUMN_SLICED = ("o", "down")
@@ -104,12 +110,25 @@ def slice_weights(w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry) -> 
     return out
 
 
-def build_block(config: BlockConfig, w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry,
-                overrides: Mapping[str, torch.Tensor] | None = None, window: int | None = None) -> SlicedDecoderLayer:
+def build_block(
+    config: BlockConfig,
+    w: Mapping[str, torch.Tensor],
+    s: LayerSlice,
+    g: Geometry,
+    overrides: Mapping[str, torch.Tensor] | None = None,
+    window: int | None = None,
+) -> SlicedDecoderLayer:
     """A SlicedDecoderLayer sharing storage with `w` where it can; `overrides` replaces sliced tensors
     (reformed o/down) by standard key; `window` is the layer's sliding attention window."""
-    block = SlicedDecoderLayer(config, s.kv_pairs, len(s.mlp), device="meta", buffer_device=w["q"].device, window=window,
-                               q_counts=None if s.q_heads is None else s.q_counts(g))
+    block = SlicedDecoderLayer(
+        config,
+        s.kv_pairs,
+        len(s.mlp),
+        device="meta",
+        buffer_device=w["q"].device,
+        window=window,
+        q_counts=None if s.q_heads is None else s.q_counts(g),
+    )
     tensors = slice_weights(w, s, g) | dict(overrides or {})
     for key, t in tensors.items():
         owner, name = MODULE_PATHS[key].rsplit(".", 1)

@@ -3,6 +3,7 @@
 bf16 has no numpy dtype: it travels as uint16 bits and is viewed back, still without a copy.
 Shared arrays are read-only for everyone; code that changes weights (reformation) works on copies.
 """
+
 from __future__ import annotations
 
 import warnings

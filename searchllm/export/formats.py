@@ -8,6 +8,7 @@ Adding a format is adding a writer here with `register`.
   gguf  llama.cpp files (gguf_export.write, f32), quantized by llama.cpp into each of export.gguf_types,
         every file reloaded in llama.cpp and scored there; an Ollama Modelfile beside the first type.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,7 @@ def register(name: str) -> Callable[[Callable[[ExportJob], dict]], Callable[[Exp
 
 def check_format(fmt: str, gguf_types: list[str], model_type: Optional[str] = None) -> None:
     """export.format and export.gguf_types up front (one line naming the value), before any work."""
-    from .gguf_export import GGUFError, check_types, family_of
+    from searchllm.export.gguf import GGUFError, check_types, family_of
 
     if fmt not in FORMATS:
         raise GGUFError(f"export.format={fmt!r} is not allowed; choose one of: {', '.join(FORMATS)}")
@@ -61,7 +62,7 @@ def check_format(fmt: str, gguf_types: list[str], model_type: Optional[str] = No
     check_types(list(gguf_types))
     if model_type is not None:
         family_of(type("Config", (), {"model_type": model_type})())
-    from .llamacpp import require
+    from searchllm.evaluate.llamacpp import require
 
     require()
 
@@ -74,15 +75,17 @@ def check_export_dir(path: Path, overwrite: bool) -> None:
     """An existing export.dir is replaced only when it is a searchllm export (or export.overwrite=true):
     never a user's folder by accident."""
     if path.is_dir() and any(path.iterdir()) and not (path / "searchllm_export.json").is_file() and not overwrite:
-        raise ExportDirError(f"export.dir={str(path)!r} exists and is not a searchllm export; choose another dir "
-                             "or set export.overwrite=true to replace it")
+        raise ExportDirError(
+            f"export.dir={str(path)!r} exists and is not a searchllm export; choose another dir "
+            "or set export.overwrite=true to replace it"
+        )
 
 
 def write_all(job: ExportJob, fmt: str) -> dict:
     """Every writer of the format, in order, into a temporary sibling of the export dir that replaces it
     only once every writer has written and checked its files (a killed driver or a full disk leaves no
     half-written export under the real name). One record: the HF writer's keys, plus `gguf`."""
-    from .rundir import RunFileError, alive
+    from searchllm.files import RunFileError, alive
 
     final, i = job.out, job.info
     for left in final.parent.glob(f".{final.name}.*-*"):  # what a killed driver's export left behind
@@ -105,7 +108,9 @@ def write_all(job: ExportJob, fmt: str) -> dict:
             os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunFileError(f"cannot write the export {final}: {e.strerror or e}; nothing was replaced, resume to export again") from None
+        raise RunFileError(
+            f"cannot write the export {final}: {e.strerror or e}; nothing was replaced, resume to export again"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -125,24 +130,35 @@ def _rel(ppl: float, ref: Optional[float]) -> Optional[float]:
 
 @register("hf")
 def write_hf(job: ExportJob) -> dict:
-    from .evaluate import perplexity
-    from .export import save
-    from .models.loading import load_pretrained
+    from searchllm.evaluate import perplexity
+    from searchllm.export.hf import save
+    from searchllm.models.loading import load_pretrained
 
     save(job.model, job.info, job.out, job.tokenizer, job.source_checkpoint)
     reloaded, _ = load_pretrained(str(job.out))
     ppl = perplexity(reloaded, job.report, job.batch).ppl
     rel = _rel(ppl, job.ref_ppl)
-    log.info("exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
-             job.info.kind, job.out, job.info.params, ppl, rel or 0.0)
-    return {"attention_padding": job.info.padding, "zero_biases": job.info.zero_biases, "reload_rel_diff": rel, "ppl": ppl}
+    log.info(
+        "exported %s checkpoint to %s (%d params); reloaded from disk: report ppl %.3f (%.1e relative to in-memory)",
+        job.info.kind,
+        job.out,
+        job.info.params,
+        ppl,
+        rel or 0.0,
+    )
+    return {
+        "attention_padding": job.info.padding,
+        "zero_biases": job.info.zero_biases,
+        "reload_rel_diff": rel,
+        "ppl": ppl,
+    }
 
 
 def gguf_files(model, tokenizer, out: Path, source_gguf: Optional[Path], types: list[str]):
     """`out`/model-<type>.gguf for every type: written in f32, quantized by llama.cpp (the f32 file is kept
     only when asked for). Returns (GGUFInfo of the f32 write, [(type, path)])."""
-    from . import llamacpp
-    from .gguf_export import FTYPES, write
+    from searchllm.evaluate import llamacpp
+    from searchllm.export.gguf import FTYPES, write
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)  # tokenizer.json: the GGUF's vocabulary when the source was no GGUF
@@ -166,10 +182,9 @@ def gguf_files(model, tokenizer, out: Path, source_gguf: Optional[Path], types: 
 
 @register("gguf")
 def write_gguf(job: ExportJob) -> dict:
-    from . import llamacpp
-    from .gguf_export import modelfile
-
-    from .export import write_info
+    from searchllm.evaluate import llamacpp
+    from searchllm.export.gguf import modelfile
+    from searchllm.export.hf import write_info
 
     info, paths = gguf_files(job.model, job.tokenizer, job.out, job.source_gguf, job.gguf_types)
     write_info(job.info, job.out)
@@ -179,8 +194,24 @@ def write_gguf(job: ExportJob) -> dict:
         ppl = llamacpp.perplexity(llm, job.report).ppl
         del llm
         files.append({"type": t, "path": str(path), "bytes": path.stat().st_size, "ppl": ppl})
-        log.info("exported GGUF %s (%s, %.1f MiB): llama.cpp report ppl %.3f", path.name, info.arch, path.stat().st_size / 2**20, ppl)
+        log.info(
+            "exported GGUF %s (%s, %.1f MiB): llama.cpp report ppl %.3f",
+            path.name,
+            info.arch,
+            path.stat().st_size / 2**20,
+            ppl,
+        )
     chat = getattr(job.tokenizer, "chat_template", None)
-    (job.out / "Modelfile").write_text(modelfile(Path(files[0]["path"]).name, chat, getattr(job.tokenizer, "eos_token", None)))
-    return {"gguf": {"arch": info.arch, "layers": info.layers, "params": info.params, "padding_params": info.padding_params,
-                     "files": files, "modelfile": str(job.out / "Modelfile")}}
+    (job.out / "Modelfile").write_text(
+        modelfile(Path(files[0]["path"]).name, chat, getattr(job.tokenizer, "eos_token", None))
+    )
+    return {
+        "gguf": {
+            "arch": info.arch,
+            "layers": info.layers,
+            "params": info.params,
+            "padding_params": info.padding_params,
+            "files": files,
+            "modelfile": str(job.out / "Modelfile"),
+        }
+    }

@@ -8,6 +8,7 @@ A candidate is three boolean arrays over the whole model:
   mlp    (L, P)    kept MLP intermediate channels.
 Each group's ratio (kept units / U) lives on a grid; counts are round(ratio * U).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,15 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .models.adapters import Geometry
-from .models.sliced import LayerSlice
-
-ATTENTION_MODES = ("channels", "heads")
-BUDGET_COUNTS = ("total", "decoder")
+from searchllm.config import ATTENTION_MODES
+from searchllm.models.adapters import Geometry
+from searchllm.models.sliced import LayerSlice
 
 # Paper Table 1 (LLaMA-7B column), by target inheriting ratio: (attention min ratio, MLP min ratio,
 # fraction of blocks that may be dropped). The printed 0.3 attention minimum at 70% is read as 0.7.
-TABLE1 = {0.9: (0.9, 0.6, 0.0), 0.8: (0.8, 0.4, 0.0), 0.7: (0.7, 0.2, 2 / 32), 0.6: (0.6, 0.1, 4 / 32), 0.5: (0.6, 0.1, 4 / 32)}
+TABLE1 = {
+    0.9: (0.9, 0.6, 0.0),
+    0.8: (0.8, 0.4, 0.0),
+    0.7: (0.7, 0.2, 2 / 32),
+    0.6: (0.6, 0.1, 4 / 32),
+    0.5: (0.6, 0.1, 4 / 32),
+}
 
 
 def table1_row(target: float) -> tuple[float, float, float]:
@@ -139,7 +144,9 @@ class SearchSpace:
     def full(self) -> Candidate:
         g = self.geometry
         return Candidate(
-            np.ones(g.num_layers, bool), np.ones((g.num_layers, self.groups, self.units), bool), np.ones((g.num_layers, g.intermediate), bool)
+            np.ones(g.num_layers, bool),
+            np.ones((g.num_layers, self.groups, self.units), bool),
+            np.ones((g.num_layers, g.intermediate), bool),
         )
 
     def from_bytes(self, data: bytes) -> Candidate:
@@ -193,10 +200,14 @@ class SearchSpace:
         np.put_along_axis(mask, order, True, axis=-1)
         return mask
 
-    def uniform(self, attn_scores: np.ndarray, mlp_scores: np.ndarray, attn_count: int, mlp_count: int, depth: int) -> Candidate:
+    def uniform(
+        self, attn_scores: np.ndarray, mlp_scores: np.ndarray, attn_count: int, mlp_count: int, depth: int
+    ) -> Candidate:
         """Same counts in every block, top-scoring units kept; the last blocks dropped if depth < L."""
         active = np.arange(self.num_layers) < depth
-        return Candidate(active, self.top(self.attn_unit_scores(attn_scores), attn_count), self.top(mlp_scores, mlp_count))
+        return Candidate(
+            active, self.top(self.attn_unit_scores(attn_scores), attn_count), self.top(mlp_scores, mlp_count)
+        )
 
     def attn_unit_scores(self, attn_scores: np.ndarray) -> np.ndarray:
         """(L, KV, pairs) per-pair scores -> (L, G, U) scores of this space's units."""
@@ -255,7 +266,8 @@ class SearchSpace:
         return (
             f"budget.target={budget.target} (tol {budget.tol}, count={budget.count}) cannot be met: this search space "
             f"spans kept ratios {lo:.3f}..{hi:.3f} (attention {self.attn_range}, MLP {self.mlp_range}, depth "
-            f"{self.depth_range}); widen space.attn_min/space.mlp_min/space.depth_min or change budget.target/budget.tol"
+            f"{self.depth_range}); widen space.attn_min/space.mlp_min/space.depth_min or change "
+            "budget.target/budget.tol"
         )
 
 

@@ -13,6 +13,7 @@ call, so a restarted actor catches up before it evaluates. A replica whose resta
 and its candidates go to the others. A candidate whose evaluation raises is retried once, then reported
 with its error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,17 +31,27 @@ import torch
 from ray.util import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from .layout import ClusterError, NodeInfo, choose_layout
-from .models.adapters import Architecture, ModelAdapter
-from .models.sliced import LayerSlice
-from .models.weights import share, unshare
-from .reform import LayerResult, ReformParams, iter_reform
-from .scores import LayerScores, Scores
-from .shard import NLL, PrefixCache, ShardRunner, ShardSpec, bf16_native, planned_weight_bytes, resolve_score_dtype, shard_state_names, split_layers
-from .space import Candidate, SearchSpace
+from searchllm.cluster.layout import ClusterError, NodeInfo, choose_layout
+from searchllm.models.adapters import Architecture, ModelAdapter
+from searchllm.models.sliced import LayerSlice
+from searchllm.models.weights import share, unshare
+from searchllm.pruning.reform import LayerResult, ReformParams, iter_reform
+from searchllm.pruning.scores import LayerScores, Scores
+from searchllm.pruning.shard import (
+    NLL,
+    PrefixCache,
+    ShardRunner,
+    ShardSpec,
+    bf16_native,
+    planned_weight_bytes,
+    resolve_score_dtype,
+    shard_state_names,
+    split_layers,
+)
+from searchllm.pruning.space import Candidate, SearchSpace
 
 if TYPE_CHECKING:  # at run time actors would import every stage's config (pandas, omegaconf) for nothing
-    from .config import RayConfig
+    from searchllm.config import RayConfig
 
 log = logging.getLogger("searchllm")
 
@@ -75,7 +86,9 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return "Ray already initialised in this process"
-    quiet = dict(logging_level=logging.WARNING, log_to_driver=True, job_config=ray.job_config.JobConfig(metadata={"name": name}))
+    quiet = dict(
+        logging_level=logging.WARNING, log_to_driver=True, job_config=ray.job_config.JobConfig(metadata={"name": name})
+    )
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
@@ -83,7 +96,8 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
             ray.init(address=address, **quiet)
         except Exception as e:
             raise ClusterError(
-                f"cannot attach to the Ray cluster at {address!r} ({type(e).__name__}); check RAY_ADDRESS / ray.address "
+                f"cannot attach to the Ray cluster at {address!r} ({type(e).__name__}); check RAY_ADDRESS / "
+                "ray.address "
                 "or unset it to run on a local Ray"
             ) from None
         return f"attached to Ray at {address}"
@@ -103,7 +117,12 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
 
 def cluster_nodes() -> list[NodeInfo]:
     return [
-        NodeInfo(n["NodeID"], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0), n["Resources"].get("memory", 0.0))
+        NodeInfo(
+            n["NodeID"],
+            n["Resources"].get("CPU", 0.0),
+            n["Resources"].get("GPU", 0.0),
+            n["Resources"].get("memory", 0.0),
+        )
         for n in ray.nodes()
         if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0
     ]
@@ -117,8 +136,11 @@ def probe_gpu_memory(nodes: list[NodeInfo]) -> Optional[float]:
     """The smallest GPU's memory on the GPU nodes, measured by a one-GPU task on each (None when Ray's
     GPUs are not visible to torch, e.g. declared with --num-gpus on a machine without CUDA)."""
     probe = ray.remote(num_gpus=1, num_cpus=0)(_device_memory)
-    got = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
-                   for n in nodes if n.gpus >= 1])
+    got = ray.get([
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
+        for n in nodes
+        if n.gpus >= 1
+    ])
     got = [m for m in got if m]
     return float(min(got)) if got else None
 
@@ -187,11 +209,20 @@ class RayMetrics:
 
 # -- actors --------------------------------------------------------------------------------------------
 
+
 class StageActor:
     """One shard of one evaluator replica."""
 
-    def __init__(self, arch: Architecture, state: dict, spec: ShardSpec, dtype: str, threads: int, tokens: dict,
-                 score_dtype: str = "model") -> None:
+    def __init__(
+        self,
+        arch: Architecture,
+        state: dict,
+        spec: ShardSpec,
+        dtype: str,
+        threads: int,
+        tokens: dict,
+        score_dtype: str = "model",
+    ) -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
@@ -209,9 +240,14 @@ class StageActor:
         self.load_seconds = time.perf_counter() - t0
 
     def ready(self) -> dict[str, Any]:
-        return {"layers": f"{self.spec.start}-{self.spec.stop - 1}", "device": str(self.runner.device),
-                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "load_s": self.load_seconds,
-                "threads": torch.get_num_threads()}
+        return {
+            "layers": f"{self.spec.start}-{self.spec.stop - 1}",
+            "device": str(self.runner.device),
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "load_s": self.load_seconds,
+            "threads": torch.get_num_threads(),
+        }
 
     def _sync(self, extras: tuple[int, list]) -> None:
         version, (ref,) = extras
@@ -221,8 +257,11 @@ class StageActor:
         layers = self.spec.layers
         for runner in {id(r): r for r in (self.runner, self.scorer)}.values():
             runner.means = {i: m for i, m in state["means"].items() if i in layers}
-            runner.reformed = {i: (s, {k: v.to(runner.device, runner.dtype) for k, v in w.items()})
-                               for i, (s, w) in state["reformed"].items() if i in layers}
+            runner.reformed = {
+                i: (s, {k: v.to(runner.device, runner.dtype) for k, v in w.items()})
+                for i, (s, w) in state["reformed"].items()
+                if i in layers
+            }
         if state["levels"] is not None and state["levels"][1][self.spec.start].hex() != self._levels_ref:
             space, refs, cache_bytes = state["levels"]  # this shard's database entries, fetched once
             self._levels_ref = refs[self.spec.start].hex()
@@ -231,14 +270,18 @@ class StageActor:
             self.scorer.prefix = PrefixCache(cache_bytes) if cache_bytes else None
         if self.spec.last:  # KL targets: only the token sets not fetched before
             held = self.scorer.targets
-            self.scorer.targets = {w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()}
+            self.scorer.targets = {
+                w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()
+            }
             new = [w for w in state["targets"] if w not in self.scorer.targets]
             for w, t in ray.get([state["targets"][w] for w in new]):
                 self.scorer.targets[w] = (t[0].to(self.scorer.device), t[1].to(self.scorer.device))
             self._target_refs = {w: ref.hex() for w, ref in state["targets"].items()}
         self.version = version
 
-    def forward(self, slices: dict[int, Any], inp: Any, which: str, batch: int, extras: tuple[int, list], metric: str = "nll") -> Any:
+    def forward(
+        self, slices: dict[int, Any], inp: Any, which: str, batch: int, extras: tuple[int, list], metric: str = "nll"
+    ) -> Any:
         t0 = time.perf_counter()
         self._sync(extras)
         tokens = self.tokens[which]
@@ -250,7 +293,7 @@ class StageActor:
     def build_levels(self, inp: Any, space: Any, implied: Any, batch: int, done: dict, factors: dict) -> Iterator[Any]:
         """A streaming generator: one item per layer of the shard (its LayerLevels, or None when it was
         in `done`), then the calibration stream leaving the shard."""
-        from .levels import iter_build
+        from searchllm.pruning.levels import iter_build
 
         src = self.tokens["calibration"] if self.spec.first else inp
         out = yield from iter_build(self.runner, space, implied, src, batch, done, factors)
@@ -266,7 +309,9 @@ class StageActor:
         if self.busy is None:
             from ray.util.metrics import Counter
 
-            self.busy = Counter("searchllm_actor_busy_seconds", "seconds an evaluator actor spent evaluating", tag_keys=("actor",))
+            self.busy = Counter(
+                "searchllm_actor_busy_seconds", "seconds an evaluator actor spent evaluating", tag_keys=("actor",)
+            )
             self.busy.set_default_tags({"actor": ray.get_runtime_context().get_actor_name() or "unnamed"})
         self.busy.inc(seconds)
 
@@ -280,8 +325,15 @@ class StageActor:
         src = self.tokens["calibration"][:windows] if self.spec.first else inp
         return self.runner.forward({i: full for i in self.spec.layers}, src)
 
-    def reform(self, slices: dict[int, LayerSlice], dense: Any, stream: Any, params: ReformParams, batch: int,
-               done: dict[int, dict[str, torch.Tensor]]) -> Iterator[Any]:
+    def reform(
+        self,
+        slices: dict[int, LayerSlice],
+        dense: Any,
+        stream: Any,
+        params: ReformParams,
+        batch: int,
+        done: dict[int, dict[str, torch.Tensor]],
+    ) -> Iterator[Any]:
         """A streaming generator: one item per layer of the shard (its LayerResult, or None), then the
         original and the reformed hidden states leaving the shard."""
         src = self.tokens["calibration"] if self.spec.first else dense
@@ -293,15 +345,28 @@ class StageActor:
 class EvaluatorPool:
     """Replicas x stages of StageActors sharing one copy of the weights per shard and node."""
 
-    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, cfg: RayConfig, dtype: str, tokens: dict[str, torch.Tensor],
-                 actor: type = StageActor, metrics: Optional[RayMetrics] = None, score_dtype: str = "model") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: ModelAdapter,
+        cfg: RayConfig,
+        dtype: str,
+        tokens: dict[str, torch.Tensor],
+        actor: type = StageActor,
+        metrics: Optional[RayMetrics] = None,
+        score_dtype: str = "model",
+    ) -> None:
         self.metrics = metrics
         g = adapter.geometry()
         state = model.state_dict()
         unique = {t.data_ptr(): t for t in state.values()}.values()  # tied embeddings count once
         model_bytes = planned_weight_bytes(sum(t.numel() for t in unique), getattr(torch, dtype), score_dtype)
         nodes = cluster_nodes()
-        gpu_memory = probe_gpu_memory(nodes) if cfg.device != "cpu" and any(n.gpus >= 1 for n in nodes) and "auto" in (cfg.stages, cfg.replicas) else None
+        gpu_memory = (
+            probe_gpu_memory(nodes)
+            if cfg.device != "cpu" and any(n.gpus >= 1 for n in nodes) and "auto" in (cfg.stages, cfg.replicas)
+            else None
+        )
         self.layout = layout = choose_layout(cfg, nodes, model_bytes, g.num_layers, gpu_memory)
         if layout.why:
             log.info("%s", layout.why)
@@ -340,7 +405,15 @@ class EvaluatorPool:
             self.shutdown()
             raise
         for r, chain in enumerate(self.placed):
-            log.info("replica %d: %s", r, "; ".join(f"layers {a['layers']} on {a['device']} @ node {a['node'][:8]}, {a['threads']} thread(s) ({a['load_s']:.2f}s to load)" for a in chain))
+            log.info(
+                "replica %d: %s",
+                r,
+                "; ".join(
+                    f"layers {a['layers']} on {a['device']} @ node {a['node'][:8]}, {a['threads']} thread(s) "
+                    f"({a['load_s']:.2f}s to load)"
+                    for a in chain
+                ),
+            )
         self.alive = list(range(len(self.replicas)))
 
     def _group(self, replica: int, node: Optional[str]):
@@ -348,8 +421,12 @@ class EvaluatorPool:
         n = len(self.specs)
         if node is None:  # no node has room for the whole replica now: Ray packs it as tightly as it can
             return placement_group([bundle] * n, strategy="PACK", name=f"searchllm-replica{replica}")
-        return placement_group([bundle] * n, strategy="STRICT_PACK", name=f"searchllm-replica{replica}",
-                               bundle_label_selector=[{"ray.io/node-id": node}] * n)
+        return placement_group(
+            [bundle] * n,
+            strategy="STRICT_PACK",
+            name=f"searchllm-replica{replica}",
+            bundle_label_selector=[{"ray.io/node-id": node}] * n,
+        )
 
     def _wait_placed(self) -> None:
         try:
@@ -357,8 +434,10 @@ class EvaluatorPool:
         except ray.exceptions.GetTimeoutError:
             lay = self.layout
             raise ClusterError(
-                f"could not place {lay.replicas} replica(s) x {lay.stages} stage(s) of {lay.num_cpus:g} CPU / {lay.num_gpus:g} GPU each "
-                f"within ray.placement_timeout={self.cfg.placement_timeout:g}s on a cluster with {ray.available_resources()}; "
+                f"could not place {lay.replicas} replica(s) x {lay.stages} stage(s) of {lay.num_cpus:g} CPU / "
+                f"{lay.num_gpus:g} GPU each "
+                f"within ray.placement_timeout={self.cfg.placement_timeout:g}s on a cluster with "
+                f"{ray.available_resources()}; "
                 "lower ray.replicas / ray.stages (or use auto), or add nodes"
             ) from None
 
@@ -398,10 +477,13 @@ class EvaluatorPool:
     def _drop(self, replica: int, why: str) -> None:
         if replica in self.alive:
             self.alive.remove(replica)
-            log.warning("replica %d is gone for good (%s); continuing with %d replica(s)", replica, why, len(self.alive))
+            log.warning(
+                "replica %d is gone for good (%s); continuing with %d replica(s)", replica, why, len(self.alive)
+            )
 
-    def stream(self, space: SearchSpace, cands: list[Candidate], which: str = "fitness", batch: int = 1,
-               metric: str = "nll") -> Iterator[tuple[int, NLL, int]]:
+    def stream(
+        self, space: SearchSpace, cands: list[Candidate], which: str = "fitness", batch: int = 1, metric: str = "nll"
+    ) -> Iterator[tuple[int, NLL, int]]:
         """Evaluate candidates on every live replica, yielding (index, NLL, replica) as each finishes;
         `space` turns a candidate into its per-layer slices (a SearchSpace, or levels.GenomeCodec)."""
         queue = deque(range(len(cands)))
@@ -445,9 +527,14 @@ class EvaluatorPool:
             state |= unshare(ray.get(ref))
         return state
 
-    def reform(self, slices: list[LayerSlice], params: ReformParams, batch: int,
-               done: Optional[dict[int, dict[str, torch.Tensor]]] = None,
-               on_layer: Optional[Callable[[LayerResult], None]] = None) -> list[LayerResult]:
+    def reform(
+        self,
+        slices: list[LayerSlice],
+        params: ReformParams,
+        batch: int,
+        done: Optional[dict[int, dict[str, torch.Tensor]]] = None,
+        on_layer: Optional[Callable[[LayerResult], None]] = None,
+    ) -> list[LayerResult]:
         """Layer-wise reformation on the lead replica's stage actors; the reformed weights (with those in
         `done`, solved before and not solved again) then reach every replica. `on_layer` sees each
         layer's result as soon as it is solved (the driver saves it: a resume starts after it).
@@ -486,8 +573,15 @@ class EvaluatorPool:
             parts.append(part)
         return {i: f for part in ray.get(parts) for i, f in part.items()}
 
-    def build_levels(self, space: Any, implied: Any, batch: int, done: Optional[dict] = None,
-                     on_layer: Optional[Callable[[Any], None]] = None, factors: Optional[dict] = None) -> list[Any]:
+    def build_levels(
+        self,
+        space: Any,
+        implied: Any,
+        batch: int,
+        done: Optional[dict] = None,
+        on_layer: Optional[Callable[[Any], None]] = None,
+        factors: Optional[dict] = None,
+    ) -> list[Any]:
         """Build the level database on the lead replica's stages, in order (each stage's calibration stream
         feeds the next: error accumulation), OBS weighed by `factors` where given; `on_layer` sees each
         layer's entries as they arrive (the driver saves them: a resume builds only the layers left)."""
@@ -558,13 +652,3 @@ def _collect(spec: ShardSpec, gen, results: list, on_layer, tail: int = 2) -> tu
 def _first_line(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e
     return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"[:300]
-
-
-class RayEvaluator:
-    """The search's Evaluator protocol over a pool."""
-
-    def __init__(self, pool: EvaluatorPool, space: SearchSpace, batch: int) -> None:
-        self.pool, self.space, self.batch = pool, space, batch
-
-    def evaluate(self, cands: list[Candidate]) -> Iterator[tuple[int, NLL, int]]:
-        return self.pool.stream(self.space, cands, "fitness", self.batch)

@@ -7,14 +7,17 @@ shares the mask. Attention is scored per rotary pair of each KV head, over all q
 The same calibration pass also yields FLAP's statistics (An et al., AAAI 2024): the fluctuation metric
 WIFV_j = Var(x_j) * ||W[:, j]||^2 of the inputs of o and down, and their means for bias compensation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from .models.adapters import Geometry
+from searchllm.models.adapters import Geometry, ModelAdapter
+from searchllm.models.sliced import LayerSlice
 
 
 class GramAccumulator:
@@ -84,7 +87,9 @@ def inverse_diag(gram: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.cholesky_inverse(chol).diagonal()
 
 
-def layer_scores(w: dict[str, torch.Tensor], grams: GramAccumulator, layer: int, g: Geometry, damp: float) -> LayerScores:
+def layer_scores(
+    w: dict[str, torch.Tensor], grams: GramAccumulator, layer: int, g: Geometry, damp: float
+) -> LayerScores:
     def rows(name: str, key: str) -> torch.Tensor:
         return (w[name].double() ** 2 / inverse_diag(grams.gram(layer, key), damp)[None, :]).sum(1)
 
@@ -101,5 +106,42 @@ def layer_scores(w: dict[str, torch.Tensor], grams: GramAccumulator, layer: int,
     def wifv(name: str, key: str) -> torch.Tensor:
         return (grams.variance(layer, key).double() * (w[name].double() ** 2).sum(0)).float().cpu()
 
-    return LayerScores(attn.float().cpu(), mlp.float().cpu(), wifv("o", "o"), wifv("down", "down"),
-                       grams.mean(layer, "o").cpu(), grams.mean(layer, "down").cpu())
+    return LayerScores(
+        attn.float().cpu(),
+        mlp.float().cpu(),
+        wifv("o", "o"),
+        wifv("down", "down"),
+        grams.mean(layer, "o").cpu(),
+        grams.mean(layer, "down").cpu(),
+    )
+
+
+def compensation(
+    w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry, mean_o: np.ndarray, mean_down: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """FLAP's bias compensation of one block: {"o_bias", "down_bias"} = the existing bias (if any) plus
+    W[:, pruned] @ mean(x[pruned]), the pruned input channels' mean contribution on calibration data."""
+    biases = {}
+    for key, kept, mean in (("o", s.q_rows(g), mean_o), ("down", list(s.mlp), mean_down)):
+        W = w[key]
+        pruned = np.setdiff1d(np.arange(W.shape[1]), kept)
+        m = torch.as_tensor(np.asarray(mean)[pruned], dtype=torch.float64, device=W.device)
+        b = W[:, torch.as_tensor(pruned, dtype=torch.long, device=W.device)].double() @ m
+        if f"{key}_bias" in w:
+            b = b + w[f"{key}_bias"].double()
+        biases[f"{key}_bias"] = b.to(W.dtype)
+    return biases
+
+
+def flap_biases(
+    adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: list[LayerSlice], scores: Scores
+) -> dict[int, dict[str, torch.Tensor]]:
+    """compensation() of every kept block, from the original state dict."""
+    g = adapter.geometry()
+    return {
+        i: compensation(
+            {k: state[n] for k, n in adapter.block_state_keys(i).items()}, s, g, scores.mean_o[i], scores.mean_down[i]
+        )
+        for i, s in enumerate(slices)
+        if s.active
+    }

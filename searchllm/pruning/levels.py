@@ -21,82 +21,26 @@ reproduces: the original module on the same inputs (module, the default), the de
 (dense) or its residual stream after the module (stream, also cancelling the upstream error; worse on
 held-out text, docs/quality.md).
 """
+
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Generator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
-from .models.adapters import Geometry
-from .models.sliced import LayerSlice
-from .reform import solve_exact
+from searchllm.config import LevelError, LevelParams
+from searchllm.models.adapters import Geometry
+from searchllm.models.sliced import LayerSlice
+from searchllm.pruning.reform import solve_exact
 
 if TYPE_CHECKING:
-    from .shard import ShardRunner
-
-HEAD_MODES = ("equal", "free")
-DB_INPUTS = ("accumulated", "dense")
-DB_DTYPES = ("float16", "bfloat16", "float32")
-WEIGHTINGS = ("fisher", "none")
-REFITS = ("module", "dense", "stream")
-
-
-class LevelError(ValueError):
-    pass
-
-
-@dataclass
-class LevelParams:
-    """How the database is built (a resume reuses a saved database only with the same settings)."""
-
-    heads: str = "equal"  # equal: one query head per KV group per level (standard GQA layers); free: any head
-    mlp_levels: int = 16  # MLP levels: kept channels in steps of intermediate / mlp_levels
-    obs_group: int = 16  # MLP channels removed per OBS step (a group update, as Týr's groups of 16; 1 = one at a time)
-    obs_damp: float = 0.01  # H^-1 of the OBS order: H + obs_damp * mean(diag H) I
-    damp: float = 0.1  # the refit's damping toward the original weights (reform.solve_exact)
-    inputs: str = "accumulated"  # accumulated (error accumulation) | dense
-    dtype: str = "float16"  # of the stored weights
-    # How output errors are weighed when OBS picks the MLP channels to remove: fisher (each block's K-FAC output
-    # factor, E[g g^T] of the loss gradient where the MLP adds into the residual stream, on the dense model with
-    # next tokens drawn from its own distribution; LLM-Surgeon) or none (every output direction alike, ZipLM).
-    # Query heads keep the unweighted order: weighing them measured worse (docs/quality.md).
-    weighting: str = "fisher"
-    fisher_windows: int = 16  # calibration windows of the output factors' backward pass (the first ones; all when fewer)
-    # What the refit of a level reproduces (inputs=accumulated): module (the original o/down on the same pruned
-    # inputs), dense (the dense model's o/down output on the dense stream, OSSCAR's fullseq) or stream (the dense
-    # model's residual stream after the module: the refit also cancels the upstream error where it can).
-    refit: str = "module"
-
-    def digest(self) -> str:
-        params = {f.name: getattr(self, f.name) for f in fields(LevelParams)}
-        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-
-    def check(self, g: Geometry) -> None:
-        if self.heads not in HEAD_MODES:
-            raise LevelError(f"levels.heads={self.heads!r} is not allowed; choose one of: {', '.join(HEAD_MODES)}")
-        if self.inputs not in DB_INPUTS:
-            raise LevelError(f"levels.inputs={self.inputs!r} is not allowed; choose one of: {', '.join(DB_INPUTS)}")
-        if self.dtype not in DB_DTYPES:
-            raise LevelError(f"levels.dtype={self.dtype!r} is not allowed; choose one of: {', '.join(DB_DTYPES)}")
-        if self.weighting not in WEIGHTINGS:
-            raise LevelError(f"levels.weighting={self.weighting!r} is not allowed; choose one of: {', '.join(WEIGHTINGS)}")
-        if self.refit not in REFITS:
-            raise LevelError(f"levels.refit={self.refit!r} is not allowed; choose one of: {', '.join(REFITS)}")
-        if self.fisher_windows < 1:
-            raise LevelError(f"levels.fisher_windows={self.fisher_windows} must be >= 1 (calibration windows of the output factors)")
-        if self.mlp_levels < 1 or g.intermediate % self.mlp_levels:
-            divisors = [d for d in (4, 8, 12, 16, 24, 32, 48, 64) if g.intermediate % d == 0]
-            raise LevelError(f"levels.mlp_levels={self.mlp_levels} must divide the MLP width {g.intermediate} (equal steps); "
-                             f"e.g. {', '.join(map(str, divisors)) or 1}")
-        if self.obs_group < 1 or self.obs_damp <= 0 or self.damp < 0:
-            raise LevelError(f"levels.obs_group={self.obs_group} must be >= 1, levels.obs_damp={self.obs_damp} > 0 and levels.damp={self.damp} >= 0")
+    from searchllm.pruning.shard import ShardRunner
 
 
 class LevelSpace:
@@ -144,7 +88,9 @@ class LevelSpace:
 
     def nominal_params(self, genome: np.ndarray) -> int:
         g = self.geometry
-        return int(g.outer_params + sum(self.nominal_attn_params(a) + self.mlp_params(m) + self.norms for a, m in genome))
+        return int(
+            g.outer_params + sum(self.nominal_attn_params(a) + self.mlp_params(m) + self.norms for a, m in genome)
+        )
 
 
 @dataclass
@@ -174,7 +120,9 @@ class LayerLevels:
     def slice(self, space: LevelSpace, a: int, m: int) -> LayerSlice:
         g = space.geometry
         heads = self.kept_heads(space, a)
-        q_heads = tuple(tuple(h % g.group_size for h in heads if h // g.group_size == kv) for kv in range(g.num_kv_heads))
+        q_heads = tuple(
+            tuple(h % g.group_size for h in heads if h // g.group_size == kv) for kv in range(g.num_kv_heads)
+        )
         pairs = tuple(range(g.head_dim // 2))
         kv_pairs = tuple(pairs if q else () for q in q_heads)
         return LayerSlice(kv_pairs, tuple(self.kept_channels(space, m)), True, q_heads)
@@ -193,6 +141,7 @@ class LayerLevels:
 
 
 # -- greedy OBS ------------------------------------------------------------------------------------------
+
 
 def _damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     H = H.double()
@@ -236,7 +185,9 @@ def obs_head_order(W: torch.Tensor, H: torch.Tensor, g: Geometry, equal: bool, d
     return order
 
 
-def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, damp: float, F: torch.Tensor | None = None) -> list[int]:
+def obs_channel_order(
+    W: torch.Tensor, H: torch.Tensor, step: int, group: int, damp: float, F: torch.Tensor | None = None
+) -> list[int]:
     """MLP channels in greedy OBS removal order (ZipLM): each step removes the `group` channels of lowest
     W_j^T F W_j / H^-1_jj jointly (never across a level boundary, every `step` channels). F, the output
     factor, weighs output directions (identity when None); the compensation does not depend on it.
@@ -266,7 +217,9 @@ def obs_channel_order(W: torch.Tensor, H: torch.Tensor, step: int, group: int, d
     return order
 
 
-def refit(W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float, R: torch.Tensor | None = None) -> torch.Tensor:
+def refit(
+    W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float, R: torch.Tensor | None = None
+) -> torch.Tensor:
     """Kept columns re-solved by least squares, as reformation does (targets: the original module on the
     same inputs, so C = G, unless R = Y X^T names another target Y)."""
     idx = torch.tensor(keep, dtype=torch.long, device=G.device)
@@ -274,9 +227,15 @@ def refit(W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float, R: tor
     return solve_exact(W, Gd[idx][:, idx], Gd[:, idx], keep, damp, None if R is None else R[:, idx])
 
 
-def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp: float, dtype: torch.dtype,
-                  F: torch.Tensor | None = None, target: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  ) -> tuple[dict[int, torch.Tensor], list[float]]:
+def module_levels(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    kept: list[list[int]],
+    damp: float,
+    dtype: torch.dtype,
+    F: torch.Tensor | None = None,
+    target: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict[int, torch.Tensor], list[float]]:
     """Refit weights (for every level below the top that keeps something) and relative errors of each level;
     `kept[l]` are the kept input columns of level l (the last level is the whole module). The refit reproduces
     the module's own output W X unless `target` = (Y X^T, Y Y^T) names another Y. Errors are weighed by the
@@ -308,9 +267,16 @@ def module_levels(W: torch.Tensor, G: torch.Tensor, kept: list[list[int]], damp:
 
 # -- building a shard's layers -----------------------------------------------------------------------------
 
-def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
-               done: Mapping[int, LayerLevels] | None = None, factors: Mapping[int, torch.Tensor] | None = None,
-               ) -> Generator[LayerLevels | None, None, torch.Tensor]:
+
+def iter_build(
+    runner: "ShardRunner",
+    space: LevelSpace,
+    implied: np.ndarray,
+    inp: torch.Tensor,
+    batch: int = 1,
+    done: Mapping[int, LayerLevels] | None = None,
+    factors: Mapping[int, torch.Tensor] | None = None,
+) -> Generator[LayerLevels | None, None, torch.Tensor]:
     """Build the entries of every layer of a shard, in order, yielding each layer's LayerLevels as soon as
     it is done (None for a layer in `done`, built before: it is only run, so the layers after it see the
     same inputs) and returning the hidden states leaving the shard (the stream of the next shard; with
@@ -336,21 +302,25 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
 
     for i in runner.spec.layers:
         t0 = time.perf_counter()
-        block = runner.block(i, full)
+        block: Any = runner.block(i, full)  # a sliced decoder layer (its submodules are attributes)
         w = runner.blocks_w[i]
         a_imp, m_imp = (int(x) for x in implied[i])
         xs, mids, dense = [], [], []
         entry = done.get(i)  # built before: only run (no statistics), so the next layers see the same inputs
         build = entry is None
         with torch.no_grad():
-            G = R = YY = None
+            G: Optional[torch.Tensor] = None
+            R: Optional[torch.Tensor] = None
+            YY: Optional[torch.Tensor] = None
             for s in range(0, h_all.shape[0], batch):
                 h = h_all[s : s + batch]
-                rec = {}
+                rec: dict[str, torch.Tensor] = {}
                 attn_out = block.self_attn(block.input_layernorm(h), *runner.rope(h), rec.__setitem__)
                 x = rec["o"]
                 xs.append((x, attn_out))
-                if aim != "module":  # the dense block on the dense stream: the targets, and the next dense stream
+                if (
+                    hd_all is not None
+                ):  # aim != module: the dense block on the dense stream, the targets and the next dense stream
                     hd = hd_all[s : s + batch]
                     attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd))
                     mid_d = hd + attn_d
@@ -364,23 +334,31 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                 if build:
                     G = cross(x, x) if G is None else G.add_(cross(x, x))
             if build:
+                assert G is not None
                 order = obs_head_order(w["o"], G, g, p.heads == "equal", p.obs_damp)
                 entry = LayerLevels(i, order, [])
-                kept = [sum((list(range(h * g.head_dim, (h + 1) * g.head_dim)) for h in entry.kept_heads(space, a)), [])
-                        for a in range(space.attn_top + 1)]
-                entry.attn, entry.attn_error = module_levels(w["o"], G, kept, p.damp, dtype, None,
-                                                             None if R is None else (R, YY))
+                kept = [
+                    sum((list(range(h * g.head_dim, (h + 1) * g.head_dim)) for h in entry.kept_heads(space, a)), [])
+                    for a in range(space.attn_top + 1)
+                ]
+                entry.attn, entry.attn_error = module_levels(
+                    w["o"], G, kept, p.damp, dtype, None, None if R is None or YY is None else (R, YY)
+                )
             del G, R, YY
+            assert entry is not None
             # The MLP sees the attention at its implied level (its kept heads' outputs, compensated o).
             a_cols = _head_cols(entry.kept_heads(space, a_imp), g)
-            Gd = R = YY = None
+            Gd: Optional[torch.Tensor] = None
+            R = YY = None
             feats = []
             for b, (x, attn_out) in enumerate(xs):
                 h = h_all[b * batch : b * batch + x.shape[0]]
                 if accumulate and a_imp != space.attn_top:
                     attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
                 mid = h + attn_out
-                f = block.mlp.features(block.post_attention_layernorm(mid))  # full-width down_proj only where the implied level keeps the whole MLP
+                f = block.mlp.features(
+                    block.post_attention_layernorm(mid)
+                )  # full-width down_proj only where the implied level keeps the whole MLP
                 feats.append((f, block.mlp.down_proj(f) if not accumulate or m_imp == space.mlp_top else None))
                 mids.append(mid)
                 if build:
@@ -393,10 +371,14 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
                         YY = cross(y, y) if YY is None else YY.add_(cross(y, y))
             del xs
             if build:
-                entry.mlp_order = obs_channel_order(w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp, factors.get(i))
+                assert Gd is not None
+                entry.mlp_order = obs_channel_order(
+                    w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp, factors.get(i)
+                )
                 kept = [entry.kept_channels(space, m) for m in range(space.mlp_top + 1)]
-                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype, factors.get(i),
-                                                           None if R is None else (R, YY))
+                entry.mlp, entry.mlp_error = module_levels(
+                    w["down"], Gd, kept, p.damp, dtype, factors.get(i), None if R is None or YY is None else (R, YY)
+                )
             del Gd, R, YY
             m_cols = entry.kept_channels(space, m_imp)
             outs = []
@@ -413,12 +395,18 @@ def iter_build(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, in
     return h_all if hd_all is None else torch.cat([h_all, hd_all])
 
 
-def build_local(runner: "ShardRunner", space: LevelSpace, implied: np.ndarray, inp: torch.Tensor, batch: int = 1,
-                done: Mapping[int, LayerLevels] | None = None, factors: Mapping[int, torch.Tensor] | None = None,
-                ) -> tuple[dict[int, LayerLevels], torch.Tensor]:
+def build_local(
+    runner: "ShardRunner",
+    space: LevelSpace,
+    implied: np.ndarray,
+    inp: torch.Tensor,
+    batch: int = 1,
+    done: Mapping[int, LayerLevels] | None = None,
+    factors: Mapping[int, torch.Tensor] | None = None,
+) -> tuple[dict[int, LayerLevels], torch.Tensor]:
     """iter_build run to the end in this process (one shard, no actors): the entries it built, by layer,
     and the calibration stream leaving the shard (the next shard's input)."""
-    gen, out = iter_build(runner, space, implied, inp, batch, done, factors), {}
+    gen, out = iter_build(runner, space, implied, inp, batch, done, factors), dict[int, LayerLevels]()
     while True:
         try:
             entry = next(gen)
@@ -432,16 +420,20 @@ def _head_cols(heads: list[int], g: Geometry) -> list[int]:
     return [h * g.head_dim + d for h in heads for d in range(g.head_dim)]
 
 
-def _project(x: torch.Tensor, cols: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _project(
+    x: torch.Tensor, cols: list[int], weight: torch.Tensor | None, bias: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
     """Output of a column-pruned o/down: kept input columns through the level's weights (zero if none kept)."""
     if not cols:
         return torch.zeros_like(like)
+    assert weight is not None, "a level that keeps columns has weights"
     idx = torch.tensor(cols, dtype=torch.long, device=x.device)
     out = x.index_select(-1, idx) @ weight.to(x.device, x.dtype).T
     return out + bias if bias is not None else out
 
 
 # -- the database on disk -------------------------------------------------------------------------------------
+
 
 class LevelDatabase:
     """All layers' entries, and what a candidate (an (L, 2) array of attention and MLP levels) is made of."""
@@ -464,7 +456,12 @@ class LevelDatabase:
     def params(self, genome: np.ndarray) -> int:
         g, s = self.space.geometry, self.space
         L = s.num_layers
-        return int(g.outer_params + L * s.norms + self.attn_cost[np.arange(L), genome[:, 0]].sum() + self.mlp_cost[genome[:, 1]].sum())
+        return int(
+            g.outer_params
+            + L * s.norms
+            + self.attn_cost[np.arange(L), genome[:, 0]].sum()
+            + self.mlp_cost[genome[:, 1]].sum()
+        )
 
     def costs(self, layer: int, module: int) -> np.ndarray:
         return self.attn_cost[layer] if module == 0 else self.mlp_cost
@@ -482,7 +479,10 @@ class LevelDatabase:
 
     def errors(self) -> tuple[np.ndarray, np.ndarray]:
         L = self.space.num_layers
-        return (np.array([self.layers[i].attn_error for i in range(L)]), np.array([self.layers[i].mlp_error for i in range(L)]))
+        return (
+            np.array([self.layers[i].attn_error for i in range(L)]),
+            np.array([self.layers[i].mlp_error for i in range(L)]),
+        )
 
     def nbytes(self) -> int:
         return sum(e.nbytes() for e in self.layers.values())
@@ -492,12 +492,14 @@ def save_layer(folder: Path, entry: LayerLevels) -> None:
     """One layer's entries as safetensors (weights) with its orders and errors in the metadata; atomic."""
     from safetensors.torch import save_file
 
-    from .rundir import writing
+    from searchllm.files import writing
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"attn.{k}": v for k, v in entry.attn.items()} | {f"mlp.{k}": v for k, v in entry.mlp.items()}
     meta = {k: json.dumps(v) for k, v in asdict(entry).items() if k not in ("attn", "mlp")}
-    with writing(folder / f"layer-{entry.layer:04d}.safetensors", folder / f".layer-{entry.layer:04d}.safetensors.tmp") as tmp:
+    with writing(
+        folder / f"layer-{entry.layer:04d}.safetensors", folder / f".layer-{entry.layer:04d}.safetensors.tmp"
+    ) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
@@ -505,7 +507,7 @@ def load_layers(folder: Path) -> dict[int, LayerLevels]:
     """The saved layers (a damaged file is named, with how to rebuild just that layer)."""
     from safetensors import safe_open
 
-    from .rundir import damaged
+    from searchllm.files import damaged
 
     out = {}
     for f in sorted(folder.glob("layer-*.safetensors")):
@@ -523,6 +525,7 @@ def load_layers(folder: Path) -> dict[int, LayerLevels]:
 
 
 # -- starting points ------------------------------------------------------------------------------------------
+
 
 def uniform_genome(space: LevelSpace, count_fn, lo: int, hi: int, attn_level: int) -> np.ndarray | None:
     """Every layer at `attn_level` and the same MLP level (the first k layers one MLP level higher) so the
@@ -548,13 +551,17 @@ def implied_levels(space: LevelSpace, lo: int, hi: int, mlp_floor: float = 0.5) 
     if genome is not None and genome[:, 1].min() >= mlp_floor * space.mlp_top:
         return genome
     g = space.geometry
-    share = ((lo + hi) / 2 - g.outer_params - g.num_layers * space.norms) / (g.num_layers * (g.layer_params - space.norms))
+    share = ((lo + hi) / 2 - g.outer_params - g.num_layers * space.norms) / (
+        g.num_layers * (g.layer_params - space.norms)
+    )
     a = int(np.clip(round(share * space.attn_top), 0, space.attn_top))
     for attn in sorted(range(space.attn_top + 1), key=lambda x: abs(x - a)):
         genome = uniform_genome(space, space.nominal_params, lo, hi, attn)
         if genome is not None:
             return genome
-    raise LevelError(f"no assignment of levels reaches {lo}..{hi} parameters; lower levels.mlp_levels steps or widen budget.tol")
+    raise LevelError(
+        f"no assignment of levels reaches {lo}..{hi} parameters; lower levels.mlp_levels steps or widen budget.tol"
+    )
 
 
 def error_allocation(db: LevelDatabase, lo: int, hi: int) -> np.ndarray:

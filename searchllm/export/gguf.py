@@ -19,6 +19,7 @@ Q/K rows are permuted to llama.cpp's interleaved rotary layout per layer with th
 source was one, otherwise built from tokenizer.json (GPT-2 style byte-level BPE; anything else stops
 with one line). OPT has no llama.cpp path here and is refused by name.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,10 +31,38 @@ import numpy as np
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # uniform subnets; otherwise deci
 HALVES_ROTARY = {"qwen2"}  # llama.cpp arches that rotate (d, d + head_dim/2) like HF: no permutation
 FTYPES = {  # llama.h llama_ftype; names as llama-quantize spells them (lower case)
-    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12,
-    "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "iq2_xxs": 19, "iq2_xs": 20,
-    "q2_k_s": 21, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25, "iq3_s": 26, "iq3_m": 27, "iq2_s": 28,
-    "iq2_m": 29, "iq4_xs": 30, "iq1_m": 31, "bf16": 32, "tq1_0": 36, "tq2_0": 37,
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q8_0": 7,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q2_k": 10,
+    "q3_k_s": 11,
+    "q3_k_m": 12,
+    "q3_k_l": 13,
+    "q4_k_s": 14,
+    "q4_k_m": 15,
+    "q5_k_s": 16,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "iq2_xxs": 19,
+    "iq2_xs": 20,
+    "q2_k_s": 21,
+    "iq3_xs": 22,
+    "iq3_xxs": 23,
+    "iq1_s": 24,
+    "iq4_nl": 25,
+    "iq3_s": 26,
+    "iq3_m": 27,
+    "iq2_s": 28,
+    "iq2_m": 29,
+    "iq4_xs": 30,
+    "iq1_m": 31,
+    "bf16": 32,
+    "tq1_0": 36,
+    "tq2_0": 37,
 }
 
 
@@ -55,15 +84,19 @@ class GGUFInfo:
 def check_types(types: list[str]) -> None:
     bad = [t for t in types if t not in FTYPES]
     if bad or not types:
-        raise GGUFError(f"export.gguf_types={list(types)!r}: {bad[0] if bad else 'empty'} is not a llama.cpp type; "
-                        f"choose from {', '.join(FTYPES)}")
+        raise GGUFError(
+            f"export.gguf_types={list(types)!r}: {bad[0] if bad else 'empty'} is not a llama.cpp type; "
+            f"choose from {', '.join(FTYPES)}"
+        )
 
 
 def family_of(config) -> str:
     family = getattr(config, "source_model_type", None) if config.model_type == "searchllm" else config.model_type
     if family not in ARCH:
-        raise GGUFError(f"GGUF export supports {', '.join(ARCH)} models; {family!r} has no llama.cpp path here "
-                        "(use export.format=hf)")
+        raise GGUFError(
+            f"GGUF export supports {', '.join(ARCH)} models; {family!r} has no llama.cpp path here "
+            "(use export.format=hf)"
+        )
     return family
 
 
@@ -101,15 +134,22 @@ def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str,
     hidden = config.hidden_size
     n_kv, per = len(pairs), max(counts, default=0)
     f32 = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    out: dict[str, np.ndarray] = {"attn_norm.weight": f32(layer.input_layernorm.weight), "ffn_norm.weight": f32(layer.post_attention_layernorm.weight)}
+    out: dict[str, np.ndarray] = {
+        "attn_norm.weight": f32(layer.input_layernorm.weight),
+        "ffn_norm.weight": f32(layer.post_attention_layernorm.weight),
+    }
     padding = 0
     if n_kv:
         q, k, v, o = (f32(getattr(a, f"{n}_proj").weight) for n in "qkvo")
         bias = {n: f32(getattr(a, f"{n}_proj").bias) for n in "qkv" if getattr(a, f"{n}_proj").bias is not None}
         Q = np.zeros((n_kv * per * head_dim, hidden), np.float32)
         K = np.zeros((n_kv * head_dim, hidden), np.float32)
-        V, O = np.zeros_like(K), np.zeros((hidden, n_kv * per * head_dim), np.float32)
-        QB, KB, VB = np.zeros(Q.shape[0], np.float32), np.zeros(K.shape[0], np.float32), np.zeros(K.shape[0], np.float32)
+        V, O = np.zeros_like(K), np.zeros((hidden, n_kv * per * head_dim), np.float32)  # noqa: E741 (q, k, v, o)
+        QB, KB, VB = (
+            np.zeros(Q.shape[0], np.float32),
+            np.zeros(K.shape[0], np.float32),
+            np.zeros(K.shape[0], np.float32),
+        )
         src_q = src_kv = 0
         for j, (p, c) in enumerate(zip(pairs, counts)):
             rows, w = _full_rows(p, head_dim), 2 * len(p)
@@ -140,7 +180,11 @@ def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str,
     gate, up, down = f32(m.gate_proj.weight), f32(m.up_proj.weight), f32(m.down_proj.weight)
     n_ff = up.shape[0]
     if n_ff == 0 and n_kv:  # deci would drop the attention output with the empty FFN: one zero channel
-        gate, up, down = np.zeros((1, hidden), np.float32), np.zeros((1, hidden), np.float32), np.zeros((hidden, 1), np.float32)
+        gate, up, down = (
+            np.zeros((1, hidden), np.float32),
+            np.zeros((1, hidden), np.float32),
+            np.zeros((hidden, 1), np.float32),
+        )
         n_ff, padding = 1, padding + 3 * hidden
     if n_ff:
         out |= {"ffn_gate.weight": gate, "ffn_up.weight": up, "ffn_down.weight": down}
@@ -252,8 +296,10 @@ def add_tokenizer(w, tokenizer_dir: Path, source_gguf: Path | None) -> None:
     try:
         vocab = gguf.vocab.BpeVocab(Path(tokenizer_dir))
     except FileNotFoundError:
-        raise GGUFError(f"the tokenizer in {tokenizer_dir} is not a GPT-2 style byte-level BPE (tokenizer.json), "
-                        "the one kind searchllm can write to GGUF; convert it with llama.cpp's convert_hf_to_gguf.py") from None
+        raise GGUFError(
+            f"the tokenizer in {tokenizer_dir} is not a GPT-2 style byte-level BPE (tokenizer.json), "
+            "the one kind searchllm can write to GGUF; convert it with llama.cpp's convert_hf_to_gguf.py"
+        ) from None
     tokens, types = [], []
     for text, _, kind in vocab.all_tokens():
         tokens.append(text)
@@ -269,10 +315,15 @@ def add_tokenizer(w, tokenizer_dir: Path, source_gguf: Path | None) -> None:
 # Ollama's TEMPLATE is a Go template, not Jinja: the chat formats we can recognise in the tokenizer's
 # template are written out; for others Ollama falls back to the GGUF's own tokenizer.chat_template.
 GO_TEMPLATES = {
-    "<|im_start|>": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-                     ["<|im_start|>", "<|im_end|>"]),
-    "<|start_header_id|>": ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-                            "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>", "<|start_header_id|>"]),
+    "<|im_start|>": (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+        ["<|im_start|>", "<|im_end|>"],
+    ),
+    "<|start_header_id|>": (
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ["<|eot_id|>", "<|start_header_id|>"],
+    ),
 }
 
 

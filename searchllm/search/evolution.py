@@ -14,31 +14,17 @@ ratios below alpha, and rejection sampling rarely reaches the overlap for large 
 >= alpha of the smaller of the old and new kept sets is retained and the rest is filled from the dropped
 set (then, if needed, from the old kept set).
 """
+
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from .space import Budget, Candidate, SearchSpace
-from .strategies import register
-
-
-@dataclass
-class EvolutionParams:
-    population: int = 100
-    parents: int = 10
-    mutations: int = 50
-    crossovers: int = 30
-    prob_mask_init: float = 0.6
-    prob_ratio_init: float = 0.3
-    prob_mask: float = 0.3
-    prob_ratio: float = 0.1
-    prob_depth: float = 0.1
-    alpha: float = 0.8
-    max_tries: int = 1000
+from searchllm.config import EvolutionParams
+from searchllm.pruning.space import Budget, Candidate, SearchSpace
+from searchllm.strategies import register
 
 
 def mutate_mask(mask: np.ndarray, count: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -82,7 +68,9 @@ class Evolution:
             c.mlp[i] = self._mutate_gene(c.mlp[i], s.mlp_choices, rng, pm, ps)
         return c
 
-    def _mutate_gene(self, mask: np.ndarray, choices: np.ndarray, rng: np.random.Generator, pm: float, ps: float) -> np.ndarray:
+    def _mutate_gene(
+        self, mask: np.ndarray, choices: np.ndarray, rng: np.random.Generator, pm: float, ps: float
+    ) -> np.ndarray:
         count = int(mask.sum())
         new = int(rng.choice(choices)) if rng.random() < ps else count
         if new != count or rng.random() < pm:  # a changed ratio forces a mask change
@@ -121,7 +109,9 @@ class Evolution:
         return c
 
     # -- generations -------------------------------------------------------------------------------
-    def _children(self, n: int, make, seen: set[str], rng: np.random.Generator, origin: str) -> list[tuple[Candidate, str]]:
+    def _children(
+        self, n: int, make, seen: set[str], rng: np.random.Generator, origin: str
+    ) -> list[tuple[Candidate, str]]:
         out = []
         for _ in range(n):
             for _try in range(self.p.max_tries):
@@ -134,7 +124,9 @@ class Evolution:
                 self.skipped += 1
         return out
 
-    def first_generation(self, inits: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+    def first_generation(
+        self, inits: list[Candidate], rng: np.random.Generator, seen: set[str]
+    ) -> list[tuple[Candidate, str]]:
         """The initial subnets themselves, then mutants of them in turn (the paper has one initial subnet)."""
         p = self.p
         first = []
@@ -144,10 +136,16 @@ class Evolution:
                 seen.add(init.key())
         turn = itertools.cycle(inits)
         return first + self._children(
-            p.population - len(first), lambda: self.mutate(next(turn), rng, p.prob_mask_init, p.prob_ratio_init, 0.0), seen, rng, "mutation"
+            p.population - len(first),
+            lambda: self.mutate(next(turn), rng, p.prob_mask_init, p.prob_ratio_init, 0.0),
+            seen,
+            rng,
+            "mutation",
         )
 
-    def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+    def offspring(
+        self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]
+    ) -> list[tuple[Candidate, str]]:
         p = self.p
 
         def pick() -> Candidate:
@@ -159,14 +157,27 @@ class Evolution:
 
         rest = p.population - p.mutations - p.crossovers
         return (
-            self._children(p.mutations, lambda: self.mutate(pick(), rng, p.prob_mask, p.prob_ratio, p.prob_depth), seen, rng, "mutation")
+            self._children(
+                p.mutations,
+                lambda: self.mutate(pick(), rng, p.prob_mask, p.prob_ratio, p.prob_depth),
+                seen,
+                rng,
+                "mutation",
+            )
             + self._children(p.crossovers, cross, seen, rng, "crossover")
-            + self._children(rest, lambda: self.mutate(pick(), rng, p.prob_mask_init, p.prob_ratio_init, p.prob_depth), seen, rng, "random")
+            + self._children(
+                rest,
+                lambda: self.mutate(pick(), rng, p.prob_mask_init, p.prob_ratio_init, p.prob_depth),
+                seen,
+                rng,
+                "random",
+            )
         )
 
     @staticmethod
     def select(scored: list[tuple[Candidate, float]], k: int) -> list[tuple[Candidate, float]]:
         """Top-k by fitness (lower is better); failed evaluations (NaN/inf) last; ties by key."""
+
         def rank(item: tuple[Candidate, float]) -> tuple[float, str]:
             f = item[1]
             return (f if math.isfinite(f) else math.inf, item[0].key())
@@ -191,10 +202,14 @@ class RandomSearch(Evolution):
             c.mlp[i] = _random_mask(s.geometry.intermediate, int(rng.choice(s.mlp_choices)), rng)
         return c
 
-    def first_generation(self, inits: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+    def first_generation(
+        self, inits: list[Candidate], rng: np.random.Generator, seen: set[str]
+    ) -> list[tuple[Candidate, str]]:
         return self._children(self.p.population, lambda: self.random_candidate(rng), seen, rng, "random")
 
-    def offspring(self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]) -> list[tuple[Candidate, str]]:
+    def offspring(
+        self, parents: list[Candidate], rng: np.random.Generator, seen: set[str]
+    ) -> list[tuple[Candidate, str]]:
         return self.first_generation([], rng, seen)
 
 

@@ -3,6 +3,7 @@
 The Ray layer (distributed.py) reads the cluster's nodes and GPU memory, asks `choose_layout`, and places
 each replica's stages in one placement group on the node chosen here.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # only its attributes are read: this module stays importable without omegaconf
-    from .config import RayConfig
+    from searchllm.config import RayConfig
 
 GiB = 2**30
 # A stage needs its weights plus activations and workspace: plan with this much room above the weights.
@@ -60,8 +61,9 @@ def _pin(layout: Layout, nodes: list[NodeInfo]) -> list[Optional[str]]:
     return out
 
 
-def choose_layout(cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_layers: int,
-                  gpu_memory: Optional[float] = None) -> Layout:
+def choose_layout(
+    cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_layers: int, gpu_memory: Optional[float] = None
+) -> Layout:
     """Replicas x stages and each actor's resources, from the cluster's nodes and the model's size.
 
     `auto` stages: the fewest shards such that a shard (with HEADROOM) fits one GPU (or, on CPU, one
@@ -73,7 +75,9 @@ def choose_layout(cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_l
         raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
     use_gpu = cfg.device != "cpu" and gpus >= 1
     per_device = gpu_memory if use_gpu and gpu_memory else min(n.memory for n in nodes) if nodes else float("inf")
-    what = f"GPU of {per_device / GiB:.1f} GiB" if use_gpu and gpu_memory else f"node with {per_device / GiB:.1f} GiB RAM"
+    what = (
+        f"GPU of {per_device / GiB:.1f} GiB" if use_gpu and gpu_memory else f"node with {per_device / GiB:.1f} GiB RAM"
+    )
     why = []
     if cfg.stages == "auto":
         stages = min(num_layers, max(1, math.ceil(model_bytes * HEADROOM / per_device)))
@@ -85,7 +89,8 @@ def choose_layout(cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_l
             replicas = int(gpus // stages)
             if replicas < 1:
                 raise ClusterError(
-                    f"one replica needs {stages} GPUs ({model_bytes / GiB:.1f} GiB of weights) but the cluster lists {gpus:g}; "
+                    f"one replica needs {stages} GPUs ({model_bytes / GiB:.1f} GiB of weights) but the cluster lists "
+                    f"{gpus:g}; "
                     "add GPUs, use a smaller model.dtype, or set ray.device=cpu"
                 )
             why.append(f"replicas=auto -> {replicas}: {gpus:g} GPUs / {stages} per replica")

@@ -4,6 +4,7 @@ quantizer, and score one on token windows (perplexity, prefill and decode tokens
 Install: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "searchllm[gguf]" (builds llama.cpp from source, about
 8 minutes on 2 cores; -DGGML_NATIVE=OFF keeps the build portable across CPUs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shard import NLL
+from searchllm.pruning.shard import NLL
 
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install "llama-cpp-python==0.3.36"'
 
@@ -63,8 +64,10 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> None:
     with _quiet():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {src} (llama_model_quantize returned {rc}); "
-                           "rerun with SEARCHLLM_LLAMA_LOG=1 to see its log")
+        raise RuntimeError(
+            f"llama.cpp could not quantize {src} (llama_model_quantize returned {rc}); "
+            "rerun with SEARCHLLM_LLAMA_LOG=1 to see its log"
+        )
 
 
 def load(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = True, f32_cache: bool = False):
@@ -72,12 +75,22 @@ def load(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = 
     is llama.cpp's default f16 (what users run) unless `f32_cache` (exact comparisons with f32 weights)."""
     llama_cpp = require()
     threads = threads or torch.get_num_threads()
-    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32, "flash_attn": False} if f32_cache else {}
+    cache = (
+        {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32, "flash_attn": False} if f32_cache else {}
+    )
     with _quiet():
         try:
-            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
-                                   n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
-                                   verbose=bool(os.environ.get("SEARCHLLM_LLAMA_LOG")), **cache)
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                n_ubatch=min(n_ctx, 512),
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=logits_all,
+                verbose=bool(os.environ.get("SEARCHLLM_LLAMA_LOG")),
+                **cache,
+            )
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise RuntimeError(f"llama.cpp refused {path}: {e} (SEARCHLLM_LLAMA_LOG=1 shows why)") from None
 

@@ -12,6 +12,7 @@ second, ..., and the last stage's candidates compete with the parents (elitism) 
 Every evaluation is logged as it arrives (`<genome>@<stage>`), the parents and RNG state after each
 generation, so a resumed search replays nothing it has done and ends identical.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,14 +20,14 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
-from .rundir import RunDir
-from .search import SearchResult  # best: the genome; finalists: the final parents
-from .strategies import register
+from searchllm.config import LevelSearchParams
+from searchllm.rundir import RunDir
+from searchllm.search.loop import SearchResult  # best: the genome; finalists: the final parents
+from searchllm.strategies import register
 
 log = logging.getLogger("searchllm")
 
@@ -43,31 +44,12 @@ class StageEvaluator(Protocol):
     def evaluate(self, genomes: list[np.ndarray], stage: int) -> Iterator[tuple[int, Any, int]]: ...
 
 
-@dataclass
-class LevelSearchParams:
-    offspring: int = 16  # lambda: children per generation
-    parents: int = 2  # kept between generations (the best on the last stage)
-    # Multi-step selection: tokens scored per stage, and how many candidates each stage but the last passes on.
-    tokens: list[int] = field(default_factory=lambda: [512, 2048, 8192])
-    survivors: list[int] = field(default_factory=lambda: [4, 1])
-    crossover: float = 0.25  # share of children made by crossover (with >= 2 parents)
-    max_tries: int = 200  # draws per child before it is given up (counted as skipped)
-    # Sensitivity probes after generation 0 (0: none): each layer's module lowered by this many levels
-    # alone is scored on the first stage's tokens; the least sensitive layers then give levels to the
-    # most sensitive ones (a few exact-budget candidates of different sizes join the selection).
-    probe: int = 2
-    # Tokens the probes are scored on (0, or at least the first stage's: the first stage's). A shorter set ranks
-    # the layers for a fraction of generation 0's time: 4,096 of 8,192 exported as good a model at 0.8 and 0.5,
-    # 2,048 a worse one at 0.5 (docs/quality.md).
-    probe_tokens: int = 0
-
-    @property
-    def probe_own_tokens(self) -> int:
-        """The probes' own token count; 0 where they are scored on the first stage's tokens."""
-        return self.probe_tokens if self.probe and 0 < self.probe_tokens < self.tokens[0] else 0
-
-
 PROBE_STAGE = -1  # the stage the probes are scored as when they have their own tokens (levels.probe_tokens)
+
+
+def stage_tokens(stage: int) -> str:
+    """The name of the token set selection stage `stage` scores on."""
+    return "levels-probe" if stage == PROBE_STAGE else f"levels{stage}"
 
 
 def genome_key(genome: np.ndarray) -> str:
@@ -78,12 +60,25 @@ def genome_from(data: bytes, layers: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.int16).astype(np.int64).reshape(layers, 2)
 
 
-@register("levels", "levels", "EvoPress-style search over level assignments of the level database, multi-step selection")
+@register(
+    "levels", "levels", "EvoPress-style search over level assignments of the level database, multi-step selection"
+)
 class LevelSearch:
-    def __init__(self, db: Costs, top: np.ndarray, total: int, band: tuple[int, int], p: LevelSearchParams,
-                 evaluator: StageEvaluator, run: RunDir, seed: int, generations: int, observer=None,
-                 summarize: Optional[Callable[[np.ndarray], dict[str, Any]]] = None,
-                 progress: Optional[Callable[[int, int], Any]] = None) -> None:
+    def __init__(
+        self,
+        db: Costs,
+        top: np.ndarray,
+        total: int,
+        band: tuple[int, int],
+        p: LevelSearchParams,
+        evaluator: StageEvaluator,
+        run: RunDir,
+        seed: int,
+        generations: int,
+        observer=None,
+        summarize: Optional[Callable[[np.ndarray], dict[str, Any]]] = None,
+        progress: Optional[Callable[[int, int, int], Any]] = None,
+    ) -> None:
         self.db, self.top, self.total, self.band, self.p = db, np.asarray(top), total, band, p
         self.evaluator, self.run, self.seed, self.generations = evaluator, run, seed, generations
         self.observer, self.summarize, self.progress = observer, summarize, progress
@@ -125,7 +120,7 @@ class LevelSearch:
 
     def crossover(self, a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Each block from one parent, then single-level moves until each module type costs what it costs in `a`."""
-        take_b = rng.random(a.shape[0]) < 0.5
+        take_b = np.asarray(rng.random(a.shape[0]) < 0.5)
         child = np.where(take_b[:, None], b, a).copy()
         for mod in (0, 1):
             want = self.module_params(a, mod)
@@ -134,18 +129,23 @@ class LevelSearch:
                 if diff == 0:
                     break
                 if diff > 0:
-                    pool = np.flatnonzero(child[:, mod] > 0)
+                    pool: Sequence[int] = list(map(int, np.flatnonzero(child[:, mod] > 0)))
                     step = -1
                 else:
-                    pool = np.flatnonzero(child[:, mod] < self.top[mod])
-                    pool = [i for i in pool if self.db.costs(i, mod)[child[i, mod] + 1] - self.db.costs(i, mod)[child[i, mod]] <= -diff]
+                    pool = [
+                        i
+                        for i in map(int, np.flatnonzero(child[:, mod] < self.top[mod]))
+                        if self.db.costs(i, mod)[child[i, mod] + 1] - self.db.costs(i, mod)[child[i, mod]] <= -diff
+                    ]
                     step = 1
                 if not len(pool):
                     break
                 child[int(rng.choice(pool)), mod] += step
         return child
 
-    def offspring(self, parents: list[tuple[np.ndarray, float]], rng: np.random.Generator, seen: set[str]) -> list[tuple[np.ndarray, str]]:
+    def offspring(
+        self, parents: list[tuple[np.ndarray, float]], rng: np.random.Generator, seen: set[str]
+    ) -> list[tuple[np.ndarray, str]]:
         out: list[tuple[np.ndarray, str]] = []
         for _ in range(self.p.offspring):
             for _try in range(self.p.max_tries):
@@ -163,7 +163,9 @@ class LevelSearch:
                 self.skipped += 1
         return out
 
-    def reallocations(self, base: np.ndarray, done: dict[str, dict], seen: set[str]) -> tuple[list[tuple[np.ndarray, str]], list[dict]]:
+    def reallocations(
+        self, base: np.ndarray, done: dict[str, dict], seen: set[str]
+    ) -> tuple[list[tuple[np.ndarray, str]], list[dict]]:
         """Sensitivity probes around `base` (each (layer, module) lowered by `probe` levels on its own,
         scored on stage 0), then for each module type and k in 1, 2, 4, 8...: the k least sensitive layers
         lowered and the k most sensitive raised by the same levels, kept where the count is exact."""
@@ -203,7 +205,9 @@ class LevelSearch:
         return out, probes
 
     # -- evaluation and selection ------------------------------------------------------------------------
-    def _record(self, genome: np.ndarray, origin: str, generation: int, stage: int, nll, replica: int) -> dict[str, Any]:
+    def _record(
+        self, genome: np.ndarray, origin: str, generation: int, stage: int, nll, replica: int
+    ) -> dict[str, Any]:
         n = self.db.params(genome)
         value = nll.value
         return {
@@ -224,7 +228,9 @@ class LevelSearch:
             "genes": np.ascontiguousarray(genome, dtype=np.int16).tobytes(),
         }
 
-    def _stage(self, generation: int, stage: int, cands: list[tuple[np.ndarray, str]], done: dict[str, dict]) -> list[dict]:
+    def _stage(
+        self, generation: int, stage: int, cands: list[tuple[np.ndarray, str]], done: dict[str, dict]
+    ) -> list[dict]:
         keys = [f"{genome_key(g)}@{stage}" for g, _ in cands]
         todo = [k for k, key in enumerate(keys) if key not in done]
         bar = self.progress(generation, stage, len(cands)) if self.progress else None
@@ -243,7 +249,9 @@ class LevelSearch:
             bar.close()
         return [done[k] for k in keys]
 
-    def select(self, generation: int, cands: list[tuple[np.ndarray, str]], done: dict[str, dict]) -> tuple[list[tuple[np.ndarray, float]], list[dict], list[int]]:
+    def select(
+        self, generation: int, cands: list[tuple[np.ndarray, str]], done: dict[str, dict]
+    ) -> tuple[list[tuple[np.ndarray, float]], list[dict], list[int]]:
         """Multi-step selection: (the last stage's candidates with their fitness, every record, survivors per stage)."""
         records, counts = [], []
         last = len(self.p.tokens) - 1
@@ -258,7 +266,7 @@ class LevelSearch:
                 return [(cands[k][0], recs[k]["fitness"]) for k in order], records, counts
         raise AssertionError("unreachable")
 
-    def fresh(self, cands: list[tuple[np.ndarray, str]], seen: set[str]) -> list[tuple[np.ndarray, str]]:
+    def fresh(self, cands: Sequence[tuple[np.ndarray, str]], seen: set[str]) -> list[tuple[np.ndarray, str]]:
         """The candidates not seen before and inside the band (marked seen)."""
         out = []
         for genome, origin in cands:
@@ -267,7 +275,9 @@ class LevelSearch:
                 out.append((genome, origin))
         return out
 
-    def climb(self, ladder: list[tuple[np.ndarray, str]], done: dict[str, dict], seen: set[str]) -> list[tuple[np.ndarray, str]]:
+    def climb(
+        self, ladder: Sequence[tuple[np.ndarray, str]], done: dict[str, dict], seen: set[str]
+    ) -> list[tuple[np.ndarray, str]]:
         """The rungs of `ladder` scored one by one on the first stage until one scores worse than the rung
         before it; the rungs scored. Along the uniform assignments from the whole attention down, the KL was
         unimodal at every ratio measured (docs/quality.md), so the rungs past the first worse one never win."""
@@ -280,20 +290,27 @@ class LevelSearch:
             prev = fit
         return rungs
 
-    def run_search(self, inits: list[tuple[np.ndarray, str]], ladder: list[tuple[np.ndarray, str]] = ()) -> SearchResult:
+    def run_search(
+        self, inits: list[tuple[np.ndarray, str]], ladder: Sequence[tuple[np.ndarray, str]] = ()
+    ) -> SearchResult:
         """Generation 0 scores `inits` and the rungs of `ladder` that `climb` reaches; later ones evolve the parents."""
         first = (list(ladder) + list(inits))[0][0]  # the fallback base of the probes
         L = first.shape[0]
         done = self.run.load_evals()
         ckpt = self.run.load_checkpoint()
         if ckpt is None:
+            parents: list[tuple[np.ndarray, float]]
             rng, seen, start, parents, history = np.random.default_rng(self.seed), set(), 0, [], []
         else:
             rng = np.random.default_rng()
             rng.bit_generator.state = ckpt["rng"]
             seen, start, history = set(ckpt["seen"]), ckpt["generation"] + 1, ckpt["history"]
             parents = [(genome_from(done[k]["genes"], L), done[k]["fitness"]) for k in ckpt["parents"]]
-            log.info("resuming the level search after generation %d with %d evaluations logged", ckpt["generation"], len(done))
+            log.info(
+                "resuming the level search after generation %d with %d evaluations logged",
+                ckpt["generation"],
+                len(done),
+            )
         if self.observer is not None:  # a resumed run shows what it did before too
             for rec in done.values():
                 self.observer.on_result(rec)
@@ -314,13 +331,15 @@ class LevelSearch:
                 finals, records = finals + more, records + probes + recs
             self.run.write_generation(gen, records)
             pool = {genome_key(g): (g, f) for g, f in parents + finals}
-            parents = sorted(pool.values(), key=lambda x: (x[1] if math.isfinite(x[1]) else math.inf, genome_key(x[0])))[: self.p.parents]
-            first = [r["fitness"] for r in records if r["stage"] == 0 and math.isfinite(r["fitness"])]
+            parents = sorted(
+                pool.values(), key=lambda x: (x[1] if math.isfinite(x[1]) else math.inf, genome_key(x[0]))
+            )[: self.p.parents]
+            stage0 = [r["fitness"] for r in records if r["stage"] == 0 and math.isfinite(r["fitness"])]
             wall = time.perf_counter() - t0
             stats = {
                 "generation": gen,
                 "best": parents[0][1],
-                "median": statistics.median(first) if first else math.inf,
+                "median": statistics.median(stage0) if stage0 else math.inf,
                 "best_ratio": self.db.params(parents[0][0]) / self.total,
                 "evaluated": len(records),
                 "evals_per_s": len(records) / max(wall, 1e-9),
@@ -331,10 +350,23 @@ class LevelSearch:
             history.append(stats)
             if self.observer is not None:
                 self.observer.on_generation(stats, self.summarize(parents[0][0]) if self.summarize else {})
-            log.info("gen %d/%d  best %.5f  median(stage 0) %.5f  kept %.4f  candidates per stage %s  %.2f evals/s",
-                     gen + 1, self.generations, stats["best"], stats["median"], stats["best_ratio"], counts, stats["evals_per_s"])
-            self.run.save_checkpoint({"generation": gen, "parents": [f"{genome_key(g)}@{last}" for g, _ in parents],
-                                      "rng": rng.bit_generator.state, "seen": sorted(seen), "history": history})
+            log.info(
+                "gen %d/%d  best %.5f  median(stage 0) %.5f  kept %.4f  candidates per stage %s  %.2f evals/s",
+                gen + 1,
+                self.generations,
+                stats["best"],
+                stats["median"],
+                stats["best_ratio"],
+                counts,
+                stats["evals_per_s"],
+            )
+            self.run.save_checkpoint({
+                "generation": gen,
+                "parents": [f"{genome_key(g)}@{last}" for g, _ in parents],
+                "rng": rng.bit_generator.state,
+                "seen": sorted(seen),
+                "history": history,
+            })
         best, fit = parents[0]
         n = self.db.params(best)
         return SearchResult(best, fit, n, n / self.total, len(history), len(done), history, parents)

@@ -18,18 +18,14 @@ otherwise miss it by up to a head). Every block
 keeps at least one attention unit and one MLP channel, and the biases' own parameters are paid for from
 the budget, so the exported model has the budget's size.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
-import torch
 
-from .models.adapters import Geometry, ModelAdapter
-from .models.sliced import LayerSlice
-from .scores import Scores
-from .space import Budget, BudgetError, Candidate, SearchSpace
-from .strategies import register
+from searchllm.pruning.scores import Scores
+from searchllm.pruning.space import Budget, BudgetError, Candidate, SearchSpace
+from searchllm.strategies import register
 
 
 def standardize(x: np.ndarray) -> np.ndarray:
@@ -92,33 +88,6 @@ def flap(space: SearchSpace, scores: Scores, budget: Budget) -> Candidate:
             continue  # past the global threshold; cheaper units below it may still fill the budget exactly
         taken[idx], used = True, used + costs[idx]
     return Candidate(np.ones(L, bool), taken[: attn.size].reshape(attn.shape), taken[attn.size :].reshape(mlp.shape))
-
-
-def compensation(w: Mapping[str, torch.Tensor], s: LayerSlice, g: Geometry, mean_o: np.ndarray,
-                 mean_down: np.ndarray) -> dict[str, torch.Tensor]:
-    """FLAP's bias compensation of one block: {"o_bias", "down_bias"} = the existing bias (if any) plus
-    W[:, pruned] @ mean(x[pruned]), the pruned input channels' mean contribution on calibration data."""
-    biases = {}
-    for key, kept, mean in (("o", s.q_rows(g), mean_o), ("down", list(s.mlp), mean_down)):
-        W = w[key]
-        pruned = np.setdiff1d(np.arange(W.shape[1]), kept)
-        m = torch.as_tensor(np.asarray(mean)[pruned], dtype=torch.float64, device=W.device)
-        b = W[:, torch.as_tensor(pruned, dtype=torch.long, device=W.device)].double() @ m
-        if f"{key}_bias" in w:
-            b = b + w[f"{key}_bias"].double()
-        biases[f"{key}_bias"] = b.to(W.dtype)
-    return biases
-
-
-def flap_biases(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: list[LayerSlice],
-                scores: Scores) -> dict[int, dict[str, torch.Tensor]]:
-    """compensation() of every kept block, from the original state dict."""
-    g = adapter.geometry()
-    return {
-        i: compensation({k: state[n] for k, n in adapter.block_state_keys(i).items()}, s, g, scores.mean_o[i], scores.mean_down[i])
-        for i, s in enumerate(slices)
-        if s.active
-    }
 
 
 @register("layerdrop", "baseline", "ShortGPT: whole blocks of least influence removed, no compensation")

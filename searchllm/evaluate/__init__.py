@@ -13,14 +13,14 @@ CPU budgets; the windows and tokens scored are printed beside every number.
 Zero-shot accuracy goes through EleutherAI's lm-eval harness (Python API, an HFLM wrapping the model in
 memory); acc_norm for HellaSwag, ARC-c and OBQA and acc elsewhere, as LLM-Pruner's pipeline (the paper's).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,35 +28,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .shard import NLL
+from searchllm.config import EvalConfig, EvalError, parse_corpus, resolve_length
+from searchllm.pruning.shard import NLL
 
 log = logging.getLogger("searchllm")
 
-DEFAULT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 NORM_METRIC_TASKS = ("hellaswag", "arc_challenge", "openbookqa")
 RESULTS = "eval"  # <run dir>/eval.parquet and eval.csv
-
-
-class EvalError(ValueError):
-    pass
-
-
-@dataclass
-class EvalConfig:
-    enabled: bool = True  # a driver step after export (the original and the exported model)
-    original: bool = True  # evaluate the original model too (a benchmark of many runs measures it once)
-    # "name:split" of data.CORPORA (local files under data.root, else the hub), or "text:<path>".
-    corpora: list[str] = field(default_factory=lambda: ["wikitext2-raw:test", "ptb:test", "c4:validation"])
-    # Window lengths; "full" is the model's context (max_position_embeddings).
-    lengths: list[str] = field(default_factory=lambda: ["128", "full"])
-    max_windows: int = 0  # 0: every window of the split (the standard protocol); > 0: the first N
-    missing: str = "skip"  # a corpus that cannot be loaded: skip (a row says why) | error
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    task_limit: Optional[int] = None  # examples per task (None: all)
-    include_path: Optional[str] = None  # extra lm-eval task YAMLs (local, offline tasks)
-    batch: int = 1
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass
@@ -87,37 +65,11 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch: int = 1) -> 
     for s in range(0, tokens.shape[0], batch):
         t = tokens[s : s + batch].to(device)
         logits = model(t, use_cache=False).logits.float()
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), reduction="sum"))
+        total += float(
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), reduction="sum")
+        )
         count += t[:, 1:].numel()
     return NLL(total, count, time.perf_counter() - t0)
-
-
-def resolve_length(length: str | int, model_config) -> int:
-    if str(length) == "full":
-        n = getattr(model_config, "max_position_embeddings", None)
-        if not n:
-            raise EvalError("eval.lengths has 'full' but the model config has no max_position_embeddings; give a number")
-        return int(n)
-    try:
-        n = int(length)
-    except ValueError:
-        raise EvalError(f"eval.lengths entry {length!r} is not a number or 'full'") from None
-    if n < 2:
-        raise EvalError(f"eval.lengths entry {n} must be >= 2")
-    return n
-
-
-def parse_corpus(spec: str):
-    from .config import CORPORA, CorpusConfig
-
-    name, _, rest = spec.partition(":")
-    if name not in CORPORA:
-        raise EvalError(f"eval.corpora entry {spec!r}: unknown corpus {name!r}; choose from {', '.join(CORPORA)} (as name:split)")
-    if name == "text":
-        if not rest:
-            raise EvalError(f"eval.corpora entry {spec!r} needs a file: text:<path>")
-        return CorpusConfig(name="text", split="test", path=rest, samples=0)
-    return CorpusConfig(name=name, split=rest or "test", samples=0)
 
 
 # -- parameters ---------------------------------------------------------------------------------------
@@ -139,39 +91,73 @@ def lm_eval_version() -> str:
         return "not installed"
 
 
-def zero_shot(model, tokenizer, tasks: Sequence[str], limit: Optional[int] = None, include_path: Optional[str] = None,
-              batch: int = 1, seed: int = 0) -> dict[str, dict[str, float]]:
+def zero_shot(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: Optional[int] = None,
+    include_path: Optional[str] = None,
+    batch: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """{task: {"metric": name, "value": accuracy, "stderr": ...}} through lm-eval's simple_evaluate."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise EvalError("zero-shot needs EleutherAI's harness: pip install 'searchllm[eval]' (or set eval.tasks=[])") from None
+        raise EvalError(
+            "zero-shot needs EleutherAI's harness: pip install 'searchllm[eval]' (or set eval.tasks=[])"
+        ) from None
     if tokenizer is None:
-        raise EvalError("zero-shot needs the model's tokenizer beside the checkpoint; save one there or set eval.tasks=[]")
+        raise EvalError(
+            "zero-shot needs the model's tokenizer beside the checkpoint; save one there or set eval.tasks=[]"
+        )
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise EvalError(f"eval.tasks {unknown} are not lm-eval tasks; set eval.include_path=<dir of task YAMLs> for local ones")
+        raise EvalError(
+            f"eval.tasks {unknown} are not lm-eval tasks; set eval.include_path=<dir of task YAMLs> for local ones"
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
-    out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+    out = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        limit=limit,
+        task_manager=manager,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        log_samples=False,
+    )
     results = {}
     for task in tasks:
         r = out["results"][task]
         metric = "acc_norm" if task in NORM_METRIC_TASKS and "acc_norm,none" in r else "acc"
-        results[task] = {"metric": metric, "value": float(r[f"{metric},none"]), "stderr": float(r.get(f"{metric}_stderr,none", float("nan")))}
+        results[task] = {
+            "metric": metric,
+            "value": float(r[f"{metric},none"]),
+            "stderr": float(r.get(f"{metric}_stderr,none", float("nan"))),
+        }
     return results
 
 
 # -- the whole protocol ---------------------------------------------------------------------------------
-def perplexity_rows(score: Callable[[torch.Tensor], NLL], tokenizer, name: str, base: dict, lengths: list[int], cfg: EvalConfig,
-                    data_root: str = "auto", corpus_ids: Optional[dict[str, Any]] = None,
-                    step: Optional[Callable[[], None]] = None) -> list[dict]:
+def perplexity_rows(
+    score: Callable[[torch.Tensor], NLL],
+    tokenizer,
+    name: str,
+    base: dict,
+    lengths: list[int],
+    cfg: EvalConfig,
+    data_root: str = "auto",
+    corpus_ids: Optional[dict[str, Any]] = None,
+    step: Optional[Callable[[], None]] = None,
+) -> list[dict]:
     """One row per corpus x length: `score` (a model's perplexity, in whichever runtime) on the first
     windows of the split; a corpus that cannot be read is a skipped row (or an error, eval.missing)."""
-    from .data import DataError, first_windows, load_text, tokenize
+    from searchllm.data import DataError, first_windows, load_text, tokenize
 
     step = step or (lambda: None)
     rows, cache = [], corpus_ids if corpus_ids is not None else {}
@@ -200,15 +186,40 @@ def perplexity_rows(score: Callable[[torch.Tensor], NLL], tokenizer, name: str, 
                 rows.append(row | {"status": f"skipped: {e}"})
                 continue
             nll = score(windows)
-            rows.append(row | {"value": nll.ppl, "windows": windows.shape[0], "tokens": nll.tokens, "source": source,
-                               "seconds": nll.seconds, "tokens_per_s": windows.numel() / nll.seconds, "status": "ok"})
-            log.info("eval %s: ppl %.3f on %s/%s @ %d (%d windows, %d tokens)", name, nll.ppl, corpus.name, corpus.split,
-                     seqlen, windows.shape[0], nll.tokens)
+            rows.append(
+                row
+                | {
+                    "value": nll.ppl,
+                    "windows": windows.shape[0],
+                    "tokens": nll.tokens,
+                    "source": source,
+                    "seconds": nll.seconds,
+                    "tokens_per_s": windows.numel() / nll.seconds,
+                    "status": "ok",
+                }
+            )
+            log.info(
+                "eval %s: ppl %.3f on %s/%s @ %d (%d windows, %d tokens)",
+                name,
+                nll.ppl,
+                corpus.name,
+                corpus.split,
+                seqlen,
+                windows.shape[0],
+                nll.tokens,
+            )
     return rows
 
 
-def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto",
-                   corpus_ids: Optional[dict[str, Any]] = None, step: Optional[Callable[[], None]] = None) -> pd.DataFrame:
+def evaluate_model(
+    model,
+    tokenizer,
+    what: Evaluated,
+    cfg: EvalConfig,
+    data_root: str = "auto",
+    corpus_ids: Optional[dict[str, Any]] = None,
+    step: Optional[Callable[[], None]] = None,
+) -> pd.DataFrame:
     """Every perplexity and zero-shot number of one model as rows of the results table, with the
     measured throughput of each perplexity pass and the weights' memory.
 
@@ -216,12 +227,19 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
     is called after each corpus x length and after the zero-shot tasks (a progress bar)."""
     step = step or (lambda: None)
     base = {
-        "model": what.name, "params": what.params, "decoder_params": what.decoder_params,
-        "ratio": what.ratio, "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": what.name,
+        "params": what.params,
+        "decoder_params": what.decoder_params,
+        "ratio": what.ratio,
+        "decoder_ratio": what.decoder_ratio,
+        "seed": cfg.seed,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
     }
     lengths = [resolve_length(x, model.config) for x in cfg.lengths]
-    rows = perplexity_rows(lambda w: perplexity(model, w, cfg.batch), tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step)
+    rows = perplexity_rows(
+        lambda w: perplexity(model, w, cfg.batch), tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step
+    )
     if cfg.tasks:
         t0 = time.perf_counter()
         version = lm_eval_version()
@@ -232,29 +250,71 @@ def evaluate_model(model, tokenizer, what: Evaluated, cfg: EvalConfig, data_root
         except Exception as e:  # e.g. a task's dataset is not reachable: keep every number already computed
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             log.warning("eval: zero-shot failed (%s); perplexities are kept", reason)
-            return pd.DataFrame(rows + [base | {"metric": "acc", "task": t, "source": f"lm-eval {version}", "status": f"failed: {reason}"}
-                                        for t in cfg.tasks])
+            return pd.DataFrame(
+                rows
+                + [
+                    base | {"metric": "acc", "task": t, "source": f"lm-eval {version}", "status": f"failed: {reason}"}
+                    for t in cfg.tasks
+                ]
+            )
         seconds = time.perf_counter() - t0
         step()
         for task, r in acc.items():
-            rows.append(base | {"metric": r["metric"], "task": task, "value": r["value"], "stderr": r["stderr"],
-                                "source": f"lm-eval {version}", "limit": cfg.task_limit, "seconds": seconds, "status": "ok"})
+            rows.append(
+                base
+                | {
+                    "metric": r["metric"],
+                    "task": task,
+                    "value": r["value"],
+                    "stderr": r["stderr"],
+                    "source": f"lm-eval {version}",
+                    "limit": cfg.task_limit,
+                    "seconds": seconds,
+                    "status": "ok",
+                }
+            )
         mean = sum(r["value"] for r in acc.values()) / len(acc)
-        rows.append(base | {"metric": "acc_mean", "task": f"mean of {len(acc)}", "value": mean, "source": f"lm-eval {version}",
-                            "limit": cfg.task_limit, "status": "ok"})
+        rows.append(
+            base
+            | {
+                "metric": "acc_mean",
+                "task": f"mean of {len(acc)}",
+                "value": mean,
+                "source": f"lm-eval {version}",
+                "limit": cfg.task_limit,
+                "status": "ok",
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def evaluate_gguf(path: Path, tokenizer, what: Evaluated, cfg: EvalConfig, data_root: str = "auto", context: int = 2048,
-                  corpus_ids: Optional[dict[str, Any]] = None, step: Optional[Callable[[], None]] = None,
-                  prompt: int = 512, decode: int = 64) -> pd.DataFrame:
+def evaluate_gguf(
+    path: Path,
+    tokenizer,
+    what: Evaluated,
+    cfg: EvalConfig,
+    data_root: str = "auto",
+    context: int = 2048,
+    corpus_ids: Optional[dict[str, Any]] = None,
+    step: Optional[Callable[[], None]] = None,
+    prompt: int = 512,
+    decode: int = 64,
+) -> pd.DataFrame:
     """A GGUF in llama.cpp: perplexity on the same windows as the HF path (the same tokenizer's ids),
     prefill tokens/s on `prompt` tokens and decode tokens/s over `decode` tokens, and the file's size."""
-    from . import llamacpp
+    from searchllm.evaluate import llamacpp
 
-    base = {"model": what.name, "params": what.params, "decoder_params": what.decoder_params, "ratio": what.ratio,
-            "decoder_ratio": what.decoder_ratio, "seed": cfg.seed, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "runtime": "llama.cpp", "weights_mib": path.stat().st_size / 2**20}
+    base = {
+        "model": what.name,
+        "params": what.params,
+        "decoder_params": what.decoder_params,
+        "ratio": what.ratio,
+        "decoder_ratio": what.decoder_ratio,
+        "seed": cfg.seed,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runtime": "llama.cpp",
+        "weights_mib": path.stat().st_size / 2**20,
+    }
     lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
     models: dict[int, Any] = {}
 
@@ -269,9 +329,17 @@ def evaluate_gguf(path: Path, tokenizer, what: Evaluated, cfg: EvalConfig, data_
     models.clear()
     ids = torch.randint(0, len(tokenizer), (prompt,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     prefill, dec = llamacpp.speed(path, ids, decode)
-    rows += [base | {"metric": "prefill_tok_s", "task": f"{prompt} tokens", "value": prefill, "status": "ok"},
-             base | {"metric": "decode_tok_s", "task": f"{decode} tokens", "value": dec, "status": "ok"}]
-    log.info("eval %s in llama.cpp: prefill %.0f tokens/s, decode %.1f tokens/s, %.1f MiB", what.name, prefill, dec, base["weights_mib"])
+    rows += [
+        base | {"metric": "prefill_tok_s", "task": f"{prompt} tokens", "value": prefill, "status": "ok"},
+        base | {"metric": "decode_tok_s", "task": f"{decode} tokens", "value": dec, "status": "ok"},
+    ]
+    log.info(
+        "eval %s in llama.cpp: prefill %.0f tokens/s, decode %.1f tokens/s, %.1f MiB",
+        what.name,
+        prefill,
+        dec,
+        base["weights_mib"],
+    )
     return pd.DataFrame(rows)
 
 
@@ -279,7 +347,10 @@ def append_results(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     """Append to <run dir>/eval.parquet and eval.csv (written whole each time, atomically)."""
     p = run_dir / f"{RESULTS}.parquet"
     full = pd.concat([pd.read_parquet(p), table], ignore_index=True) if p.is_file() else table
-    for ext, write in (("parquet", lambda f: full.to_parquet(f, index=False)), ("csv", lambda f: full.to_csv(f, index=False))):
+    for ext, write in (
+        ("parquet", lambda f: full.to_parquet(f, index=False)),
+        ("csv", lambda f: full.to_csv(f, index=False)),
+    ):
         tmp = run_dir / f"{RESULTS}.tmp.{ext}"
         write(tmp)
         os.replace(tmp, run_dir / f"{RESULTS}.{ext}")
@@ -287,8 +358,25 @@ def append_results(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    cols = [c for c in ("model", "metric", "task", "split", "seqlen", "windows", "tokens", "value", "stderr", "params",
-                        "ratio", "seed", "status") if c in table]
+    cols = [
+        c
+        for c in (
+            "model",
+            "metric",
+            "task",
+            "split",
+            "seqlen",
+            "windows",
+            "tokens",
+            "value",
+            "stderr",
+            "params",
+            "ratio",
+            "seed",
+            "status",
+        )
+        if c in table
+    ]
     t = table[cols].copy()
     for c in ("seqlen", "windows", "tokens"):
         if c in t:
@@ -317,14 +405,18 @@ def locate(path: str) -> Target:
         if not p.is_file():
             raise EvalError(f"GGUF file {str(p)!r} does not exist")
         if not (p.parent / "tokenizer_config.json").is_file():
-            raise EvalError(f"{str(p)!r} has no tokenizer beside it (tokenizer_config.json); searchllm's GGUF exports write one")
+            raise EvalError(
+                f"{str(p)!r} has no tokenizer beside it (tokenizer_config.json); searchllm's GGUF exports write one"
+            )
         return Target(p, None, p.parent)
     if (p / "config.yaml").is_file() and (p / "export" / "config.json").is_file():
         return Target(p / "export", p, p)
     if (p / "config.json").is_file():
         return Target(p, None, p)
     if (p / "config.yaml").is_file():
-        raise EvalError(f"run dir {str(p)!r} has no export/ yet; finish the run (export.enabled=true) or give a checkpoint dir")
+        raise EvalError(
+            f"run dir {str(p)!r} has no export/ yet; finish the run (export.enabled=true) or give a checkpoint dir"
+        )
     raise EvalError(f"{str(p)!r} is neither a checkpoint dir (config.json) nor a searchllm run dir; give one of those")
 
 
@@ -349,45 +441,3 @@ def describe_gguf(path: Path) -> Evaluated:
 
 def device_of(choice: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from omegaconf import OmegaConf
-
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from transformers import AutoTokenizer
-
-    from .llamacpp import LlamaCppMissing
-    from .models.loading import ModelError, load_pretrained
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-") or "=" in args[0]:
-        print("usage: python -m searchllm.evaluate <checkpoint dir | run dir | file.gguf> [eval.key=value ...] [data.root=DIR]", file=sys.stderr)
-        return 2
-    try:
-        target = locate(args[0])
-        bad = [a for a in args[1:] if not a.startswith(("eval.", "data.root="))]
-        if bad:
-            raise ConfigError(f"{bad[0]!r}: only eval.* and data.root overrides apply to an evaluation")
-        base = target.run_dir / "config.yaml" if target.run_dir else None
-        cfg = load_config(args[1:], base_file=base)
-        if target.checkpoint.suffix == ".gguf":
-            table = evaluate_gguf(target.checkpoint, AutoTokenizer.from_pretrained(target.checkpoint.parent),
-                                  describe_gguf(target.checkpoint), cfg.eval, cfg.data.root)
-        else:
-            model, tokenizer = load_pretrained(str(target.checkpoint))
-            model.to(device_of(cfg.eval.device))
-            table = evaluate_model(model, tokenizer, describe(model, target.checkpoint), cfg.eval, cfg.data.root)
-    except (EvalError, ConfigError, DataError, ModelError, LlamaCppMissing) as e:
-        print(f"searchllm: error: {e}", file=sys.stderr)
-        return 2
-    append_results(target.out, table)
-    print(format_table(table))
-    print(f"appended {len(table)} rows to {target.out / RESULTS}.parquet (and .csv); config: {OmegaConf.to_yaml(OmegaConf.structured(cfg.eval)).strip().replace(chr(10), '; ')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,11 +3,12 @@
 An evaluator replica is a chain of shards: the first embeds tokens, the last applies the final norm and
 LM head and returns the negative log-likelihood. One shard holding every layer is the whole model.
 """
+
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -15,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .baselines import compensation
-from .models.adapters import Architecture
-from .models.blocks import norm
-from .models.sliced import LayerSlice, build_block
-from .models.weights import SharedState, unshare
-from .scores import GramAccumulator, LayerScores, layer_scores
+from searchllm.models.adapters import Architecture
+from searchllm.models.blocks import norm
+from searchllm.models.sliced import LayerSlice, build_block
+from searchllm.models.weights import SharedState, unshare
+from searchllm.pruning.scores import GramAccumulator, LayerScores, compensation, layer_scores
 
 if TYPE_CHECKING:
-    from .levels import LayerLevels, LevelSpace
+    from searchllm.pruning.levels import LayerLevels, LevelSpace
 
 
 @dataclass
@@ -97,7 +97,9 @@ def sparse_kl(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -
         p = logp[rows].exp()
         p_rest = (1 - p.sum(-1)).clamp_min(0)
         q_rest = (1 - logq_k.exp().sum(-1)).clamp_min(1e-30)
-        rest = torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
+        rest = torch.where(
+            p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-30).log() - q_rest.log()), torch.zeros_like(p_rest)
+        )
         kl[rows] = (p * (logp[rows] - logq_k)).sum(-1) + rest
     return kl.sum()
 
@@ -153,7 +155,9 @@ def bf16_native(device: torch.device) -> bool:
     """Whether the device computes bfloat16 natively (CUDA with bf16; a CPU with AVX-512 bf16 / AMX)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def resolve_score_dtype(name: str, model_dtype: torch.dtype, native: bool) -> torch.dtype:
@@ -218,13 +222,17 @@ class ShardRunner:
         self.targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- building -------------------------------------------------------------------------------------
-    def blocks(self, slices: Sequence[LayerSlice | tuple[int, int]] | Mapping[int, Any], layers: Sequence[int] | None = None) -> nn.ModuleDict:
+    def blocks(
+        self, slices: Sequence[LayerSlice | tuple[int, int]] | Mapping[int, Any], layers: Sequence[int] | None = None
+    ) -> nn.ModuleDict:
         """Physically sliced blocks of this shard's active layers (or of `layers`; slices indexed by global
         layer; a layer may be given by its levels in the level database instead)."""
         resolved = {i: self.resolve(i, slices[i]) for i in (self.spec.layers if layers is None else layers)}
         return nn.ModuleDict({str(i): self.block(i, s, w) for i, (s, w) in resolved.items() if s.active})
 
-    def resolve(self, layer: int, x: LayerSlice | tuple[int, int]) -> tuple[LayerSlice, Mapping[str, torch.Tensor] | None]:
+    def resolve(
+        self, layer: int, x: LayerSlice | tuple[int, int]
+    ) -> tuple[LayerSlice, Mapping[str, torch.Tensor] | None]:
         """A layer's slice and the tensors replacing its sliced ones."""
         if isinstance(x, LayerSlice):
             return x, self._overrides(layer, x)
@@ -234,7 +242,9 @@ class ShardRunner:
 
     def block(self, layer: int, s: LayerSlice, overrides: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """One layer's sliced block; `overrides` replaces sliced tensors (reformed o/down) by standard key."""
-        return build_block(self.block_config, self.blocks_w[layer], s, self.geometry, overrides, self.arch.windows[layer])
+        return build_block(
+            self.block_config, self.blocks_w[layer], s, self.geometry, overrides, self.arch.windows[layer]
+        )
 
     def _overrides(self, layer: int, s: LayerSlice) -> dict[str, torch.Tensor] | None:
         got = self.reformed.get(layer)
@@ -275,7 +285,9 @@ class ShardRunner:
         return block(h, *self.rope(h), record)
 
     @torch.no_grad()
-    def run_blocks(self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None, out=None) -> torch.Tensor:
+    def run_blocks(
+        self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None, out=None
+    ) -> torch.Tensor:
         """Blocks keyed by their layer index, in order, over all windows `batch` at a time;
         `record(layer, key, x)` sees every block's module inputs, `out(layer, h)` every block's output."""
         hidden = hidden.to(self.device, self.dtype)
@@ -325,8 +337,13 @@ class ShardRunner:
         self.targets[which] = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
 
     def forward(
-        self, slices: Sequence[LayerSlice | tuple[int, int]], inp: torch.Tensor, tokens: torch.Tensor | None = None, batch: int = 1,
-        metric: str = "nll", which: str = "",
+        self,
+        slices: Sequence[LayerSlice | tuple[int, int]],
+        inp: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        batch: int = 1,
+        metric: str = "nll",
+        which: str = "",
     ) -> torch.Tensor | NLL:
         """Embed (first shard) or take hidden states, run this shard's blocks, and score (last shard):
         `metric` nll (perplexity), kl (against token set `which`'s cached targets), or targets:k (cache
@@ -335,14 +352,20 @@ class ShardRunner:
         t0 = time.perf_counter()
         with torch.no_grad():
             layers = self.spec.layers
-            cache = self.prefix if self.prefix is not None and which and all(isinstance(slices[i], tuple) for i in range(layers.stop)) else None
+            cache = (
+                self.prefix
+                if self.prefix is not None and which and all(isinstance(slices[i], tuple) for i in range(layers.stop))
+                else None
+            )
             done, hidden = cache.longest(which, slices, layers) if cache is not None else (0, None)
             if hidden is None:
                 hidden = self.embed(inp) if self.spec.first else inp
             blocks = self.blocks(slices, layers[done:])
             record = None
             if cache is not None:  # every block's output but the model's last (nothing extends a whole candidate)
-                parts: dict[int, list[torch.Tensor]] = {int(i): [] for i in blocks if not (self.spec.last and int(i) == layers[-1])}
+                parts: dict[int, list[torch.Tensor]] = {
+                    int(i): [] for i in blocks if not (self.spec.last and int(i) == layers[-1])
+                }
                 record = lambda i, h: parts[i].append(h) if i in parts else None  # noqa: E731
             hidden = self.run_blocks(blocks, hidden, batch, out=record)
             if cache is not None:
@@ -351,14 +374,23 @@ class ShardRunner:
             if self.spec.last:
                 if metric.startswith("targets:"):
                     self.set_targets(hidden, which, int(metric.split(":")[1]))
-                out = self.kl(hidden, which) if metric == "kl" else self.nll(hidden, tokens if tokens is not None else inp)
+                out = (
+                    self.kl(hidden, which)
+                    if metric == "kl"
+                    else self.nll(hidden, tokens if tokens is not None else inp)
+                )
                 out.seconds = time.perf_counter() - t0
                 return (out, self.targets[which]) if metric.startswith("targets:") else out
         return hidden
 
     # -- calibration (dense model) ---------------------------------------------------------------------
-    def output_factors(self, inp: torch.Tensor, grad_out: torch.Tensor | None = None, batch: int = 1, seed: int = 0,
-                       ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    def output_factors(
+        self,
+        inp: torch.Tensor,
+        grad_out: torch.Tensor | None = None,
+        batch: int = 1,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
         """K-FAC output factors of the dense shard's MLPs (LLM-Surgeon): per layer, sum over tokens of g g^T
         for the loss gradient g where the MLP adds into the residual stream (float64, hidden x hidden). The
         loss is the NLL of next tokens drawn from the dense model's own distribution (seeded per window), so
@@ -367,14 +399,18 @@ class ShardRunner:
         of their output. Returns the gradient of the input (None on the first shard: tokens) and the factors."""
         g, full = self.geometry, LayerSlice.full(self.geometry)
         blocks = self.blocks({i: full for i in self.spec.layers})
-        factors = {i: torch.zeros(g.hidden, g.hidden, dtype=torch.float64, device=self.device) for i in self.spec.layers}
+        factors = {
+            i: torch.zeros(g.hidden, g.hidden, dtype=torch.float64, device=self.device) for i in self.spec.layers
+        }
 
         def accumulate(acc: torch.Tensor):
             def hook(_module, _inputs, out: torch.Tensor) -> None:
                 def on_grad(grad: torch.Tensor) -> None:
                     gf = grad.reshape(-1, grad.shape[-1]).double()
                     acc.add_(gf.T @ gf)
+
                 out.register_hook(on_grad)
+
             return hook
 
         handles = [b.mlp.register_forward_hook(accumulate(factors[int(i)])) for i, b in blocks.items()]

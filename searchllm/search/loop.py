@@ -5,6 +5,7 @@ any order. Results are logged to the run directory the moment they arrive; selec
 generation is complete and ranks by (fitness, key), so the outcome does not depend on arrival order or on
 how many replicas evaluated it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,10 +17,10 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 
-from .evolution import Evolution
-from .rundir import RunDir
-from .shard import NLL, ShardRunner
-from .space import Candidate, SearchSpace
+from searchllm.pruning.shard import NLL, ShardRunner
+from searchllm.pruning.space import Candidate, SearchSpace
+from searchllm.rundir import RunDir
+from searchllm.search.evolution import Evolution
 
 log = logging.getLogger("searchllm")
 
@@ -33,7 +34,7 @@ class Observer(Protocol):
 
     def on_result(self, record: dict[str, Any]) -> None: ...
 
-    def on_generation(self, stats: dict[str, Any], best: dict[str, Any]) -> None: ...
+    def on_generation(self, stats: dict[str, Any], best: Optional[dict[str, Any]]) -> None: ...
 
 
 class LocalEvaluator:
@@ -53,14 +54,14 @@ class LocalEvaluator:
 
 @dataclass
 class SearchResult:
-    best: Candidate
+    best: Any  # a Candidate (the mask search), or a level genome (np.ndarray: the level search)
     fitness: float
     params: int
     ratio: float
     generations: int
     evaluations: int
     history: list[dict[str, Any]]
-    finalists: list[tuple[Candidate, float]] = field(default_factory=list)  # the final parents, best first
+    finalists: list[tuple[Any, float]] = field(default_factory=list)  # the final parents, best first
 
 
 def summarize(space: SearchSpace, cand: Candidate) -> dict[str, Any]:
@@ -127,7 +128,15 @@ class Search:
             if self.observer is not None:
                 self.observer.on_result(rec)
             n += 1
-            log.debug("gen %d eval %s ppl=%.3f ratio=%.4f replica=%d %.2fs", generation, rec["key"], rec["fitness"], rec["ratio"], replica, nll.seconds)
+            log.debug(
+                "gen %d eval %s ppl=%.3f ratio=%.4f replica=%d %.2fs",
+                generation,
+                rec["key"],
+                rec["fitness"],
+                rec["ratio"],
+                replica,
+                nll.seconds,
+            )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(ppl=f"{rec['fitness']:.2f}")
@@ -152,9 +161,9 @@ class Search:
         if self.observer is not None:  # a resumed run shows what it did before too
             for rec in done.values():
                 self.observer.on_result(rec)
-            best = summarize(self.space, parents[0][0]) if history else None
+            shown = summarize(self.space, parents[0][0]) if history else None
             for stats in history:
-                self.observer.on_generation(stats, best)
+                self.observer.on_generation(stats, shown)
         for gen in range(start, self.generations):
             if gen == 0:
                 children = self.evo.first_generation(inits, rng, seen)
@@ -180,19 +189,29 @@ class Search:
                 self.observer.on_generation(stats, summarize(self.space, parents[0][0]))
             log.info(
                 "gen %d/%d  best %.3f  median %.3f  kept %.4f  %d evals  %.2f evals/s",
-                gen + 1, self.generations, stats["best"], stats["median"], stats["best_ratio"], len(records), self._rate,
+                gen + 1,
+                self.generations,
+                stats["best"],
+                stats["median"],
+                stats["best_ratio"],
+                len(records),
+                self._rate,
             )
-            self.run.save_checkpoint(
-                {
-                    "generation": gen,
-                    "parents": [c.key() for c, _ in parents],
-                    "rng": rng.bit_generator.state,
-                    "seen": sorted(seen),
-                    "history": history,
-                }
-            )
+            self.run.save_checkpoint({
+                "generation": gen,
+                "parents": [c.key() for c, _ in parents],
+                "rng": rng.bit_generator.state,
+                "seen": sorted(seen),
+                "history": history,
+            })
         best, fit = parents[0]
         return SearchResult(
-            best, fit, self.space.params(best), self.space.ratio(best, self.evo.budget.count), len(history), len(done), history,
+            best,
+            fit,
+            self.space.params(best),
+            self.space.ratio(best, self.evo.budget.count),
+            len(history),
+            len(done),
+            history,
             parents,
         )

@@ -14,48 +14,21 @@ Solvers: `exact` (closed form, float64 Cholesky) and `admm` (the paper's Eq. 7-9
 projection (W + U) * keep, on the input-normalised problem as the paper's code does). Both see the same
 statistics; ADMM converges to the exact solution as its iterations grow.
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .models.sliced import COLUMN_SLICED, LayerSlice
+from searchllm.config import ReformParams
+from searchllm.models.sliced import COLUMN_SLICED, LayerSlice
 
 if TYPE_CHECKING:
-    from .shard import ShardRunner
-
-SOLVERS = ("exact", "admm")
-INPUTS = ("sequential", "independent")
-FEATURES = ("full", "pruned")
-TARGETS = ("original", "layer")
-
-
-@dataclass
-class ReformParams:
-    solver: str = "exact"
-    inputs: str = "sequential"  # sequential: features from the already reformed upstream; independent: original
-    features: str = "full"  # full: module inputs from the layer's full q/k/v, gate/up; pruned: from the pruned layer
-    # With sequential inputs: what the reformed layer must reproduce. original: the original model's
-    # activations (corrects upstream drift too); layer: the original layer applied to the same inputs
-    # (SparseGPT's and the paper code's choice). Independent inputs make both the same.
-    targets: str = "layer"
-    damp: float = 0.1
-    # Fit a bias of o/down jointly with the kept weights (affine least squares: a constant input column),
-    # so the omitted channels' mean contribution is absorbed too (FLAP's bias compensation, made optimal).
-    bias: bool = False
-    rho: float = 1.0  # ADMM penalty on the normalised problem
-    iters: int = 30  # ADMM iterations
-
-    def digest(self) -> str:
-        """Names these solver settings: saved layers are reused only by a resume with the same ones."""
-        params = {f.name: getattr(self, f.name) for f in fields(ReformParams)}
-        return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    from searchllm.pruning.shard import ShardRunner
 
 
 class Normal:
@@ -102,8 +75,14 @@ def _positions(cols: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return torch.tensor([where[k] for k in keep], dtype=torch.long, device=cols.device)
 
 
-def solve_exact(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor | None, keep: list[int], damp: float,
-                R: torch.Tensor | None = None) -> torch.Tensor:
+def solve_exact(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    C: torch.Tensor | None,
+    keep: list[int],
+    damp: float,
+    R: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W' (out x |S|) solving W' (G + damp diag G) = W C + damp W_S diag G; R = Y X_S^T replaces W C when the
     target Y is not the original module's output on the same inputs."""
     W = W.double().to(G.device)
@@ -113,7 +92,9 @@ def solve_exact(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor | None, keep: 
     return torch.cholesky_solve(rhs.T, chol).T
 
 
-def solve_admm(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int], damp: float, rho: float, iters: int) -> torch.Tensor:
+def solve_admm(
+    W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, keep: list[int], damp: float, rho: float, iters: int
+) -> torch.Tensor:
     """The paper's ADMM over the full column set of W, on the problem normalised by sqrt(diag G)
     (the official code's scaling, so rho is relative to unit input energy).
 
@@ -170,10 +151,15 @@ class LayerResult:
     seconds: float
 
 
-def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor | None,
-                 stream: torch.Tensor | None, p: ReformParams, batch: int = 1,
-                 done: Mapping[int, dict[str, torch.Tensor]] | None = None,
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[LayerResult]]:
+def reform_shard(
+    runner: "ShardRunner",
+    slices: Sequence[LayerSlice],
+    dense: torch.Tensor | None,
+    stream: torch.Tensor | None,
+    p: ReformParams,
+    batch: int = 1,
+    done: Mapping[int, dict[str, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[LayerResult]]:
     """Reform every layer of a shard, in order (`iter_reform`, collected): returns both hidden states
     leaving the shard and the results of the layers solved here."""
     gen = iter_reform(runner, slices, dense, stream, p, batch, done)
@@ -187,10 +173,15 @@ def reform_shard(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: tor
             results.append(res)
 
 
-def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torch.Tensor | None,
-                stream: torch.Tensor | None, p: ReformParams, batch: int = 1,
-                done: Mapping[int, dict[str, torch.Tensor]] | None = None,
-                ) -> Generator[LayerResult | None, None, tuple[torch.Tensor | None, torch.Tensor | None]]:
+def iter_reform(
+    runner: "ShardRunner",
+    slices: Sequence[LayerSlice],
+    dense: torch.Tensor | None,
+    stream: torch.Tensor | None,
+    p: ReformParams,
+    batch: int = 1,
+    done: Mapping[int, dict[str, torch.Tensor]] | None = None,
+) -> Generator[LayerResult | None, None, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Reform every layer of a shard, in order, yielding each layer's result as soon as it is solved
     (None for a dropped layer or one in `done`) and returning both hidden states leaving the shard.
 
@@ -274,9 +265,12 @@ def iter_reform(runner: "ShardRunner", slices: Sequence[LayerSlice], dense: torc
                 del stats
         runner.reformed[i] = (s, overrides)
         if dense is not None:
-            dense = tgt_out if tgt_out is not None and tgt is dense else runner.run_blocks({str(i): full_block}, dense, batch)
+            dense = (
+                tgt_out
+                if tgt_out is not None and tgt is dense
+                else runner.run_blocks({str(i): full_block}, dense, batch)
+            )
         if stream is not None:
             stream = runner.run_blocks({str(i): runner.block(i, s, overrides)}, stream, batch)
         yield LayerResult(i, {k: v.cpu() for k, v in overrides.items()}, before, after, time.perf_counter() - t0)
     return dense, stream
-

@@ -10,6 +10,7 @@ Weights hold exactly the kept rows and columns (parameter count = the search's c
 layer with different widths are zero-padded to the widest at run time only; the padding is reported.
 Dropped blocks are left out, so the exported model has fewer layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .models import blocks, modeling_searchllm
-from .models.adapters import ModelAdapter
-from .models.modeling_searchllm import SearchLLMForCausalLM
-from .models.sliced import MODULE_PATHS, LayerSlice, slice_weights
+from searchllm.models import blocks, modeling_searchllm
+from searchllm.models.adapters import ModelAdapter
+from searchllm.models.modeling_searchllm import SearchLLMForCausalLM
+from searchllm.models.sliced import MODULE_PATHS, LayerSlice, slice_weights
 
 # Standard outer keys (adapters' outer_state_keys) -> names in the searchllm form.
 OUTER_NAMES = {
@@ -68,9 +69,13 @@ def is_uniform(slices: Sequence[LayerSlice], g) -> bool:
     return whole and len(shapes) == 1 and len(heads) > 0 and len(set(heads)) == 1
 
 
-def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequence[LayerSlice],
-          reformed: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
-          dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, ExportInfo]:
+def build(
+    adapter: ModelAdapter,
+    state: Mapping[str, torch.Tensor],
+    slices: Sequence[LayerSlice],
+    reformed: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.nn.Module, ExportInfo]:
     """The exported model in memory (weights on CPU), from the original state dict, the slices and the
     reformed o/down weights per layer."""
     from transformers import AutoModelForCausalLM
@@ -93,7 +98,9 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
     else:
         pruned_q = any(slices[i].q_heads is not None for i in kept)
         config = adapter.sliced_config(
-            [[list(p) for p in slices[i].kv_pairs] for i in kept], [len(slices[i].mlp) for i in kept], kept,
+            [[list(p) for p in slices[i].kv_pairs] for i in kept],
+            [len(slices[i].mlp) for i in kept],
+            kept,
             [slices[i].q_counts(g) for i in kept] if pruned_q else None,
         )
         config.auto_map = dict(AUTO_MAP)
@@ -119,14 +126,26 @@ def build(adapter: ModelAdapter, state: Mapping[str, torch.Tensor], slices: Sequ
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on meta (replaced below); buffers such as rotary tables real
-        model = AutoModelForCausalLM.from_config(config, dtype=target) if uniform else SearchLLMForCausalLM(config).to(target)
+        model = (
+            AutoModelForCausalLM.from_config(config, dtype=target)
+            if uniform
+            else SearchLLMForCausalLM(config).to(target)
+        )
     model.load_state_dict(sd, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    return model, ExportInfo("plain" if uniform else "searchllm", params, len(kept), q_dims, padded, g.total_params,
-                             g.num_layers * g.layer_params, zero_biases)
+    return model, ExportInfo(
+        "plain" if uniform else "searchllm",
+        params,
+        len(kept),
+        q_dims,
+        padded,
+        g.total_params,
+        g.num_layers * g.layer_params,
+        zero_biases,
+    )
 
 
 def save(model: torch.nn.Module, info: ExportInfo, out: str | Path, tokenizer=None, source: str | None = None) -> Path:
@@ -154,64 +173,3 @@ def save(model: torch.nn.Module, info: ExportInfo, out: str | Path, tokenizer=No
 def write_info(info: ExportInfo, out: Path) -> None:
     """searchllm_export.json: the export's counts and the source's (the evaluation's kept ratios)."""
     (out / "searchllm_export.json").write_text(json.dumps(asdict(info) | {"padding": info.padding}, indent=2))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m searchllm.export RUN [export.format=gguf] [export.gguf_types=[...]]`: write a finished run's
-    export in more formats (no search again): the HF export in RUN/export is read back and each writer of
-    export.format it lacks is run; the manifest's export record gains their records."""
-    import logging
-    import sys
-
-    from .config import ConfigError, load_config
-    from .data import DataError, data_root
-    from .formats import FORMATS, WRITERS, ExportJob, check_format
-    from .gguf_export import GGUFError
-    from .llamacpp import LlamaCppMissing
-    from .models.loading import ModelError, load_pretrained, source_gguf
-    from .rundir import RunDir, RunFileError
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    args = sys.argv[1:] if argv is None else argv
-    if not args or "=" in args[0]:
-        print("usage: python -m searchllm.export RUN_DIR [export.format=gguf] [export.gguf_types=[f16,q8_0,q4_k_m]]", file=sys.stderr)
-        return 2
-    run = Path(args[0]).expanduser()
-    try:
-        if not (run / "config.yaml").is_file() or not (run / "manifest.json").is_file():
-            raise ConfigError(f"{str(run)!r} is not a finished searchllm run dir (config.yaml and manifest.json); give one")
-        bad = [a for a in args[1:] if not a.startswith(("export.format=", "export.gguf_types=", "data.root="))]
-        if bad:
-            raise ConfigError(f"{bad[0]!r}: only export.format, export.gguf_types and data.root apply to a finished run")
-        cfg = load_config(args[1:], base_file=run / "config.yaml")
-        manifest = RunDir(run).load_json("manifest.json")  # a damaged manifest: one line (RunFileError)
-        out = Path(manifest["export"]["dir"])
-        conf = json.loads((out / "config.json").read_text())
-        check_format(cfg.export.format, cfg.export.gguf_types, conf.get("source_model_type") or conf["model_type"])
-        model, tokenizer = load_pretrained(str(out))
-        from .driver import token_sets
-
-        report = token_sets(cfg, tokenizer)[0]["report"]
-        info = ExportInfo(**{k: v for k, v in json.loads((out / "searchllm_export.json").read_text()).items() if k != "padding"})
-        job = ExportJob(model, info, out, tokenizer, report, cfg.data.batch, None, source_gguf(cfg.model, data_root(cfg.data.root)),
-                        list(cfg.export.gguf_types), manifest.get("perplexity", {}).get("exported"))
-        record = manifest["export"]
-        before = {f["type"]: f for f in record.get("gguf", {}).get("files", [])}
-        for name in FORMATS[cfg.export.format]:
-            if name == "hf":
-                continue  # the run's own export, already written and checked
-            record |= WRITERS[name](job)
-        if "gguf" in record:  # types written before stay listed unless rewritten now
-            record["gguf"]["files"] = list((before | {f["type"]: f for f in record["gguf"]["files"]}).values())
-        record["formats"] = sorted(set(record.get("formats", ["hf"])) | set(FORMATS[cfg.export.format]))
-        RunDir(run).save_json("manifest.json", manifest)
-    except (ConfigError, DataError, ModelError, GGUFError, LlamaCppMissing, RunFileError) as e:
-        print(f"searchllm: error: {e}", file=sys.stderr)
-        return 2
-    for f in record.get("gguf", {}).get("files", []):
-        print(f"{f['path']}: {f['bytes'] / 2**20:.1f} MiB, llama.cpp report ppl {f['ppl']:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

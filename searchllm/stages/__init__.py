@@ -1,0 +1,48 @@
+"""The pipeline as stages. A method is an ordered list of stages; the driver runs them in order, the
+ones marked `pool` while the evaluator pool is up, the rest after it is gone.
+
+    plan -> load -> [calibrate | database] -> search -> reform -> export -> evaluate -> report
+
+plan and load run before the pool exists (the driver calls them: stages.plan); which list runs after is
+decided by the kind of search.mode's registered strategy (strategies.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from searchllm.stages import calibrate, database, evaluate, export, reform, report, search_levels, search_masks
+from searchllm.stages.context import RunContext
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[RunContext], None]
+    pool: bool  # runs on the evaluator pool (it is shut down before the first stage without)
+
+
+_TAIL = (Stage("export", export.run, True), Stage("evaluate", evaluate.run, False), Stage("report", report.run, False))
+METHODS: dict[str, tuple[Stage, ...]] = {
+    # the level search: the compensated level database, then a search over level assignments
+    "levels": (
+        Stage("database", database.run, True),
+        Stage("search", search_levels.run, True),
+        Stage("reform", reform.levels, True),
+        *_TAIL,
+    ),
+    # the paper's channel-mask search, random search, and the baselines chosen outright
+    "search": (
+        Stage("calibrate", calibrate.run, True),
+        Stage("search", search_masks.run, True),
+        Stage("reform", reform.finalists, True),
+        *_TAIL,
+    ),
+}
+METHODS["baseline"] = METHODS["search"]
+
+
+def stages_for(kind: str) -> tuple[Stage, ...]:
+    """The stages of a strategy kind (strategies.KINDS)."""
+    return METHODS[kind]

@@ -1,0 +1,141 @@
+"""evaluate: the evaluation protocol (searchllm.evaluate: perplexity by corpus and length, zero-shot tasks,
+memory and tokens/s) on the original model and the export, after the evaluator pool is gone (its weights
+are freed first); the GGUF exports in llama.cpp next to the original written to the same types. Rows are
+appended to <run>/eval.parquet and the manifest gains the speed and llama.cpp records."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from searchllm.config import Config
+from searchllm.data import data_root
+from searchllm.evaluate import (
+    Evaluated,
+    append_results,
+    count_params,
+    describe,
+    device_of,
+    evaluate_gguf,
+    evaluate_model,
+    format_table,
+)
+from searchllm.export.formats import gguf_files
+from searchllm.models.loading import LoadedModel, load_pretrained, source_gguf
+from searchllm.monitor import Monitor
+from searchllm.rundir import RunDir
+from searchllm.stages.context import RunContext
+
+log = logging.getLogger("searchllm")
+
+
+def run(ctx: RunContext) -> None:
+    if ctx.export_dir is None or not ctx.cfg.eval.enabled:
+        return
+    ctx.monitor.stage("evaluating")
+    evaluate_run(ctx.cfg, ctx.run, ctx.loaded, ctx.export_dir, ctx.monitor)
+
+
+def evaluate_run(cfg: Config, run_dir: RunDir, loaded: LoadedModel, export_dir: Path, monitor: Monitor) -> None:
+    """The evaluation protocol on the original and the exported model; rows appended to the run's table."""
+    ids: dict = {}
+    tables = []
+    manifest = run_dir.load_json("manifest.json")
+    export = manifest["export"]
+    models = (("original", loaded.checkpoint),) if cfg.eval.original else ()
+    models += (("exported", str(export_dir)),) if "hf" in export.get("formats", ["hf"]) else ()
+    for name, path in models:
+        model, tokenizer = load_pretrained(path)
+        model.to(device_of(cfg.eval.device))
+        if name == "exported":  # its searchllm_export.json holds the source's counts
+            what = describe(model, export_dir)
+            what.name = f"exported ({cfg.method})"
+        else:
+            total, decoder = count_params(model)
+            what = Evaluated(name, total, decoder, total, decoder)
+        steps = len(cfg.eval.corpora) * len(cfg.eval.lengths) + bool(cfg.eval.tasks)
+        with tqdm(total=steps, desc=f"evaluate {name}", unit="step", leave=False, disable=None) as bar:
+            tables.append(
+                evaluate_model(
+                    model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids, lambda: bar.update(1)
+                )
+            )
+        del model
+    if "gguf" in export:
+        tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids)
+    table = pd.concat(tables or [pd.DataFrame()], ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
+    if table.empty or "metric" not in table:  # eval.corpora=[] and eval.tasks=[]: a valid, empty evaluation
+        log.info("evaluation: nothing to evaluate (eval.corpora and eval.tasks are empty)")
+        manifest["evaluation"] = {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"}
+        run_dir.save_json("manifest.json", manifest)
+        return
+    append_results(run_dir.path, table)
+    monitor.set_eval(table.to_dict("records"))
+    # The manifest carries the measured speed and memory of the export next to its perplexity.
+    hf_rows = table[table.runtime.isna()] if "runtime" in table else table
+    ppl = hf_rows[(hf_rows.metric == "ppl") & (hf_rows.status == "ok")]
+    manifest["speed"] = {
+        ("exported" if name != "original" else "original"): {
+            "prefill_tokens_per_s": float(rows.tokens_per_s.median()),
+            "weights_mib": float(rows.weights_mib.iloc[0]),
+            "measured_on": f"eval.corpora perplexity passes, batch {cfg.eval.batch}, device "
+            f"{device_of(cfg.eval.device)}",
+        }
+        for name, rows in ppl.groupby("model")
+    }
+    if "runtime" in table:
+        manifest["llama_cpp"] = llama_cpp_summary(table[table.runtime == "llama.cpp"])
+    run_dir.save_json("manifest.json", manifest)
+    print(format_table(table))
+
+
+def evaluate_ggufs(cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict) -> list[pd.DataFrame]:
+    """The exported GGUFs in llama.cpp, and (eval.original) the original model written and quantized to the
+    same types by the same writer, so the two are compared in the runtime users run, type for type."""
+    g = loaded.adapter.geometry()
+    files = [(f["type"], Path(f["path"])) for f in export["gguf"]["files"]]
+    runs = [(f"exported ({cfg.method}) {t}", p, export["params"]) for t, p in files]
+    if cfg.eval.original:
+        model, _ = load_pretrained(loaded.checkpoint)
+        _, paths = gguf_files(
+            model,
+            loaded.tokenizer,
+            run_dir.path / "original-gguf",
+            source_gguf(cfg.model, data_root(cfg.data.root)),
+            [t for t, _ in files],
+        )
+        del model
+        runs = [(f"original {t}", p, g.total_params) for t, p in paths] + runs
+    decoder = g.num_layers * g.layer_params
+    ctx = int(loaded.adapter.config.max_position_embeddings)
+    return [
+        evaluate_gguf(
+            p,
+            loaded.tokenizer,
+            Evaluated(name, n, n - g.outer_params, g.total_params, decoder),
+            cfg.eval,
+            cfg.data.root,
+            ctx,
+            ids,
+        )
+        for name, p, n in runs
+    ]
+
+
+def llama_cpp_summary(rows: pd.DataFrame) -> list[dict]:
+    """Per GGUF: its perplexities, prefill/decode tokens/s and file size (the manifest's llama.cpp table)."""
+    out = []
+    for name, r in rows.groupby("model", sort=False):
+        ok = r[r.status == "ok"]
+        metric = lambda m: float(ok[ok.metric == m].value.iloc[0]) if (ok.metric == m).any() else None  # noqa: E731
+        out.append({
+            "model": name,
+            "file_mib": float(r.weights_mib.iloc[0]),
+            "prefill_tok_s": metric("prefill_tok_s"),
+            "decode_tok_s": metric("decode_tok_s"),
+            "ppl": {f"{t.task}/{t.split}@{int(t.seqlen)}": float(t.value) for t in ok[ok.metric == "ppl"].itertuples()},
+        })
+    return out

@@ -1,0 +1,97 @@
+"""export: the subnet built from the original weights, its slices and the tensors replacing sliced ones,
+written in export.format (searchllm.export: hf, gguf), reloaded from disk and scored on the report windows;
+manifest.json records every stage's perplexity. A resume writes the export again (another format, say)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from searchllm.data import data_root
+from searchllm.export.formats import ExportJob, write_all
+from searchllm.export.hf import build
+from searchllm.models.loading import DTYPES as DTYPES_BY_NAME
+from searchllm.models.loading import source_gguf
+from searchllm.stages.context import RunContext, Subnet
+
+log = logging.getLogger("searchllm")
+
+
+def manifest_source(ctx: RunContext) -> dict:
+    """What every manifest says first: the method, the source model and the calibration data."""
+    cfg = ctx.cfg
+    return {
+        "method": cfg.method,
+        "source": {
+            "model": cfg.model.path,
+            "revision": cfg.model.revision,
+            "checkpoint": ctx.loaded.checkpoint,
+            "model_type": ctx.loaded.adapter.config.model_type,
+        },
+        "calibration": {
+            "corpus": ctx.plan.where["calibration"],
+            "samples": cfg.data.calibration.samples,
+            "seqlen": cfg.data.calibration.seqlen,
+            "seed": cfg.data.seed,
+        },
+    }
+
+
+def run(ctx: RunContext) -> None:
+    subnet, searched = ctx.subnet, ctx.searched
+    if subnet is None or searched is None:  # nothing chosen to export (reform and export both off)
+        return
+    cfg, manifest, ppl = ctx.cfg, subnet.manifest, subnet.ppl
+    if cfg.export.enabled:
+        manifest["export"] = export_subnet(ctx, subnet)
+        ppl["exported"] = manifest["export"].pop("ppl")
+        ctx.export_dir = Path(manifest["export"]["dir"])
+    manifest["perplexity"] |= ppl
+    ctx.run.save_json("manifest.json", manifest)
+    g, rows = ctx.loaded.adapter.geometry(), searched.rows
+    corpus = rows[0]["corpus"]
+    for stage, n in (("reformed", subnet.params), ("exported", manifest.get("export", {}).get("params"))):
+        if stage in ppl:
+            rows.append({
+                "model": stage,
+                "params": n,
+                "kept": n / g.total_params,
+                "report ppl": ppl[stage],
+                "corpus": corpus,
+            })
+    ctx.monitor.set_summary(rows)
+    if subnet.chosen_as is not None:
+        ctx.monitor.set_best(manifest["structure"], subnet.chosen_as)
+    print("  perplexity (" + ctx.plan.where["report"] + "): " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+
+
+def export_subnet(ctx: RunContext, subnet: Subnet) -> dict:
+    """Build, save, reload and score the export; returns the manifest's export record (with its report `ppl`)."""
+    cfg, loaded = ctx.cfg, ctx.loaded
+    ctx.monitor.stage("exporting")
+    state = ctx.need_pool().original_state()
+    model, info = build(
+        loaded.adapter, state, subnet.slices, subnet.weights, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype]
+    )
+    del state
+    if info.params != subnet.params + info.zero_biases:
+        log.warning(
+            "exported model has %d params, the search counted %d (+%d zero biases)",
+            info.params,
+            subnet.params,
+            info.zero_biases,
+        )
+    e = cfg.export
+    job = ExportJob(
+        model,
+        info,
+        Path(e.dir or ctx.run.path / "export"),
+        loaded.tokenizer,
+        ctx.plan.tokens["report"],
+        ctx.batch,
+        loaded.checkpoint,
+        source_gguf(cfg.model, data_root(cfg.data.root)),
+        list(e.gguf_types),
+        subnet.ppl.get("reformed", subnet.ppl["searched"]),
+    )
+    return write_all(job, e.format)

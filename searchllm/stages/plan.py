@@ -1,0 +1,79 @@
+"""The first two stages. plan: the search space, the budget, the strategy and the token windows, all
+checked before any weights load (a bad ratio, format or export dir stops in seconds). load: the weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from searchllm import strategies
+from searchllm.config import Config
+from searchllm.data import data_root, token_sets
+from searchllm.export.formats import check_export_dir, check_format
+from searchllm.models.adapters import Geometry
+from searchllm.models.loading import LoadedModel, load, load_config_only, load_tokenizer
+from searchllm.pruning.levels import LevelSpace, implied_levels
+from searchllm.pruning.space import Budget, BudgetError, SearchSpace
+from searchllm.rundir import RunDir
+from searchllm.search.baselines import bias_params
+from searchllm.search.levelsearch import PROBE_STAGE, stage_tokens
+from searchllm.stages.context import Plan
+
+
+def plan(cfg: Config, run: RunDir) -> Plan:
+    _, _, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
+    g = adapter.geometry()
+    s = cfg.space
+    space = SearchSpace.for_target(
+        g,
+        cfg.budget.target,
+        s.attention,
+        s.attn_min,
+        s.attn_max,
+        s.attn_step,
+        s.mlp_min,
+        s.mlp_max,
+        s.mlp_step,
+        s.depth_min,
+        s.round_to,
+    )
+    # Biases that reformation will add (reform.bias, where the family has none) are paid for from the budget.
+    adds_bias = (cfg.reform.enabled and cfg.reform.bias) or cfg.search.compensate
+    strategy = strategies.get(cfg.search.mode)
+    if cfg.export.enabled:  # a format, type or export dir that cannot be written stops here, not after the search
+        check_format(cfg.export.format, cfg.export.gguf_types, adapter.config.model_type)
+        check_export_dir(Path(cfg.export.dir or run.path / "export"), cfg.export.overwrite)
+    extra = (
+        bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0
+    )  # flap() budgets its own
+    if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
+        implied_levels(LevelSpace(g, cfg.levels), *level_band(cfg, g))
+    budget = Budget(cfg.budget.target - extra / space.total(cfg.budget.count), cfg.budget.tol, cfg.budget.count)
+    lo, hi = space.bounds(budget.count)
+    if budget.high < lo or budget.low > hi:
+        raise BudgetError(space.infeasible_message(budget))
+    selection = selection_sets(cfg) if strategy.kind == "levels" else {}
+    tokens, where = token_sets(cfg, load_tokenizer(cfg.model, data_root(cfg.data.root)), selection)
+    return Plan(space, budget, strategy, tokens, where)
+
+
+def selection_sets(cfg: Config) -> dict[str, tuple[int, str]]:
+    """The level search's token sets: each selection stage's first windows of the fitness corpus holding its
+    tokens, and the probes' own (levels.probe_tokens, set only then)."""
+    sets = {stage_tokens(k): (t, f"levels.tokens[{k}]") for k, t in enumerate(cfg.levels.tokens)}
+    if cfg.levels.probe_own_tokens:
+        sets[stage_tokens(PROBE_STAGE)] = (cfg.levels.probe_own_tokens, "levels.probe_tokens")
+    return sets
+
+
+def level_band(cfg: Config, g: Geometry) -> tuple[int, int]:
+    """The parameter counts (whole model) budget.target +- budget.tol allows, in budget.count's terms."""
+    b = cfg.budget
+    if b.count == "decoder":
+        d = g.num_layers * g.layer_params
+        return int(math.ceil(g.outer_params + (b.target - b.tol) * d)), int(g.outer_params + (b.target + b.tol) * d)
+    return int(math.ceil((b.target - b.tol) * g.total_params)), int((b.target + b.tol) * g.total_params)
+
+
+def load_model(cfg: Config) -> LoadedModel:
+    return load(cfg.model, data_root(cfg.data.root))
