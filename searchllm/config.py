@@ -55,12 +55,12 @@ class EvalConfig:
     lengths: list[str] = field(default_factory=lambda: ["128", "full"])
     max_windows: int = 0  # 0: every window of the split (the standard protocol); > 0: the first N
     missing: str = "skip"  # a corpus that cannot be loaded: skip (a row says why) | error
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # lm-eval zero-shot tasks
     task_limit: Optional[int] = None  # examples per task (None: all)
     include_path: Optional[str] = None  # extra lm-eval task YAMLs (local, offline tasks)
-    batch: int = 1
-    seed: int = 0
-    device: str = "auto"
+    batch: int = 1  # windows per forward pass
+    seed: int = 0  # lm-eval's seed
+    device: str = "auto"  # auto: CUDA where present
 
 
 def resolve_length(length: str | int, model_config) -> int:
@@ -101,17 +101,17 @@ BUDGET_COUNTS = ("total", "decoder")
 # -- the paper's evolution (search.evolution)
 @dataclass
 class EvolutionParams:
-    population: int = 100
-    parents: int = 10
-    mutations: int = 50
-    crossovers: int = 30
-    prob_mask_init: float = 0.6
-    prob_ratio_init: float = 0.3
-    prob_mask: float = 0.3
-    prob_ratio: float = 0.1
-    prob_depth: float = 0.1
-    alpha: float = 0.8
-    max_tries: int = 1000
+    population: int = 100  # candidates per generation
+    parents: int = 10  # the best kept as the next generation's parents (top-k)
+    mutations: int = 50  # children made by mutation per generation
+    crossovers: int = 30  # children made by crossover per generation
+    prob_mask_init: float = 0.6  # generation 0: probability of mutating each mask of the initial subnet
+    prob_ratio_init: float = 0.3  # generation 0: probability of mutating each kept ratio
+    prob_mask: float = 0.3  # later generations: probability of mutating each mask
+    prob_ratio: float = 0.1  # later generations: probability of mutating each kept ratio
+    prob_depth: float = 0.1  # probability of dropping or restoring a block
+    alpha: float = 0.8  # a mutated mask keeps at least this share of the units it kept
+    max_tries: int = 1000  # draws per child before it is given up
 
 
 # -- the level database (pruning.levels)
@@ -140,11 +140,10 @@ class LevelParams:
     # How output errors are weighed when OBS picks the MLP channels to remove: fisher (each block's K-FAC output
     # factor, E[g g^T] of the loss gradient where the MLP adds into the residual stream, on the dense model with
     # next tokens drawn from its own distribution; LLM-Surgeon) or none (every output direction alike, ZipLM).
-    # Query heads keep the unweighted order: weighing them measured worse (docs/quality.md).
+    # Query heads keep the unweighted order: weighing them measured worse (docs/results.md).
     weighting: str = "fisher"
-    fisher_windows: int = (
-        16  # calibration windows of the output factors' backward pass (the first ones; all when fewer)
-    )
+    # Calibration windows of the output factors' backward pass (the first ones; all when fewer).
+    fisher_windows: int = 16
     # What the refit of a level reproduces (inputs=accumulated): module (the original o/down on the same pruned
     # inputs), dense (the dense model's o/down output on the dense stream, OSSCAR's fullseq) or stream (the dense
     # model's residual stream after the module: the refit also cancels the upstream error where it can).
@@ -191,7 +190,7 @@ class LevelSearchParams:
     parents: int = 2  # kept between generations (the best on the last stage)
     # Multi-step selection: tokens scored per stage, and how many candidates each stage but the last passes on.
     tokens: list[int] = field(default_factory=lambda: [512, 2048, 8192])
-    survivors: list[int] = field(default_factory=lambda: [4, 1])
+    survivors: list[int] = field(default_factory=lambda: [4, 1])  # one count per stage but the last
     crossover: float = 0.25  # share of children made by crossover (with >= 2 parents)
     max_tries: int = 200  # draws per child before it is given up (counted as skipped)
     # Sensitivity probes after generation 0 (0: none): each layer's module lowered by this many levels
@@ -200,7 +199,7 @@ class LevelSearchParams:
     probe: int = 2
     # Tokens the probes are scored on (0, or at least the first stage's: the first stage's). A shorter set ranks
     # the layers for a fraction of generation 0's time: 4,096 of 8,192 exported as good a model at 0.8 and 0.5,
-    # 2,048 a worse one at 0.5 (docs/quality.md).
+    # 2,048 a worse one at 0.5 (docs/results.md).
     probe_tokens: int = 0
 
     @property
@@ -225,7 +224,7 @@ class ReformParams:
     # activations (corrects upstream drift too); layer: the original layer applied to the same inputs
     # (SparseGPT's and the paper code's choice). Independent inputs make both the same.
     targets: str = "layer"
-    damp: float = 0.1
+    damp: float = 0.1  # ridge toward the original kept weights, times mean(diag H)
     # Fit a bias of o/down jointly with the kept weights (affine least squares: a constant input column),
     # so the omitted channels' mean contribution is absorbed too (FLAP's bias compensation, made optimal).
     bias: bool = False
@@ -242,19 +241,19 @@ class ReformParams:
 class ModelConfig:
     # "smollm2" (the bundled SmolLM2-135M-Instruct GGUF), a local HF checkpoint dir, a .gguf file, or a hub id.
     path: str = "smollm2"
-    gguf_file: Optional[str] = None
-    revision: Optional[str] = None
-    dtype: str = "float32"
-    cache_dir: str = "~/.cache/searchllm"
+    gguf_file: Optional[str] = None  # the .gguf file inside a hub repo, when model.path names one
+    revision: Optional[str] = None  # a hub revision (branch, tag or commit)
+    dtype: str = "float32"  # of the weights the search and the export compute with
+    cache_dir: str = "~/.cache/searchllm"  # GGUF conversions are cached here (converted once)
 
 
 @dataclass
 class CorpusConfig:
     name: str = "wikitext2"  # wikitext2 (tokenized, <unk>), wikitext2-raw, ptb, c4, or text (a local file)
-    split: str = "validation"
+    split: str = "validation"  # train, validation or test
     path: Optional[str] = None  # a local file; when unset, data.root is searched, then the hub
     samples: int = 5  # windows
-    seqlen: int = 2048
+    seqlen: int = 2048  # tokens per window
 
 
 @dataclass
@@ -272,11 +271,11 @@ class DataConfig:
 class SpaceConfig:
     attention: str = "channels"  # channels (inside each head, the paper's space) | heads (whole GQA groups)
     attn_min: Optional[float] = None  # None: paper Table 1 row for budget.target
-    attn_max: float = 1.0
-    attn_step: float = 0.01
-    mlp_min: Optional[float] = None
-    mlp_max: float = 1.0
-    mlp_step: float = 0.05
+    attn_max: float = 1.0  # the largest kept share of each attention group's channels
+    attn_step: float = 0.01  # the ratio mutation's step of the attention share
+    mlp_min: Optional[float] = None  # None: paper Table 1 row for budget.target
+    mlp_max: float = 1.0  # the largest kept share of MLP channels
+    mlp_step: float = 0.05  # the ratio mutation's step of the MLP share
     depth_min: Optional[int] = None  # None: paper Table 1 (LLaMA-7B share of blocks)
     # Kept MLP channels and kept dims per attention head in multiples of this (8, 64, 128): exported
     # subnets (and the search's own evaluations) then run on the fast GPU matrix kernels; 1: any count.
@@ -286,7 +285,7 @@ class SpaceConfig:
 @dataclass
 class BudgetConfig:
     target: float = 0.8  # inheriting ratio: kept / original parameters
-    tol: float = 0.01
+    tol: float = 0.01  # the kept ratio may miss budget.target by this much either way
     count: str = "total"  # total (embeddings and LM head included, as the paper) | decoder
 
 
@@ -295,28 +294,27 @@ class SearchConfig(EvolutionParams):
     """The paper's search hyper-parameters (EvolutionParams: population, parents, mutations, crossovers,
     mutation probabilities, alpha, max_tries) plus how the run is driven."""
 
-    mode: str = "levels"
+    mode: str = "levels"  # the registered search strategy (strategies.py)
     init: str = "uniform"
     # Judge every candidate with FLAP's bias compensation (the pruned channels' calibration mean folded
     # into o/down biases; a matrix-vector product per block), closer to what reformation will make of it.
     compensate: bool = False
-    seed: int = 0
-    generations: int = 50
+    seed: int = 0  # the search's random draws
+    generations: int = 50  # of the mask search, and of the level search
     score_damp: float = 0.01  # damping of the Gram inverse in the importance scores
 
 
 @dataclass
 class LevelsConfig(LevelParams, LevelSearchParams):
     """search.mode=levels: how the level database is built (LevelParams: heads, mlp_levels, inputs, damping,
-    dtype, the output-Fisher weighting) and searched (LevelSearchParams: offspring, parents, the multi-step schedule
-    tokens/survivors,
-    crossover); search.generations and search.seed apply."""
+    dtype, the output-Fisher weighting) and searched (LevelSearchParams: offspring, parents, the multi-step
+    schedule tokens/survivors, crossover); search.generations and search.seed apply."""
 
     fitness: str = "kl"  # kl: mean KL divergence from the dense model (top-k sparse) | ppl
     topk: int = 256  # dense tokens kept per position for the KL (the rest is one bin)
     # Starting points: uniform (the same levels in every layer, from the whole attention down while the fitness
     # falls), errors (greedy allocation by the database's own reconstruction errors), or all. The error
-    # allocation never ranked in generation 0's best two at 0.9, 0.8, 0.7 or 0.5 (docs/quality.md).
+    # allocation never ranked in generation 0's best two at 0.9, 0.8, 0.7 or 0.5 (docs/results.md).
     init: str = "uniform"
     # Re-reform the chosen assignment with the reformation stage (reform.*) from the original weights and
     # keep whichever of it and the database weights scores better on the last stage's tokens.
@@ -335,12 +333,12 @@ class ReformConfig(ReformParams):
     """Reformation after the search (ReformParams: solver, inputs, features, targets, damp, bias, rho,
     iters) and which subnets it is tried on; calibrates on data.calibration."""
 
-    enabled: bool = True
+    enabled: bool = True  # reform the chosen subnet (the mask search's methods)
     bias: bool = True  # searchllm's default: fit o/down biases too (their parameters come out of the budget)
-    # Reformation-aware final choice (driver.reform_finalists): reform the top `finalists` parents of the
+    # Reformation-aware final choice (stages.reform.finalists): reform the top `finalists` parents of the
     # search (and FLAP's subnet with flap_finalist) and keep the lowest perplexity after reformation.
     finalists: int = 3
-    flap_finalist: bool = True
+    flap_finalist: bool = True  # FLAP's subnet of the same budget joins the finalists
     # Finalists are judged on the first N windows of the fitness corpus (0: the search's own fitness
     # windows): a few reformed subnets can afford more tokens than the thousands of screened ones.
     final_windows: int = 16
@@ -348,14 +346,13 @@ class ReformConfig(ReformParams):
 
 @dataclass
 class ExportConfig:
-    enabled: bool = True
+    enabled: bool = True  # write the chosen subnet as a physically smaller model
     dir: Optional[str] = None  # None: <run_dir>/export
     dtype: Optional[str] = None  # None: model.dtype
     overwrite: bool = False  # replace an existing export.dir that is not a searchllm export
     format: str = "hf"  # hf | gguf (llama.cpp; needs the `gguf` extra) | both (searchllm.export.formats)
-    gguf_types: list[str] = field(
-        default_factory=lambda: ["f16", "q8_0", "q4_k_m"]
-    )  # llama.cpp types, quantized by llama.cpp
+    # llama.cpp types of the GGUF export (f32, f16, bf16, q8_0, q4_0, q4_k_m, ...), quantized by llama.cpp.
+    gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
 
 
 @dataclass
@@ -364,7 +361,7 @@ class RayConfig:
     # Evaluator replicas, and actors per replica (each a contiguous shard of layers): a number, or auto
     # (from the GPUs Ray lists and the model's size; the choice is printed).
     replicas: Union[int, str] = 1
-    stages: Union[int, str] = 1
+    stages: Union[int, str] = 1  # actors per replica
     in_flight: int = 2  # candidates queued per replica
     # Intra-op threads of each actor: auto = the CPUs it reserves. CPU bfloat16 matrix kernels round by thread
     # count (1e-4 of the KL), so runs reproduce each other's scores to the bit only with equal threads per actor.
@@ -643,18 +640,18 @@ def check_resume_overrides(argv: list[str]) -> None:
 
 def differing_keys(saved: Config, wanted: Config) -> list[tuple[str, Any, Any]]:
     """Keys that decide what a run computes and differ between two configs (execution keys excluded)."""
-    a, b = (_flat(cast(dict, OmegaConf.to_container(OmegaConf.structured(c)))) for c in (saved, wanted))
+    a, b = (flatten(cast(dict, OmegaConf.to_container(OmegaConf.structured(c)))) for c in (saved, wanted))
     skip = RESUMABLE_PREFIXES + ("run_dir",)
     return [
         (k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if not k.startswith(skip) and a.get(k) != b.get(k)
     ]
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
+            out |= flatten(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -19,7 +19,7 @@ inside a block, the MLP's statistics come after the attention pruned at its impl
 `inputs=dense` uses the original model's activations everywhere. `refit` names what a level's refit
 reproduces: the original module on the same inputs (module, the default), the dense model's module output
 (dense) or its residual stream after the module (stream, also cancelling the upstream error; worse on
-held-out text, docs/quality.md).
+held-out text, docs/results.md).
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def module_levels(
     top = len(kept) - 1
     for level, keep in enumerate(kept):
         idx = torch.tensor(keep, dtype=torch.long, device=G.device)
-        if level == top:  # the original module (refitting it toward the stream too measured worse: docs/quality.md)
+        if level == top:  # the original module (refitting it toward the stream too measured worse: docs/results.md)
             errors.append(0.0 if target is None else error(Wd, idx))
         elif not keep:
             errors.append(1.0)

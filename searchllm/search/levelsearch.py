@@ -280,7 +280,7 @@ class LevelSearch:
     ) -> list[tuple[np.ndarray, str]]:
         """The rungs of `ladder` scored one by one on the first stage until one scores worse than the rung
         before it; the rungs scored. Along the uniform assignments from the whole attention down, the KL was
-        unimodal at every ratio measured (docs/quality.md), so the rungs past the first worse one never win."""
+        unimodal at every ratio measured (docs/results.md), so the rungs past the first worse one never win."""
         rungs, prev = [], math.inf
         for genome, origin in self.fresh(ladder, seen):
             fit = self._stage(0, 0, [(genome, origin)], done)[0]["fitness"]
