@@ -5,7 +5,7 @@ one shard, and print the seconds, the layers skipped and whether every fitness e
     python benchmarks/prefix_cache.py RUN [--cache-mb 2048] [--limit N]
 
 RUN is a run dir of method=searchllm (its config.yaml, levels/ and evals.jsonl); its token sets come from
-the driver's own `token_sets`. Asserts nothing.
+the driver's own token windows (`data.token_sets` with the level search's selection sets). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from searchllm.config import load_config
-    from searchllm.data import data_root
-    from searchllm.driver import token_sets
+    from searchllm.data import data_root, token_sets
     from searchllm.models.loading import load
     from searchllm.pruning.levels import LevelSpace, load_layers
     from searchllm.pruning.shard import PrefixCache, ShardRunner, ShardSpec
     from searchllm.rundir import RunDir
-    from searchllm.search.levelsearch import genome_from
+    from searchllm.search.levelsearch import fitness_metric, genome_from
+    from searchllm.stages.plan import selection_sets
 
     run = RunDir(Path(a.run))
     cfg = load_config([], base_file=run.path / "config.yaml")
     loaded = load(cfg.model, data_root(cfg.data.root))
     g = loaded.adapter.geometry()
-    tokens, _ = token_sets(cfg, loaded.tokenizer)
+    tokens, _ = token_sets(cfg, loaded.tokenizer, selection_sets(cfg))
     space = LevelSpace(g, cfg.levels)
     folder = next(p for p in (run.path / "levels").iterdir() if p.is_dir())
     runner = ShardRunner(
@@ -47,7 +47,7 @@ def main() -> None:
     runner.levels, runner.level_space = load_layers(folder), space
     evals = sorted(run.load_evals().values(), key=lambda r: r["finished_at"])
     evals = evals[: a.limit] if a.limit else evals
-    metric = "kl" if cfg.levels.fitness == "kl" else "nll"
+    metric = fitness_metric(cfg.levels.fitness)
     full = [tuple(x) for x in space.full()]
     for k in range(len(cfg.levels.tokens)):
         w = f"levels{k}"

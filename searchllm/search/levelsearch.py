@@ -47,6 +47,11 @@ class StageEvaluator(Protocol):
 PROBE_STAGE = -1  # the stage the probes are scored as when they have their own tokens (levels.probe_tokens)
 
 
+def fitness_metric(fitness: str) -> str:
+    """What the evaluators compute for levels.fitness: kl (mean KL from the dense model) or nll (perplexity)."""
+    return "kl" if fitness == "kl" else "nll"
+
+
 def stage_tokens(stage: int) -> str:
     """The name of the token set selection stage `stage` scores on."""
     return "levels-probe" if stage == PROBE_STAGE else f"levels{stage}"

@@ -102,7 +102,6 @@ class Searched:
     overrides: dict[int, dict[str, torch.Tensor]] = field(
         default_factory=dict
     )  # tensors beyond the slices (FLAP's biases)
-    extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific values later stages need
 
 
 @dataclass

@@ -24,8 +24,7 @@ from searchllm.evaluate import (
     format_table,
 )
 from searchllm.export.formats import gguf_files
-from searchllm.models.loading import LoadedModel, load_pretrained, source_gguf
-from searchllm.monitor import Monitor
+from searchllm.models.loading import load_pretrained, source_gguf
 from searchllm.rundir import RunDir
 from searchllm.stages.context import RunContext
 
@@ -33,14 +32,11 @@ log = logging.getLogger("searchllm")
 
 
 def run(ctx: RunContext) -> None:
-    if ctx.export_dir is None or not ctx.cfg.eval.enabled:
-        return
-    ctx.monitor.stage("evaluating")
-    evaluate_run(ctx.cfg, ctx.run, ctx.loaded, ctx.export_dir, ctx.monitor)
-
-
-def evaluate_run(cfg: Config, run_dir: RunDir, loaded: LoadedModel, export_dir: Path, monitor: Monitor) -> None:
     """The evaluation protocol on the original and the exported model; rows appended to the run's table."""
+    cfg, run_dir, loaded, export_dir, monitor = ctx.cfg, ctx.run, ctx.loaded, ctx.export_dir, ctx.monitor
+    if export_dir is None or not cfg.eval.enabled:
+        return
+    monitor.stage("evaluating")
     ids: dict = {}
     tables = []
     manifest = run_dir.load_json("manifest.json")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from searchllm.pruning.space import Budget
 from searchllm.search.baselines import flap
+from searchllm.search.levelsearch import fitness_metric, stage_tokens
 from searchllm.search.loop import summarize
 from searchllm.stages.context import RunContext, Subnet
 from searchllm.stages.export import manifest_source
@@ -193,7 +194,7 @@ def levels(ctx: RunContext) -> None:
     after = next(
         nll
         for _, nll, _ in pool.stream(
-            Slices(), [None], searched.extra["last_stage"], ctx.batch, searched.extra["metric"]
+            Slices(), [None], stage_tokens(len(cfg.levels.tokens) - 1), ctx.batch, fitness_metric(cfg.levels.fitness)
         )
     ).value
     rep = next(nll for _, nll, _ in pool.stream(Slices(), [None], "report", ctx.batch)).ppl

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from searchllm.monitor import write_report
 from searchllm.pruning.levels import GenomeCodec, error_allocation, uniform_genome
-from searchllm.search.levelsearch import PROBE_STAGE, stage_tokens
+from searchllm.search.levelsearch import PROBE_STAGE, fitness_metric, stage_tokens
 from searchllm.stages.context import RunContext, Searched, Subnet
 from searchllm.stages.export import manifest_source
 
@@ -59,7 +59,7 @@ def run(ctx: RunContext) -> None:
     codec, full = GenomeCodec(), space.full()
     pool.set_levels(space, db.layers, lv.cache_mb * 2**20)
     stages = [stage_tokens(k) for k in range(len(lv.tokens))]
-    metric = "kl" if lv.fitness == "kl" else "nll"
+    metric = fitness_metric(lv.fitness)
     if metric == "kl":
         for w in stages + ([stage_tokens(PROBE_STAGE)] if lv.probe_own_tokens else []):
             pool.set_targets(codec, full, w, lv.topk, batch)
@@ -157,9 +157,7 @@ def run(ctx: RunContext) -> None:
     )
     if cfg.monitor.report:
         write_report(ctx.monitor, ctx.run.path / "report.html")
-    ctx.searched = Searched(
-        result, dense_rep, best_rep, wall, rows, extra={"codec": codec, "metric": metric, "last_stage": stages[-1]}
-    )
+    ctx.searched = Searched(result, dense_rep, best_rep, wall, rows)
     scored = {r["origin"] for r in ctx.run.load_evals().values() if r["generation"] == 0}  # the ladder stops early
     manifest = {
         **manifest_source(ctx),
