@@ -9,11 +9,11 @@ import time
 
 from tqdm import tqdm
 
-from searchllm.monitor import write_report
 from searchllm.pruning.levels import GenomeCodec, error_allocation, uniform_genome
 from searchllm.search.levelsearch import PROBE_STAGE, fitness_metric, stage_tokens
 from searchllm.stages.context import RunContext, Searched, Subnet
 from searchllm.stages.export import manifest_source
+from searchllm.stages.report import search_summary, write_search_report
 
 log = logging.getLogger("searchllm")
 
@@ -102,18 +102,6 @@ def run(ctx: RunContext) -> None:
         nll.ppl for _, nll, _ in sorted(pool.stream(codec, [full, best], "report", batch), key=lambda x: x[0])
     )
     structure = summarize_levels(db, best)
-    corpus = f"{where['report']}, {tokens['report'].shape[0]} x {tokens['report'].shape[1]} tokens"
-    rows = [
-        {"model": "original", "params": g.total_params, "kept": 1.0, "report ppl": dense_rep, "corpus": corpus},
-        {
-            "model": "searched",
-            "params": result.params,
-            "kept": result.params / g.total_params,
-            "report ppl": best_rep,
-            "corpus": corpus,
-        },
-    ]
-    ctx.monitor.set_summary(rows)
     ctx.run.save_json(
         "best.json",
         {
@@ -125,29 +113,16 @@ def run(ctx: RunContext) -> None:
             **structure,
         },
     )
-    ctx.run.save_json(
-        "summary.json",
-        {
-            "model": cfg.model.path,
-            "total_params": g.total_params,
-            "target": cfg.budget.target,
-            "best_params": result.params,
-            "best_ratio": result.ratio,
-            "fitness_corpus": where["fitness"],
-            "fitness_kind": lv.fitness,
-            "fitness_tokens": [list(tokens[w].shape) for w in stages],
-            "best_fitness": result.fitness,
-            "report_corpus": where["report"],
-            "report_tokens": list(tokens["report"].shape),
-            "dense_report_ppl": dense_rep,
-            "best_report_ppl": best_rep,
-            "generations": result.generations,
-            "evaluations": result.evaluations,
-            "search_seconds": wall,
-            "history": result.history,
-            "level_database": ctx.database.record,
-        },
+    fitness = {
+        "fitness_kind": lv.fitness,
+        "fitness_tokens": [list(tokens[w].shape) for w in stages],
+        "best_fitness": result.fitness,
+    }
+    kept = result.params / g.total_params
+    rows = search_summary(
+        ctx, result, dense_rep, best_rep, wall, kept, fitness, {"level_database": ctx.database.record}
     )
+    corpus = rows[0]["corpus"]
     print(
         f"\nbest subnet: kept ratio {result.ratio:.4f} ({result.params / 1e6:.2f}M of {g.total_params / 1e6:.2f}M "
         "params) after "
@@ -155,11 +130,32 @@ def run(ctx: RunContext) -> None:
         f"  fitness ({lv.fitness}, {where['fitness']}, {tokens[stages[-1]].numel()} tokens): {result.fitness:.5f}\n"
         f"  report ppl ({corpus}): dense {dense_rep:.2f} -> subnet {best_rep:.2f}\n  run dir: {ctx.run.path}"
     )
-    if cfg.monitor.report:
-        write_report(ctx.monitor, ctx.run.path / "report.html")
+    write_search_report(ctx)
     ctx.searched = Searched(result, dense_rep, best_rep, wall, rows)
-    scored = {r["origin"] for r in ctx.run.load_evals().values() if r["generation"] == 0}  # the ladder stops early
-    manifest = {
+    scored = scored_first(ctx)
+    inits_scored = [o for _, o in ladder + inits if o in scored]
+    manifest = level_manifest(ctx, result, structure, inits_scored, wall)
+    ctx.subnet = Subnet(
+        db.slices(best),
+        db.overrides(best),
+        result.params,
+        {"original": dense_rep, "searched": best_rep},
+        manifest,
+        "chosen by the level search",
+    )
+
+
+def scored_first(ctx: RunContext) -> set[str]:
+    """The starting points generation 0 scored (the ladder stops at the first rung that scores worse)."""
+    return {r["origin"] for r in ctx.run.load_evals().values() if r["generation"] == 0}
+
+
+def level_manifest(ctx: RunContext, result, structure: dict, inits_scored: list[str], wall: float) -> dict:
+    """The manifest of the level search's choice, before the export adds its record."""
+    cfg, lv, where, tokens, g = ctx.cfg, ctx.cfg.levels, ctx.plan.where, ctx.plan.tokens, ctx.plan.space.geometry
+    best = result.best
+    assert ctx.database is not None
+    return {
         **manifest_source(ctx),
         "search": {
             "mode": "levels",
@@ -171,7 +167,7 @@ def run(ctx: RunContext) -> None:
             "best_fitness": result.fitness,
             "seconds": wall,
             "levels": best.tolist(),
-            "inits": [o for _, o in ladder + inits if o in scored],
+            "inits": inits_scored,
         },
         "level_database": ctx.database.record,
         "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
@@ -184,11 +180,3 @@ def run(ctx: RunContext) -> None:
         "structure": structure,
         "perplexity": {"corpus": where["report"], "windows": list(tokens["report"].shape)},
     }
-    ctx.subnet = Subnet(
-        db.slices(best),
-        db.overrides(best),
-        result.params,
-        {"original": dense_rep, "searched": best_rep},
-        manifest,
-        "chosen by the level search",
-    )

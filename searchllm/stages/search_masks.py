@@ -9,12 +9,12 @@ import time
 
 from tqdm import tqdm
 
-from searchllm.monitor import write_report
 from searchllm.pruning.scores import flap_biases
 from searchllm.pruning.space import Candidate, SearchSpace
 from searchllm.search.baselines import flap
 from searchllm.search.loop import Search, SearchResult, summarize
 from searchllm.stages.context import Pool, RunContext, Searched
+from searchllm.stages.report import search_summary, write_search_report
 
 log = logging.getLogger("searchllm")
 
@@ -88,29 +88,21 @@ def run(ctx: RunContext) -> None:
         nll for _, nll, _ in sorted(pool.stream(space, [dense, result.best], "report", batch), key=lambda x: x[0])
     )
     report(ctx, result, fit.ppl, dense_rep.ppl, best_rep.ppl, wall)
-    tokens, g = ctx.plan.tokens, space.geometry
-    corpus = f"{ctx.plan.where['report']}, {tokens['report'].shape[0]} x {tokens['report'].shape[1]} tokens"
-    rows = [
-        {"model": "original", "params": g.total_params, "kept": 1.0, "report ppl": dense_rep.ppl, "corpus": corpus},
-        {
-            "model": "searched",
-            "params": result.params,
-            "kept": result.ratio,
-            "report ppl": best_rep.ppl,
-            "corpus": corpus,
-        },
-    ]
-    ctx.monitor.set_summary(rows)
-    if cfg.monitor.report:
-        write_report(ctx.monitor, ctx.run.path / "report.html")
+    fitness = {
+        "fitness_tokens": list(ctx.plan.tokens["fitness"].shape),
+        "dense_fitness_ppl": fit.ppl,
+        "best_fitness_ppl": result.fitness,
+    }
+    rows = search_summary(ctx, result, dense_rep.ppl, best_rep.ppl, wall, result.ratio, fitness, {})
+    write_search_report(ctx)
     ctx.searched = Searched(result, dense_rep.ppl, best_rep.ppl, wall, rows, overrides)
 
 
 def report(
     ctx: RunContext, result: SearchResult, dense_fit: float, dense_rep: float, best_rep: float, wall: float
 ) -> None:
-    """best.json and summary.json, and the search's lines on stdout."""
-    cfg, space, where, tokens = ctx.cfg, ctx.plan.space, ctx.plan.where, ctx.plan.tokens
+    """best.json, and the search's lines on stdout."""
+    space, where, tokens = ctx.plan.space, ctx.plan.where, ctx.plan.tokens
     g = space.geometry
     ctx.run.save_json(
         "best.json",
@@ -122,28 +114,6 @@ def report(
             "genes": result.best.to_bytes(),
             "attention": space.attention,
             **summarize(space, result.best),
-        },
-    )
-    ctx.run.save_json(
-        "summary.json",
-        {
-            "model": cfg.model.path,
-            "total_params": g.total_params,
-            "target": cfg.budget.target,
-            "best_params": result.params,
-            "best_ratio": result.ratio,
-            "fitness_corpus": where["fitness"],
-            "fitness_tokens": list(tokens["fitness"].shape),
-            "dense_fitness_ppl": dense_fit,
-            "best_fitness_ppl": result.fitness,
-            "report_corpus": where["report"],
-            "report_tokens": list(tokens["report"].shape),
-            "dense_report_ppl": dense_rep,
-            "best_report_ppl": best_rep,
-            "generations": result.generations,
-            "evaluations": result.evaluations,
-            "search_seconds": wall,
-            "history": result.history,
         },
     )
     n, t = tokens["report"].shape
