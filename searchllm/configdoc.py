@@ -61,7 +61,7 @@ def rows(cls: type, values: Any, prefix: str = "") -> list[tuple[str, str, str]]
             out += rows(OmegaConf.get_type(value), value, f"{key}.")
             continue
         meaning = notes.get(f.name, "")
-        choices = CHOICES | {"search.mode": strategies.names()}
+        choices = CHOICES | {"search.mode": tuple(sorted(strategies.names()))}
         if key in choices:
             meaning = f"{meaning.rstrip('.')}. One of: {', '.join(choices[key])}.".lstrip(". ")
         out.append((key, _value(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value), meaning))
