@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf" if (REPO / "conf").is_dir() else Path(__file__).resolve().parent / "conf"
 DEFAULT_CONFIG = CONF / "default.yaml"
 METHOD_DIR = CONF / "method"
-CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text")
+# Corpora by name. code, docs and chat are the held-out evaluation domains (data.DOMAINS: the Python standard
+# library's source, its reference documentation, and English conversations in the model's chat template):
+# calibration, fitness and selection may never read them.
+DOMAINS = ("code", "docs", "chat")
+CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text", *DOMAINS)
+GENERATED = "generated"  # a data.<role>.mix source: text sampled from the dense model itself (data.generate)
 DTYPES = ("float32", "bfloat16", "float16")
 # How the subnet is chosen: the level search over the compensated level database (levels.py, levelsearch.py),
 # the paper's evolution or random search over masks (evolution.py), or a baseline chosen outright (baselines.py).
@@ -50,7 +55,10 @@ class EvalConfig:
     enabled: bool = True  # a driver step after export (the original and the exported model)
     original: bool = True  # evaluate the original model too (a benchmark of many runs measures it once)
     # "name:split" of data.CORPORA (local files under data.root, else the hub), or "text:<path>".
-    corpora: list[str] = field(default_factory=lambda: ["wikitext2-raw:test", "ptb:test", "c4:validation"])
+    # The held-out domains (code, docs, chat) are read by name alone; the report's worst-domain ratio is over them.
+    corpora: list[str] = field(
+        default_factory=lambda: ["wikitext2-raw:test", "ptb:test", "c4:validation", "code", "docs", "chat"]
+    )
     # Window lengths; "full" is the model's context (max_position_embeddings).
     lengths: list[str] = field(default_factory=lambda: ["128", "full"])
     max_windows: int = 0  # 0: every window of the split (the standard protocol); > 0: the first N
@@ -78,6 +86,40 @@ def resolve_length(length: str | int, model_config) -> int:
     if n < 2:
         raise EvalError(f"eval.lengths entry {n} must be >= 2")
     return n
+
+
+def parse_source(spec: str, key: str) -> tuple[Optional[CorpusConfig], float]:
+    """One data.<role>.mix entry "SOURCE=WEIGHT" -> (the corpus, None for generated text; its weight)."""
+    source, sep, weight = spec.rpartition("=")
+    try:
+        w = float(weight) if sep else float("nan")
+    except ValueError:
+        w = float("nan")
+    if not sep or not source or not w >= 0:
+        raise ConfigError(
+            f"{key} entry {spec!r} is not SOURCE=WEIGHT with a weight >= 0, e.g. wikitext2:validation=0.5"
+        )
+    if source == GENERATED:
+        return None, w
+    name, _, rest = source.partition(":")
+    if name not in CORPORA:
+        raise ConfigError(
+            f"{key} entry {spec!r}: unknown corpus {name!r}; choose from {', '.join(CORPORA)} or {GENERATED}"
+        )
+    if name in DOMAINS:
+        raise ConfigError(f"{key} entry {spec!r}: {name} is a held-out evaluation domain; calibrate on other text")
+    if name == "text":
+        if not rest or not Path(rest).expanduser().is_file():
+            raise ConfigError(f"{key} entry {spec!r}: text needs an existing file, text:<path>=WEIGHT")
+        return CorpusConfig(name="text", split="train", path=rest), w
+    return CorpusConfig(name=name, split=rest or "validation"), w
+
+
+def parse_mix(entries: list[str], key: str) -> list[tuple[Optional[CorpusConfig], float]]:
+    parts = [parse_source(e, key) for e in entries]
+    if parts and not sum(w for _, w in parts) > 0:
+        raise ConfigError(f"{key}={list(entries)}: the weights must sum to a positive number")
+    return parts
 
 
 def parse_corpus(spec: str) -> CorpusConfig:
@@ -254,6 +296,20 @@ class CorpusConfig:
     path: Optional[str] = None  # a local file; when unset, data.root is searched, then the hub
     samples: int = 5  # windows
     seqlen: int = 2048  # tokens per window
+    # A mixture instead of name/split/path (calibration and fitness): "SOURCE=WEIGHT" entries, SOURCE one of
+    # name:split, text:<path> or generated; the windows are shared out by weight (largest remainders).
+    mix: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateConfig:
+    """Self-generated calibration text (Williams et al. 2024): sequences sampled from the dense model on the
+    evaluator pool, cached in the run dir. Used where a data.<role>.mix names `generated`."""
+
+    temperature: float = 1.0  # of the sampling distribution
+    top_p: float = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
+    chat: str = "auto"  # start in the chat template's first user turn: auto (where the tokenizer has one) | on | off
+    batch: int = 16  # sequences sampled together on one replica (a KV cache each)
 
 
 @dataclass
@@ -265,6 +321,7 @@ class DataConfig:
     calibration: CorpusConfig = field(default_factory=lambda: CorpusConfig(samples=128))
     fitness: CorpusConfig = field(default_factory=CorpusConfig)
     report: CorpusConfig = field(default_factory=lambda: CorpusConfig(name="wikitext2-raw", split="test", samples=0))
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 @dataclass
@@ -550,8 +607,21 @@ def validate(c: Config) -> None:
         corpus: CorpusConfig = getattr(c.data, name)
         if corpus.samples < 0 or corpus.seqlen < 2:
             raise ConfigError(f"data.{name}: samples={corpus.samples} must be >= 0 and seqlen={corpus.seqlen} >= 2")
-        if corpus.name == "text" and not corpus.path:
+        if corpus.name == "text" and not corpus.path and not corpus.mix:
             raise ConfigError(f"data.{name}.name=text needs data.{name}.path=<a local text file>")
+        if corpus.mix and name == "report":
+            raise ConfigError("data.report.mix: the report reads one held-out corpus; set data.report.name instead")
+        if corpus.name in DOMAINS and name != "report" and not corpus.mix:
+            raise ConfigError(
+                f"data.{name}.name={corpus.name} is a held-out evaluation domain; calibrate and select on other text"
+            )
+        parse_mix(list(corpus.mix), f"data.{name}.mix")
+    gen = c.data.generate
+    if not gen.temperature >= 0 or not 0 < gen.top_p <= 1 or gen.batch < 1 or gen.chat not in ("auto", "on", "off"):
+        raise ConfigError(
+            f"data.generate: temperature={gen.temperature} must be >= 0, top_p={gen.top_p} in (0, 1], "
+            f"batch={gen.batch} >= 1 and chat={gen.chat!r} one of auto, on, off"
+        )
     if c.data.fitness.samples < 1 or c.data.calibration.samples < 1:
         raise ConfigError("data.fitness.samples and data.calibration.samples must be >= 1")
     lv = c.levels

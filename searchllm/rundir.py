@@ -157,6 +157,22 @@ class RunDir:
             raise damaged(p, ValueError("not a checkpoint record"), advice)
         return state
 
+    # -- generated calibration text ---------------------------------------------------------------------
+    def save_generated(self, tokens: torch.Tensor, settings: dict[str, Any]) -> None:
+        with writing(self.path / "generated.pt", self.path / ".generated.pt.tmp") as tmp:
+            torch.save({"tokens": tokens, "settings": settings}, tmp)
+
+    def load_generated(self, settings: dict[str, Any]) -> torch.Tensor | None:
+        """The sequences sampled before with the same settings (None: none yet, or other settings)."""
+        p = self.path / "generated.pt"
+        if not p.is_file():
+            return None
+        try:
+            saved = torch.load(p, weights_only=True)
+        except Exception as e:  # a cut file: torch.load raises many kinds
+            raise damaged(p, e, f"delete it to sample the text again on resume (rm {p})") from None
+        return saved["tokens"] if saved.get("settings") == settings else None
+
     # -- reformation, layer by layer ----------------------------------------------------------------
     def save_layer(self, tag: str, result: LayerResult) -> None:
         folder = self.path / "reform" / tag

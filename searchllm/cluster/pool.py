@@ -236,6 +236,7 @@ class StageActor:
         self.version = 0  # of the driver-set extras this actor has applied
         self._levels_ref = None  # the level database it holds
         self._target_refs: dict[str, str] = {}  # and the KL targets, by token set
+        self._token_refs: dict[str, str] = {}  # and the token sets replaced since it started
         self.busy = None  # its metric, made on first use
         self.load_seconds = time.perf_counter() - t0
 
@@ -268,6 +269,9 @@ class StageActor:
             self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
             self.scorer.level_space, self.scorer.levels = space, self.runner.levels
             self.scorer.prefix = PrefixCache(cache_bytes) if cache_bytes else None
+        for name, ref in state["tokens"].items():  # token sets replaced after the pool started (generate stage)
+            if self._token_refs.get(name) != ref.hex():
+                self.tokens[name], self._token_refs[name] = ray.get(ref), ref.hex()
         if self.spec.last:  # KL targets: only the token sets not fetched before
             held = self.scorer.targets
             self.scorer.targets = {
@@ -290,20 +294,33 @@ class StageActor:
         self._busy(time.perf_counter() - t0)
         return out
 
-    def build_levels(self, inp: Any, space: Any, implied: Any, batch: int, done: dict, factors: dict) -> Iterator[Any]:
+    def build_levels(
+        self, inp: Any, space: Any, implied: Any, batch: int, done: dict, factors: dict, extras: tuple[int, list]
+    ) -> Iterator[Any]:
         """A streaming generator: one item per layer of the shard (its LayerLevels, or None when it was
         in `done`), then the calibration stream leaving the shard."""
         from searchllm.pruning.levels import iter_build
+
+        self._sync(extras)
 
         src = self.tokens["calibration"] if self.spec.first else inp
         out = yield from iter_build(self.runner, space, implied, src, batch, done, factors)
         yield out
 
-    def output_factors(self, inp: Any, grad_out: Any, windows: int, batch: int, seed: int) -> tuple[Any, dict]:
+    def output_factors(
+        self, inp: Any, grad_out: Any, windows: int, batch: int, seed: int, extras: tuple[int, list]
+    ) -> tuple[Any, dict]:
         """The shard's MLP output factors on the first `windows` calibration windows (inp: the dense stream
         entering the shard), and the gradient of its input for the shard before it."""
+        self._sync(extras)
         src = self.tokens["calibration"][:windows] if self.spec.first else inp
         return self.runner.output_factors(src, grad_out, batch, seed)
+
+    def decode_begin(self, rows: int, max_len: int, seed: int, indices: list[int]) -> None:
+        self.runner.decode_begin(rows, max_len, seed, indices)
+
+    def decode_step(self, inp: Any, start: int, temperature: float, top_p: float) -> Any:
+        return self.runner.decode_step(inp, start, temperature, top_p)
 
     def _busy(self, seconds: float) -> None:
         if self.busy is None:
@@ -315,12 +332,16 @@ class StageActor:
             self.busy.set_default_tags({"actor": ray.get_runtime_context().get_actor_name() or "unnamed"})
         self.busy.inc(seconds)
 
-    def calibrate(self, inp: Any, batch: int, damp: float) -> tuple[Any, dict[int, LayerScores]]:
+    def calibrate(
+        self, inp: Any, batch: int, damp: float, extras: tuple[int, list]
+    ) -> tuple[Any, dict[int, LayerScores]]:
+        self._sync(extras)
         out = self.runner.calibrate(self.tokens["calibration"] if self.spec.first else inp, batch, damp)
         return out, self.runner.scores
 
-    def dense_forward(self, inp: Any, windows: Optional[int] = None) -> Any:
+    def dense_forward(self, inp: Any, extras: tuple[int, list], windows: Optional[int] = None) -> Any:
         """The original model's hidden state leaving this shard (on the calibration windows, or the first `windows`)."""
+        self._sync(extras)
         full = LayerSlice.full(self.runner.geometry)
         src = self.tokens["calibration"][:windows] if self.spec.first else inp
         return self.runner.forward({i: full for i in self.spec.layers}, src)
@@ -333,9 +354,11 @@ class StageActor:
         params: ReformParams,
         batch: int,
         done: dict[int, dict[str, torch.Tensor]],
+        extras: tuple[int, list],
     ) -> Iterator[Any]:
         """A streaming generator: one item per layer of the shard (its LayerResult, or None), then the
         original and the reformed hidden states leaving the shard."""
+        self._sync(extras)
         src = self.tokens["calibration"] if self.spec.first else dense
         out = yield from iter_reform(self.runner, slices, src, stream, params, batch, done)
         yield out[0]
@@ -378,7 +401,7 @@ class EvaluatorPool:
         self.shard_refs = shard_refs = [ray.put(share(state, shard_state_names(arch, s))) for s in self.specs]
         self.token_refs = token_refs = {k: ray.put(v) for k, v in tokens.items()}
         self.put_seconds = time.perf_counter() - t0
-        self._extras: dict[str, Any] = {"means": {}, "reformed": {}, "levels": None, "targets": {}}
+        self._extras: dict[str, Any] = {"means": {}, "reformed": {}, "levels": None, "targets": {}, "tokens": {}}
         self._version = (0, [ray.put(self._extras)])
         self.groups = [self._group(r, node) for r, node in enumerate(layout.nodes)]
         actor_cls = ray.remote(actor)
@@ -550,11 +573,11 @@ class EvaluatorPool:
             mine = {i: w for i, w in done.items() if i in spec.layers}
             call = actor.reform.options(num_returns="streaming")
             if params.inputs == "independent":
-                nxt = None if spec.last else actor.dense_forward.remote(dense)
-                gens.append((spec, call.remote(part, dense, None, params, batch, mine)))
+                nxt = None if spec.last else actor.dense_forward.remote(dense, self._version)
+                gens.append((spec, call.remote(part, dense, None, params, batch, mine, self._version)))
                 dense = nxt
             else:
-                gen = call.remote(part, dense, stream, params, batch, mine)
+                gen = call.remote(part, dense, stream, params, batch, mine, self._version)
                 dense, stream = _collect(spec, gen, results, on_layer)
         for spec, gen in gens:  # independent stages all run at once; read them in order
             _collect(spec, gen, results, on_layer)
@@ -566,10 +589,12 @@ class EvaluatorPool:
         windows: the dense stream forward through the lead replica's stages, then the gradient back."""
         streams = [None]
         for actor in self.lead[:-1]:
-            streams.append(actor.dense_forward.remote(streams[-1], windows))
+            streams.append(actor.dense_forward.remote(streams[-1], self._version, windows))
         grad, parts = None, []
         for actor, stream in zip(reversed(self.lead), reversed(streams)):
-            grad, part = actor.output_factors.options(num_returns=2).remote(stream, grad, windows, batch, seed)
+            grad, part = actor.output_factors.options(num_returns=2).remote(
+                stream, grad, windows, batch, seed, self._version
+            )
             parts.append(part)
         return {i: f for part in ray.get(parts) for i, f in part.items()}
 
@@ -590,9 +615,80 @@ class EvaluatorPool:
         for spec, actor in zip(self.specs, self.lead):
             mine = {i: e for i, e in done.items() if i in spec.layers}
             their = {i: f for i, f in factors.items() if i in spec.layers}
-            gen = actor.build_levels.options(num_returns="streaming").remote(stream, space, implied, batch, mine, their)
+            gen = actor.build_levels.options(num_returns="streaming").remote(
+                stream, space, implied, batch, mine, their, self._version
+            )
             (stream,) = _collect(spec, gen, results, on_layer, 1)
         return results
+
+    def set_tokens(self, tokens: dict[str, torch.Tensor]) -> None:
+        """Replace token sets on every actor (a restarted actor picks them up before its next call)."""
+        self._extras["tokens"] = dict(self._extras["tokens"]) | {k: ray.put(v) for k, v in tokens.items()}
+        self._publish()
+
+    def generate(
+        self,
+        prompt: list[int],
+        count: int,
+        seqlen: int,
+        seed: int,
+        temperature: float,
+        top_p: float,
+        batch: int,
+        on_batch: Optional[Callable[[int], None]] = None,
+    ) -> torch.Tensor:
+        """`count` sequences of `seqlen` tokens sampled from the dense model, each starting with `prompt`:
+        fixed batches of `batch` sequences (a KV cache each), one batch at a time on every live replica, all
+        replicas at once; a sequence is the same whichever replica samples it. `on_batch(rows)` sees each
+        finished batch. A batch whose replica fails starts again elsewhere."""
+        out = torch.zeros(count, seqlen, dtype=torch.long)
+        out[:, : len(prompt)] = torch.tensor(prompt)
+        queue = deque(range(-(-count // batch)))
+        running: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # step -> (replica, batch, position it samples)
+        failures: dict[int, int] = {}
+
+        def step(r: int, b: int, inp: torch.Tensor, start: int) -> ray.ObjectRef:
+            ref = inp
+            for actor in self.replicas[r]:
+                ref = actor.decode_step.remote(ref, start, temperature, top_p)
+            return ref
+
+        def begin(r: int) -> None:
+            if not queue:
+                return
+            b = queue.popleft()
+            rows = list(range(b * batch, min(count, (b + 1) * batch)))
+            for actor in self.replicas[r]:  # an actor runs its calls in order: no wait for this one
+                actor.decode_begin.remote(len(rows), seqlen, seed, rows)
+            running[step(r, b, out[rows, : len(prompt)], 0)] = (r, b, len(prompt))
+
+        for r in list(self.alive):
+            begin(r)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            r, b, pos = running.pop(ref)
+            rows = list(range(b * batch, min(count, (b + 1) * batch)))
+            try:
+                tok = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                failures[b] = failures.get(b, 0) + 1
+                if isinstance(e, ray.exceptions.RayActorError) and not self.cfg.max_restarts:
+                    self._drop(r, type(e).__name__)
+                if failures[b] > 2 or not self.alive:
+                    raise ClusterError(f"sampling batch {b} failed {failures[b]} times: {_first_line(e)}") from None
+                log.warning("sampling batch %d failed on replica %d (%s); starting it again", b, r, _first_line(e))
+                queue.appendleft(b)
+                for idle in set(self.alive) - {v[0] for v in running.values()}:
+                    begin(idle)
+                continue
+            out[rows, pos] = tok
+            if pos + 1 < seqlen:
+                running[step(r, b, tok[:, None], pos)] = (r, b, pos + 1)
+                continue
+            if on_batch is not None:
+                on_batch(len(rows))
+            begin(r)
+        return out
 
     def set_levels(self, space: Any, layers: dict[int, Any], cache_bytes: int = 0) -> None:
         """Hand every actor its shard's database entries (one object per shard in the object store), and a
@@ -626,7 +722,7 @@ class EvaluatorPool:
         `on_stage` is called as each stage's scores arrive."""
         out, parts = None, []
         for actor in self.lead:
-            out, part = actor.calibrate.options(num_returns=2).remote(out, batch, damp)
+            out, part = actor.calibrate.options(num_returns=2).remote(out, batch, damp, self._version)
             parts.append(part)
         per_layer: dict[int, LayerScores] = {}
         for part in parts:  # stages finish in order

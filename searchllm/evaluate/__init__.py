@@ -165,7 +165,7 @@ def perplexity_rows(
         corpus = parse_corpus(spec)
         if spec not in cache:
             try:
-                text, source = load_text(corpus, data_root)
+                text, source = load_text(corpus, data_root, tokenizer)
                 cache[spec] = (tokenize(text, tokenizer), source)
             except DataError as e:
                 if cfg.missing == "error":

@@ -18,6 +18,7 @@ from torch import nn
 
 from searchllm.models.adapters import Architecture
 from searchllm.models.blocks import norm
+from searchllm.models.generate import KVCache, generators, sample_next
 from searchllm.models.sliced import LayerSlice, build_block
 from searchllm.models.weights import SharedState, unshare
 from searchllm.pruning.scores import GramAccumulator, LayerScores, compensation, layer_scores
@@ -220,6 +221,7 @@ class ShardRunner:
         self.prefix: Optional[PrefixCache] = None
         # The dense model's top-k next-token distributions per token set (last shard): KL fitness.
         self.targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decode: dict[str, Any] = {}  # the batch being sampled (decode_begin)
 
     # -- building -------------------------------------------------------------------------------------
     def blocks(
@@ -272,10 +274,11 @@ class ShardRunner:
 
     # -- running --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token embeddings of positions start.. (windows are whole sequences: start 0)."""
         h = F.embedding(tokens.to(self.device), self.embed_w)
-        if self.positions_w is not None:  # windows are whole sequences: positions 0..T-1
-            pos = torch.arange(tokens.shape[-1], device=self.device) + self.block_config.position_offset
+        if self.positions_w is not None:
+            pos = torch.arange(start, start + tokens.shape[-1], device=self.device) + self.block_config.position_offset
             h = h + F.embedding(pos, self.positions_w)
         return h
 
@@ -439,6 +442,36 @@ class ShardRunner:
             for handle in handles:
                 handle.remove()
         return (torch.cat(grads) if grads else None), {i: f.cpu() for i, f in factors.items()}
+
+    # -- sampling (the generate stage) ----------------------------------------------------------------------
+    def decode_begin(self, rows: int, max_len: int, seed: int, indices: list[int]) -> None:
+        """A new batch of sequences to sample (the dense model): an empty KV cache for this shard's layers,
+        and on the last shard one generator per sequence, seeded by its index."""
+        full = LayerSlice.full(self.geometry)
+        self._decode = {
+            "blocks": self.blocks({i: full for i in self.spec.layers}),
+            "cache": KVCache(max_len),
+            "gens": generators(seed, indices) if self.spec.last else None,
+            "max_len": max_len,
+        }
+
+    @torch.no_grad()
+    def decode_step(self, inp: torch.Tensor, start: int, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+        """The next positions of the batch begun by decode_begin: `inp` holds token ids (first shard) or the
+        hidden states of positions start.. (others); returns the hidden states, or on the last shard the
+        next token of every sequence sampled from the last position."""
+        state = self._decode
+        h = self.embed(inp, start) if self.spec.first else inp.to(self.device, self.dtype)
+        cos, sin = self.cos_sin(state["max_len"])
+        t = h.shape[1]
+        if cos is not None:
+            cos = cos[:, start : start + t].expand(h.shape[0], -1, -1)
+            sin = sin[:, start : start + t].expand(h.shape[0], -1, -1)
+        for name, block in state["blocks"].items():
+            h = block(h, cos, sin, None, None, state["cache"], int(name))
+        if not self.spec.last:
+            return h
+        return sample_next(self.logits(h[:, -1]), temperature, top_p, state["gens"])
 
     def calibrate(self, inp: torch.Tensor, batch: int = 1, damp: float = 0.01) -> torch.Tensor:
         """Run the dense shard layer by layer over all calibration windows, scoring each layer's channels

@@ -1,7 +1,7 @@
 """The pipeline as stages. A method is an ordered list of stages; the driver runs them in order, the
 ones marked `pool` while the evaluator pool is up, the rest after it is gone.
 
-    plan -> load -> [calibrate | database] -> search -> reform -> export -> evaluate -> report
+    plan -> load -> generate -> [calibrate | database] -> search -> reform -> export -> evaluate -> report
 
 plan and load run before the pool exists (the driver calls them: stages.plan); which list runs after is
 decided by the kind of search.mode's registered strategy (strategies.py).
@@ -12,7 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from searchllm.stages import calibrate, database, evaluate, export, reform, report, search_levels, search_masks
+from searchllm.stages import (
+    calibrate,
+    database,
+    evaluate,
+    export,
+    generate,
+    reform,
+    report,
+    search_levels,
+    search_masks,
+)
 from searchllm.stages.context import RunContext
 
 
@@ -27,6 +37,7 @@ _TAIL = (Stage("export", export.run, True), Stage("evaluate", evaluate.run, Fals
 METHODS: dict[str, tuple[Stage, ...]] = {
     # the level search: the compensated level database, then a search over level assignments
     "levels": (
+        Stage("generate", generate.run, True),
         Stage("database", database.run, True),
         Stage("search", search_levels.run, True),
         Stage("reform", reform.levels, True),
@@ -34,6 +45,7 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     ),
     # the paper's channel-mask search, random search, and the baselines chosen outright
     "search": (
+        Stage("generate", generate.run, True),
         Stage("calibrate", calibrate.run, True),
         Stage("search", search_masks.run, True),
         Stage("reform", reform.finalists, True),

@@ -68,6 +68,20 @@ class Pool(Protocol):
 
     def original_state(self) -> dict[str, torch.Tensor]: ...
 
+    def set_tokens(self, tokens: dict[str, torch.Tensor]) -> None: ...
+
+    def generate(
+        self,
+        prompt: list[int],
+        count: int,
+        seqlen: int,
+        seed: int,
+        temperature: float,
+        top_p: float,
+        batch: int,
+        on_batch: Optional[Callable[[int], None]] = None,
+    ) -> torch.Tensor: ...
+
 
 @dataclass
 class Plan:

@@ -1,9 +1,10 @@
 """database (the level search's method): every block's attention and MLP at every level, pruned in OBS order
-and refit, on the pool. Loaded from <run>/levels/<settings digest>/ where a run built it before; the missing
+and refit, on the pool. Loaded from <run>/levels/<settings digest>-<calibration digest>/ where a run built it before; the missing
 layers are built and saved as each arrives (a killed run resumes after the last saved layer)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -20,7 +21,10 @@ def run(ctx: RunContext) -> None:
     cfg, pool = ctx.cfg, ctx.need_pool()
     space = LevelSpace(ctx.loaded.adapter.geometry(), cfg.levels)
     band = level_band(cfg, space.geometry)
-    folder = ctx.run.path / "levels" / cfg.levels.digest()
+    # The database depends on the level settings and on the exact calibration windows (a mixture or generated
+    # text makes other ones): a folder per pair, so a database is only ever reused for the same of both.
+    windows = hashlib.sha1(ctx.plan.tokens["calibration"].numpy().tobytes()).hexdigest()[:8]
+    folder = ctx.run.path / "levels" / f"{cfg.levels.digest()}-{windows}"
     saved = load_layers(folder) if folder.is_dir() else {}
     implied = implied_levels(space, *band)
     L = space.num_layers

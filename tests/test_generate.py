@@ -1,0 +1,84 @@
+"""Self-generated calibration: sampling with a KV cache on the pool, its cache in the run dir, mixtures."""
+
+import pytest
+import torch
+
+from searchllm.config import ConfigError, load_config
+from searchllm.data import apportion, token_sets
+from searchllm.models.adapters import adapter_for
+from searchllm.pruning.shard import ShardRunner, split_layers
+from tests.conftest import FAMILIES, family_model
+from tests.helpers import evaluator_pool
+
+
+def greedy(model, prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """transformers' model, a full forward per token, no cache: the reference."""
+    seq = prompt
+    with torch.no_grad():
+        while seq.shape[1] < length:
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decoding_with_the_kv_cache_follows_the_full_forward(family):
+    model = family_model(family)
+    adapter = adapter_for(model.config)
+    (spec,) = split_layers(model.config.num_hidden_layers, 1)
+    runner = ShardRunner(adapter.architecture(), model.state_dict(), spec)
+    prompt = torch.tensor([[1, 5, 9], [2, 7, 3]])
+    runner.decode_begin(2, 24, 0, [0, 1])
+    seq, tok = prompt, runner.decode_step(prompt, 0, temperature=0.0)
+    while True:
+        seq = torch.cat([seq, tok[:, None]], 1)
+        if seq.shape[1] == 24:
+            break
+        tok = runner.decode_step(tok[:, None], seq.shape[1] - 1, temperature=0.0)
+    assert torch.equal(seq, greedy(model, prompt, 24))
+
+
+def test_generated_text_is_the_same_on_one_or_two_replicas_and_follows_the_seed(ray_cluster, llama, adapter, tokens):
+    def sample(replicas: int, seed: int) -> torch.Tensor:
+        with evaluator_pool(llama, adapter, tokens, replicas=replicas) as pool:
+            return pool.generate([1, 2], 5, 12, seed, 1.0, 0.9, 2)
+
+    one = sample(1, 0)
+    assert one.shape == (5, 12) and (one[:, :2] == torch.tensor([1, 2])).all()
+    assert torch.equal(one, sample(2, 0))
+    assert not torch.equal(one, sample(1, 1))
+
+
+def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
+    from tests.conftest import word_tokenizer
+
+    tok = word_tokenizer(tmp_path / "tok")
+    (tmp_path / "a.txt").write_text(" ".join(["the"] * 4000))
+    (tmp_path / "b.txt").write_text(" ".join(["of"] * 4000))
+    cfg = load_config([
+        f"data.calibration.mix=[text:{tmp_path / 'a.txt'}=3,text:{tmp_path / 'b.txt'}=1,generated=0.5]",
+        "data.calibration.samples=18",
+        "data.calibration.seqlen=16",
+        "data.fitness.name=text",
+        f"data.fitness.path={tmp_path / 'a.txt'}",
+    ])
+    windows = token_sets(cfg, tok)[0]["calibration"]
+    the, of = tok.convert_tokens_to_ids("the"), tok.convert_tokens_to_ids("of")
+    kinds = [int(w[0]) for w in windows]
+    assert (kinds.count(the), kinds.count(of), kinds.count(0)) == (12, 4, 2) == tuple(apportion(18, [3, 1, 0.5]))
+
+
+@pytest.mark.parametrize(
+    "entry, says",
+    [
+        ("wikitext3:validation=1", "unknown corpus 'wikitext3'"),
+        ("ptb:train=0", "must sum to a positive number"),
+        ("ptb:train=-1", "weight >= 0"),
+        ("ptb:train", "SOURCE=WEIGHT"),
+        ("text:/nonexistent/file.txt=1", "needs an existing file"),
+        ("code:test=1", "held-out evaluation domain"),
+    ],
+)
+def test_a_bad_mixture_stops_with_one_line_naming_the_key(entry, says):
+    with pytest.raises(ConfigError) as e:
+        load_config([f"data.calibration.mix=[{entry}]"])
+    assert "data.calibration.mix" in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
