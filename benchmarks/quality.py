@@ -4,6 +4,7 @@ search + reformation wall time and the evaluations. Every row is one run of the 
 run), in its own run dir; the table is read back from each run's manifest.json and eval.parquet.
 
     python benchmarks/quality.py [--ratios 0.9 0.8 0.7 0.6 0.5] [--methods searchllm uniform+obs ...]
+                                 [--calibrations wikitext mixture generated generated+mixture]
                                  [--root runs/quality] [--out FILE.csv] [--table-only] [-- key=value ...]
 
 A row already run under --root (its eval.parquet there) is read back, not run again.
@@ -38,11 +39,18 @@ Ablations of searchllm (one setting changed each):
   ab:channels     searchllm's previous design: evolution over in-head channel masks, reformation of the
                   top parents + FLAP (the old default)
 
-Rows at the same ratio reuse the first searchllm run's level database where their settings build the same
-one (copied into their run dir before the run: the driver then reports it as reused), so the search
+Calibrations (the text of calibration, output factors, level database and KL fitness; CALIBRATIONS):
+  wikitext           WikiText-2 validation (the default before the domain work)
+  mixture            WikiText-2 validation and PTB train, half each
+  generated          text sampled from the dense model itself (data.generate), in its chat template
+  generated+mixture  a third each
+
+Rows at the same ratio and calibration reuse the first searchllm run's level database where their settings build
+the same one (copied into their run dir before the run: the driver then reports it as reused), so the search
 rows differ only in the search; the mask methods reuse the first run's calibration scores (scores.npz,
-the same calibration windows at every ratio). Calibration, fitness and selection use WikiText-2 validation; the numbers
-are WikiText-2 raw test and PTB test, held out.
+the same calibration windows at every ratio), and the generated text (generated.pt). The numbers are WikiText-2
+raw test, PTB test and the held-out domains (code, docs, chat: data.DOMAINS), which no calibration reads; `worst x`
+is the largest ppl@2048 ratio to dense over the held-out domains.
 """
 
 from __future__ import annotations
@@ -88,10 +96,23 @@ METHODS = {
     "ab:rereform": ["method=searchllm", "levels.rereform=true"],
     "ab:channels": ["method=searchllm", "search.mode=evolution"],
 }
-# The evaluation of every row (the issue's protocol): ppl@128 on the first 32 windows and ppl@2048 on the
-# first 8 of WikiText-2 raw test, PTB test ppl@2048 on 4.
+
+
+def _mix(*sources: str) -> list[str]:
+    return [f"data.{role}.mix=[{','.join(sources)}]" for role in ("calibration", "fitness")]
+
+
+CALIBRATIONS = {
+    "wikitext": [],
+    "mixture": _mix("wikitext2:validation=1", "ptb:train=1"),
+    "generated": _mix("generated=1"),
+    "generated+mixture": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1"),
+}
+# The evaluation of every row: ppl@128 on the first 32 windows of WikiText-2 raw test, ppl@2048 on the first 8
+# of it, of PTB test and of each held-out domain.
 EVAL = ["eval.enabled=false", "monitor.page=false", "monitor.metrics=false"]
-WINDOWS = {("wikitext2-raw", 128): 32, ("wikitext2-raw", 2048): 8, ("ptb", 2048): 4}
+DOMAINS = ("code", "docs", "chat")
+WINDOWS = {("wikitext2-raw", 128): 32, ("wikitext2-raw", 2048): 8, ("ptb", 2048): 8} | {(d, 2048): 8 for d in DOMAINS}
 
 
 def evaluate(model_dir: str, name: str, run: Path, extra: list[str]):
@@ -125,31 +146,45 @@ def evaluate(model_dir: str, name: str, run: Path, extra: list[str]):
     return append_results(run, pd.concat(tables, ignore_index=True))
 
 
-def run_row(root: Path, method: str, ratio: float, extra: list[str]) -> dict:
+def run_name(method: str, ratio: float, calibration: str) -> str:
+    tail = "" if calibration == "wikitext" else f"-{calibration}"
+    return f"{ratio:g}-{method.replace(':', '-')}{tail}"
+
+
+def run_row(root: Path, method: str, ratio: float, calibration: str, extra: list[str]) -> dict:
     from searchllm.driver import main
 
-    run = root / f"{ratio:g}-{method.replace(':', '-')}"
+    run = root / run_name(method, ratio, calibration)
     if (run / "manifest.json").is_file() and not (run / "eval.parquet").is_file():
         evaluate(json.loads((run / "manifest.json").read_text())["export"]["dir"], "exported", run, extra)
     if not (run / "manifest.json").is_file():
         if run.exists():
             shutil.rmtree(run)
-        donor = root / f"{ratio:g}-searchllm" / "levels"
+        run.mkdir(parents=True)
+        donor = root / run_name("searchllm", ratio, calibration) / "levels"
         if donor.is_dir() and method != "searchllm":
             shutil.copytree(
                 donor, run / "levels"
             )  # the same settings find their database there; others build their own
-        scores = sorted(root.glob("*/scores.npz"))
-        if scores:  # the calibration scores do not depend on the ratio: one calibration pass serves every mask method
-            run.mkdir(parents=True, exist_ok=True)
-            shutil.copy(scores[0], run / "scores.npz")
+        kin = [root / run_name(m, r, calibration) for m in METHODS for r in (0.9, 0.8, 0.7, 0.6, 0.5)]
+        for name in ("scores.npz", "generated.pt"):  # neither depends on the ratio or the method
+            found = [p / name for p in kin if (p / name).is_file()]
+            if found:
+                shutil.copy(found[0], run / name)
         t0 = time.time()
-        code = main([*METHODS[method], f"budget.target={ratio}", f"run_dir={run}", *EVAL, *extra])
+        code = main([
+            *METHODS[method],
+            *CALIBRATIONS[calibration],
+            f"budget.target={ratio}",
+            f"run_dir={run}",
+            *EVAL,
+            *extra,
+        ])
         if code:
-            raise SystemExit(f"{method} at {ratio}: the driver exited with {code}")
+            raise SystemExit(f"{method} at {ratio} ({calibration}): the driver exited with {code}")
         (run / "wall.json").write_text(json.dumps({"seconds": time.time() - t0}))
         evaluate(json.loads((run / "manifest.json").read_text())["export"]["dir"], "exported", run, extra)
-    return read_row(run, method, ratio)
+    return read_row(run, method, ratio) | {"calibration": calibration}
 
 
 def read_row(run: Path, method: str, ratio: float) -> dict:
@@ -213,6 +248,7 @@ def main() -> None:
         default=["searchllm", "uniform+obs", "uniform", "flap", "layerdrop", "paper"],
         choices=list(METHODS),
     )
+    ap.add_argument("--calibrations", nargs="+", default=["wikitext"], choices=list(CALIBRATIONS))
     ap.add_argument("--root", default="runs/quality")
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
     ap.add_argument(
@@ -227,32 +263,34 @@ def main() -> None:
     dense = dense_row(root, extra)
     rows = []
     for ratio in a.ratios:
-        for method in a.methods:
-            run = root / f"{ratio:g}-{method.replace(':', '-')}"
-            if a.table_only:
-                if (run / "eval.parquet").is_file():
-                    rows.append(read_row(run, method, ratio))
-                continue
-            rows.append(run_row(root, method, ratio, extra))
-            print(pd.DataFrame([rows[-1]]).to_string(index=False), flush=True)
-    df = pd.DataFrame([dense, *rows])
+        for calibration in a.calibrations:
+            for method in a.methods:
+                run = root / run_name(method, ratio, calibration)
+                if a.table_only:
+                    if (run / "eval.parquet").is_file():
+                        rows.append(read_row(run, method, ratio) | {"calibration": calibration})
+                    continue
+                rows.append(run_row(root, method, ratio, calibration, extra))
+                print(pd.DataFrame([rows[-1]]).to_string(index=False), flush=True)
+    df = pd.DataFrame([dense | {"calibration": ""}, *rows])
     for col in [c for c in df.columns if c.endswith(("@128", "@2048"))]:
         df[f"{col} x"] = df[col] / dense[col]
+    df["worst x"] = df[[f"{d}@2048 x" for d in DOMAINS if f"{d}@2048 x" in df]].max(axis=1)
     if a.out:
         df.to_csv(a.out, index=False)
     cols = [
         "target",
         "method",
-        "params",
+        "calibration",
         "kept",
-        "wikitext2-raw@128",
-        "wikitext2-raw@128 x",
         "wikitext2-raw@2048",
         "wikitext2-raw@2048 x",
         "ptb@2048",
         "ptb@2048 x",
+        *(f"{d}@2048{x}" for d in DOMAINS for x in ("", " x")),
+        "worst x",
+        "wikitext2-raw@128 x",
         "search+reform s",
-        "evaluations",
     ]
     print(df[[c for c in cols if c in df.columns]].to_markdown(index=False, floatfmt=".4g"))
 

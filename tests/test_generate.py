@@ -38,14 +38,35 @@ def test_decoding_with_the_kv_cache_follows_the_full_forward(family):
 
 
 def test_generated_text_is_the_same_on_one_or_two_replicas_and_follows_the_seed(ray_cluster, llama, adapter, tokens):
-    def sample(replicas: int, seed: int) -> torch.Tensor:
-        with evaluator_pool(llama, adapter, tokens, replicas=replicas) as pool:
+    def sample(seed: int, replicas: int = 1, stages: int = 1) -> torch.Tensor:
+        with evaluator_pool(llama, adapter, tokens, replicas=replicas, stages=stages) as pool:
             return pool.generate([1, 2], 5, 12, seed, 1.0, 0.9, 2)
 
-    one = sample(1, 0)
+    one = sample(0)
     assert one.shape == (5, 12) and (one[:, :2] == torch.tensor([1, 2])).all()
-    assert torch.equal(one, sample(2, 0))
-    assert not torch.equal(one, sample(1, 1))
+    assert torch.equal(one, sample(0, replicas=2, stages=2))  # two replicas of two pipelined shards each
+    assert not torch.equal(one, sample(1))
+
+
+@pytest.mark.ray
+def test_a_resume_reuses_the_cached_generated_windows(ray_cluster, tiny_checkpoint, tmp_path, monkeypatch):
+    from searchllm.cluster.pool import EvaluatorPool
+    from searchllm.driver import main
+    from tests.test_level_driver import level_args
+
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    mix = [f"data.{r}.mix=[text:{corpus}=1,generated=1]" for r in ("calibration", "fitness")]
+    assert main(level_args(path, corpus, run, "search.generations=1", *mix)) == 0
+    saved = torch.load(run / "generated.pt")["tokens"]
+    assert saved.shape == (4, 32)  # the calibration takes the most: half of its 8 windows of 32
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resume sampled the text again")
+
+    monkeypatch.setattr(EvaluatorPool, "generate", refuse)
+    assert main([f"resume={run}", "search.generations=2"]) == 0
+    assert torch.equal(torch.load(run / "generated.pt")["tokens"], saved)
 
 
 def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
