@@ -93,9 +93,11 @@ class Monitor:
         with self._lock:
             self.state["summary"] = list(summary)  # a copy: the driver goes on adding rows to its own
 
-    def set_eval(self, rows: list[dict[str, Any]]) -> None:
+    def set_eval(self, rows: list[dict[str, Any]], worst: Optional[dict[int, dict[str, Any]]] = None) -> None:
+        """The evaluation's rows, and per window length the held-out domain the export loses most on."""
         with self._lock:
             self.state["eval"] = rows
+            self.state["worst_domain"] = {str(n): w for n, w in (worst or {}).items()}
 
     def snapshot(self) -> str:
         with self._lock:

@@ -35,3 +35,32 @@ def test_wikitext_rows_are_joined_like_the_hf_recipe():
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_text(CorpusConfig("text", path=str(tmp_path / "none.txt")), "auto")
+
+
+@pytest.mark.parametrize("domain", ["code", "docs", "chat"])
+def test_each_held_out_domain_is_read_from_text_every_machine_has(domain):
+    from tests.conftest import CHATML
+
+    class Template:  # the chat domain is rendered through the model's own chat template
+        chat_template = CHATML
+
+        def apply_chat_template(self, messages, tokenize=False):
+            return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+    text, source = load_text(CorpusConfig(name=domain, split="test"), "auto", Template())
+    assert len(text) > 300_000 and source
+    if domain == "chat":
+        assert text.startswith("<|im_start|>user\n") and "<|im_start|>assistant\n" in text
+
+
+def test_a_held_out_domain_has_only_a_test_split():
+    with pytest.raises(DataError, match="only a test split"):
+        load_text(CorpusConfig(name="docs", split="train"), "auto")
+
+
+@pytest.mark.parametrize("role", ["calibration", "fitness"])
+def test_a_held_out_domain_cannot_calibrate_or_select(role):
+    from searchllm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"data.{role}.name=code is a held-out evaluation domain"):
+        load_config([f"data.{role}.name=code", f"data.{role}.split=test"])

@@ -149,3 +149,33 @@ def test_evaluate_cli_rejects_a_path_that_is_not_a_checkpoint(tmp_path):
         [sys.executable, "-m", "searchllm.evaluate", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "neither a checkpoint dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_worst_held_out_domain_is_the_largest_ratio_to_the_original():
+    import pandas as pd
+
+    from searchllm.evaluate import against_original, worst_domain
+
+    rows = [
+        (model, task, n, value)
+        for model, scale in (("original", 1.0), ("exported", 2.0))
+        for task, n, value in (
+            ("wikitext2-raw", 2048, 10.0),
+            ("code", 2048, 4.0),
+            ("chat", 2048, 8.0),
+            ("chat", 512, 9.0),
+        )
+    ]
+    table = pd.DataFrame([
+        {"model": m, "metric": "ppl", "task": t, "split": "test", "seqlen": n, "value": v, "status": "ok"}
+        for m, t, n, v in rows
+    ])
+    table.loc[(table.model == "exported") & (table.task == "code"), "value"] = 4.0 * 3.5
+    table.loc[(table.model == "exported") & (table.task == "chat"), "value"] *= 2.0
+    table.loc[(table.model == "exported") & (table.task == "wikitext2-raw"), "value"] = 50.0  # not a held-out domain
+    out = against_original(table)
+    assert out[out.model == "original"].x_original.tolist() == [1.0] * 4
+    assert worst_domain(out) == {
+        2048: {"domain": "code", "x_original": 3.5},
+        512: {"domain": "chat", "x_original": 2.0},
+    }

@@ -103,3 +103,26 @@ def test_a_bad_mixture_stops_with_one_line_naming_the_key(entry, says):
     with pytest.raises(ConfigError) as e:
         load_config([f"data.calibration.mix=[{entry}]"])
     assert "data.calibration.mix" in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
+
+
+def ngrams(windows: torch.Tensor, n: int) -> set[tuple[int, ...]]:
+    rows = windows.reshape(-1, windows.shape[-1]).tolist()
+    return {tuple(r[i : i + n]) for r in rows for i in range(len(r) - n + 1)}
+
+
+def test_no_evaluation_text_reaches_a_calibration_or_selection_window(smollm2):
+    """Every window the run calibrates, scores or selects on (here with the WikiText-2 + PTB mixture) shares
+    no 12 tokens in a row with a held-out domain, and no 32 with the WikiText-2 and PTB test splits (shorter
+    runs recur in both halves of those corpora: stock phrases of news text)."""
+    from searchllm.config import parse_corpus
+    from searchllm.data import load_text, tokenize
+    from searchllm.stages.plan import selection_sets
+
+    mix = [f"data.{r}.mix=[wikitext2:validation=1,ptb:train=1]" for r in ("calibration", "fitness")]
+    cfg = load_config(mix)
+    tokens = token_sets(cfg, smollm2.tokenizer, selection_sets(cfg))[0]
+    for spec, n in (("wikitext2-raw:test", 32), ("ptb:test", 32), ("code", 12), ("docs", 12), ("chat", 12)):
+        held = ngrams(tokenize(load_text(parse_corpus(spec), "auto", smollm2.tokenizer)[0], smollm2.tokenizer), n)
+        for role, windows in tokens.items():
+            if role != "report":
+                assert not ngrams(windows, n) & held, f"{spec} text in the {role} windows"

@@ -357,6 +357,39 @@ def append_results(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     return full
 
 
+def against_original(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each perplexity's ratio to the original model's on the same corpus, split and length
+    (column `x_original`; rows of the same runtime only: transformers to transformers)."""
+    if "metric" not in table or not (table.model == "original").any():
+        return table
+    hf = table[table.runtime.isna()] if "runtime" in table else table
+    ok = hf[(hf.metric == "ppl") & (hf.status == "ok")]
+    dense = {(r.task, r.split, r.seqlen): r.value for r in ok[ok.model == "original"].itertuples()}
+    is_hf = table.runtime.isna() if "runtime" in table else pd.Series(True, index=table.index)
+    ratio = [
+        v / dense[(t, s, n)] if hf_row and m == "ppl" and st == "ok" and (t, s, n) in dense else None
+        for t, s, n, v, m, st, hf_row in zip(
+            table.task, table.split, table.seqlen, table.value, table.metric, table.status, is_hf
+        )
+    ]
+    return table.assign(x_original=ratio)
+
+
+def worst_domain(table: pd.DataFrame) -> dict[int, dict[str, Any]]:
+    """Per window length: the held-out domain (config.DOMAINS) where the exported model's perplexity is the
+    largest multiple of the original's, {seqlen: {domain, x_original}}; empty without both models' rows."""
+    from searchllm.config import DOMAINS
+
+    if "x_original" not in table:
+        return {}
+    rows = table[table.task.isin(DOMAINS) & table.x_original.notna() & (table.model != "original")]
+    out = {}
+    for n, r in rows.groupby("seqlen"):
+        top = r.loc[r.x_original.astype(float).idxmax()]
+        out[int(n)] = {"domain": top.task, "x_original": float(top.x_original)}
+    return out
+
+
 def format_table(table: pd.DataFrame) -> str:
     cols = [
         c
@@ -369,6 +402,7 @@ def format_table(table: pd.DataFrame) -> str:
             "windows",
             "tokens",
             "value",
+            "x_original",
             "stderr",
             "params",
             "ratio",
@@ -383,7 +417,7 @@ def format_table(table: pd.DataFrame) -> str:
             t[c] = t[c].map(lambda v: "" if pd.isna(v) else str(int(v)))
     if "params" in t:
         t["params"] = t["params"].map(lambda v: f"{v / 1e6:.2f}M")
-    for c in ("value", "stderr", "ratio"):
+    for c in ("value", "x_original", "stderr", "ratio"):
         if c in t:
             t[c] = t[c].map(lambda v: "" if v is None or pd.isna(v) else f"{v:.4f}")
     t["status"] = t["status"].map(lambda s: s if len(s) < 60 else s[:57] + "...")

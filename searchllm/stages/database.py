@@ -1,6 +1,6 @@
 """database (the level search's method): every block's attention and MLP at every level, pruned in OBS order
-and refit, on the pool. Loaded from <run>/levels/<settings digest>-<calibration digest>/ where a run built it before; the missing
-layers are built and saved as each arrives (a killed run resumes after the last saved layer)."""
+and refit, on the pool. Loaded from <run>/levels/<settings digest>-<calibration digest>/ where a run built it
+before; the missing layers are built and saved as each arrives (a killed run resumes after the last saved layer)."""
 
 from __future__ import annotations
 

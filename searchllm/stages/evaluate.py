@@ -15,6 +15,7 @@ from searchllm.config import Config
 from searchllm.data import data_root
 from searchllm.evaluate import (
     Evaluated,
+    against_original,
     append_results,
     count_params,
     describe,
@@ -22,6 +23,7 @@ from searchllm.evaluate import (
     evaluate_gguf,
     evaluate_model,
     format_table,
+    worst_domain,
 )
 from searchllm.export.formats import gguf_files
 from searchllm.models.loading import load_pretrained, source_gguf
@@ -63,13 +65,15 @@ def run(ctx: RunContext) -> None:
     if "gguf" in export:
         tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids)
     table = pd.concat(tables or [pd.DataFrame()], ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
+    table = against_original(table)
     if table.empty or "metric" not in table:  # eval.corpora=[] and eval.tasks=[]: a valid, empty evaluation
         log.info("evaluation: nothing to evaluate (eval.corpora and eval.tasks are empty)")
         manifest["evaluation"] = {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"}
         run_dir.save_json("manifest.json", manifest)
         return
     append_results(run_dir.path, table)
-    monitor.set_eval(table.to_dict("records"))
+    worst = worst_domain(table)
+    monitor.set_eval(table.to_dict("records"), worst)
     # The manifest carries the measured speed and memory of the export next to its perplexity.
     hf_rows = table[table.runtime.isna()] if "runtime" in table else table
     ppl = hf_rows[(hf_rows.metric == "ppl") & (hf_rows.status == "ok")]
@@ -84,6 +88,12 @@ def run(ctx: RunContext) -> None:
     }
     if "runtime" in table:
         manifest["llama_cpp"] = llama_cpp_summary(table[table.runtime == "llama.cpp"])
+    if worst:  # the number a user who prunes for other text than the calibration's should look at first
+        manifest["worst_domain"] = worst
+        for n, w in worst.items():
+            log.info(
+                "worst held-out domain @%d: %s at %.3fx the original's perplexity", n, w["domain"], w["x_original"]
+            )
     run_dir.save_json("manifest.json", manifest)
     print(format_table(table))
 
