@@ -10,11 +10,12 @@ def test_every_strategy_kind_has_a_method():
         assert stages_for(strategies.get(name).kind)
 
 
-def test_the_level_search_and_the_mask_search_share_export_evaluate_and_report():
+def test_the_level_search_and_the_mask_search_share_generate_export_evaluate_and_report():
     levels = [s.name for s in stages_for("levels")]
     masks = [s.name for s in stages_for("search")]
-    assert levels == ["database", "search", "reform", "export", "evaluate", "report"]
-    assert masks == ["calibrate", "search", "reform", "export", "evaluate", "report"]
+    assert levels == ["generate", "database", "search", "reform", "export", "evaluate", "report"]
+    assert masks == ["generate", "calibrate", "search", "reform", "export", "evaluate", "report"]
+    assert stages_for("levels")[0] == stages_for("search")[0]
     assert stages_for("baseline") == stages_for("search")
     assert stages_for("levels")[-3:] == stages_for("search")[-3:]
 

@@ -57,6 +57,7 @@ def run(ctx: RunContext) -> None:
         new = need.sequences * (need.seqlen - len(prompt))
         log.info("sampled %d tokens in %.1fs (%.0f tokens/s)", new, seconds, new / seconds)
         ctx.run.save_generated(generated, settings)
+        ctx.run.save_json("generated.json", settings | {"seconds": seconds, "tokens_per_s": new / seconds})
     else:
         log.info("generated calibration text: %d sequences read back from generated.pt", generated.shape[0])
     tokens, _ = token_sets(cfg, ctx.loaded.tokenizer, selection, generated)
