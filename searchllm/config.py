@@ -25,7 +25,7 @@ METHOD_DIR = CONF / "method"
 # library's source, its reference documentation, and English conversations in the model's chat template):
 # calibration, fitness and selection may never read them.
 DOMAINS = ("code", "docs", "chat")
-CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text", *DOMAINS)
+CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text", "hf", *DOMAINS)
 GENERATED = "generated"  # a data.<role>.mix source: text sampled from the dense model itself (data.generate)
 DTYPES = ("float32", "bfloat16", "float16")
 # How the subnet is chosen: the level search over the compensated level database (levels.py, levelsearch.py),
@@ -112,7 +112,19 @@ def parse_source(spec: str, key: str) -> tuple[Optional[CorpusConfig], float]:
         if not rest or not Path(rest).expanduser().is_file():
             raise ConfigError(f"{key} entry {spec!r}: text needs an existing file, text:<path>=WEIGHT")
         return CorpusConfig(name="text", split="train", path=rest), w
+    if name == "hf":
+        return hf_corpus(rest, spec, key), w
     return CorpusConfig(name=name, split=rest or "validation"), w
+
+
+def hf_corpus(rest: str, spec: str, key: str, error: type[ValueError] = ConfigError) -> CorpusConfig:
+    """Any `datasets` corpus with a text column: hf:<dataset>[#<config>]:<split>."""
+    dataset, _, split = rest.rpartition(":")
+    if not dataset or not split:
+        raise error(
+            f"{key} entry {spec!r}: a hub dataset is hf:<dataset>[#<config>]:<split>, e.g. hf:allenai/c4#en:train"
+        )
+    return CorpusConfig(name="hf", split=split, path=dataset)
 
 
 def parse_mix(entries: list[str], key: str) -> list[tuple[Optional[CorpusConfig], float]]:
@@ -132,6 +144,10 @@ def parse_corpus(spec: str) -> CorpusConfig:
         if not rest:
             raise EvalError(f"eval.corpora entry {spec!r} needs a file: text:<path>")
         return CorpusConfig(name="text", split="test", path=rest, samples=0)
+    if name == "hf":
+        corpus = hf_corpus(rest, spec, "eval.corpora", EvalError)
+        corpus.samples = 0
+        return corpus
     return CorpusConfig(name=name, split=rest or "test", samples=0)
 
 
@@ -291,7 +307,9 @@ class ModelConfig:
 
 @dataclass
 class CorpusConfig:
-    name: str = "wikitext2"  # wikitext2 (tokenized, <unk>), wikitext2-raw, ptb, c4, or text (a local file)
+    # wikitext2 (tokenized, <unk>), wikitext2-raw, ptb, c4, text (a local file: path) or hf (any `datasets`
+    # corpus with a text column: path=<dataset>[#<config>])
+    name: str = "wikitext2"
     split: str = "validation"  # train, validation or test
     path: Optional[str] = None  # a local file; when unset, data.root is searched, then the hub
     samples: int = 5  # windows
@@ -607,8 +625,10 @@ def validate(c: Config) -> None:
         corpus: CorpusConfig = getattr(c.data, name)
         if corpus.samples < 0 or corpus.seqlen < 2:
             raise ConfigError(f"data.{name}: samples={corpus.samples} must be >= 0 and seqlen={corpus.seqlen} >= 2")
-        if corpus.name == "text" and not corpus.path and not corpus.mix:
-            raise ConfigError(f"data.{name}.name=text needs data.{name}.path=<a local text file>")
+        if corpus.name in ("text", "hf") and not corpus.path and not corpus.mix:
+            raise ConfigError(
+                f"data.{name}.name={corpus.name} needs data.{name}.path=<a local text file | a hub dataset id>"
+            )
         if corpus.mix and name == "report":
             raise ConfigError("data.report.mix: the report reads one held-out corpus; set data.report.name instead")
         if corpus.name in DOMAINS and name != "report" and not corpus.mix:

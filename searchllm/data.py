@@ -152,6 +152,8 @@ def load_text(corpus: CorpusConfig, root: str, tokenizer=None) -> tuple[str, str
     """(text, where it came from); `tokenizer` renders the chat domain through the model's template."""
     if corpus.name in DOMAINS:
         return domain_text(corpus, tokenizer)
+    if corpus.name == "hf":
+        return _from_hub(corpus)
     if corpus.path:
         path = Path(corpus.path).expanduser()
         if not path.is_file():
@@ -177,9 +179,13 @@ def load_text(corpus: CorpusConfig, root: str, tokenizer=None) -> tuple[str, str
 
 
 def _from_hub(corpus: CorpusConfig) -> tuple[str, str]:
-    if corpus.name not in HUB:
+    if corpus.name == "hf":
+        dataset, _, config = (corpus.path or "").partition("#")
+        spec: dict = {"path": dataset, "name": config or None}
+    elif corpus.name not in HUB:
         raise DataError(f"corpus {corpus.name!r} has no hub source; set its path to a local file")
-    spec = dict(HUB[corpus.name])
+    else:
+        spec = dict(HUB[corpus.name])
     try:
         import datasets
 
@@ -191,8 +197,9 @@ def _from_hub(corpus: CorpusConfig) -> tuple[str, str]:
             ds = datasets.load_dataset(spec["path"], spec["name"], split=corpus.split)
     except Exception as e:  # offline, unknown split, ...
         raise DataError(
-            f"cannot load corpus {corpus.name!r} split {corpus.split!r}: not under data.root and the hub failed "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); set data.root=<dir> or the corpus path"
+            f"cannot load corpus {corpus.name!r} ({spec['path']}) split {corpus.split!r}: not under data.root and the "
+            f"hub failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); set data.root=<dir> "
+            "or the corpus path"
         ) from None
     column = "sentence" if corpus.name == "ptb" else "text"
     return join_rows(corpus.name, list(ds[column])), f"hub:{spec['path']}"

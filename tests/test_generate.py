@@ -97,6 +97,7 @@ def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
         ("ptb:train", "SOURCE=WEIGHT"),
         ("text:/nonexistent/file.txt=1", "needs an existing file"),
         ("code:test=1", "held-out evaluation domain"),
+        ("hf:allenai/c4=1", "hf:<dataset>[#<config>]:<split>"),
     ],
 )
 def test_a_bad_mixture_stops_with_one_line_naming_the_key(entry, says):
