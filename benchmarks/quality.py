@@ -44,6 +44,7 @@ Calibrations (the text of calibration, output factors, level database and KL fit
   mixture            WikiText-2 validation and PTB train, half each
   generated          text sampled from the dense model itself (data.generate), in its chat template
   generated+mixture  a third each
+  wikitext-heavy     WikiText-2 validation half, PTB train and generated text a quarter each
 
 Rows at the same ratio and calibration reuse the first searchllm run's level database where their settings build
 the same one (copied into their run dir before the run: the driver then reports it as reused), so the search
@@ -107,6 +108,7 @@ CALIBRATIONS = {
     "mixture": _mix("wikitext2:validation=1", "ptb:train=1"),
     "generated": _mix("generated=1"),
     "generated+mixture": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1"),
+    "wikitext-heavy": _mix("wikitext2:validation=2", "ptb:train=1", "generated=1"),
 }
 # The evaluation of every row: ppl@128 on the first 32 windows of WikiText-2 raw test, ppl@2048 on the first 8
 # of it, of PTB test and of each held-out domain.

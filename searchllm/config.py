@@ -327,7 +327,7 @@ class GenerateConfig:
     temperature: float = 1.0  # of the sampling distribution
     top_p: float = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
     chat: str = "auto"  # start in the chat template's first user turn: auto (where the tokenizer has one) | on | off
-    batch: int = 16  # sequences sampled together on one replica (a KV cache each)
+    batch: int = 32  # sequences sampled together on one replica (a KV cache each)
 
 
 @dataclass
