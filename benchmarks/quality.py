@@ -45,6 +45,7 @@ Calibrations (the text of calibration, output factors, level database and KL fit
   generated          text sampled from the dense model itself (data.generate), in its chat template
   generated+mixture  a third each
   wikitext-heavy     WikiText-2 validation half, PTB train and generated text a quarter each
+  mixed-db           calibration as generated+mixture, the KL fitness and selection on WikiText-2 alone
 
 Rows at the same ratio and calibration reuse the first searchllm run's level database where their settings build
 the same one (copied into their run dir before the run: the driver then reports it as reused), so the search
@@ -106,9 +107,11 @@ def _mix(*sources: str) -> list[str]:
 CALIBRATIONS = {
     "wikitext": [],
     "mixture": _mix("wikitext2:validation=1", "ptb:train=1"),
-    "generated": _mix("generated=1"),
     "generated+mixture": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1"),
+    "generated": _mix("generated=1"),
     "wikitext-heavy": _mix("wikitext2:validation=2", "ptb:train=1", "generated=1"),
+    # the level database from the generated+mixture text, the KL fitness and selection on WikiText-2 alone
+    "mixed-db": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1")[:1],
 }
 # The evaluation of every row: ppl@128 on the first 32 windows of WikiText-2 raw test, ppl@2048 on the first 8
 # of it, of PTB test and of each held-out domain.
@@ -163,14 +166,18 @@ def run_row(root: Path, method: str, ratio: float, calibration: str, extra: list
         if run.exists():
             shutil.rmtree(run)
         run.mkdir(parents=True)
-        donor = root / run_name("searchllm", ratio, calibration) / "levels"
-        if donor.is_dir() and method != "searchllm":
-            shutil.copytree(
-                donor, run / "levels"
-            )  # the same settings find their database there; others build their own
-        kin = [root / run_name(m, r, calibration) for m in METHODS for r in (0.9, 0.8, 0.7, 0.6, 0.5)]
-        for name in ("scores.npz", "generated.pt"):  # neither depends on the ratio or the method
-            found = [p / name for p in kin if (p / name).is_file()]
+        # Every database built before at this ratio, linked: a database's folder names its settings and its
+        # calibration windows, so a run finds only one it would build itself (others build their own).
+        for db in sorted(root.glob(f"{ratio:g}-*/levels/*")):
+            if db.is_dir() and not db.is_symlink() and not (run / "levels" / db.name).exists():
+                (run / "levels").mkdir(exist_ok=True)
+                (run / "levels" / db.name).symlink_to(db.resolve(), target_is_directory=True)
+        ratios = (0.9, 0.8, 0.7, 0.6, 0.5)
+        same = [root / run_name(m, r, calibration) for m in METHODS for r in ratios]
+        kin = [root / run_name(m, r, c) for c in CALIBRATIONS for m in METHODS for r in ratios]
+        # Neither depends on the ratio or the method; generated.pt is read only where its settings match.
+        for name, where in (("scores.npz", same), ("generated.pt", same + kin)):
+            found = [p / name for p in where if (p / name).is_file()]
             if found:
                 shutil.copy(found[0], run / name)
         t0 = time.time()
