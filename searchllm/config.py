@@ -315,7 +315,7 @@ class CorpusConfig:
     samples: int = 5  # windows
     seqlen: int = 2048  # tokens per window
     # A mixture instead of name/split/path (calibration and fitness): "SOURCE=WEIGHT" entries, SOURCE one of
-    # name:split, text:<path> or generated; the windows are shared out by weight (largest remainders).
+    # name:split, text:<path>, hf:<dataset>[#<config>]:<split> or generated; shared out by weight (largest remainders).
     mix: list[str] = field(default_factory=list)
 
 
