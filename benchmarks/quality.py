@@ -101,17 +101,19 @@ METHODS = {
 
 
 def _mix(*sources: str) -> list[str]:
-    return [f"data.{role}.mix=[{','.join(sources)}]" for role in ("calibration", "fitness")]
+    return [
+        f"data.{role}.{k}" for role in ("calibration", "fitness") for k in ("name=mix", f"mix=[{','.join(sources)}]")
+    ]
 
 
 CALIBRATIONS = {
-    "wikitext": [],
+    "wikitext": ["data.calibration.name=wikitext2", "data.fitness.name=wikitext2"],
     "mixture": _mix("wikitext2:validation=1", "ptb:train=1"),
     "generated+mixture": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1"),
     "generated": _mix("generated=1"),
     "wikitext-heavy": _mix("wikitext2:validation=2", "ptb:train=1", "generated=1"),
     # the level database from the generated+mixture text, the KL fitness and selection on WikiText-2 alone
-    "mixed-db": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1")[:1],
+    "mixed-db": _mix("wikitext2:validation=1", "ptb:train=1", "generated=1")[:2] + ["data.fitness.name=wikitext2"],
 }
 # The evaluation of every row: ppl@128 on the first 32 windows of WikiText-2 raw test, ppl@2048 on the first 8
 # of it, of PTB test and of each held-out domain.

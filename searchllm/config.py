@@ -26,6 +26,7 @@ METHOD_DIR = CONF / "method"
 # calibration, fitness and selection may never read them.
 DOMAINS = ("code", "docs", "chat")
 CORPORA = ("wikitext2", "wikitext2-raw", "ptb", "c4", "text", "hf", *DOMAINS)
+MIX = "mix"  # data.<role>.name for a weighted mixture of sources (data.<role>.mix)
 GENERATED = "generated"  # a data.<role>.mix source: text sampled from the dense model itself (data.generate)
 DTYPES = ("float32", "bfloat16", "float16")
 # How the subnet is chosen: the level search over the compensated level database (levels.py, levelsearch.py),
@@ -314,7 +315,7 @@ class CorpusConfig:
     path: Optional[str] = None  # a local file; when unset, data.root is searched, then the hub
     samples: int = 5  # windows
     seqlen: int = 2048  # tokens per window
-    # A mixture instead of name/split/path (calibration and fitness): "SOURCE=WEIGHT" entries, SOURCE one of
+    # With name=mix (calibration and fitness), the sources instead of split/path: "SOURCE=WEIGHT" entries, SOURCE one of
     # name:split, text:<path>, hf:<dataset>[#<config>]:<split> or generated; shared out by weight (largest remainders).
     mix: list[str] = field(default_factory=list)
 
@@ -482,8 +483,8 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
-    "data.calibration.name": CORPORA,
-    "data.fitness.name": CORPORA,
+    "data.calibration.name": (*CORPORA, MIX),
+    "data.fitness.name": (*CORPORA, MIX),
     "data.report.name": CORPORA,
     "space.attention": ATTENTION_MODES,
     "budget.count": BUDGET_COUNTS,
@@ -625,13 +626,13 @@ def validate(c: Config) -> None:
         corpus: CorpusConfig = getattr(c.data, name)
         if corpus.samples < 0 or corpus.seqlen < 2:
             raise ConfigError(f"data.{name}: samples={corpus.samples} must be >= 0 and seqlen={corpus.seqlen} >= 2")
-        if corpus.name in ("text", "hf") and not corpus.path and not corpus.mix:
+        if corpus.name in ("text", "hf") and not corpus.path:
             raise ConfigError(
                 f"data.{name}.name={corpus.name} needs data.{name}.path=<a local text file | a hub dataset id>"
             )
-        if corpus.mix and name == "report":
-            raise ConfigError("data.report.mix: the report reads one held-out corpus; set data.report.name instead")
-        if corpus.name in DOMAINS and name != "report" and not corpus.mix:
+        if corpus.name == MIX and not corpus.mix:
+            raise ConfigError(f"data.{name}.name=mix needs data.{name}.mix=[SOURCE=WEIGHT,...]")
+        if corpus.name in DOMAINS and name != "report":
             raise ConfigError(
                 f"data.{name}.name={corpus.name} is a held-out evaluation domain; calibrate and select on other text"
             )

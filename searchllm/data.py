@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from searchllm.config import DOMAINS, REPO, Config, CorpusConfig, parse_mix
+from searchllm.config import DOMAINS, MIX, REPO, Config, CorpusConfig, parse_mix
 
 
 class DataError(ValueError):
@@ -276,7 +276,7 @@ def token_sets(
 
     def windows(role: str, count: int, seqlen: int, label: str, first: bool) -> torch.Tensor:
         corpus = getattr(d, role)
-        if not corpus.mix:
+        if corpus.name != MIX:
             if first:
                 return first_windows(read(corpus), count, seqlen, label)
             return random_windows(read(corpus), count, seqlen, d.seed, label)
@@ -317,7 +317,7 @@ def generated_need(cfg: Config, extra: Optional[dict[str, tuple[int, str]]] = No
     d, most, seqlen = cfg.data, 0, 0
     for role in ("calibration", "fitness"):
         corpus = getattr(d, role)
-        parts = parse_mix(list(corpus.mix), f"data.{role}.mix")
+        parts = parse_mix(list(corpus.mix), f"data.{role}.mix") if corpus.name == MIX else []
         weights = [w for _, w in parts]
         counts = [corpus.samples]
         if role == "fitness":

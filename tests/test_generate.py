@@ -56,7 +56,9 @@ def test_a_resume_reuses_the_cached_generated_windows(ray_cluster, tiny_checkpoi
 
     path, corpus = tiny_checkpoint
     run = tmp_path / "run"
-    mix = [f"data.{r}.mix=[text:{corpus}=1,generated=1]" for r in ("calibration", "fitness")]
+    mix = [
+        f"data.{r}.{k}" for r in ("calibration", "fitness") for k in ("name=mix", f"mix=[text:{corpus}=1,generated=1]")
+    ]
     assert main(level_args(path, corpus, run, "search.generations=1", *mix)) == 0
     saved = torch.load(run / "generated.pt")["tokens"]
     assert saved.shape == (4, 32)  # the calibration takes the most: half of its 8 windows of 32
@@ -76,6 +78,7 @@ def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
     (tmp_path / "a.txt").write_text(" ".join(["the"] * 4000))
     (tmp_path / "b.txt").write_text(" ".join(["of"] * 4000))
     cfg = load_config([
+        "data.calibration.name=mix",
         f"data.calibration.mix=[text:{tmp_path / 'a.txt'}=3,text:{tmp_path / 'b.txt'}=1,generated=0.5]",
         "data.calibration.samples=18",
         "data.calibration.seqlen=16",
@@ -102,7 +105,7 @@ def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
 )
 def test_a_bad_mixture_stops_with_one_line_naming_the_key(entry, says):
     with pytest.raises(ConfigError) as e:
-        load_config([f"data.calibration.mix=[{entry}]"])
+        load_config(["data.calibration.name=mix", f"data.calibration.mix=[{entry}]"])
     assert "data.calibration.mix" in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
 
 
@@ -119,7 +122,11 @@ def test_no_evaluation_text_reaches_a_calibration_or_selection_window(smollm2):
     from searchllm.data import load_text, tokenize
     from searchllm.stages.plan import selection_sets
 
-    mix = [f"data.{r}.mix=[wikitext2:validation=1,ptb:train=1]" for r in ("calibration", "fitness")]
+    mix = [
+        f"data.{r}.{k}"
+        for r in ("calibration", "fitness")
+        for k in ("name=mix", "mix=[wikitext2:validation=1,ptb:train=1]")
+    ]
     cfg = load_config(mix)
     tokens = token_sets(cfg, smollm2.tokenizer, selection_sets(cfg))[0]
     for spec, n in (("wikitext2-raw:test", 32), ("ptb:test", 32), ("code", 12), ("docs", 12), ("chat", 12)):
