@@ -432,6 +432,38 @@ class ExportConfig:
 
 
 @dataclass
+class HealConfig:
+    """Healing after the search: full-parameter distillation of the exported subnet from the original model
+    (forward KL on the next-token distributions) on Ray Train workers, before the export is written."""
+
+    enabled: bool = False  # heal the subnet (python -m searchllm.heal RUN heals a finished run)
+    tokens: int = 100_000  # training tokens in all (steps = tokens // (batch * seqlen))
+    seqlen: int = 512  # tokens per training window
+    batch: int = 4  # windows per optimizer step, over all workers (a multiple of heal.workers)
+    lr: float = 1e-4  # peak learning rate of AdamW (betas 0.9, 0.95)
+    min_lr: float = 1e-5  # where the cosine decay ends
+    warmup: int = 10  # steps of linear warmup from 0
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clipping (0: none)
+    temperature: float = 1.0  # of both distributions in the KL (the loss is scaled by its square)
+    ce: float = 0.0  # weight of a next-token cross-entropy term added to the KL
+    chunk: int = 1024  # positions per slice of the logits (memory: chunk x vocabulary floats, not seqlen x)
+    # Compute dtype of both models' matrix products: auto (bfloat16 where the device computes it natively: CUDA
+    # with bf16, a CPU with AVX-512 bf16 or AMX; else float32), float32 or bfloat16. Weights and AdamW stay float32.
+    dtype: str = "auto"
+    workers: int = 1  # Ray Train data-parallel workers (gloo on CPU, NCCL on GPUs)
+    cpus_per_worker: Union[int, str] = "auto"  # auto: the cluster's CPUs shared out over the workers
+    fsdp: str = "auto"  # shard student and teacher over the workers: auto (on GPUs with 2+ workers) | on | off
+    checkpoint_every: int = 25  # steps between checkpoints in <run>/heal/<tag>/ (a killed heal resumes there)
+    eval_every: int = 25  # steps between KL measurements on the held-out heal windows (and at the end)
+    eval_windows: int = 4  # windows of the heal sources set aside, never trained on, for that KL
+    seed: int = 0  # the window draws
+    # Training text: "SOURCE=WEIGHT" entries as in data.<role>.mix (name:split, text:<path>, hf:..., generated);
+    # empty: the calibration's sources. Test splits and held-out evaluation domains are refused.
+    mix: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: $RAY_ADDRESS, else the cluster `ray start` runs here, else start one
     # Evaluator replicas, and actors per replica (each a contiguous shard of layers): a number, or auto
@@ -470,6 +502,7 @@ class Config:
     reform: ReformConfig = field(default_factory=ReformConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # after export: the original and the exported model
+    heal: HealConfig = field(default_factory=HealConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # A named method: `method=NAME` on the command line applies conf/method/NAME.yaml (before the other
@@ -505,10 +538,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ray.device": DEVICES,
     "eval.missing": ("skip", "error"),
     "eval.device": DEVICES,
+    "heal.dtype": ("auto", "float32", "bfloat16"),
+    "heal.fsdp": ("auto", "on", "off"),
 }
 
 # Overrides allowed when resuming: they change how the run is executed, not what it computes.
-RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.", "eval.", "monitor.")
+RESUMABLE_PREFIXES = ("ray.", "resume", "search.generations", "reform.", "export.", "eval.", "monitor.", "heal.")
 
 
 def _merge(base: DictConfig, layer: Any, where: str) -> DictConfig:
@@ -707,6 +742,7 @@ def validate(c: Config) -> None:
             f"space.round_to={c.space.round_to} must be 1 or an even number >= 2 (kept head dims come in rotary "
             "pairs), e.g. 8, 64 or 128"
         )
+    validate_heal(c.heal)
     r = c.ray
     for key in ("replicas", "stages", "threads", "in_flight"):
         value = getattr(r, key)
@@ -718,6 +754,37 @@ def validate(c: Config) -> None:
         )
 
 
+def validate_heal(h: HealConfig) -> None:
+    for key in ("tokens", "seqlen", "batch", "workers", "chunk", "checkpoint_every", "eval_every"):
+        if not getattr(h, key) >= 1:
+            raise ConfigError(f"heal.{key}={getattr(h, key)} must be an integer >= 1")
+    if h.seqlen < 2:
+        raise ConfigError(f"heal.seqlen={h.seqlen} must be >= 2 (a next token to predict)")
+    if h.batch % h.workers:
+        raise ConfigError(
+            f"heal.batch={h.batch} must be a multiple of heal.workers={h.workers} (each worker takes an equal share)"
+        )
+    if h.tokens < h.batch * h.seqlen:
+        raise ConfigError(
+            f"heal.tokens={h.tokens} is less than one step of heal.batch x heal.seqlen = {h.batch * h.seqlen} tokens"
+        )
+    if not (h.lr > 0 and 0 <= h.min_lr <= h.lr):
+        raise ConfigError(f"heal.lr={h.lr} must be > 0 and heal.min_lr={h.min_lr} in [0, heal.lr]")
+    for key in ("warmup", "eval_windows", "weight_decay", "clip", "ce"):
+        if not getattr(h, key) >= 0:
+            raise ConfigError(f"heal.{key}={getattr(h, key)} must be >= 0")
+    if not h.temperature > 0:
+        raise ConfigError(f"heal.temperature={h.temperature} must be > 0")
+    if h.cpus_per_worker != "auto" and not (isinstance(h.cpus_per_worker, int) and h.cpus_per_worker >= 1):
+        raise ConfigError(f"heal.cpus_per_worker={h.cpus_per_worker!r} must be an integer >= 1 or auto")
+    for source, _ in parse_mix(list(h.mix), "heal.mix") if h.mix else []:
+        if source is not None and source.split == "test":
+            raise ConfigError(
+                f"heal.mix names {source.name}:test; healing never trains on a test split (the reported text): use "
+                "train or validation"
+            )
+
+
 def check_resume_overrides(argv: list[str]) -> None:
     _, dotlist = parse_overrides(argv)
     for item in dotlist:
@@ -725,7 +792,7 @@ def check_resume_overrides(argv: list[str]) -> None:
         if not key.startswith(RESUMABLE_PREFIXES):
             raise ConfigError(
                 f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, monitor.*, "
-                "search.generations, reform.*, export.* and eval.* can"
+                "search.generations, reform.*, heal.*, export.* and eval.* can"
             )
 
 

@@ -301,7 +301,9 @@ def token_sets(
     for name in ("calibration", "fitness", "report"):
         corpus = getattr(d, name)
         where[name] = (
-            " + ".join(corpus.mix) if corpus.mix else f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
+            " + ".join(corpus.mix)
+            if corpus.name == MIX
+            else f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
         )
         tokens[name] = windows(name, corpus.samples, corpus.seqlen, f"data.{name}", first=name != "calibration")
         if name == "fitness":  # the finalists' judge: more windows of the same corpus
@@ -343,3 +345,82 @@ def generation_prompt(tokenizer, chat: str) -> list[int]:
     if start is None:
         raise DataError("generated calibration needs a start token: the tokenizer has neither BOS nor EOS")
     return [int(start)]
+
+
+@dataclass
+class HealWindows:
+    """Healing text: training windows in the order they are trained on, and windows set aside to measure the
+    KL on (never trained on)."""
+
+    train: torch.Tensor  # [steps * heal.batch, heal.seqlen]
+    eval: torch.Tensor  # [heal.eval_windows, heal.seqlen]
+    where: str  # the sources and their weights
+    repeats: dict[str, float]  # sources whose share needs more than one pass over their windows: passes
+
+
+def heal_sources(cfg: Config) -> tuple[list[tuple[Optional[CorpusConfig], float]], str]:
+    """heal.mix's sources, else the calibration's (generated text included), with their weights."""
+    h, cal = cfg.heal, cfg.data.calibration
+    if h.mix:
+        entries = list(h.mix)
+        parts = parse_mix(entries, "heal.mix")
+    elif cal.name == MIX:
+        entries = list(cal.mix)
+        parts = parse_mix(entries, "data.calibration.mix")
+    else:
+        entries = [f"{cal.name}:{cal.split}"]
+        parts = [(cal, 1.0)]
+    for source, _ in parts:
+        if source is not None and (source.split == "test" or source.name in DOMAINS):
+            raise DataError(
+                f"healing would train on {source.name}:{source.split}, a test split or held-out domain; set "
+                "heal.mix=[SOURCE=WEIGHT,...] to train and validation text"
+            )
+    return parts, " + ".join(entries)
+
+
+def heal_windows(cfg: Config, tokenizer, generated: Optional[torch.Tensor] = None) -> HealWindows:
+    """Each source cut into non-overlapping windows of heal.seqlen (from a seeded offset), shuffled with its
+    own seed; the windows a step takes are shared out by weight (largest remainders), eval windows first.
+    A source runs through all its windows before any repeats (a new shuffle per pass)."""
+    h, root = cfg.heal, cfg.data.root
+    parts, where = heal_sources(cfg)
+    steps = h.tokens // (h.batch * h.seqlen)
+    need = apportion(steps * h.batch + h.eval_windows, [w for _, w in parts])
+    held = apportion(h.eval_windows, [w for _, w in parts])
+    train, held_out, repeats = [], [], {}
+    for k, ((source, _), n, m) in enumerate(zip(parts, need, held)):
+        if n == 0:
+            continue
+        g = torch.Generator().manual_seed(h.seed + 1000 * k)
+        if source is None:
+            if generated is None:
+                raise DataError("heal: the healing text names `generated` but the run sampled none")
+            seqs = generated[:, : generated.shape[1] // h.seqlen * h.seqlen]
+            pool = seqs.reshape(-1, h.seqlen)
+            label = "generated"
+        else:
+            ids = tokenize(load_text(source, root, tokenizer)[0], tokenizer)
+            offset = int(torch.randint(0, h.seqlen, (1,), generator=g))
+            usable = (ids.numel() - offset) // h.seqlen
+            if usable < 1:
+                raise DataError(f"heal: {source.name}:{source.split} has fewer than {h.seqlen} tokens (heal.seqlen)")
+            pool = ids[offset : offset + usable * h.seqlen].view(usable, h.seqlen)
+            label = f"{source.name}:{source.split}"
+        if pool.shape[0] <= m:
+            raise DataError(
+                f"heal: {label} holds {pool.shape[0]} windows of heal.seqlen={h.seqlen} tokens, {m} set aside for "
+                "the held-out KL; lower heal.seqlen or heal.eval_windows"
+            )
+        order = torch.randperm(pool.shape[0], generator=g)
+        held_out.append(pool[order[:m]])
+        rest = order[m:]
+        picks = []
+        while sum(len(p) for p in picks) < n - m:
+            picks.append(rest if not picks else rest[torch.randperm(len(rest), generator=g)])
+        if len(picks) > 1:
+            repeats[label] = (n - m) / len(rest)
+        train.append(pool[torch.cat(picks)[: n - m]])
+    mixed = torch.cat(train)
+    mixed = mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(h.seed))]
+    return HealWindows(mixed, torch.cat(held_out), where, repeats)

@@ -102,6 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
     from searchllm.cluster.pool import EvaluatorPool, RayMetrics, connect  # Ray is imported only once a run starts
+    from searchllm.cluster.train import RayHealer
 
     g, budget = p.space.geometry, p.budget
     log.info(
@@ -166,7 +167,7 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
         metrics = RayMetrics(run_dir.path.name) if m.metrics else None
         if metrics is not None:
             monitor.sinks.append(metrics)
-        ctx = RunContext(cfg, run_dir, p, loaded, monitor)
+        ctx = RunContext(cfg, run_dir, p, loaded, monitor, healer=RayHealer(cfg.heal, cfg.ray, name))
         stages = stages_for(p.strategy.kind)
         try:
             with EvaluatorPool(

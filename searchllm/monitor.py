@@ -46,6 +46,7 @@ class Monitor:
             "reform": None,
             "summary": None,
             "eval": [],
+            "heal": None,
             "updated": time.time(),
         }
         self.sinks: list[Callable[[str, dict[str, Any]], None]] = []
@@ -82,6 +83,33 @@ class Monitor:
         with self._lock:
             self.state["reform"] = data
         self._emit("reform", data)
+
+    def on_heal(self, rec: dict[str, Any]) -> None:
+        """A heal step's record (healing.distill: step, steps, tokens, loss, lr, seconds, held_out_kl)."""
+        with self._lock:
+            heal = self.state["heal"] or {"curve": []}
+            if rec["step"] < len(heal["curve"]):  # a resumed heal goes back to its checkpoint
+                heal["curve"] = heal["curve"][: rec["step"]]
+            heal["curve"].append({k: v for k, v in rec.items() if isinstance(v, (int, float))})
+            if "loss" in rec:
+                heal["tokens_per_s"] = rec["tokens"] / max(rec["seconds"], 1e-9)
+                heal["eta_s"] = (rec["steps"] - rec["step"]) * rec["seconds"] / rec["step"]
+                heal["step"], heal["steps"] = rec["step"], rec["steps"]
+            self.state["heal"] = heal
+        self._emit("heal", rec | ({"eta_s": heal["eta_s"]} if "eta_s" in heal else {}))
+
+    def on_heal_done(self, record: dict[str, Any]) -> None:
+        """The finished heal: its curve and the report perplexity before and after."""
+        with self._lock:
+            self.state["heal"] = {
+                "curve": record["curve"],
+                "step": record["steps"],
+                "steps": record["steps"],
+                "tokens_per_s": record["tokens_per_s"],
+                "eta_s": 0.0,
+                "before": record["report_ppl_before"],
+                "after": record["report_ppl_after"],
+            }
 
     def set_best(self, best: dict[str, Any], label: str) -> None:
         """The structure shown as the best from now on (after reformation: the finalist chosen)."""

@@ -87,7 +87,10 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
     if ray.is_initialized():
         return "Ray already initialised in this process"
     quiet = dict(
-        logging_level=logging.WARNING, log_to_driver=True, job_config=ray.job_config.JobConfig(metadata={"name": name})
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        job_config=ray.job_config.JobConfig(metadata={"name": name}),
+        runtime_env={"worker_process_setup_hook": "searchllm.cluster.train.quiet_workers"},
     )
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -168,6 +171,11 @@ class RayMetrics:
         self.in_flight = gauge("candidates_in_flight", "candidate evaluations queued on the replicas")
         self.reform_layer = gauge("reform_layer", "layers of the current finalist reformed so far")
         self.reform_layers = gauge("reform_layers", "layers the current finalist has to reform")
+        self.heal_step = gauge("heal_step", "heal steps done")
+        self.heal_loss = gauge("heal_loss", "distillation loss (nats/token) of the last heal step")
+        self.heal_kl = gauge("heal_held_out_kl", "KL from the original on the held-out heal windows")
+        self.heal_rate = gauge("heal_tokens_per_second", "heal tokens per second since the heal started")
+        self.heal_eta = gauge("heal_eta_seconds", "seconds the heal has left, at its rate so far")
         self.evaluations = Counter("searchllm_evaluations", "candidate evaluations finished", tag_keys=("run",))
         self.evaluations.set_default_tags({"run": run})
         self._last: dict[Any, float] = {}
@@ -205,6 +213,14 @@ class RayMetrics:
         elif event == "reform":
             self.set(self.reform_layer, data["done"])
             self.set(self.reform_layers, data["layers"])
+        elif event == "heal":
+            if "loss" in data:
+                self.set(self.heal_step, data["step"])
+                self.set(self.heal_loss, data["loss"])
+                self.set(self.heal_rate, data["tokens"] / max(data["seconds"], 1e-9))
+                self.set(self.heal_eta, data["eta_s"])
+            if "held_out_kl" in data:
+                self.set(self.heal_kl, data["held_out_kl"])
 
 
 # -- actors --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The pipeline as stages. A method is an ordered list of stages; the driver runs them in order, the
 ones marked `pool` while the evaluator pool is up, the rest after it is gone.
 
-    plan -> load -> generate -> [calibrate | database] -> search -> reform -> export -> evaluate -> report
+    plan -> load -> generate -> [calibrate | database] -> search -> reform -> build -> heal -> export -> evaluate
+    -> report
 
 plan and load run before the pool exists (the driver calls them: stages.plan); which list runs after is
 decided by the kind of search.mode's registered strategy (strategies.py).
@@ -18,6 +19,7 @@ from searchllm.stages import (
     evaluate,
     export,
     generate,
+    heal,
     reform,
     report,
     search_levels,
@@ -33,7 +35,13 @@ class Stage:
     pool: bool  # runs on the evaluator pool (it is shut down before the first stage without)
 
 
-_TAIL = (Stage("export", export.run, True), Stage("evaluate", evaluate.run, False), Stage("report", report.run, False))
+_TAIL = (
+    Stage("build", export.build_subnet, True),  # the export in memory, from the pool's original weights
+    Stage("heal", heal.run, False),  # on Ray Train workers: the pool's resources are free by then
+    Stage("export", export.run, False),
+    Stage("evaluate", evaluate.run, False),
+    Stage("report", report.run, False),
+)
 METHODS: dict[str, tuple[Stage, ...]] = {
     # the level search: the compensated level database, then a search over level assignments
     "levels": (

@@ -132,6 +132,22 @@ class Subnet:
 
 
 @dataclass
+class Built:
+    """The subnet as a model in memory (stages.export.build_subnet): what the heal stage trains and the
+    export writes."""
+
+    model: torch.nn.Module
+    info: Any  # export.hf.ExportInfo
+
+
+class Healer(Protocol):
+    """Runs a heal (healing.distill.HealJob) to the end and returns its record (searchllm.cluster.train on
+    Ray Train; healing.distill.train in-process)."""
+
+    def __call__(self, job: Any) -> dict: ...
+
+
+@dataclass
 class RunContext:
     cfg: Config
     run: RunDir
@@ -143,6 +159,9 @@ class RunContext:
     database: Optional[Database] = None
     searched: Optional[Searched] = None
     subnet: Optional[Subnet] = None
+    built: Optional[Built] = None
+    healer: Optional[Healer] = None  # set by the driver: how the heal stage trains
+    generated: Optional[torch.Tensor] = None  # the sequences the generate stage sampled (None: none)
     export_dir: Optional[Path] = None
 
     @property

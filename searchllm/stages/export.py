@@ -1,6 +1,8 @@
-"""export: the subnet built from the original weights, its slices and the tensors replacing sliced ones,
-written in export.format (searchllm.export: hf, gguf), reloaded from disk and scored on the report windows;
-manifest.json records every stage's perplexity. A resume writes the export again (another format, say)."""
+"""build, then export: the subnet built in memory from the original weights (on the pool: it holds them),
+its slices and the tensors replacing sliced ones (`build`); after the pool is gone and the heal stage has
+had it, written in export.format (searchllm.export: hf, gguf), reloaded from disk and scored on the report
+windows (`run`); manifest.json records every stage's perplexity. A resume writes the export again
+(another format, say)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from searchllm.export.formats import ExportJob, write_all
 from searchllm.export.hf import build
 from searchllm.models.loading import DTYPES as DTYPES_BY_NAME
 from searchllm.models.loading import source_gguf
-from searchllm.stages.context import RunContext, Subnet
+from searchllm.stages.context import Built, RunContext, Subnet
 
 log = logging.getLogger("searchllm")
 
@@ -37,20 +39,42 @@ def manifest_source(ctx: RunContext) -> dict:
     }
 
 
+def build_subnet(ctx: RunContext) -> None:
+    """The export in memory (ctx.built), from the pool's copy of the original weights."""
+    subnet, cfg = ctx.subnet, ctx.cfg
+    if subnet is None or ctx.searched is None or not (cfg.export.enabled or cfg.heal.enabled):
+        return
+    ctx.monitor.stage("exporting")
+    state = ctx.need_pool().original_state()
+    model, info = build(
+        ctx.loaded.adapter, state, subnet.slices, subnet.weights, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype]
+    )
+    del state
+    if info.params != subnet.params + info.zero_biases:
+        log.warning(
+            "exported model has %d params, the search counted %d (+%d zero biases)",
+            info.params,
+            subnet.params,
+            info.zero_biases,
+        )
+    ctx.built = Built(model, info)
+
+
 def run(ctx: RunContext) -> None:
     subnet, searched = ctx.subnet, ctx.searched
     if subnet is None or searched is None:  # nothing chosen to export (reform and export both off)
         return
     cfg, manifest, ppl = ctx.cfg, subnet.manifest, subnet.ppl
-    if cfg.export.enabled:
-        manifest["export"] = export_subnet(ctx, subnet)
+    if cfg.export.enabled and ctx.built is not None:
+        manifest["export"] = export_subnet(ctx, subnet, ctx.built)
         ppl["exported"] = manifest["export"].pop("ppl")
         ctx.export_dir = Path(manifest["export"]["dir"])
     manifest["perplexity"] |= ppl
     ctx.run.save_json("manifest.json", manifest)
     g, rows = ctx.loaded.adapter.geometry(), searched.rows
     corpus = rows[0]["corpus"]
-    for stage, n in (("reformed", subnet.params), ("exported", manifest.get("export", {}).get("params"))):
+    exported = manifest.get("export", {}).get("params")
+    for stage, n in (("reformed", subnet.params), ("healed", exported or subnet.params), ("exported", exported)):
         if stage in ppl:
             rows.append({
                 "model": stage,
@@ -65,26 +89,13 @@ def run(ctx: RunContext) -> None:
     print("  perplexity (" + ctx.plan.where["report"] + "): " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
 
 
-def export_subnet(ctx: RunContext, subnet: Subnet) -> dict:
-    """Build, save, reload and score the export; returns the manifest's export record (with its report `ppl`)."""
-    cfg, loaded = ctx.cfg, ctx.loaded
+def export_subnet(ctx: RunContext, subnet: Subnet, built: Built) -> dict:
+    """Save, reload and score the export; returns the manifest's export record (with its report `ppl`)."""
+    cfg, loaded, e = ctx.cfg, ctx.loaded, ctx.cfg.export
     ctx.monitor.stage("exporting")
-    state = ctx.need_pool().original_state()
-    model, info = build(
-        loaded.adapter, state, subnet.slices, subnet.weights, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype]
-    )
-    del state
-    if info.params != subnet.params + info.zero_biases:
-        log.warning(
-            "exported model has %d params, the search counted %d (+%d zero biases)",
-            info.params,
-            subnet.params,
-            info.zero_biases,
-        )
-    e = cfg.export
     job = ExportJob(
-        model,
-        info,
+        built.model,
+        built.info,
         Path(e.dir or ctx.run.path / "export"),
         loaded.tokenizer,
         ctx.plan.tokens["report"],
@@ -92,6 +103,6 @@ def export_subnet(ctx: RunContext, subnet: Subnet) -> dict:
         loaded.checkpoint,
         source_gguf(cfg.model, data_root(cfg.data.root)),
         list(e.gguf_types),
-        subnet.ppl.get("reformed", subnet.ppl["searched"]),
+        subnet.ppl.get("healed", subnet.ppl.get("reformed", subnet.ppl["searched"])),
     )
     return write_all(job, e.format)

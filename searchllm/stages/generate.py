@@ -60,6 +60,7 @@ def run(ctx: RunContext) -> None:
         ctx.run.save_json("generated.json", settings | {"seconds": seconds, "tokens_per_s": new / seconds})
     else:
         log.info("generated calibration text: %d sequences read back from generated.pt", generated.shape[0])
+    ctx.generated = generated
     tokens, _ = token_sets(cfg, ctx.loaded.tokenizer, selection, generated)
     changed = {k: v for k, v in tokens.items() if not v.equal(ctx.plan.tokens[k])}
     ctx.plan.tokens.update(changed)

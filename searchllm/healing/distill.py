@@ -1,0 +1,342 @@
+"""Distil the pruned student from the original teacher: forward KL(teacher || student) on the next-token
+distributions at every position (Minitron: logit KL alone, temperature 1, is the best loss), an optional
+cross-entropy term, AdamW (betas 0.9/0.95) with linear warmup and cosine decay, gradient clipping.
+
+Memory stays bounded by a fused head-and-loss function (`ChunkedKL`): the vocabulary-sized logits exist
+a chunk of positions at a time, and the chunk's gradients are taken in the same pass, so neither model's
+full logits (49k x 2048 floats per SmolLM2 window) are ever held. The whole loss is one autograd node of
+one module's forward, so the same step runs plain, under DDP or under FSDP2.
+
+`train(job, rank, world)` is one worker's loop; every `checkpoint_every` steps rank 0 writes the student,
+AdamW and schedule state (checkpoint.pt) and a resumed loop continues from it: the window order and the
+schedule are functions of the step, so a resumed heal ends identical to an unbroken one on the same layout.
+progress.jsonl gets a line per step (rank 0), curve.json and healed.pt come at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from searchllm.config import HealConfig
+from searchllm.files import writing
+from searchllm.pruning.shard import bf16_native
+
+CHECKPOINT, PROGRESS, CURVE, HEALED = "checkpoint.pt", "progress.jsonl", "curve.json", "healed.pt"
+
+
+@dataclass
+class HealJob:
+    """What a worker needs, all on disk (shared storage on a multi-node cluster)."""
+
+    student: str  # checkpoint dir of the subnet before healing (load_pretrained)
+    teacher: str  # checkpoint dir of the original model
+    windows: str  # torch file {"train": [N, seqlen], "eval": [M, seqlen]} (data.heal_windows)
+    out: str  # the heal's folder: checkpoint.pt, progress.jsonl, curve.json, healed.pt
+    params: dict  # HealConfig as a dict
+    fsdp: bool = False  # shard both models over the workers (FSDP2)
+
+
+class ChunkedKL(torch.autograd.Function):
+    """Loss and its gradient through the LM head, a chunk of positions at a time.
+
+    forward(h [N, H] student hidden states, weight [V, H] student head, h_t [N, H], weight_t [V, H],
+    labels [N] (-100: none), temperature, ce weight, chunk, dtype) -> scalar
+    mean over positions of T^2 KL(p_t^T || p_s^T) + ce * CE(p_s, labels); the matrix products run in `dtype`,
+    the softmax arithmetic in float32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, h_t, weight_t, labels, temperature, ce, chunk, dtype):
+        n, t = h.shape[0], temperature
+        grad_h = torch.zeros_like(h, dtype=torch.float32)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        w, w_t = weight.to(dtype), weight_t.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hs = h[s : s + chunk].to(dtype)
+            z = (hs @ w.T).float()
+            with torch.no_grad():
+                log_pt = torch.log_softmax((h_t[s : s + chunk].to(dtype) @ w_t.T).float() / t, -1)
+            log_ps = torch.log_softmax(z / t, -1)
+            pt = log_pt.exp()
+            total += t * t * (pt * (log_pt - log_ps)).sum()
+            g = t * (log_ps.exp() - pt)  # d(T^2 KL)/dz
+            if ce:
+                lab = labels[s : s + chunk]
+                ok = lab >= 0
+                log_p1 = log_ps if t == 1 else torch.log_softmax(z, -1)
+                total -= ce * log_p1[ok].gather(-1, lab[ok, None]).sum()
+                onehot = torch.zeros_like(g)
+                onehot[ok] = onehot[ok].scatter(-1, lab[ok, None], 1.0)
+                g += ce * (log_p1.exp() * ok[:, None] - onehot)
+            g = (g / n).to(dtype)
+            grad_h[s : s + chunk] = (g @ w).float()
+            grad_w += (g.T @ hs).float()
+        ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None
+
+
+class Distill(nn.Module):
+    """The student with the loss as its forward (what DDP or FSDP wraps); the teacher's hidden states and
+    head come in as arguments, so the teacher stays outside the wrapper (frozen, no gradients)."""
+
+    def __init__(self, student: nn.Module, p: HealConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.student, self.p, self.dtype = student, p, dtype
+
+    def forward(self, ids: torch.Tensor, h_t: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+        with autocast(ids.device, self.dtype):
+            h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1)
+        p = self.p
+        return ChunkedKL.apply(
+            h.reshape(-1, h.shape[-1]),
+            self.student.lm_head.weight,
+            h_t.reshape(-1, h_t.shape[-1]),
+            weight_t,
+            labels,
+            p.temperature,
+            p.ce,
+            p.chunk,
+            self.dtype,
+        )
+
+
+class Teacher(nn.Module):
+    """The frozen teacher: hidden states and its head's weight (a copy when sharded: FSDP gathers the
+    weight only while this module's forward runs)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, copy_head: bool = False) -> None:
+        super().__init__()
+        self.model, self.dtype, self.copy_head = model, dtype, copy_head
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), autocast(ids.device, self.dtype):
+            h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
+        w = self.model.lm_head.weight
+        return h, w.detach().clone() if self.copy_head else w
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """heal.dtype: auto is bfloat16 where the device computes it natively."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_native(device) else torch.float32
+    return getattr(torch, name)
+
+
+def lr_factor(step: int, steps: int, p: HealConfig) -> float:
+    """Linear warmup over heal.warmup steps, then cosine from heal.lr down to heal.min_lr at the last step."""
+    if step < p.warmup:
+        return (step + 1) / (p.warmup + 1)
+    span = max(steps - p.warmup - 1, 1)
+    cos = 0.5 * (1 + math.cos(math.pi * min(step - p.warmup, span) / span))
+    return (p.min_lr + (p.lr - p.min_lr) * cos) / p.lr
+
+
+class Comm:
+    """The collectives a worker needs; world 1 without a process group (in-process)."""
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+
+    def mean(self, value: float, device: torch.device) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def load_models(job: HealJob, device: torch.device, dtype: torch.dtype):
+    from transformers.utils import logging as hf_logging
+
+    from searchllm.models.loading import load_pretrained
+
+    hf_logging.disable_progress_bar()
+    student = load_pretrained(job.student, "float32")[0].to(device).train()
+    # The teacher is only ever run forward: held in the compute dtype (half the memory in bfloat16).
+    teacher = load_pretrained(job.teacher, "float32" if dtype == torch.float32 else "bfloat16")[0]
+    return student, teacher.to(device).eval().requires_grad_(False)
+
+
+def shard(core: Distill, teacher: Teacher) -> None:
+    """FSDP2: every decoder layer of both models its own unit, the rest of each (embeddings, norm, head)
+    with the module whose forward uses it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for model in (core.student, teacher.model):
+        for layer in model.model.layers:
+            fully_shard(layer)
+    fully_shard(teacher)
+    fully_shard(core)
+
+
+def full_state(model: nn.Module, opt: Optional[torch.optim.Optimizer], fsdp: bool):
+    if not fsdp:
+        return model.state_dict(), opt.state_dict() if opt is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o) if opt else None
+
+
+def set_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=o)
+    set_optimizer_state_dict(model, opt, state["optim"], options=o)
+
+
+def read_checkpoint(out: Path) -> Optional[dict]:
+    from searchllm.files import damaged
+
+    p = out / CHECKPOINT
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as e:  # a cut file: torch.load raises many kinds
+        raise damaged(p, e, f"delete it to heal from the start on resume (rm {p})") from None
+
+
+def held_out_kl(core: Distill, teacher: Teacher, windows: torch.Tensor, device: torch.device) -> float:
+    """Mean KL (nats/token) of the student from the teacher on windows never trained on."""
+    total = 0.0
+    with torch.no_grad():
+        for row in windows.split(1):
+            ids = row.to(device)
+            total += float(core(ids, *teacher(ids)))
+    return total / max(len(windows), 1)
+
+
+def train(
+    job: HealJob,
+    comm: Optional[Comm] = None,
+    device: Optional[torch.device] = None,
+    on_step: Optional[Callable[[dict], None]] = None,
+    stop_after: Optional[int] = None,
+) -> Optional[dict]:
+    """One worker's heal. Returns the curve record (rank 0; None elsewhere, or when stopped by `stop_after`
+    steps, which the tests use to kill a heal between two checkpoints)."""
+    comm = comm or Comm()
+    device = device or torch.device("cpu")
+    p = HealConfig(**{k: v for k, v in job.params.items() if k in HealConfig.__dataclass_fields__})
+    out = Path(job.out)
+    dtype = compute_dtype(p.dtype, device)
+    torch.manual_seed(p.seed)
+    student, teacher_model = load_models(job, device, dtype)
+    data = torch.load(job.windows, weights_only=True)
+    train_w, eval_w = data["train"], data["eval"]
+    steps, local = train_w.shape[0] // p.batch, p.batch // comm.world
+    core, teacher = Distill(student, p, dtype), Teacher(teacher_model, dtype, copy_head=job.fsdp)
+    net: nn.Module = core
+    if job.fsdp:
+        shard(core, teacher)
+    elif comm.world > 1:
+        net = nn.parallel.DistributedDataParallel(core)
+    params = [q for q in student.parameters()]
+    opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, p))
+    start, curve, seconds = 0, [], 0.0
+    saved = read_checkpoint(out)
+    if saved is not None and saved["step"] <= steps:
+        set_state(student, opt, saved, job.fsdp)
+        sched.load_state_dict(saved["sched"])
+        start, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
+        if comm.rank == 0:  # the steps after the checkpoint are done again: their lines go
+            (out / PROGRESS).write_text("".join(json.dumps(r) + "\n" for r in curve))
+    if start == 0:
+        curve = [{"step": 0, "tokens": 0, "held_out_kl": held_out_kl(core, teacher, eval_w, device), "seconds": 0.0}]
+        write_progress(out, curve[0], comm)
+    t0 = time.perf_counter() - seconds
+    for step in range(start, steps):
+        rows = train_w[step * p.batch + comm.rank * local : step * p.batch + (comm.rank + 1) * local].to(device)
+        t_step = time.perf_counter()
+        loss = net(rows, *teacher(rows))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, p.clip) if p.clip > 0 else torch.zeros(())
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        rec = {
+            "step": done,
+            "tokens": done * p.batch * train_w.shape[1],
+            "loss": comm.mean(float(loss.detach()), device),
+            "lr": lr,
+            "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
+            "step_seconds": time.perf_counter() - t_step,
+            "seconds": time.perf_counter() - t0,
+            "steps": steps,
+        }
+        if done % p.eval_every == 0 or done == steps:
+            rec["held_out_kl"] = held_out_kl(core, teacher, eval_w, device)
+        curve.append(rec)
+        write_progress(out, rec, comm)
+        if done % p.checkpoint_every == 0 or done == steps:
+            model_sd, optim_sd = full_state(student, opt, job.fsdp)
+            if comm.rank == 0:
+                state = {"step": done, "model": model_sd, "optim": optim_sd, "sched": sched.state_dict()}
+                with writing(out / CHECKPOINT, out / f".{CHECKPOINT}.tmp") as tmp:
+                    torch.save(state | {"curve": curve, "seconds": rec["seconds"]}, tmp)
+            comm.barrier()
+        if on_step is not None:
+            on_step(rec)
+        if stop_after is not None and done >= stop_after:
+            return None
+    model_sd, _ = full_state(student, None, job.fsdp)
+    if comm.rank != 0:
+        return None
+    last = curve[-1]
+    record = {
+        "steps": steps,
+        "tokens": last.get("tokens", 0),
+        "seconds": last["seconds"],
+        "tokens_per_s": last.get("tokens", 0) / max(last["seconds"], 1e-9),
+        "workers": comm.world,
+        "dtype": str(dtype).removeprefix("torch."),
+        "fsdp": job.fsdp,
+        "curve": curve,
+    }
+    with writing(out / HEALED, out / f".{HEALED}.tmp") as tmp:
+        torch.save(model_sd, tmp)
+    with writing(out / CURVE, out / f".{CURVE}.tmp") as tmp:
+        Path(tmp).write_text(json.dumps(record))
+    return record
+
+
+def write_progress(out: Path, rec: dict, comm: Comm) -> None:
+    if comm.rank != 0:
+        return
+    with open(out / PROGRESS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

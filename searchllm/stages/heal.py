@@ -1,0 +1,198 @@
+"""heal: full-parameter distillation of the built subnet from the original model (healing.distill), on the
+run's healer (Ray Train workers; the driver sets ctx.healer), after the evaluator pool is gone and before
+the export is written, so every export format holds the healed weights.
+
+Everything lives in <run>/heal/<tag>/ (tag: the heal settings and the subnet's weights): student/ (the
+subnet before healing), windows.pt, checkpoint.pt (a killed heal resumes there), progress.jsonl,
+curve.json and healed.pt (a finished heal is read back, not redone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from searchllm.data import HealWindows, heal_windows
+from searchllm.evaluate import perplexity
+from searchllm.files import writing
+from searchllm.healing.distill import CURVE, HEALED, PROGRESS, HealJob
+from searchllm.stages.context import RunContext
+
+log = logging.getLogger("searchllm")
+# Keys that change how a heal runs, not what it computes (left out of its folder's tag).
+EXECUTION = ("enabled", "workers", "cpus_per_worker", "fsdp", "checkpoint_every")
+
+
+def tag_of(settings: dict, model: torch.nn.Module) -> str:
+    h = hashlib.sha1(json.dumps({k: v for k, v in settings.items() if k not in EXECUTION}, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def run(ctx: RunContext) -> None:
+    cfg, built, subnet = ctx.cfg, ctx.built, ctx.subnet
+    if not cfg.heal.enabled or built is None or subnet is None:
+        return
+    h, model = cfg.heal, built.model
+    settings = asdict(h)
+    folder = ctx.run.path / "heal" / tag_of(settings, model)
+    ctx.monitor.stage("healing")
+    if (folder / HEALED).is_file():
+        log.info("heal: finished before in %s; reading it back", folder)
+        record = json.loads((folder / CURVE).read_text())
+    else:
+        record = heal(ctx, folder, settings)
+    state = torch.load(folder / HEALED, weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    before = subnet.ppl.get("reformed", subnet.ppl["searched"])
+    after = perplexity(model, ctx.plan.tokens["report"], ctx.batch).ppl
+    subnet.ppl["healed"] = after
+    subnet.manifest["heal"] = {
+        "settings": settings,
+        "dir": str(folder),
+        **{k: record[k] for k in ("steps", "tokens", "seconds", "tokens_per_s", "workers", "dtype", "fsdp")},
+        "data": record.get("data"),
+        "report_ppl_before": before,
+        "report_ppl_after": after,
+        "curve": record["curve"],
+    }
+    ctx.monitor.on_heal_done(subnet.manifest["heal"])
+    log.info(
+        "healed on %d tokens in %.0fs (%.0f tokens/s): report ppl %.3f -> %.3f",
+        record["tokens"],
+        record["seconds"],
+        record["tokens_per_s"],
+        before,
+        after,
+    )
+
+
+def heal(ctx: RunContext, folder: Path, settings: dict) -> dict:
+    cfg, built = ctx.cfg, ctx.built
+    assert built is not None and ctx.healer is not None, "the driver sets the healer"
+    h = cfg.heal
+    folder.mkdir(parents=True, exist_ok=True)
+    student = folder / "student"
+    if not (student / "config.json").is_file():
+        with writing(student, folder / ".student.tmp") as tmp:
+            built.model.save_pretrained(tmp, safe_serialization=True)
+    windows = folder / "windows.pt"
+    if windows.is_file():
+        data = HealWindows(**torch.load(windows, weights_only=True))
+    else:
+        data = heal_windows(cfg, ctx.loaded.tokenizer, ctx.generated)
+        with writing(windows, folder / ".windows.pt.tmp") as tmp:
+            torch.save(asdict(data), tmp)
+    for source, passes in data.repeats.items():
+        log.warning("heal: %s holds fewer windows than its share: %.1f passes over it", source, passes)
+    steps = data.train.shape[0] // h.batch
+    log.info(
+        "healing: %d steps x %d windows x %d tokens (%d tokens) of %s; lr %g -> %g (warmup %d), %d worker(s); in %s",
+        steps,
+        h.batch,
+        h.seqlen,
+        steps * h.batch * h.seqlen,
+        data.where,
+        h.lr,
+        h.min_lr,
+        h.warmup,
+        h.workers,
+        folder,
+    )
+    job = HealJob(str(student), ctx.loaded.checkpoint, str(windows), str(folder), settings)
+    with Follow(folder / PROGRESS, Progress(ctx)):
+        record = ctx.healer(job)
+    record["data"] = {"sources": data.where, "repeats": data.repeats, "eval_windows": int(data.eval.shape[0])}
+    (folder / CURVE).write_text(json.dumps(record))
+    return record
+
+
+class Progress:
+    """Each step's record to the monitor (page, metrics); a log line on every held-out KL and at most
+    every LOG_EVERY seconds between."""
+
+    LOG_EVERY = 30.0
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx, self.logged = ctx, 0.0
+
+    def __call__(self, rec: dict) -> None:
+        self.ctx.monitor.on_heal(rec)
+        if "loss" not in rec:
+            log.info("heal: held-out KL %.4f before training", rec["held_out_kl"])
+            return
+        if time.monotonic() - self.logged < self.LOG_EVERY and "held_out_kl" not in rec:
+            return
+        self.logged = time.monotonic()
+        self.show(rec)
+
+    @staticmethod
+    def show(rec: dict) -> None:
+        rate = rec["tokens"] / max(rec["seconds"], 1e-9)
+        eta = (rec["steps"] - rec["step"]) * rec["seconds"] / rec["step"]
+        log.info(
+            "heal step %d/%d: %d tokens, loss %.4f%s, lr %.2e, %.0f tokens/s, ETA %.0fs",
+            rec["step"],
+            rec["steps"],
+            rec["tokens"],
+            rec["loss"],
+            f", held-out KL {rec['held_out_kl']:.4f}" if "held_out_kl" in rec else "",
+            rec["lr"],
+            rate,
+            eta,
+        )
+
+
+class Follow:
+    """Calls `fn` on every JSON line appended to `path` while the block runs (the heal's workers write
+    progress.jsonl; the driver shows it)."""
+
+    def __init__(self, path: Path, fn: Callable[[dict], None], every: float = 1.0) -> None:
+        self.path, self.fn, self.every = path, fn, every
+        self._stop = threading.Event()
+        self._pos = self.path.stat().st_size if self.path.is_file() else 0
+        self._thread = threading.Thread(target=self._run, name="searchllm-heal-progress", daemon=True)
+
+    def __enter__(self) -> "Follow":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._read()
+
+    def _read(self) -> None:
+        if not self.path.is_file():
+            return
+        if self.path.stat().st_size < self._pos:  # rewritten by a resumed heal
+            self._pos = 0
+        with open(self.path, "rb") as f:
+            f.seek(self._pos)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._pos += len(complete)
+        for line in complete.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            try:
+                self.fn(rec)
+            except Exception as e:  # a display problem never stops the heal
+                log.debug("heal progress: %s", e)
