@@ -301,9 +301,7 @@ def token_sets(
     for name in ("calibration", "fitness", "report"):
         corpus = getattr(d, name)
         where[name] = (
-            " + ".join(corpus.mix)
-            if corpus.name == MIX
-            else f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
+            " + ".join(corpus.mix) if corpus.name == MIX else f"{corpus.name}/{corpus.split} ({corpus.path or 'auto'})"
         )
         tokens[name] = windows(name, corpus.samples, corpus.seqlen, f"data.{name}", first=name != "calibration")
         if name == "fitness":  # the finalists' judge: more windows of the same corpus

@@ -6,16 +6,20 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import WORDS, make_tiny_checkpoint, tiny_model, tiny_run_args
 from searchllm.config import ConfigError, HealConfig, load_config
 from searchllm.data import DataError, heal_sources, heal_windows
 from searchllm.healing.distill import CHECKPOINT, CURVE, HEALED, ChunkedKL, Comm, HealJob, lr_factor, train
+
+from conftest import WORDS, make_tiny_checkpoint, tiny_model, tiny_run_args
 
 
 def test_chunked_kl_equals_the_full_logits_loss_and_its_gradients():
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(10, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
-    h_t, w_t = torch.randn(10, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64)
+    h_t, w_t = (
+        torch.randn(10, 8, generator=g, dtype=torch.float64),
+        torch.randn(30, 8, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, 30, (10,), generator=g)
     labels[-1] = -100
     for temperature, ce in ((1.0, 0.0), (2.0, 0.5)):
@@ -23,12 +27,21 @@ def test_chunked_kl_equals_the_full_logits_loss_and_its_gradients():
         loss = ChunkedKL.apply(h, w, h_t, w_t, labels, temperature, ce, 3, torch.float64)
         got = torch.autograd.grad(loss, (h, w))
         t = temperature
-        ref = t * t * torch.nn.functional.kl_div(
-            torch.log_softmax(h @ w.T / t, -1), torch.log_softmax(h_t @ w_t.T / t, -1), log_target=True, reduction="sum"
+        ref = (
+            t
+            * t
+            * torch.nn.functional.kl_div(
+                torch.log_softmax(h @ w.T / t, -1),
+                torch.log_softmax(h_t @ w_t.T / t, -1),
+                log_target=True,
+                reduction="sum",
+            )
         )
         ref = (ref + ce * torch.nn.functional.cross_entropy(h @ w.T, labels, reduction="sum")) / 10
         want = torch.autograd.grad(ref, (h, w))
-        assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)  # the softmax arithmetic runs in float32
+        assert float(loss.detach()) == pytest.approx(
+            float(ref.detach()), rel=1e-5
+        )  # the softmax arithmetic runs in float32
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -53,7 +66,10 @@ def heal_job(tmp_path):
     student.save_pretrained(tmp_path / "student")
     g, vocab = torch.Generator().manual_seed(0), teacher.config.vocab_size
     torch.save(
-        {"train": torch.randint(0, vocab, (48, 16), generator=g), "eval": torch.randint(0, vocab, (4, 16), generator=g)},
+        {
+            "train": torch.randint(0, vocab, (48, 16), generator=g),
+            "eval": torch.randint(0, vocab, (4, 16), generator=g),
+        },
         tmp_path / "windows.pt",
     )
     params = asdict(
@@ -63,7 +79,11 @@ def heal_job(tmp_path):
     def make(name: str) -> HealJob:
         (tmp_path / name).mkdir(exist_ok=True)
         return HealJob(
-            str(tmp_path / "student"), str(tmp_path / "teacher"), str(tmp_path / "windows.pt"), str(tmp_path / name), params
+            str(tmp_path / "student"),
+            str(tmp_path / "teacher"),
+            str(tmp_path / "windows.pt"),
+            str(tmp_path / name),
+            params,
         )
 
     return make
@@ -157,9 +177,7 @@ def test_bad_heal_values_stop_with_one_line_naming_the_key(override, key):
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
-def test_the_healed_export_reloads_with_the_in_memory_logits_and_heal_reuses_a_finished_search(
-    ray_cluster, tmp_path
-):
+def test_the_healed_export_reloads_with_the_in_memory_logits_and_heal_reuses_a_finished_search(ray_cluster, tmp_path):
     """A run without healing, then `python -m searchllm.heal RUN`: no search again, the export is the healed
     model (its reloaded logits are the healed weights'), the manifest records the heal."""
     from searchllm.driver import main
