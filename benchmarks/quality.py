@@ -5,9 +5,15 @@ run), in its own run dir; the table is read back from each run's manifest.json a
 
     python benchmarks/quality.py [--ratios 0.9 0.8 0.7 0.6 0.5] [--methods searchllm uniform+obs ...]
                                  [--calibrations wikitext mixture generated generated+mixture]
+                                 [--heal-tokens 100000 500000 2000000]
                                  [--root runs/quality] [--out FILE.csv] [--table-only] [-- key=value ...]
 
 A row already run under --root (its eval.parquet there) is read back, not run again.
+
+--heal-tokens adds, after each row, that row's subnet healed on each number of tokens: a copy of its run dir
+(`<row>-heal<N>`, the level database linked) healed by `python -m searchllm.heal` (searchllm.heal.main: the
+run's own stages, read back, then the heal stage, export and evaluation), each with its own schedule;
+`heal s` is the heal's own wall time (heal.* overrides go after `--`).
 
 Methods (a name -> driver overrides on top of conf/default.yaml; `--` passes more to every run):
   uniform         same kept ratio in every block by the paper's importance scores; no compensation
@@ -198,6 +204,27 @@ def run_row(root: Path, method: str, ratio: float, calibration: str, extra: list
     return read_row(run, method, ratio) | {"calibration": calibration}
 
 
+def heal_row(root: Path, base: Path, method: str, ratio: float, tokens: int, extra: list[str]) -> dict:
+    """The subnet of run `base` healed on `tokens` tokens, in a copy of the run dir."""
+    from searchllm.heal import main as heal
+
+    run = base.with_name(f"{base.name}-heal{tokens}")
+    if not (run / "eval.parquet").is_file():
+        if run.exists():
+            shutil.rmtree(run)
+        skip = {"export", "levels", "eval.parquet", "eval.csv", "report.html", "heal", "wall.json"}
+        shutil.copytree(base, run, ignore=lambda d, names: [n for n in names if d == str(base) and n in skip])
+        (run / "levels").mkdir()
+        for db in (base / "levels").iterdir():
+            (run / "levels" / db.name).symlink_to(db.resolve(), target_is_directory=True)
+        t0 = time.time()
+        if heal([str(run), f"heal.tokens={tokens}", *EVAL, *extra]):
+            raise SystemExit(f"{method} at {ratio} healed on {tokens} tokens: searchllm.heal failed")
+        (run / "wall.json").write_text(json.dumps({"seconds": time.time() - t0}))
+        evaluate(str(run / "export"), "exported", run, extra)
+    return read_row(run, f"{method}+heal", ratio)
+
+
 def read_row(run: Path, method: str, ratio: float) -> dict:
     import pandas as pd
 
@@ -221,6 +248,8 @@ def read_row(run: Path, method: str, ratio: float) -> dict:
         + m.get("level_database", {}).get("build_seconds", 0.0)
     )
     row["evaluations"] = search.get("evaluations", 0)
+    heal = m.get("heal", {})
+    row["heal tokens"], row["heal s"] = heal.get("tokens", 0), heal.get("seconds", 0.0)
     row["wall s"] = (
         json.loads((run / "wall.json").read_text())["seconds"] if (run / "wall.json").is_file() else float("nan")
     )
@@ -260,6 +289,7 @@ def main() -> None:
         choices=list(METHODS),
     )
     ap.add_argument("--calibrations", nargs="+", default=["wikitext"], choices=list(CALIBRATIONS))
+    ap.add_argument("--heal-tokens", type=int, nargs="*", default=[], help="also heal each row's subnet on N tokens")
     ap.add_argument("--root", default="runs/quality")
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
     ap.add_argument(
@@ -283,6 +313,9 @@ def main() -> None:
                     continue
                 rows.append(run_row(root, method, ratio, calibration, extra))
                 print(pd.DataFrame([rows[-1]]).to_string(index=False), flush=True)
+                for tokens in a.heal_tokens:
+                    rows.append(heal_row(root, run, method, ratio, tokens, extra) | {"calibration": calibration})
+                    print(pd.DataFrame([rows[-1]]).to_string(index=False), flush=True)
     df = pd.DataFrame([dense | {"calibration": ""}, *rows])
     for col in [c for c in df.columns if c.endswith(("@128", "@2048"))]:
         df[f"{col} x"] = df[col] / dense[col]
@@ -302,6 +335,7 @@ def main() -> None:
         "worst x",
         "wikitext2-raw@128 x",
         "search+reform s",
+        *(("heal tokens", "heal s") if a.heal_tokens else ()),
     ]
     print(df[[c for c in cols if c in df.columns]].to_markdown(index=False, floatfmt=".4g"))
 

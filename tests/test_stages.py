@@ -10,14 +10,20 @@ def test_every_strategy_kind_has_a_method():
         assert stages_for(strategies.get(name).kind)
 
 
-def test_the_level_search_and_the_mask_search_share_generate_export_evaluate_and_report():
+def test_the_level_search_and_the_mask_search_share_generate_build_heal_export_evaluate_and_report():
     levels = [s.name for s in stages_for("levels")]
     masks = [s.name for s in stages_for("search")]
-    assert levels == ["generate", "database", "search", "reform", "export", "evaluate", "report"]
-    assert masks == ["generate", "calibrate", "search", "reform", "export", "evaluate", "report"]
+    tail = ["build", "heal", "export", "evaluate", "report"]
+    assert levels == ["generate", "database", "search", "reform", *tail]
+    assert masks == ["generate", "calibrate", "search", "reform", *tail]
     assert stages_for("levels")[0] == stages_for("search")[0]
     assert stages_for("baseline") == stages_for("search")
-    assert stages_for("levels")[-3:] == stages_for("search")[-3:]
+    assert stages_for("levels")[-5:] == stages_for("search")[-5:]
+
+
+def test_the_heal_runs_after_the_pool_is_gone_and_before_the_export():
+    names = {s.name: s for s in stages_for("levels")}
+    assert names["build"].pool and not names["heal"].pool and not names["export"].pool
 
 
 def test_stages_on_the_pool_come_before_those_after_it():
