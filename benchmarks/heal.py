@@ -44,7 +44,9 @@ def plain_loop(job, steps: int) -> float:
         with autocast(device, dtype):
             s = student(ids).logits.float()
         loss = torch.nn.functional.kl_div(
-            torch.log_softmax(s, -1).flatten(0, 1), torch.log_softmax(t, -1).flatten(0, 1), log_target=True,
+            torch.log_softmax(s, -1).flatten(0, 1),
+            torch.log_softmax(t, -1).flatten(0, 1),
+            log_target=True,
             reduction="batchmean",
         )
         loss.backward()
@@ -83,7 +85,9 @@ def main() -> None:
     run = Path(a.run)
     cfg = load_config(extra, base_file=run / "config.yaml")
     cfg.heal.tokens = a.steps * cfg.heal.batch * cfg.heal.seqlen
-    generated = torch.load(run / "generated.pt", weights_only=True)["tokens"] if (run / "generated.pt").is_file() else None
+    generated = (
+        torch.load(run / "generated.pt", weights_only=True)["tokens"] if (run / "generated.pt").is_file() else None
+    )
     root = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     w = heal_windows(cfg, load_tokenizer(cfg.model, data_root(cfg.data.root)), generated)
     torch.save({"train": w.train, "eval": w.eval[:1]}, root / "windows.pt")

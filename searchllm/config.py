@@ -443,7 +443,7 @@ class HealConfig:
     lr: float = 1e-4  # peak learning rate of AdamW (betas 0.9, 0.95)
     min_lr: float = 1e-5  # where the cosine decay ends
     warmup: int = 10  # steps of linear warmup from 0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     clip: float = 1.0  # gradient-norm clipping (0: none)
     temperature: float = 1.0  # of both distributions in the KL (the loss is scaled by its square)
     ce: float = 0.0  # weight of a next-token cross-entropy term added to the KL
@@ -459,7 +459,8 @@ class HealConfig:
     eval_windows: int = 4  # windows of the heal sources set aside, never trained on, for that KL
     seed: int = 0  # the window draws
     # Training text: "SOURCE=WEIGHT" entries as in data.<role>.mix (name:split, text:<path>, hf:..., generated);
-    # empty: the calibration's sources. Test splits and held-out evaluation domains are refused.
+    # empty: the calibration's sources. Test splits and held-out evaluation domains are refused. A source whose
+    # share is more than its windows gives the rest to the others: none repeats while another has windows left.
     mix: list[str] = field(default_factory=list)
 
 

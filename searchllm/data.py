@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from searchllm.config import DOMAINS, MIX, REPO, Config, CorpusConfig, parse_mix
+from searchllm.config import DOMAINS, GENERATED, MIX, REPO, Config, CorpusConfig, parse_mix
 
 
 class DataError(ValueError):
@@ -379,46 +379,73 @@ def heal_sources(cfg: Config) -> tuple[list[tuple[Optional[CorpusConfig], float]
 
 def heal_windows(cfg: Config, tokenizer, generated: Optional[torch.Tensor] = None) -> HealWindows:
     """Each source cut into non-overlapping windows of heal.seqlen (from a seeded offset), shuffled with its
-    own seed; the windows a step takes are shared out by weight (largest remainders), eval windows first.
-    A source runs through all its windows before any repeats (a new shuffle per pass)."""
-    h, root = cfg.heal, cfg.data.root
+    own seed; the eval windows are shared out by weight first, then the training windows (largest
+    remainders), a source with fewer windows than its share giving the rest to the others. Only when every
+    source is used up does any repeat (a new shuffle per pass)."""
+    h = cfg.heal
     parts, where = heal_sources(cfg)
-    steps = h.tokens // (h.batch * h.seqlen)
-    need = apportion(steps * h.batch + h.eval_windows, [w for _, w in parts])
-    held = apportion(h.eval_windows, [w for _, w in parts])
-    train, held_out, repeats = [], [], {}
-    for k, ((source, _), n, m) in enumerate(zip(parts, need, held)):
-        if n == 0:
-            continue
+    weights = [w for _, w in parts]
+    pools, labels = [], []
+    for k, (source, _) in enumerate(parts):
         g = torch.Generator().manual_seed(h.seed + 1000 * k)
         if source is None:
             if generated is None:
-                raise DataError("heal: the healing text names `generated` but the run sampled none")
+                raise DataError(
+                    "heal: the healing text names `generated` but the run sampled none; add generated to "
+                    "data.calibration.mix or leave it out of heal.mix"
+                )
             seqs = generated[:, : generated.shape[1] // h.seqlen * h.seqlen]
-            pool = seqs.reshape(-1, h.seqlen)
-            label = "generated"
+            pool, label = seqs.reshape(-1, h.seqlen), GENERATED
         else:
-            ids = tokenize(load_text(source, root, tokenizer)[0], tokenizer)
+            ids = tokenize(load_text(source, cfg.data.root, tokenizer)[0], tokenizer)
             offset = int(torch.randint(0, h.seqlen, (1,), generator=g))
-            usable = (ids.numel() - offset) // h.seqlen
-            if usable < 1:
-                raise DataError(f"heal: {source.name}:{source.split} has fewer than {h.seqlen} tokens (heal.seqlen)")
-            pool = ids[offset : offset + usable * h.seqlen].view(usable, h.seqlen)
-            label = f"{source.name}:{source.split}"
+            usable = max((ids.numel() - offset) // h.seqlen, 0)
+            pool, label = (
+                ids[offset : offset + usable * h.seqlen].view(usable, h.seqlen),
+                f"{source.name}:{source.split}",
+            )
+        pools.append(pool[torch.randperm(pool.shape[0], generator=g)])
+        labels.append(label)
+    held = apportion(h.eval_windows, weights)
+    for label, pool, m in zip(labels, pools, held):
         if pool.shape[0] <= m:
             raise DataError(
                 f"heal: {label} holds {pool.shape[0]} windows of heal.seqlen={h.seqlen} tokens, {m} set aside for "
                 "the held-out KL; lower heal.seqlen or heal.eval_windows"
             )
-        order = torch.randperm(pool.shape[0], generator=g)
-        held_out.append(pool[order[:m]])
-        rest = order[m:]
-        picks = []
-        while sum(len(p) for p in picks) < n - m:
+    free = [p.shape[0] - m for p, m in zip(pools, held)]
+    counts = fill(h.tokens // (h.batch * h.seqlen) * h.batch, weights, free)
+    train, repeats = [], {}
+    for k, (label, pool, m, n) in enumerate(zip(labels, pools, held, counts)):
+        rest, picks = torch.arange(m, pool.shape[0]), []
+        g = torch.Generator().manual_seed(h.seed + 1000 * k + 1)
+        while sum(len(p) for p in picks) < n:
             picks.append(rest if not picks else rest[torch.randperm(len(rest), generator=g)])
         if len(picks) > 1:
-            repeats[label] = (n - m) / len(rest)
-        train.append(pool[torch.cat(picks)[: n - m]])
+            repeats[label] = n / len(rest)
+        if n:
+            train.append(pool[torch.cat(picks)[:n]])
     mixed = torch.cat(train)
     mixed = mixed[torch.randperm(mixed.shape[0], generator=torch.Generator().manual_seed(h.seed))]
-    return HealWindows(mixed, torch.cat(held_out), where, repeats)
+    return HealWindows(mixed, torch.cat([p[:m] for p, m in zip(pools, held)]), where, repeats)
+
+
+def fill(total: int, weights: list[float], free: list[int]) -> list[int]:
+    """`total` windows shared out by weight, none beyond a source's `free` windows while another has some
+    left (its excess goes to the others by weight); past all of them, by weight again (repeats)."""
+    counts, open_ = [0] * len(weights), [i for i, w in enumerate(weights) if w > 0]
+    left = total
+    while left and open_:
+        share = apportion(left, [weights[i] for i in open_])
+        full = [i for i, n in zip(open_, share) if counts[i] + n >= free[i]]
+        if not full:
+            for i, n in zip(open_, share):
+                counts[i] += n
+            return counts
+        for i in full:
+            left -= free[i] - counts[i]
+            counts[i] = free[i]
+        open_ = [i for i in open_ if i not in full]
+    for i, n in zip(range(len(weights)), apportion(left, weights) if left else [0] * len(weights)):
+        counts[i] += n
+    return counts

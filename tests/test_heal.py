@@ -146,6 +146,14 @@ def test_heal_windows_set_eval_windows_apart_and_repeat_none_before_the_text_run
     assert more.repeats and not {tuple(r) for r in more.train.tolist()} & {tuple(r) for r in more.eval.tolist()}
 
 
+def test_a_source_short_of_its_share_gives_the_rest_to_the_others_before_any_repeats():
+    from searchllm.data import fill
+
+    assert fill(10, [1, 1], [2, 100]) == [2, 8]
+    assert fill(12, [2, 1, 1], [100, 1, 100]) == [7, 1, 4]
+    assert fill(10, [1, 1], [2, 3]) == [5, 5]  # both used up: the rest by weight, repeating
+
+
 @pytest.mark.parametrize("mix", ["ptb:test=1", "code=1"])
 def test_heal_never_trains_on_a_test_split_or_a_held_out_domain(tmp_path, mix):
     with pytest.raises(ConfigError, match="heal.mix"):
