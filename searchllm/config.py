@@ -458,6 +458,11 @@ class HealConfig:
     eval_every: int = 25  # steps between KL measurements on the held-out heal windows (and at the end)
     eval_windows: int = 4  # windows of the heal sources set aside, never trained on, for that KL
     seed: int = 0  # the window draws
+    # Training-aware choice (DarwinLM; the level search): heal each of the search's final `candidates` parents, best
+    # first, on candidate_tokens tokens (no warmup) and give the full heal to the one with the lowest held-out KL
+    # after it; 1: the search's best.
+    candidates: int = 1
+    candidate_tokens: int = 8192
     # Training text: "SOURCE=WEIGHT" entries as in data.<role>.mix (name:split, text:<path>, hf:..., generated);
     # empty: the calibration's sources. Test splits and held-out evaluation domains are refused. A source whose
     # share is more than its windows gives the rest to the others: none repeats while another has windows left.
@@ -744,6 +749,11 @@ def validate(c: Config) -> None:
             "pairs), e.g. 8, 64 or 128"
         )
     validate_heal(c.heal)
+    if c.heal.candidates > 1 and strategies.get(c.search.mode).kind != "levels":
+        raise ConfigError(
+            f"heal.candidates={c.heal.candidates} chooses among the level search's final parents; search.mode="
+            f"{c.search.mode} chooses after reformation (reform.finalists): set heal.candidates=1"
+        )
     r = c.ray
     for key in ("replicas", "stages", "threads", "in_flight"):
         value = getattr(r, key)
@@ -756,7 +766,7 @@ def validate(c: Config) -> None:
 
 
 def validate_heal(h: HealConfig) -> None:
-    for key in ("tokens", "seqlen", "batch", "workers", "chunk", "checkpoint_every", "eval_every"):
+    for key in ("tokens", "seqlen", "batch", "workers", "chunk", "checkpoint_every", "eval_every", "candidates"):
         if not getattr(h, key) >= 1:
             raise ConfigError(f"heal.{key}={getattr(h, key)} must be an integer >= 1")
     if h.seqlen < 2:
@@ -768,6 +778,11 @@ def validate_heal(h: HealConfig) -> None:
     if h.tokens < h.batch * h.seqlen:
         raise ConfigError(
             f"heal.tokens={h.tokens} is less than one step of heal.batch x heal.seqlen = {h.batch * h.seqlen} tokens"
+        )
+    if h.candidates > 1 and h.candidate_tokens < h.batch * h.seqlen:
+        raise ConfigError(
+            f"heal.candidate_tokens={h.candidate_tokens} is less than one step of heal.batch x heal.seqlen = "
+            f"{h.batch * h.seqlen} tokens"
         )
     if not (h.lr > 0 and 0 <= h.min_lr <= h.lr):
         raise ConfigError(f"heal.lr={h.lr} must be > 0 and heal.min_lr={h.min_lr} in [0, heal.lr]")

@@ -119,6 +119,22 @@ def test_two_ray_train_workers_give_the_one_worker_loss_curve(ray_cluster, heal_
     assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_fsdp_over_two_workers_follows_the_one_worker_curve_and_saves_the_whole_model(ray_cluster, heal_job, tmp_path):
+    """heal.fsdp=on shards both models over the workers (FSDP2; gloo here, NCCL on GPUs): same curve, and the
+    checkpoint and healed weights are whole tensors under the model's own names."""
+    from searchllm.cluster.train import RayHealer
+    from searchllm.config import RayConfig
+
+    one = train(heal_job("one"), Comm())
+    two = RayHealer(HealConfig(workers=2, cpus_per_worker=1, fsdp="on"), RayConfig(), "test")(heal_job("fsdp"))
+    assert two["fsdp"] is True
+    a, b = ([r.get("loss", r.get("held_out_kl")) for r in c["curve"]] for c in (one, two))
+    assert a == pytest.approx(b, rel=1e-4)
+    x, y = (torch.load(tmp_path / d / HEALED, weights_only=True) for d in ("one", "fsdp"))
+    assert x.keys() == y.keys() and all(x[k].shape == y[k].shape for k in x)
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
 def _cfg(tmp_path, *overrides):
     corpus = tmp_path / "corpus.txt"
     g = torch.Generator().manual_seed(0)

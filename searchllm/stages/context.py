@@ -140,6 +140,19 @@ class Built:
     info: Any  # export.hf.ExportInfo
 
 
+@dataclass
+class Candidate:
+    """One of the search's final parents built for the training-aware choice (heal.candidates)."""
+
+    label: str
+    genome: Any
+    fitness: float  # the search's
+    built: Built
+    slices: list
+    weights: dict[int, dict[str, torch.Tensor]]
+    params: int
+
+
 class Healer(Protocol):
     """Runs a heal (healing.distill.HealJob) to the end and returns its record (searchllm.cluster.train on
     Ray Train; healing.distill.train in-process)."""
@@ -160,6 +173,7 @@ class RunContext:
     searched: Optional[Searched] = None
     subnet: Optional[Subnet] = None
     built: Optional[Built] = None
+    candidates: list[Candidate] = field(default_factory=list)  # the search's best first (heal.candidates > 1)
     healer: Optional[Healer] = None  # set by the driver: how the heal stage trains
     generated: Optional[torch.Tensor] = None  # the sequences the generate stage sampled (None: none)
     export_dir: Optional[Path] = None

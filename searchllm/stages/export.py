@@ -14,7 +14,7 @@ from searchllm.export.formats import ExportJob, write_all
 from searchllm.export.hf import build
 from searchllm.models.loading import DTYPES as DTYPES_BY_NAME
 from searchllm.models.loading import source_gguf
-from searchllm.stages.context import Built, RunContext, Subnet
+from searchllm.stages.context import Built, Candidate, RunContext, Subnet
 
 log = logging.getLogger("searchllm")
 
@@ -46,10 +46,8 @@ def build_subnet(ctx: RunContext) -> None:
         return
     ctx.monitor.stage("exporting")
     state = ctx.need_pool().original_state()
-    model, info = build(
-        ctx.loaded.adapter, state, subnet.slices, subnet.weights, DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype]
-    )
-    del state
+    dtype = DTYPES_BY_NAME[cfg.export.dtype or cfg.model.dtype]
+    model, info = build(ctx.loaded.adapter, state, subnet.slices, subnet.weights, dtype)
     if info.params != subnet.params + info.zero_biases:
         log.warning(
             "exported model has %d params, the search counted %d (+%d zero biases)",
@@ -58,6 +56,16 @@ def build_subnet(ctx: RunContext) -> None:
             info.zero_biases,
         )
     ctx.built = Built(model, info)
+    db, result = ctx.database, ctx.searched.result
+    if cfg.heal.enabled and cfg.heal.candidates > 1 and db is not None:  # the training-aware choice's candidates
+        ctx.candidates = [Candidate("search's best", result.best, result.fitness, ctx.built, [], {}, subnet.params)]
+        for k, (genome, fitness) in enumerate(result.finalists[1 : cfg.heal.candidates]):
+            slices, weights = db.db.slices(genome), db.db.overrides(genome)
+            built = Built(*build(ctx.loaded.adapter, state, slices, weights, dtype))
+            ctx.candidates.append(
+                Candidate(f"parent {k + 2}", genome, fitness, built, slices, weights, db.db.params(genome))
+            )
+    del state
 
 
 def run(ctx: RunContext) -> None:

@@ -14,17 +14,18 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from searchllm.config import HealConfig
 from searchllm.data import HealWindows, heal_windows
 from searchllm.evaluate import perplexity
 from searchllm.files import writing
 from searchllm.healing.distill import CURVE, HEALED, PROGRESS, HealJob
-from searchllm.stages.context import RunContext
+from searchllm.stages.context import Built, RunContext
 
 log = logging.getLogger("searchllm")
 # Keys that change how a heal runs, not what it computes (left out of its folder's tag).
@@ -40,20 +41,16 @@ def tag_of(settings: dict, model: torch.nn.Module) -> str:
 
 
 def run(ctx: RunContext) -> None:
-    cfg, built, subnet = ctx.cfg, ctx.built, ctx.subnet
-    if not cfg.heal.enabled or built is None or subnet is None:
+    cfg, subnet = ctx.cfg, ctx.subnet
+    if not cfg.heal.enabled or ctx.built is None or subnet is None:
         return
-    h, model = cfg.heal, built.model
-    settings = asdict(h)
-    folder = ctx.run.path / "heal" / tag_of(settings, model)
     ctx.monitor.stage("healing")
-    if (folder / HEALED).is_file():
-        log.info("heal: finished before in %s; reading it back", folder)
-        record = json.loads((folder / CURVE).read_text())
-    else:
-        record = heal(ctx, folder, settings)
-    state = torch.load(folder / HEALED, weights_only=True)
-    model.load_state_dict(state)
+    selection = choose(ctx) if len(ctx.candidates) > 1 else None
+    built = ctx.built
+    settings = asdict(cfg.heal)
+    record, folder = heal_once(ctx, built, settings)
+    model = built.model
+    model.load_state_dict(torch.load(folder / HEALED, weights_only=True))
     model.eval()
     before = subnet.ppl.get("reformed", subnet.ppl["searched"])
     after = perplexity(model, ctx.plan.tokens["report"], ctx.batch).ppl
@@ -66,6 +63,7 @@ def run(ctx: RunContext) -> None:
         "report_ppl_before": before,
         "report_ppl_after": after,
         "curve": record["curve"],
+        **({"selection": selection} if selection else {}),
     }
     ctx.monitor.on_heal_done(subnet.manifest["heal"])
     log.info(
@@ -78,9 +76,66 @@ def run(ctx: RunContext) -> None:
     )
 
 
-def heal(ctx: RunContext, folder: Path, settings: dict) -> dict:
-    cfg, built = ctx.cfg, ctx.built
-    assert built is not None and ctx.healer is not None, "the driver sets the healer"
+def heal_once(ctx: RunContext, built: Built, settings: dict) -> tuple[dict, Path]:
+    """Heal `built` with `settings` (a finished heal of the same settings and weights is read back):
+    (its record, its folder)."""
+    folder = ctx.run.path / "heal" / tag_of(settings, built.model)
+    if (folder / HEALED).is_file():
+        log.info("heal: finished before in %s; reading it back", folder)
+        return json.loads((folder / CURVE).read_text()), folder
+    return heal(ctx, built, folder, settings), folder
+
+
+def choose(ctx: RunContext) -> list[dict]:
+    """The training-aware choice: a short heal of each candidate (heal.candidate_tokens, no warmup); the one
+    with the lowest held-out KL after it becomes the subnet (ctx.built, ctx.subnet) the full heal trains."""
+    from searchllm.stages.search_levels import summarize_levels
+
+    cfg, subnet, db = ctx.cfg, ctx.subnet, ctx.database
+    assert subnet is not None and db is not None, "the choice runs on the level search's candidates"
+    short = asdict(cfg.heal) | {"tokens": cfg.heal.candidate_tokens, "warmup": 0, "eval_every": 10**9}
+    rows = []
+    for c in ctx.candidates:
+        log.info("heal: candidate %s (search fitness %.5f), %d tokens", c.label, c.fitness, short["tokens"])
+        record, _ = heal_once(ctx, c.built, short)
+        kl = [r["held_out_kl"] for r in record["curve"] if "held_out_kl" in r]
+        rows.append({
+            "candidate": c.label,
+            "search_fitness": c.fitness,
+            "params": c.params,
+            "held_out_kl_before": kl[0],
+            "held_out_kl_after": kl[-1],
+            "tokens": record["tokens"],
+            "seconds": record["seconds"],
+        })
+    best = min(range(len(rows)), key=lambda i: rows[i]["held_out_kl_after"])
+    rows[best]["chosen"] = True
+    log.info(
+        "heal: %s chosen after the short heals (held-out KL %s)",
+        rows[best]["candidate"],
+        ", ".join(f"{r['candidate']} {r['held_out_kl_before']:.4f} -> {r['held_out_kl_after']:.4f}" for r in rows),
+    )
+    c = ctx.candidates[best]
+    if best:  # another parent than the search's best: it becomes the subnet
+        g = db.space.geometry
+        ctx.built = c.built
+        subnet.slices, subnet.weights, subnet.params = c.slices, c.weights, c.params
+        subnet.ppl = {"original": subnet.ppl["original"]} | {
+            "searched": perplexity(c.built.model, ctx.plan.tokens["report"], ctx.batch).ppl
+        }
+        m = subnet.manifest
+        m["structure"] = summarize_levels(db.db, c.genome)
+        m["ratio"]["actual"] = c.params / g.total_params
+        m["params"] |= {"subnet": c.params, "decoder_subnet": c.params - g.outer_params}
+        m.pop("rereform", None)
+        subnet.chosen_as = f"chosen after short heals ({c.label})"
+    ctx.candidates = []  # the others' models are freed
+    return rows
+
+
+def heal(ctx: RunContext, built: Built, folder: Path, settings: dict) -> dict:
+    assert ctx.healer is not None, "the driver sets the healer"
+    cfg = replace(ctx.cfg, heal=HealConfig(**settings))
     h = cfg.heal
     folder.mkdir(parents=True, exist_ok=True)
     student = folder / "student"
@@ -95,7 +150,7 @@ def heal(ctx: RunContext, folder: Path, settings: dict) -> dict:
         with writing(windows, folder / ".windows.pt.tmp") as tmp:
             torch.save(asdict(data), tmp)
     for source, passes in data.repeats.items():
-        log.warning("heal: %s holds fewer windows than its share: %.1f passes over it", source, passes)
+        log.warning("heal: every source is used up; %s is read %.1f times", source, passes)
     steps = data.train.shape[0] // h.batch
     log.info(
         "healing: %d steps x %d windows x %d tokens (%d tokens) of %s; lr %g -> %g (warmup %d), %d worker(s); in %s",
