@@ -146,3 +146,33 @@ def test_bad_level_settings_stop_early_with_one_line_naming_the_key(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_training_aware_choice_heals_the_final_parents_and_exports_the_one_chosen(two_generations, tmp_path):
+    """heal.candidates=2: both final parents get a short heal, the lowest held-out KL after it is healed in
+    full and exported, and the manifest describes that subnet."""
+    import shutil
+
+    from searchllm.heal import main as heal_main
+
+    run = tmp_path / "run"
+    shutil.copytree(two_generations, run, ignore=shutil.ignore_patterns("export", "heal"))
+    assert (
+        heal_main([
+            str(run),
+            "heal.candidates=2",
+            "heal.candidate_tokens=128",
+            "heal.tokens=256",
+            "heal.seqlen=32",
+            "heal.batch=2",
+            "heal.eval_windows=2",
+        ])
+        == 0
+    )
+    m = json.loads((run / "manifest.json").read_text())
+    rows = m["heal"]["selection"]
+    assert [r["candidate"] for r in rows] == ["search's best", "parent 2"]
+    assert sum(bool(r.get("chosen")) for r in rows) == 1 and all(r["tokens"] == 128 for r in rows)
+    chosen = min(rows, key=lambda r: r["held_out_kl_after"])
+    assert chosen.get("chosen") and m["export"]["params"] == m["params"]["subnet"] == chosen["params"]
+    assert m["heal"]["tokens"] == 256
