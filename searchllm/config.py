@@ -462,7 +462,7 @@ class HealConfig:
     # first, on candidate_tokens tokens (no warmup) and give the full heal to the one with the lowest held-out KL
     # after it; 1: the search's best.
     candidates: int = 1
-    candidate_tokens: int = 8192
+    candidate_tokens: int = 8192  # training tokens of each candidate's short heal
     # Training text: "SOURCE=WEIGHT" entries as in data.<role>.mix (name:split, text:<path>, hf:..., generated);
     # empty: the calibration's sources. Test splits and held-out evaluation domains are refused. A source whose
     # share is more than its windows gives the rest to the others: none repeats while another has windows left.
