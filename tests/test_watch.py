@@ -104,6 +104,34 @@ def test_a_static_report_embeds_its_state():
     assert state["candidates"][0]["key"] == "k0"
 
 
+def heal_records(steps: int, start: int = 0):
+    out = [{"step": 0, "tokens": 0, "held_out_kl": 0.5, "seconds": 0.0}] if start == 0 else []
+    for k in range(max(start, 1), steps + 1):
+        out.append({"step": k, "steps": steps, "tokens": 64 * k, "loss": 1 / k, "lr": 1e-4, "seconds": 2.0 * k})
+    return out
+
+
+def test_a_resumed_heal_replaces_the_steps_after_its_checkpoint_on_the_page():
+    m = monitor_with([(70, 30.0)])
+    for rec in heal_records(6) + heal_records(8, start=4):  # killed after 6, resumed from the checkpoint at 4
+        m.on_heal(rec)
+    heal = json.loads(m.snapshot())["heal"]
+    assert [r["step"] for r in heal["curve"]] == list(range(9))
+    assert heal["step"] == 8 and heal["tokens_per_s"] == pytest.approx(32.0) and heal["eta_s"] == 0
+
+
+@needs_browser
+def test_the_report_draws_the_heal_curve(tmp_path):
+    m = monitor_with([(70, 30.0)])
+    for rec in heal_records(5):
+        m.on_heal(rec)
+    page = tmp_path / "report.html"
+    page.write_text(render(m.snapshot()))
+    dom = browse(page.as_uri(), tmp_path / "heal.png")
+    assert marks(dom, "heal") == 5 + 1  # the loss of 5 steps and the held-out KL before training
+    assert "32 tokens/s" in dom
+
+
 def test_the_grafana_dashboard_plots_only_metrics_the_driver_exports():
     dash = json.loads((ROOT / "cluster" / "grafana-searchllm.json").read_text())
     exported = {
