@@ -144,6 +144,10 @@ def test_the_grafana_dashboard_plots_only_metrics_the_driver_exports():
             "candidates_in_flight",
             "reform_layer",
             "reform_layers",
+            "heal_loss",
+            "heal_held_out_kl",
+            "heal_tokens_per_second",
+            "heal_eta_seconds",
         )
     }
     exported |= {"ray_searchllm_evaluations_total", "ray_searchllm_actor_busy_seconds_total"}
