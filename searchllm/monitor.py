@@ -33,6 +33,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def heal_pace(rec: dict[str, Any]) -> tuple[float, float]:
+    """(tokens/s since the heal started, seconds left at that rate) of a heal step's record."""
+    return rec["tokens"] / max(rec["seconds"], 1e-9), (rec["steps"] - rec["step"]) * rec["seconds"] / rec["step"]
+
+
 class Monitor:
     def __init__(self, run: dict[str, Any]) -> None:
         self._lock = threading.Lock()
@@ -91,12 +96,12 @@ class Monitor:
             if rec["step"] < len(heal["curve"]):  # a resumed heal goes back to its checkpoint
                 heal["curve"] = heal["curve"][: rec["step"]]
             heal["curve"].append({k: v for k, v in rec.items() if isinstance(v, (int, float))})
+            pace = {}
             if "loss" in rec:
-                heal["tokens_per_s"] = rec["tokens"] / max(rec["seconds"], 1e-9)
-                heal["eta_s"] = (rec["steps"] - rec["step"]) * rec["seconds"] / rec["step"]
-                heal["step"], heal["steps"] = rec["step"], rec["steps"]
+                pace = dict(zip(("tokens_per_s", "eta_s"), heal_pace(rec)))
+                heal |= pace | {"step": rec["step"], "steps": rec["steps"]}
             self.state["heal"] = heal
-        self._emit("heal", rec | ({"eta_s": heal["eta_s"]} if "eta_s" in heal else {}))
+        self._emit("heal", rec | pace)
 
     def on_heal_done(self, record: dict[str, Any]) -> None:
         """The finished heal: its curve and the report perplexity before and after."""

@@ -61,6 +61,13 @@ def _pin(layout: Layout, nodes: list[NodeInfo]) -> list[Optional[str]]:
     return out
 
 
+def uses_gpu(cfg: RayConfig, gpus: float) -> bool:
+    """ray.device against the GPUs the cluster lists: whether actors (and heal workers) get a GPU."""
+    if cfg.device == "cuda" and gpus < 1:
+        raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
+    return cfg.device != "cpu" and gpus >= 1
+
+
 def choose_layout(
     cfg: RayConfig, nodes: list[NodeInfo], model_bytes: int, num_layers: int, gpu_memory: Optional[float] = None
 ) -> Layout:
@@ -71,9 +78,7 @@ def choose_layout(
     all its CPUs (a CPU replica uses intra-op threads; more replicas on a node only split them)."""
     gpus = sum(n.gpus for n in nodes)
     cpus = sum(n.cpus for n in nodes)
-    if cfg.device == "cuda" and gpus < 1:
-        raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
-    use_gpu = cfg.device != "cpu" and gpus >= 1
+    use_gpu = uses_gpu(cfg, gpus)
     per_device = gpu_memory if use_gpu and gpu_memory else min(n.memory for n in nodes) if nodes else float("inf")
     what = (
         f"GPU of {per_device / GiB:.1f} GiB" if use_gpu and gpu_memory else f"node with {per_device / GiB:.1f} GiB RAM"

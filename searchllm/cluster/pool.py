@@ -217,7 +217,7 @@ class RayMetrics:
             if "loss" in data:
                 self.set(self.heal_step, data["step"])
                 self.set(self.heal_loss, data["loss"])
-                self.set(self.heal_rate, data["tokens"] / max(data["seconds"], 1e-9))
+                self.set(self.heal_rate, data["tokens_per_s"])
                 self.set(self.heal_eta, data["eta_s"])
             if "held_out_kl" in data:
                 self.set(self.heal_kl, data["held_out_kl"])

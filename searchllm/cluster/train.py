@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 import ray.train
 
-from searchllm.cluster.layout import ClusterError
+from searchllm.cluster.layout import ClusterError, uses_gpu
 from searchllm.cluster.pool import cluster_nodes
 from searchllm.config import HealConfig, RayConfig
 from searchllm.healing.distill import CURVE, HealJob
@@ -30,7 +30,6 @@ def quiet_workers() -> None:
 
 
 def _loop(config: dict) -> None:
-    import ray.train
     import torch
     from ray.train.torch import get_device
 
@@ -52,9 +51,7 @@ class RayHealer:
     def resources(self) -> tuple[bool, float]:
         nodes = cluster_nodes()
         gpus, cpus = sum(n.gpus for n in nodes), sum(n.cpus for n in nodes)
-        if self.cfg.device == "cuda" and gpus < 1:
-            raise ClusterError("ray.device=cuda but the Ray cluster lists no GPUs; use ray.device=auto or cpu")
-        use_gpu = self.cfg.device != "cpu" and gpus >= 1
+        use_gpu = uses_gpu(self.cfg, gpus)
         w = self.heal.workers
         if use_gpu and w > gpus:
             raise ClusterError(f"heal.workers={w} wants a GPU each, the cluster lists {gpus:g}; lower heal.workers")

@@ -58,7 +58,11 @@ def build_subnet(ctx: RunContext) -> None:
     ctx.built = Built(model, info)
     db, result = ctx.database, ctx.searched.result
     if cfg.heal.enabled and cfg.heal.candidates > 1 and db is not None:  # the training-aware choice's candidates
-        ctx.candidates = [Candidate("search's best", result.best, result.fitness, ctx.built, [], {}, subnet.params)]
+        ctx.candidates = [
+            Candidate(
+                "search's best", result.best, result.fitness, ctx.built, subnet.slices, subnet.weights, subnet.params
+            )
+        ]
         for k, (genome, fitness) in enumerate(result.finalists[1 : cfg.heal.candidates]):
             slices, weights = db.db.slices(genome), db.db.overrides(genome)
             built = Built(*build(ctx.loaded.adapter, state, slices, weights, dtype))

@@ -25,6 +25,7 @@ from searchllm.data import HealWindows, heal_windows
 from searchllm.evaluate import perplexity
 from searchllm.files import writing
 from searchllm.healing.distill import CURVE, HEALED, PROGRESS, HealJob
+from searchllm.monitor import heal_pace
 from searchllm.stages.context import Built, RunContext
 
 log = logging.getLogger("searchllm")
@@ -194,8 +195,7 @@ class Progress:
 
     @staticmethod
     def show(rec: dict) -> None:
-        rate = rec["tokens"] / max(rec["seconds"], 1e-9)
-        eta = (rec["steps"] - rec["step"]) * rec["seconds"] / rec["step"]
+        rate, eta = heal_pace(rec)
         log.info(
             "heal step %d/%d: %d tokens, loss %.4f%s, lr %.2e, %.0f tokens/s, ETA %.0fs",
             rec["step"],
