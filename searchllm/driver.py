@@ -8,13 +8,23 @@ method's stages in order (searchllm.stages). Bad input stops with one line on st
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from searchllm import interrupt
 from searchllm.cluster.layout import ClusterError
-from searchllm.config import Config, ConfigError, check_resume_overrides, differing_keys, load_config, to_yaml
+from searchllm.config import (
+    RESUMABLE_PREFIXES,
+    Config,
+    ConfigError,
+    check_resume_overrides,
+    differing_keys,
+    load_config,
+    to_yaml,
+)
 from searchllm.data import DataError
 from searchllm.evaluate.llamacpp import LlamaCppMissing
 from searchllm.export.formats import ExportDirError
@@ -92,12 +102,33 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    args = sys.argv[1:] if argv is None else argv
+    previous, run_dir = interrupt.catch(), None
     try:
-        cfg, run_dir = resolve_config(sys.argv[1:] if argv is None else argv)
+        cfg, run_dir = resolve_config(args)
         return run(cfg, run_dir, plan(cfg, run_dir))
     except USER_ERRORS as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        e = interrupt.received()
+        pool = sys.modules.get("searchllm.cluster.pool")  # imported (and Ray maybe started) only once a run starts
+        if pool is not None:
+            pool.disconnect()
+        print(f"searchllm: {interrupted(e, run_dir, args)}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        interrupt.release(previous)
+
+
+def interrupted(e: interrupt.Interrupted, run_dir: Optional[RunDir], args: list[str]) -> str:
+    """The one line an interrupted driver ends with: where it stopped, what is kept, how to go on."""
+    head = f"interrupted by {e} " + ("while starting" if e.stage == "start" else f"during the {e.stage} stage")
+    if run_dir is None or not run_dir.started:
+        return f"{head}, before anything was saved; run the same command again"
+    keep = [a for a in args if "=" in a and a.startswith(RESUMABLE_PREFIXES) and not a.startswith("resume=")]
+    cmd = shlex.join(["python", "-m", "searchllm.driver", f"resume={run_dir.path}", *keep])
+    return f"{head}; every finished step is saved in {run_dir.path}; resume with: {cmd}"
 
 
 def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
@@ -141,9 +172,11 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
     log.info(
         "%s", connect(cfg.ray, name)
     )  # before anything is written or loaded: an unreachable cluster fails in seconds
+    interrupt.catch()  # again: ray.init replaced the SIGTERM handler with its own (a stack dump)
     run_dir.create()
     with run_dir.locked():  # a second driver on this run dir stops here (before any actor), naming this one
-        loaded = load_model(cfg)
+        with interrupt.during("load"):
+            loaded = load_model(cfg)
         if not run_dir.started:
             run_dir.write_text("config.yaml", to_yaml(cfg))
         monitor = Monitor({
@@ -183,11 +216,13 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
                 ctx.pool = pool
                 for stage in stages:
                     if stage.pool:
-                        stage.run(ctx)
+                        with interrupt.during(stage.name):
+                            stage.run(ctx)
             ctx.pool = None  # after the pool is gone: its weights are freed before the evaluation loads models
             for stage in stages:
                 if not stage.pool:
-                    stage.run(ctx)
+                    with interrupt.during(stage.name):
+                        stage.run(ctx)
         finally:
             if server is not None:
                 server.close()

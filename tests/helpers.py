@@ -1,6 +1,10 @@
 """Reference computations the tests compare searchllm against."""
 
 import copy
+import shlex
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -76,3 +80,63 @@ def small_search(pool, adapter, run_dir, wrap=None):
     params = EvolutionParams(population=8, parents=3, mutations=4, crossovers=2)
     search = Search(space, Evolution(space, budget, params), evaluator, RunDir(run_dir).create(), 7, 3)
     return search.run_search([space.initial(scores.attn, scores.mlp, budget)])
+
+
+SIGNAL_AT = """
+import importlib, os, signal, sys
+target, after, sig, again = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4] == "again"
+module, _, path = target.rpartition(":")  # a RunDir method, or module:function
+owner = importlib.import_module(module or "searchllm.rundir")
+parts = path.split(".") if module else ["RunDir", path]
+for p in parts[:-1]:
+    owner = getattr(owner, p)
+original, calls = getattr(owner, parts[-1]), [0]
+def counted(*args):
+    original(*args)
+    calls[0] += 1
+    if calls[0] == after:  # the driver gets the signal here
+        os.kill(os.getpid(), sig)
+setattr(owner, parts[-1], counted)
+if again:  # and once more while it shuts its evaluators down
+    from searchllm.cluster.pool import EvaluatorPool
+    shutdown = EvaluatorPool.shutdown
+    def twice(self):
+        if calls[0] >= after:
+            os.kill(os.getpid(), sig)
+        shutdown(self)
+    EvaluatorPool.shutdown = twice
+from searchllm.driver import main
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+def signal_driver_at(args, method, after, sig="SIGKILL", again=False):
+    """Run the driver with `args` in a subprocess that sends itself `sig` after the `after`-th call of `method`
+    (a RunDir method, or module:function) returns; with `again`, the signal once more during the shutdown."""
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT, method, str(after), sig, "again" if again else "once", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def ended_cleanly(proc, run, sig, stage):
+    """The interrupted driver's whole stderr is one line naming the stage and the resume command; the lock
+    is released and every evaluator actor is gone. Returns the resume command's arguments."""
+    import ray
+
+    assert proc.returncode == CODES[sig], proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()
+    head = f"searchllm: interrupted by {sig} during the {stage} stage; every finished step is saved in {run}; "
+    assert line.startswith(head + f"resume with: python -m searchllm.driver resume={run}"), line
+    assert not (run / "lock").exists()
+    for _ in range(50):  # the actors' CPUs come back once Ray has reaped them
+        if ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]:
+            break
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    return shlex.split(line.split("resume with: ")[1])[3:]

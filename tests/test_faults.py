@@ -3,8 +3,6 @@
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from searchllm.pruning.space import SearchSpace
 from searchllm.rundir import RunDir
 
 from conftest import tiny_run_args
-from helpers import evaluator_pool, small_search
+from helpers import CODES, ended_cleanly, evaluator_pool, signal_driver_at, small_search
 
 pytestmark = pytest.mark.ray
 
@@ -129,25 +127,6 @@ def test_a_candidate_that_keeps_raising_is_recorded_failed_and_the_rest_are_scor
 
 # -- the driver killed with SIGKILL, then resumed ------------------------------------------------------
 
-KILL_AT = """
-import importlib, os, signal, sys
-target, after = sys.argv[1], int(sys.argv[2])
-module, _, path = target.rpartition(":")  # a RunDir method, or module:function
-owner = importlib.import_module(module or "searchllm.rundir")
-parts = path.split(".") if module else ["RunDir", path]
-for p in parts[:-1]:
-    owner = getattr(owner, p)
-original, calls = getattr(owner, parts[-1]), [0]
-def counted(*args):
-    original(*args)
-    calls[0] += 1
-    if calls[0] == after:  # the driver dies here, with no chance to clean up
-        os.kill(os.getpid(), signal.SIGKILL)
-setattr(owner, parts[-1], counted)
-from searchllm.driver import main
-sys.exit(main(sys.argv[3:]))
-"""
-
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, checkpoint, tmp_path_factory):
@@ -156,14 +135,14 @@ def reference(ray_cluster, checkpoint, tmp_path_factory):
     return run
 
 
-def kill_driver_at(run, checkpoint, method, after):
+def kill_driver_at(run, checkpoint, method, after, sig="SIGKILL"):
     import ray
 
     args = tiny_run_args(*checkpoint, run, f"ray.address={ray.get_runtime_context().gcs_address}")
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_AT, method, str(after), *args], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    proc = signal_driver_at(args, method, after, sig)
+    if sig == "SIGKILL":
+        assert proc.returncode == -9, proc.stderr[-2000:]
+    return proc
 
 
 def same_final_result(run, reference):
@@ -249,3 +228,27 @@ def test_a_second_driver_on_a_run_dir_in_use_stops_naming_the_holder(checkpoint,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"in use by the driver with pid {os.getpid()}" in err[0]
     assert not (run / "config.yaml").exists()  # it stopped before writing anything
+
+
+# -- SIGINT / SIGTERM: one line, the signal's exit code, the resume command ------------------------------
+
+
+@pytest.mark.parametrize("sig", CODES)
+@pytest.mark.parametrize(
+    "stage, method, after", [("search", "append_eval", 8 + 3), ("export", "searchllm.export.hf:write_info", 1)]
+)
+def test_an_interrupt_ends_with_one_line_and_its_resume_command_ends_as_an_undisturbed_run(
+    reference, checkpoint, tmp_path, sig, stage, method, after
+):
+    run = tmp_path / "run"
+    resume = ended_cleanly(kill_driver_at(run, checkpoint, method, after, sig), run, sig, stage)
+    assert main(resume) == 0
+    same_final_result(run, reference)
+
+
+def test_a_second_interrupt_while_shutting_down_exits_at_once(checkpoint, tmp_path):
+    import ray
+
+    args = tiny_run_args(*checkpoint, tmp_path / "run", f"ray.address={ray.get_runtime_context().gcs_address}")
+    proc = signal_driver_at(args, "append_eval", 3, "SIGINT", again=True)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines() == ["searchllm: SIGINT again: exiting now"]

@@ -8,6 +8,7 @@ import pytest
 from searchllm.driver import main
 
 from conftest import tiny_run_args
+from helpers import CODES, ended_cleanly, signal_driver_at
 
 pytestmark = pytest.mark.ray
 
@@ -176,3 +177,18 @@ def test_training_aware_choice_heals_the_final_parents_and_exports_the_one_chose
     chosen = min(rows, key=lambda r: r["held_out_kl_after"])
     assert chosen.get("chosen") and m["export"]["params"] == m["params"]["subnet"] == chosen["params"]
     assert m["heal"]["tokens"] == 256
+
+
+@pytest.mark.parametrize("sig", CODES)
+def test_an_interrupt_mid_database_keeps_the_built_layers_and_its_resume_ends_identical(
+    two_generations, checkpoint, tmp_path, sig
+):
+    import ray
+
+    run = tmp_path / "run"
+    args = level_args(*checkpoint, run, "search.generations=2", f"ray.address={ray.get_runtime_context().gcs_address}")
+    proc = signal_driver_at(args, "searchllm.stages.database:save_layer", 2, sig)
+    resume = ended_cleanly(proc, run, sig, "database")
+    assert len(list((run / "levels").glob("*/layer-*.safetensors"))) == 2
+    assert main(resume) == 0
+    assert outcome(run) == outcome(two_generations)

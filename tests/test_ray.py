@@ -1,10 +1,13 @@
 """Evaluator actors on a local Ray: sharding, replicas, streaming, and the driver end to end."""
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +20,7 @@ from searchllm.rundir import RunDir
 
 from conftest import make_tiny_checkpoint, tiny_family, tiny_run_args
 from helpers import evaluator_pool as pool
-from helpers import small_search
+from helpers import SIGNAL_AT, small_search
 
 pytestmark = pytest.mark.ray
 
@@ -282,3 +285,36 @@ def test_an_unreachable_ray_address_stops_early(tiny_checkpoint, tmp_path, how):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert ("RAY_ADDRESS" if how == "environment" else "cannot reach the Ray cluster at '127.0.0.1:1'") in proc.stderr
     assert not run.exists()
+
+
+def raylets() -> set[int]:
+    procs = set()
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if p.name.isdigit() and (p / "cmdline").read_bytes().split(b"\0")[0].endswith(b"/raylet"):
+                procs.add(int(p.name))
+    return procs
+
+
+def test_a_run_on_its_own_ray_prints_no_ray_errors_and_an_interrupt_shuts_that_ray_down(checkpoint, tmp_path):
+    # the default layout (max_restarts > 0) on a Ray the driver starts: no `E` line from Ray (its actors'
+    # constructor arguments are not ObjectRefs), then SIGTERM in the export: one line, and its Ray is gone
+    before = raylets()
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT, "searchllm.export.hf:write_info", "1", "SIGTERM", "once"]
+        + tiny_run_args(*checkpoint, run, "search.generations=2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 143 and "started a local Ray" in proc.stdout
+    [line] = proc.stderr.strip().splitlines()  # nothing else: no Ray error, no stack dump, no traceback
+    assert line.startswith("searchllm: interrupted by SIGTERM during the export stage")
+    for _ in range(50):
+        if raylets() <= before:
+            break
+        time.sleep(0.2)
+    assert raylets() <= before

@@ -80,6 +80,16 @@ def _started_cluster() -> Optional[str]:
     return find_bootstrap_address(None)
 
 
+_OWN_RAY: list[bool] = []  # non-empty while this process runs a Ray it started itself
+
+
+def disconnect() -> None:
+    """Shut down the Ray this process started (a cluster it attached to goes on)."""
+    if _OWN_RAY and ray.is_initialized():
+        ray.shutdown()
+    _OWN_RAY.clear()
+
+
 def connect(cfg: RayConfig, name: str = "searchllm") -> str:
     """Attach to $RAY_ADDRESS / ray.address, else to the cluster `ray start` runs here, else start a local Ray.
     `name` labels the driver's job (its metadata on the dashboard's Jobs page)."""
@@ -115,6 +125,7 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
     # out of their dashboard), no dashboard processes (~1 GB RSS on a laptop-sized machine).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **quiet)
+    _OWN_RAY.append(True)
     return f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 
 
@@ -226,28 +237,51 @@ class RayMetrics:
 # -- actors --------------------------------------------------------------------------------------------
 
 
+class WeightStore:
+    """Holds the pool's ObjectRefs (weights per shard, token sets) for the pool's life, under a name.
+
+    Evaluator actors look it up by name and fetch their refs from it, so their constructor arguments are
+    plain values: an actor restarted after its first references went out of scope still finds its weights
+    (ray#53727; Ray logs an error for every restartable actor whose constructor arguments are ObjectRefs)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, list] = {}
+
+    def put(self, key: str, refs: list) -> None:  # refs in a list: the store keeps the refs, not their values
+        self.refs[key] = refs
+
+    def get(self, key: str) -> list:
+        return self.refs[key]
+
+
+def _fetch(store: str, key: str) -> Any:
+    (ref,) = ray.get(ray.get_actor(store).get.remote(key))
+    return ray.get(ref)
+
+
 class StageActor:
     """One shard of one evaluator replica."""
 
     def __init__(
         self,
         arch: Architecture,
-        state: dict,
+        store: str,
         spec: ShardSpec,
         dtype: str,
         threads: int,
-        tokens: dict,
+        token_names: list[str],
         score_dtype: str = "model",
     ) -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
+        state = _fetch(store, f"shard{spec.start}")
         device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
         model_dtype = getattr(torch, dtype)
         self.runner = ShardRunner(arch, state, spec, device, model_dtype)
         # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
         scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
         self.scorer = self.runner if scored == model_dtype else ShardRunner(arch, state, spec, device, scored)
-        self.tokens = {k: ray.get(v) for k, v in tokens.items()}
+        self.tokens = {k: _fetch(store, f"tokens.{k}") for k in token_names}
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
         self._levels_ref = None  # the level database it holds
@@ -423,11 +457,16 @@ class EvaluatorPool:
         actor_cls = ray.remote(actor)
         run_id = uuid.uuid4().hex[:6]
         self.replicas: list[list[Any]] = []
+        store = f"searchllm-{run_id}-weights"
+        self.store = ray.remote(WeightStore).options(name=store, num_cpus=0).remote()
+        puts = [self.store.put.remote(f"shard{spec.start}", [ref]) for spec, ref in zip(self.specs, shard_refs)]
+        puts += [self.store.put.remote(f"tokens.{k}", [ref]) for k, ref in token_refs.items()]
         try:
+            ray.get(puts)
             self._wait_placed()
             for r, pg in enumerate(self.groups):
                 chain = []
-                for k, (spec, ref) in enumerate(zip(self.specs, shard_refs)):
+                for k, spec in enumerate(self.specs):
                     chain.append(
                         actor_cls.options(
                             name=f"searchllm-{run_id}-replica{r}-layers{spec.start}-{spec.stop - 1}",
@@ -436,7 +475,7 @@ class EvaluatorPool:
                             max_restarts=cfg.max_restarts,
                             max_task_retries=-1 if cfg.max_restarts else 0,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
-                        ).remote(arch, ref, spec, dtype, layout.threads, token_refs, score_dtype)
+                        ).remote(arch, store, spec, dtype, layout.threads, list(token_refs), score_dtype)
                     )
                 self.replicas.append(chain)
             self.placed = [ray.get([a.ready.remote() for a in chain]) for chain in self.replicas]
@@ -486,6 +525,9 @@ class EvaluatorPool:
                 ray.kill(actor, no_restart=True)
         for pg in getattr(self, "groups", []):
             remove_placement_group(pg)
+        if getattr(self, "store", None) is not None:
+            ray.kill(self.store)
+            self.store = None
         self.replicas, self.alive, self.groups = [], [], []
 
     def __enter__(self) -> "EvaluatorPool":
