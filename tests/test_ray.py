@@ -19,8 +19,8 @@ from searchllm.pruning.space import SearchSpace
 from searchllm.rundir import RunDir
 
 from conftest import make_tiny_checkpoint, tiny_family, tiny_run_args
-from helpers import evaluator_pool as pool
 from helpers import SIGNAL_AT, small_search
+from helpers import evaluator_pool as pool
 
 pytestmark = pytest.mark.ray
 
