@@ -610,6 +610,12 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
     path = Path(config_file) if config_file else (base_file or DEFAULT_CONFIG)
     if config_file and not path.is_file() and (CONF / path.name).is_file():  # `--config paper.yaml` after a pip install
         path = CONF / path.name
+    if path.is_dir():
+        found = sorted(f.name for f in path.glob("*.yaml"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(
+            f"--config {str(path)!r} is a directory{hint}; pass a YAML file, e.g. --config conf/default.yaml"
+        )
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML with --config")
     cfg = _merge(cfg, _load_yaml(path), str(path))

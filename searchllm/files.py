@@ -45,6 +45,24 @@ def writing(path: Path, tmp: Path):
         ) from None
 
 
+def check_writable(path: Path, key: str) -> None:
+    """Stop with one line, before any weights load, when `path` (a directory the run will write, maybe not
+    created yet) cannot be written: a probe directory is made and removed in its nearest existing ancestor."""
+    import tempfile
+
+    probe = path.expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".searchllm-probe-", dir=probe))
+    except OSError as e:
+        raise RunFileError(
+            f"{key}={str(path)!r} cannot be written ({e.strerror or e}); choose a writable place"
+        ) from None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     with writing(path, path.with_name(path.name + ".tmp")) as tmp:
         with open(tmp, "wb") as f:

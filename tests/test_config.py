@@ -25,6 +25,7 @@ def test_paper_config_has_the_papers_budget():
         (["search.population=abc"], "bad value for 'search.population'"),
         (["search.mutations=90", "search.crossovers=30"], "must be >= 0 and <= search.population=16"),
         (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+        (["--config", "conf"], "--config 'conf' is a directory (it holds default.yaml"),
         (["data.fitness.name=text"], "data.fitness.name=text needs data.fitness.path"),
         (["oops"], "unexpected argument 'oops'"),
         (

@@ -227,3 +227,57 @@ def test_a_run_exports_both_formats_and_evaluates_them_in_llama_cpp_then_adds_a_
         run / "export" / "model-q4_0.gguf"
     ).is_file()
     assert m2["search"] == m["search"]  # nothing searched again
+
+
+# -- a GGUF as model.path: damaged files and the conversion cache ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(bpe, tmp_path_factory):
+    model = tiny_model("llama", layers=2, vocab_size=len(bpe[0]))
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write(model, bpe[1], path)
+    return path
+
+
+def test_a_truncated_gguf_stops_with_one_line_naming_the_file(tiny_gguf, tmp_path):
+    from searchllm.config import ModelConfig
+    from searchllm.models.loading import ModelError, resolve
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size * 2 // 3])  # a download cut short
+    with pytest.raises(ModelError) as e:
+        resolve(ModelConfig(path=str(cut), cache_dir=str(tmp_path / "cache")), None)
+    msg = str(e.value)
+    assert "\n" not in msg and str(cut) in msg and "not a complete GGUF file" in msg and "download it again" in msg
+    assert not list((tmp_path / "cache").glob("*"))  # nothing cached
+
+
+def test_a_damaged_cached_conversion_is_converted_again(tiny_gguf, tmp_path, caplog):
+    from searchllm.config import ModelConfig
+    from searchllm.models.loading import MARK, resolve
+
+    cfg = ModelConfig(path=str(tiny_gguf), cache_dir=str(tmp_path / "cache"))
+    entry = __import__("pathlib").Path(resolve(cfg, None))
+    weights = entry / "model.safetensors"
+    whole = weights.read_bytes()
+    assert (entry / MARK).is_file() and not list(entry.parent.glob("*.tmp*"))
+    weights.write_bytes(whole[:100])  # cut, as a full disk or a copy cut short leaves it
+    with caplog.at_level("WARNING", logger="searchllm"):
+        assert resolve(cfg, None) == str(entry)
+    assert weights.read_bytes() == whole and "converting" in caplog.text
+
+
+def test_a_conversion_that_cannot_be_written_leaves_no_entry(tiny_gguf, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    from searchllm.config import ModelConfig
+    from searchllm.models.loading import ModelError, resolve
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    with pytest.raises(ModelError, match="No space left on device"):
+        resolve(ModelConfig(path=str(tiny_gguf), cache_dir=str(tmp_path / "cache")), None)
+    assert not list((tmp_path / "cache").iterdir())

@@ -229,6 +229,9 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
             "model type 'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2",
         ),
         ("ray.replicas=many", "ray.replicas='many' must be an integer >= 1 or auto"),
+        ("export.dir=/proc/nope", "export.dir='/proc/nope' cannot be written (No such file or directory)"),
+        ("run_dir=/proc/nope/run", "run_dir='/proc/nope/run' cannot be written"),
+        ("model.path={gguf} model.cache_dir=/proc/nope", "model.cache_dir='/proc/nope' cannot be written"),
     ],
 )
 def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tmp_path, capsys, override, message):
@@ -241,7 +244,9 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
     )
     run = tmp_path / "run"
     # in process (the command line's own exit code and stderr: test_an_unreachable_ray_address_stops_early)
-    assert main([*tiny_run_args(path, corpus, run), override.format(gpt_neox=other)]) == 2
+    gguf = tmp_path / "m.gguf"  # never read: the cache dir is checked first
+    gguf.write_bytes(b"GGUF")
+    assert main([*tiny_run_args(path, corpus, run), *override.format(gpt_neox=other, gguf=gguf).split()]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import torch
 from searchllm.config import ModelConfig
 from searchllm.models.adapters import ModelAdapter, adapter_for
 
+log = logging.getLogger("searchllm")
 SMOLLM2 = ("smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,19 +51,63 @@ def _smollm2_gguf(data_root: Path | None) -> Path:
     )
 
 
+MARK = "searchllm-conversion.json"  # written last into a cache entry: its files and their sizes
+
+
+def _complete(entry: Path) -> bool:
+    """Whether a cached conversion holds every file it was written with, at its size (a cut or emptied
+    file, or an entry written before the mark existed, is converted again)."""
+    try:
+        sizes = json.loads((entry / MARK).read_text())["files"]
+        return all((entry / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_gguf(gguf: Path, cfg: ModelConfig) -> None:
+    """A truncated or damaged GGUF (a download cut short) stops with one line, not a reshape error."""
+    import gguf as gguf_lib
+
+    size = gguf.stat().st_size
+    try:
+        with open(gguf, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError("it does not start with the GGUF magic bytes")
+        gguf_lib.GGUFReader(str(gguf))  # reads every tensor's extent: a cut file fails here
+    except Exception as e:
+        what = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise ModelError(
+            f"model.path={cfg.path!r}: {str(gguf)!r} ({size} bytes) is not a complete GGUF file ({what}); it is "
+            "truncated or damaged: download it again"
+        ) from None
+
+
 def _gguf_checkpoint(gguf: Path, cfg: ModelConfig) -> Path:
-    """Convert a GGUF file once into a plain HF checkpoint under cache_dir (keyed by file content)."""
+    """Convert a GGUF file once into a plain HF checkpoint under cache_dir (keyed by file content).
+
+    The entry is written under a temporary name, marked complete, then renamed into place: a killed
+    conversion leaves no entry, and a damaged entry is converted again."""
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
         h.update(f.read(1 << 20))
     h.update(str(gguf.stat().st_size).encode())
     out = Path(cfg.cache_dir).expanduser() / f"{gguf.stem}-{h.hexdigest()[:10]}"
-    if (out / "config.json").is_file():
+    if _complete(out):
         return out
+    if out.exists():
+        log.warning("the cached conversion %s is incomplete or damaged: converting %s again", out, gguf)
+    _check_gguf(gguf, cfg)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    except Exception as e:  # a GGUF that parses but that transformers cannot turn into a model
+        what = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        raise ModelError(
+            f"model.path={cfg.path!r}: transformers cannot convert {str(gguf)!r} ({what}); use a Hugging Face "
+            "checkpoint of the model instead"
+        ) from None
     # A GGUF-loaded model carries a quantizer that blocks save_pretrained; its modules are plain Linear.
     conf = {k: v for k, v in src.config.to_dict().items() if k != "quantization_config"}
     clean_cfg = AutoConfig.for_model(**conf)
@@ -68,10 +115,20 @@ def _gguf_checkpoint(gguf: Path, cfg: ModelConfig) -> Path:
     clean.load_state_dict(src.state_dict())
     clean.tie_weights()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MARK).write_text(json.dumps({"source": str(gguf), "files": files}))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except OSError as e:
+        raise ModelError(
+            f"cannot write the converted model to {str(tmp)!r} ({e.strerror or e}); free space there or set "
+            "model.cache_dir to a writable directory"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -10,8 +10,9 @@ from searchllm import strategies
 from searchllm.config import Config
 from searchllm.data import data_root, token_sets
 from searchllm.export.formats import check_export_dir, check_format
+from searchllm.files import check_writable
 from searchllm.models.adapters import Geometry
-from searchllm.models.loading import LoadedModel, load, load_config_only, load_tokenizer
+from searchllm.models.loading import LoadedModel, load, load_config_only, load_tokenizer, source_gguf
 from searchllm.pruning.levels import LevelSpace, implied_levels
 from searchllm.pruning.space import Budget, BudgetError, SearchSpace
 from searchllm.rundir import RunDir
@@ -21,6 +22,7 @@ from searchllm.stages.context import Plan
 
 
 def plan(cfg: Config, run: RunDir) -> Plan:
+    check_paths(cfg, run)
     _, _, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
     g = adapter.geometry()
     s = cfg.space
@@ -55,6 +57,15 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     selection = selection_sets(cfg) if strategy.kind == "levels" else {}
     tokens, where = token_sets(cfg, load_tokenizer(cfg.model, data_root(cfg.data.root)), selection)
     return Plan(space, budget, strategy, tokens, where)
+
+
+def check_paths(cfg: Config, run: RunDir) -> None:
+    """Every directory the run writes can be written, checked before anything (a GGUF conversion) loads."""
+    check_writable(run.path, "run_dir")
+    if cfg.export.enabled and cfg.export.dir:
+        check_writable(Path(cfg.export.dir), "export.dir")
+    if cfg.model.path == "smollm2" or source_gguf(cfg.model, None) is not None:  # converted into the cache
+        check_writable(Path(cfg.model.cache_dir), "model.cache_dir")
 
 
 def selection_sets(cfg: Config) -> dict[str, tuple[int, str]]:
