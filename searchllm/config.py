@@ -495,6 +495,9 @@ class MonitorConfig:
     port: int = 8266  # taken or 0: any free port (the URL is printed)
     metrics: bool = True  # ray.util.metrics: Prometheus export of every Ray node
     report: bool = True  # <run dir>/report.html after the search and after the evaluation
+    # Without a terminal (a log file, `ray job logs`) each long stage logs a progress line this often (seconds)
+    log_every: float = 60.0
+    summary_every: int = 50  # the search logs a summary line every this many evaluations (each one at debug level)
 
 
 @dataclass
@@ -755,6 +758,11 @@ def validate(c: Config) -> None:
             "pairs), e.g. 8, 64 or 128"
         )
     validate_heal(c.heal)
+    if not c.monitor.log_every > 0 or c.monitor.summary_every < 1:
+        raise ConfigError(
+            f"monitor.log_every={c.monitor.log_every} must be > 0 (seconds) and monitor.summary_every="
+            f"{c.monitor.summary_every} >= 1"
+        )
     if c.heal.candidates > 1 and strategies.get(c.search.mode).kind != "levels":
         raise ConfigError(
             f"heal.candidates={c.heal.candidates} chooses among the level search's final parents; search.mode="

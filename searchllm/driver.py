@@ -179,20 +179,24 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
             loaded = load_model(cfg)
         if not run_dir.started:
             run_dir.write_text("config.yaml", to_yaml(cfg))
-        monitor = Monitor({
-            "model": cfg.model.path,
-            "target": cfg.budget.target,
-            "method": cfg.method,
-            "run_dir": str(run_dir.path),
-            "generations": cfg.search.generations,
-            "layers": g.num_layers,
-            "total_params": g.total_params,
-            "attn_units": g.num_heads if levels else int(p.space.full().attn[0].size),
-            "mlp_channels": g.intermediate,
-            "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness]
-            if levels
-            else "perplexity",
-        })
+        monitor = Monitor(
+            {
+                "model": cfg.model.path,
+                "target": cfg.budget.target,
+                "method": cfg.method,
+                "run_dir": str(run_dir.path),
+                "generations": cfg.search.generations,
+                "layers": g.num_layers,
+                "total_params": g.total_params,
+                "attn_units": g.num_heads if levels else int(p.space.full().attn[0].size),
+                "mlp_channels": g.intermediate,
+                "fitness": {"kl": "KL from dense (nats/token)", "ppl": "perplexity"}[cfg.levels.fitness]
+                if levels
+                else "perplexity",
+            },
+            cfg.monitor.log_every,
+            cfg.monitor.summary_every,
+        )
         m = cfg.monitor
         server = ProgressServer(monitor, m.host, m.port) if m.page else None
         if server is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,8 +39,67 @@ def heal_pace(rec: dict[str, Any]) -> tuple[float, float]:
     return rec["tokens"] / max(rec["seconds"], 1e-9), (rec["steps"] - rec["step"]) * rec["seconds"] / rec["step"]
 
 
+class LogBar:
+    """tqdm's interface where no terminal shows a bar (output to a file, `ray job logs`): a line with the
+    stage, done/total, rate and ETA every `every` seconds from a timer thread, so a long step (one evaluation,
+    one layer) still shows the run is alive; and one when it closes."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every: float = 60.0) -> None:
+        self.total, self.desc, self.unit, self.n, self.start = total, desc, unit, initial, initial
+        self.t0, self.postfix = time.monotonic(), ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, args=(every,), daemon=True, name="searchllm-progress-log")
+        self._thread.start()
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.line()
+
+    def line(self) -> None:
+        elapsed = time.monotonic() - self.t0
+        rate = (self.n - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = f"ETA {fmt_seconds((self.total - self.n) / rate)}" if rate > 0 else "ETA unknown"
+        log.info(
+            "%s: %d/%d %s, %.3g %s/s, %s elapsed, %s%s",
+            self.desc,
+            self.n,
+            self.total,
+            self.unit,
+            rate,
+            self.unit,
+            fmt_seconds(elapsed),
+            eta,
+            f" ({self.postfix})" if self.postfix else "",
+        )
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+
+    def close(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            if time.monotonic() - self.t0 >= 1.0:  # a step of a second or more: say it finished
+                self.line()
+
+    def __enter__(self) -> "LogBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class Monitor:
-    def __init__(self, run: dict[str, Any]) -> None:
+    def __init__(self, run: dict[str, Any], log_every: float = 60.0, summary_every: int = 50) -> None:
+        self.log_every, self.summary_every = log_every, summary_every
+        self._evaluated, self._best = 0, math.inf
         self._lock = threading.Lock()
         self.state: dict[str, Any] = {
             "run": run | {"started": time.strftime("%Y-%m-%d %H:%M:%S")},
@@ -62,6 +122,14 @@ class Monitor:
         for sink in self.sinks:
             sink(event, data)
 
+    def bar(self, total: int, desc: str, unit: str, initial: int = 0) -> Any:
+        """A progress bar on a terminal (tqdm); elsewhere a LogBar's timed lines."""
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, mininterval=1)
+        return LogBar(total, desc, unit, initial, self.log_every)
+
     def stage(self, name: str) -> None:
         with self._lock:
             self.state["stage"] = name
@@ -73,6 +141,20 @@ class Monitor:
         point["fitness"] = rec["fitness"] if math.isfinite(rec["fitness"]) else None
         with self._lock:
             self.state["candidates"].append(point)
+            self._evaluated += 1
+            self._best = min(self._best, rec["fitness"])
+            n, best = self._evaluated, self._best
+        log.debug(
+            "evaluated %s (generation %s, replica %s, %.2fs): fitness %.5g, kept ratio %.4f",
+            rec["key"],
+            rec["generation"],
+            rec.get("replica", "?"),
+            rec.get("seconds", math.nan),
+            rec["fitness"],
+            rec["ratio"],
+        )
+        if n % self.summary_every == 0:
+            log.info("search: %d candidates evaluated, best fitness so far %.5g", n, best)
         self._emit("result", rec)
 
     def on_generation(self, stats: dict[str, Any], best: dict[str, Any]) -> None:

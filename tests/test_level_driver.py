@@ -192,3 +192,18 @@ def test_an_interrupt_mid_database_keeps_the_built_layers_and_its_resume_ends_id
     assert len(list((run / "levels").glob("*/layer-*.safetensors"))) == 2
     assert main(resume) == 0
     assert outcome(run) == outcome(two_generations)
+
+
+def test_without_a_terminal_each_long_stage_logs_progress_lines_and_the_search_sums_up(
+    ray_cluster, checkpoint, tmp_path, caplog
+):
+    import re
+
+    args = level_args(*checkpoint, tmp_path / "run", "search.generations=2", "monitor.log_every=0.01")
+    with caplog.at_level("DEBUG", logger="searchllm"):
+        assert main([*args, "monitor.summary_every=5"]) == 0
+    text = caplog.text  # pytest's stderr is no terminal: no bars, timed lines
+    assert re.search(r"level database: \d/4 layer, [\d.e+-]+ layer/s, \d+s elapsed, ETA", text)
+    assert re.search(r"search gen 1/2 stage 1: \d/\d cand", text)
+    assert re.search(r"evaluated \S+ \(generation 0, replica 0, [\d.]+s\): fitness [\d.]+", text)
+    assert "search: 5 candidates evaluated, best fitness so far" in text

@@ -301,3 +301,18 @@ def test_run_metrics_stay_in_rays_prometheus_export_between_updates(ray_cluster,
     assert all(found), [w for w, f in zip(wanted, found) if not f]
     values = [float(f.group(1)) for f in found]
     assert values[:4] == [12.5, 3, 1, 3] and values[5] > 0  # best, generation, evaluations, reform layer; busy seconds
+
+
+def test_a_log_bar_logs_while_a_single_step_blocks_and_once_at_the_end(caplog):
+    import time
+
+    from searchllm.monitor import LogBar
+
+    with caplog.at_level("INFO", logger="searchllm"):
+        with LogBar(3, "level database", "layer", every=0.05) as bar:
+            time.sleep(0.3)  # one long step: the timer thread still reports
+            bar.update(1)
+            time.sleep(0.06)
+        lines = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("level database: 0/3 layer") for m in lines) >= 3
+    assert lines[-1].startswith("level database: 1/3 layer") and "ETA" in lines[-1]

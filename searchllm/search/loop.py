@@ -128,15 +128,6 @@ class Search:
             if self.observer is not None:
                 self.observer.on_result(rec)
             n += 1
-            log.debug(
-                "gen %d eval %s ppl=%.3f ratio=%.4f replica=%d %.2fs",
-                generation,
-                rec["key"],
-                rec["fitness"],
-                rec["ratio"],
-                replica,
-                nll.seconds,
-            )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(ppl=f"{rec['fitness']:.2f}")

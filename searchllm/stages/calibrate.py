@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm import tqdm
-
 from searchllm.stages.context import RunContext
 
 log = logging.getLogger("searchllm")
@@ -20,7 +18,7 @@ def run(ctx: RunContext) -> None:
         log.info("calibrating on %d windows x %d tokens of %s", c.samples, c.seqlen, ctx.plan.where["calibration"])
         ctx.monitor.stage("calibrating")
         t0 = time.perf_counter()
-        with tqdm(total=len(pool.specs), desc="calibrate", unit="stage", leave=False, disable=None) as bar:
+        with ctx.monitor.bar(len(pool.specs), "calibrate", "stage") as bar:
             scores = pool.calibrate(ctx.batch, ctx.cfg.search.score_damp, lambda: bar.update(1))
         ctx.run.save_scores(scores)
         log.info("channel scores ready in %.1fs", time.perf_counter() - t0)

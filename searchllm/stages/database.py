@@ -8,8 +8,6 @@ import hashlib
 import logging
 import time
 
-from tqdm import tqdm
-
 from searchllm.pruning.levels import LevelDatabase, LevelSpace, implied_levels, load_layers, save_layer
 from searchllm.stages.context import Database, RunContext
 from searchllm.stages.plan import level_band
@@ -46,7 +44,8 @@ def run(ctx: RunContext) -> None:
         factors, t1 = None, time.perf_counter()
         if cfg.levels.weighting == "fisher":  # deterministic (seeded draws): a resume recomputes the same factors
             windows = min(cfg.levels.fisher_windows, c.samples)
-            factors = pool.output_factors(windows, ctx.batch, cfg.data.seed)
+            with ctx.monitor.bar(1, "output factors", "pass"):
+                factors = pool.output_factors(windows, ctx.batch, cfg.data.seed)
             log.info(
                 "output factors (true Fisher, K-FAC) of %d layers on %d x %d calibration tokens in %.1fs",
                 len(factors),
@@ -56,7 +55,7 @@ def run(ctx: RunContext) -> None:
             )
         factor_seconds = time.perf_counter() - t1
         progress = [len(saved)]
-        with tqdm(total=L, initial=len(saved), desc="level database", unit="layer", leave=False, disable=None) as bar:
+        with ctx.monitor.bar(L, "level database", "layer", len(saved)) as bar:
 
             def on_layer(entry):
                 save_layer(folder, entry)  # first: a resume starts after it

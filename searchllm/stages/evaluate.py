@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from searchllm.config import Config
 from searchllm.data import data_root
@@ -27,6 +26,7 @@ from searchllm.evaluate import (
 )
 from searchllm.export.formats import gguf_files
 from searchllm.models.loading import load_pretrained, source_gguf
+from searchllm.monitor import Monitor
 from searchllm.rundir import RunDir
 from searchllm.stages.context import RunContext
 
@@ -55,7 +55,7 @@ def run(ctx: RunContext) -> None:
             total, decoder = count_params(model)
             what = Evaluated(name, total, decoder, total, decoder)
         steps = len(cfg.eval.corpora) * len(cfg.eval.lengths) + bool(cfg.eval.tasks)
-        with tqdm(total=steps, desc=f"evaluate {name}", unit="step", leave=False, disable=None) as bar:
+        with monitor.bar(steps, f"evaluate {name}", "step") as bar:
             tables.append(
                 evaluate_model(
                     model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids, lambda: bar.update(1)
@@ -63,7 +63,7 @@ def run(ctx: RunContext) -> None:
             )
         del model
     if "gguf" in export:
-        tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids)
+        tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids, monitor)
     table = pd.concat(tables or [pd.DataFrame()], ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
     table = against_original(table)
     if table.empty or "metric" not in table:  # eval.corpora=[] and eval.tasks=[]: a valid, empty evaluation
@@ -98,7 +98,9 @@ def run(ctx: RunContext) -> None:
     print(format_table(table))
 
 
-def evaluate_ggufs(cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict) -> list[pd.DataFrame]:
+def evaluate_ggufs(
+    cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict, monitor: Monitor
+) -> list[pd.DataFrame]:
     """The exported GGUFs in llama.cpp, and (eval.original) the original model written and quantized to the
     same types by the same writer, so the two are compared in the runtime users run, type for type."""
     g = loaded.adapter.geometry()
@@ -116,19 +118,13 @@ def evaluate_ggufs(cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict
         del model
         runs = [(f"original {t}", p, g.total_params) for t, p in paths] + runs
     decoder = g.num_layers * g.layer_params
-    ctx = int(loaded.adapter.config.max_position_embeddings)
-    return [
-        evaluate_gguf(
-            p,
-            loaded.tokenizer,
-            Evaluated(name, n, n - g.outer_params, g.total_params, decoder),
-            cfg.eval,
-            cfg.data.root,
-            ctx,
-            ids,
-        )
-        for name, p, n in runs
-    ]
+    ctx, tables = int(loaded.adapter.config.max_position_embeddings), []
+    with monitor.bar(len(runs), "evaluate in llama.cpp", "gguf") as bar:
+        for name, p, n in runs:
+            evaluated = Evaluated(name, n, n - g.outer_params, g.total_params, decoder)
+            tables.append(evaluate_gguf(p, loaded.tokenizer, evaluated, cfg.eval, cfg.data.root, ctx, ids))
+            bar.update(1)
+    return tables
 
 
 def llama_cpp_summary(rows: pd.DataFrame) -> list[dict]:

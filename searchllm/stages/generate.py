@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm import tqdm
-
 from searchllm.data import generated_need, generation_prompt, token_sets
 from searchllm.stages.context import RunContext
 from searchllm.stages.plan import selection_sets
@@ -49,7 +47,7 @@ def run(ctx: RunContext) -> None:
             "from the chat template's first user turn" if len(prompt) > 1 else "from BOS",
         )
         t0 = time.perf_counter()
-        with tqdm(total=need.sequences, desc="generate", unit="seq", leave=False, disable=None) as bar:
+        with ctx.monitor.bar(need.sequences, "generate", "seq") as bar:
             generated = pool.generate(
                 prompt, need.sequences, need.seqlen, cfg.data.seed, g.temperature, g.top_p, g.batch, bar.update
             )

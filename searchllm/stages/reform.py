@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm import tqdm
-
 from searchllm.pruning.space import Budget
 from searchllm.search.baselines import flap
 from searchllm.search.levelsearch import fitness_metric, stage_tokens
@@ -129,9 +127,7 @@ def reform_finalists(ctx: RunContext):
         progress = [len(saved)]  # layers of this finalist reformed so far
         show = lambda: monitor.on_reform(origin, k + 1, len(cands), progress[0], cand.depth)  # noqa: E731
         show()
-        with tqdm(
-            total=cand.depth, initial=len(saved), desc=f"reform {origin}", unit="layer", leave=False, disable=None
-        ) as bar:
+        with monitor.bar(cand.depth, f"reform {origin}", "layer", len(saved)) as bar:
 
             def finished(res, tag=tag, bar=bar):
                 run.save_layer(tag, res)  # first: a resume starts after it

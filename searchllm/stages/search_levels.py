@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm import tqdm
-
 from searchllm.pruning.levels import GenomeCodec, error_allocation, uniform_genome
 from searchllm.search.levelsearch import PROBE_STAGE, fitness_metric, stage_tokens
 from searchllm.stages.context import RunContext, Searched, Subnet
@@ -73,13 +71,8 @@ def run(ctx: RunContext) -> None:
         inits.append((error_allocation(db, *band), "error allocation"))
     ctx.monitor.stage("searching")
     t0 = time.perf_counter()
-    bar = lambda gen, stage, total: tqdm(
-        total=total,
-        desc=f"gen {gen + 1}/{cfg.search.generations} stage {stage + 1}",  # noqa: E731
-        unit="cand",
-        leave=False,
-        mininterval=1,
-        disable=None,
+    bar = lambda gen, stage, total: ctx.monitor.bar(  # noqa: E731
+        total, f"search gen {gen + 1}/{cfg.search.generations} stage {stage + 1}", "cand"
     )
     search = ctx.plan.strategy.make(
         db,

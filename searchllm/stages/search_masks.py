@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm import tqdm
-
 from searchllm.pruning.scores import flap_biases
 from searchllm.pruning.space import Candidate, SearchSpace
 from searchllm.search.baselines import flap
@@ -67,14 +65,7 @@ def run(ctx: RunContext) -> None:
             inits.append(flap(space, scores, budget))
             log.info("FLAP subnet joins generation 0: kept ratio %.4f", space.ratio(inits[-1], budget.count))
         strategy = chosen.make(space, budget, s)
-        bar = lambda gen, total: tqdm(
-            total=total,
-            desc=f"gen {gen + 1}/{s.generations}",
-            unit="cand",
-            leave=False,  # noqa: E731
-            mininterval=1,
-            disable=None,
-        )
+        bar = lambda gen, total: ctx.monitor.bar(total, f"search gen {gen + 1}/{s.generations}", "cand")  # noqa: E731
         result = Search(
             space, strategy, PoolEvaluator(pool, space, batch), ctx.run, s.seed, s.generations, bar, ctx.monitor
         ).run_search(inits)
