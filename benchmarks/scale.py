@@ -27,14 +27,17 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "llama-7b": (4096, 32, 32, 32, 11008, 32000),
     "llama-13b": (5120, 40, 40, 40, 13824, 32000),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
+    "llama3-70b": (8192, 80, 64, 8, 28672, 128256),
+    "smollm2-135m": (576, 30, 9, 3, 1536, 49152),
 }
 
 
-def random_llama(shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A random-weight LlamaForCausalLM of one of SHAPES, built directly on the device."""
+def random_llama(shape: str, device: str, dtype: torch.dtype, layers: int | None = None) -> torch.nn.Module:
+    """A random-weight LlamaForCausalLM of one of SHAPES (its first `layers` layers), built on the device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    hidden, depth, heads, kv, inter, vocab = SHAPES[shape]
+    layers = layers or depth
     cfg = LlamaConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -65,7 +68,16 @@ def main() -> None:
     ap.add_argument(
         "--level-calib", type=int, default=64, help="calibration windows of 512 tokens for the level database"
     )
+    ap.add_argument(
+        "--layers", type=int, default=0, help="build only the first N layers of the shape (0: all; sizes per layer)"
+    )
+    ap.add_argument(
+        "--predict-only", action="store_true", help="print the predicted level database sizes of every shape, no model"
+    )
     a = ap.parse_args()
+    predicted_sizes()
+    if a.predict_only:
+        return
 
     from searchllm.cluster.layout import NodeInfo, choose_layout
     from searchllm.models.adapters import adapter_for
@@ -77,9 +89,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
-    model = random_llama(a.shape, device, dtype)
+    model = random_llama(a.shape, device, dtype, a.layers)
     cfg = model.config
-    _, layers, _, _, inter, vocab = SHAPES[a.shape]
+    _, _, _, _, inter, vocab = SHAPES[a.shape]
+    layers = cfg.num_hidden_layers
     build_s = time.perf_counter() - t0
     state = model.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -180,12 +193,40 @@ def main() -> None:
         level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed)
 
 
+def geometry(shape: str):
+    from searchllm.models.adapters import Geometry
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    norms, outer = 2 * hidden, 2 * vocab * hidden + hidden
+    return Geometry(layers, hidden, heads, kv, hidden // heads, inter, vocab, False, False, False, norms, outer)
+
+
+def predicted_sizes() -> None:
+    """The level database's size on disk (levels.* defaults) as the driver predicts it before building."""
+    from searchllm.config import LevelsConfig
+    from searchllm.pruning.levels import LevelSpace, predicted_bytes
+
+    print("| shape | layers | level database predicted (conf defaults), GiB | per layer, MiB |")
+    print("|---|---|---|---|")
+    for shape in SHAPES:
+        space = LevelSpace(geometry(shape), LevelsConfig())
+        print(
+            f"| {shape} | {space.num_layers} | {predicted_bytes(space) / 2**30:.2f} | "
+            f"{predicted_bytes(space, 1) / 2**20:.1f} |"
+        )
+    print()
+
+
 def level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed) -> None:
     """Times the level database: output factors of the whole model, then the first --level-layers layers."""
-    from searchllm.pruning.levels import LevelParams, LevelSpace, build_local, implied_levels
+    import tempfile
+    from pathlib import Path
+
+    from searchllm.config import LevelsConfig
+    from searchllm.pruning.levels import LevelSpace, build_local, implied_levels, predicted_bytes, save_layer
     from searchllm.pruning.shard import ShardRunner, ShardSpec
 
-    g, p = adapter.geometry(), LevelParams()
+    g, p = adapter.geometry(), LevelsConfig()
     space, layers = LevelSpace(g, p), g.num_layers
     calib = torch.randint(0, vocab, (a.level_calib, 512), generator=gen)
     factors = {}
@@ -197,20 +238,29 @@ def level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed) 
     build_s = timed(
         lambda: built.update(build_local(part, space, implied, calib, 1, factors={i: factors[i] for i in range(k)})[0])
     )
-    nbytes = sum(e.nbytes() for e in built.values())
+    with tempfile.TemporaryDirectory() as tmp:  # the files the driver writes, measured
+        for e in built.values():
+            save_layer(Path(tmp), e)
+        sizes = {int(f.stem.split("-")[1]): f.stat().st_size for f in Path(tmp).glob("layer-*.safetensors")}
+    nbytes = sum(sizes.values())
+    full = SHAPES[a.shape][1]
     print(
         f"\n| level database ({a.level_calib} x 512 calibration tokens, {space.mlp_top} MLP levels, {p.dtype}) | s | "
-        "MiB |"
+        "MiB on disk | MiB predicted |"
     )
-    print("|---|---|---|")
+    print("|---|---|---|---|")
     print(
         f"| output factors, all {layers} layers ({min(p.fisher_windows, a.level_calib)} x 512 tokens) | "
-        f"{fisher_s:.1f} | |"
+        f"{fisher_s:.1f} | | |"
     )
+    one = predicted_bytes(space, 1) / 2**20
     for i, e in sorted(built.items()):
-        print(f"| layer {i} | {e.seconds:.1f} | {e.nbytes() / 2**20:.0f} |")
-    print(f"| {k} layers built | {build_s:.1f} | {nbytes / 2**20:.0f} |")
-    print(f"| all {layers} layers (extrapolated) | {build_s / k * layers:.0f} | {nbytes / k * layers / 2**20:,.0f} |")
+        print(f"| layer {i} | {e.seconds:.1f} | {sizes[i] / 2**20:.1f} | {one:.1f} |")
+    print(f"| {k} layers built | {build_s:.1f} | {nbytes / 2**20:.1f} | {one * k:.1f} |")
+    print(
+        f"| all {full} layers of {a.shape} (extrapolated) | {build_s / k * full:.0f} | "
+        f"{nbytes / k * full / 2**20:,.0f} | {one * full:,.0f} |"
+    )
 
 
 if __name__ == "__main__":

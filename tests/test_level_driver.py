@@ -207,3 +207,26 @@ def test_without_a_terminal_each_long_stage_logs_progress_lines_and_the_search_s
     assert re.search(r"search gen 1/2 stage 1: \d/\d cand", text)
     assert re.search(r"evaluated \S+ \(generation 0, replica 0, [\d.]+s\): fitness [\d.]+", text)
     assert "search: 5 candidates evaluated, best fitness so far" in text
+
+
+def test_the_database_size_predicted_from_the_geometry_is_what_the_build_writes(two_generations):
+    db = json.loads((two_generations / "manifest.json").read_text())["level_database"]
+    assert db["predicted_bytes"] == pytest.approx(db["disk_bytes"], rel=0.03)
+
+
+def test_a_database_that_cannot_fit_on_the_disk_stops_before_any_weights_load(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    from collections import namedtuple
+
+    import searchllm.driver
+    import searchllm.stages.plan as plan
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: usage(2**40, 2**40 - 1000, 1000))
+    monkeypatch.setattr(searchllm.driver, "load_model", lambda cfg: pytest.fail("weights loaded"))
+    run = tmp_path / "run"
+    assert main(level_args(*checkpoint, run)) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("searchllm: error: the level database needs") and "that disk has 0.0 MiB free" in line
+    assert "levels.mlp_levels=4" in line and not run.exists()

@@ -488,6 +488,18 @@ class LevelDatabase:
         return sum(e.nbytes() for e in self.layers.values())
 
 
+def predicted_bytes(space: LevelSpace, layers: int | None = None) -> int:
+    """The database's size on disk, from the geometry and the level settings alone: every level below the top
+    that keeps something stores its refit o_proj / down_proj (hidden x kept columns) in levels.dtype; each
+    layer's file adds a header (the removal orders and errors as JSON). Of `layers` layers (default all)."""
+    g = space.geometry
+    size = torch.finfo(getattr(torch, space.params.dtype)).bits // 8
+    cols = sum(space.heads_kept(a) * g.head_dim for a in range(1, space.attn_top))
+    cols += sum(space.channels(m) for m in range(1, space.mlp_top))
+    header = 6 * (g.num_heads + g.intermediate) + 64 * (space.attn_top + space.mlp_top) + 1024
+    return (g.num_layers if layers is None else layers) * (g.hidden * cols * size + header)
+
+
 def save_layer(folder: Path, entry: LayerLevels) -> None:
     """One layer's entries as safetensors (weights) with its orders and errors in the metadata; atomic."""
     from safetensors.torch import save_file

@@ -8,9 +8,16 @@ import hashlib
 import logging
 import time
 
-from searchllm.pruning.levels import LevelDatabase, LevelSpace, implied_levels, load_layers, save_layer
+from searchllm.pruning.levels import (
+    LevelDatabase,
+    LevelSpace,
+    implied_levels,
+    load_layers,
+    predicted_bytes,
+    save_layer,
+)
 from searchllm.stages.context import Database, RunContext
-from searchllm.stages.plan import level_band
+from searchllm.stages.plan import gib, level_band
 
 log = logging.getLogger("searchllm")
 
@@ -32,13 +39,14 @@ def run(ctx: RunContext) -> None:
         c = cfg.data.calibration
         log.info(
             "building the level database (heads=%s, %d MLP levels, inputs=%s, implied levels %s) on %d x %d "
-            "calibration tokens%s",
+            "calibration tokens, %s on disk when built%s",
             cfg.levels.heads,
             cfg.levels.mlp_levels,
             cfg.levels.inputs,
             implied[0].tolist(),
             c.samples,
             c.seqlen,
+            gib(predicted_bytes(space)),
             f"; layers {sorted(saved)} were built before" if saved else "",
         )
         factors, t1 = None, time.perf_counter()
@@ -78,6 +86,7 @@ def run(ctx: RunContext) -> None:
         "weighting": cfg.levels.weighting,
         "bytes": db.nbytes(),
         "disk_bytes": disk,
+        "predicted_bytes": predicted_bytes(space),
         "implied": implied[0].tolist(),
         "attn_levels": space.attn_top + 1,
         "mlp_levels": space.mlp_top + 1,

@@ -4,6 +4,8 @@ checked before any weights load (a bad ratio, format or export dir stops in seco
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from searchllm import strategies
@@ -13,7 +15,7 @@ from searchllm.export.formats import check_export_dir, check_format
 from searchllm.files import check_writable
 from searchllm.models.adapters import Geometry
 from searchllm.models.loading import LoadedModel, load, load_config_only, load_tokenizer, source_gguf
-from searchllm.pruning.levels import LevelSpace, implied_levels
+from searchllm.pruning.levels import LevelError, LevelSpace, implied_levels, predicted_bytes
 from searchllm.pruning.space import Budget, BudgetError, SearchSpace
 from searchllm.rundir import RunDir
 from searchllm.search.baselines import bias_params
@@ -50,6 +52,7 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     )  # flap() budgets its own
     if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
         implied_levels(LevelSpace(g, cfg.levels), *level_band(cfg, g))
+        check_database_fits(cfg, g, run)
     budget = Budget(cfg.budget.target - extra / space.total(cfg.budget.count), cfg.budget.tol, cfg.budget.count)
     lo, hi = space.bounds(budget.count)
     if budget.high < lo or budget.low > hi:
@@ -66,6 +69,31 @@ def check_paths(cfg: Config, run: RunDir) -> None:
         check_writable(Path(cfg.export.dir), "export.dir")
     if cfg.model.path == "smollm2" or source_gguf(cfg.model, None) is not None:  # converted into the cache
         check_writable(Path(cfg.model.cache_dir), "model.cache_dir")
+
+
+def check_database_fits(cfg: Config, g: Geometry, run: RunDir) -> None:
+    """Stop with one line when the level database cannot fit on the run dir's disk (what a resume already
+    built of it counts as written), naming the settings that shrink it."""
+    space = LevelSpace(g, cfg.levels)
+    need = predicted_bytes(space)
+    built = sum(f.stat().st_size for f in run.path.glob(f"levels/{cfg.levels.digest()}-*/layer-*.safetensors"))
+    probe = run.path
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need - built > free:
+        fewer = replace(cfg.levels, mlp_levels=max(2, cfg.levels.mlp_levels // 2))
+        smaller = predicted_bytes(LevelSpace(g, fewer))
+        raise LevelError(
+            f"the level database needs {gib(need - built)} more in {run.path / 'levels'} ({gib(need)} in all: "
+            f"{g.num_layers} layers x ({space.attn_top} attention + {space.mlp_top} MLP levels) in "
+            f"{cfg.levels.dtype}) but that disk has {gib(free)} free; free space, use a run_dir on a larger disk, "
+            f"or set levels.mlp_levels={fewer.mlp_levels} ({gib(smaller)} in all)"
+        )
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def selection_sets(cfg: Config) -> dict[str, tuple[int, str]]:
