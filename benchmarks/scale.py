@@ -127,6 +127,9 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
+    if a.layers:  # a truncated model: only the level database's per-layer figures mean anything
+        level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed)
+        return
     rows = []
     dense = SearchSpace(g).full()
     runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)  # warm-up
@@ -233,7 +236,11 @@ def level_database(a, adapter, state, runner, device, dtype, vocab, gen, timed) 
     fisher_s = timed(lambda: factors.update(runner.output_factors(calib[: p.fisher_windows], None, 1, 0)[1]))
     k = min(a.level_layers, layers)
     part = ShardRunner(adapter.architecture(), state, ShardSpec(0, k, True, False), device, dtype)
-    implied = implied_levels(space, int(0.79 * g.total_params), int(0.81 * g.total_params))
+    if a.layers:  # 0.75 of the decoder (0.8 of SmolLM2 in all): the embeddings of a truncated model dominate
+        decoder = layers * g.layer_params
+        implied = implied_levels(space, int(g.outer_params + 0.74 * decoder), int(g.outer_params + 0.76 * decoder))
+    else:
+        implied = implied_levels(space, int(0.79 * g.total_params), int(0.81 * g.total_params))
     built = {}
     build_s = timed(
         lambda: built.update(build_local(part, space, implied, calib, 1, factors={i: factors[i] for i in range(k)})[0])

@@ -628,14 +628,34 @@ def load_config(argv: list[str], base_file: Optional[Path] = None) -> Config:
         if method not in METHODS or not preset.is_file():
             raise ConfigError(f"method={method!r} is not allowed; choose one of: {', '.join(METHODS)}")
         cfg = _merge(cfg, OmegaConf.load(preset), str(preset))
+    cfg = _merge(cfg, parse_dotlist(dotlist), "command line")
     try:
-        overrides = OmegaConf.from_dotlist(dotlist)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {dotlist}: {str(e).splitlines()[0]}") from None
-    cfg = _merge(cfg, overrides, "command line")
-    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:  # an interpolation (${...}) that resolves to nothing, ...
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"bad value for {key!r} (command line): {str(e).splitlines()[0]}") from None
     validate(obj)
     return obj
+
+
+def parse_dotlist(dotlist: list[str]) -> DictConfig:
+    """key=value overrides as a config; a value that is not YAML (an unclosed bracket or quote) is named."""
+    import yaml
+
+    for item in dotlist:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as e:
+            key, _, value = item.partition("=")
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"cannot parse the override {item!r} ({what}); write {key}=VALUE with a plain value, [a,b] for a "
+                "list, and quote values holding brackets or colons"
+            ) from None
+    try:
+        return OmegaConf.from_dotlist(dotlist)
+    except (OmegaConfBaseException, ValueError, TypeError) as e:  # `a=[]` then `a.x=0`: a list given a key
+        raise ConfigError(f"the overrides {dotlist} contradict each other ({str(e).splitlines()[0]})") from None
 
 
 def validate(c: Config) -> None:

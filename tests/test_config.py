@@ -1,8 +1,11 @@
 """Config: defaults from conf/, dotted overrides, and one-line errors for bad keys and values."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
-from searchllm.config import ConfigError, check_resume_overrides, load_config
+from searchllm.config import Config, ConfigError, check_resume_overrides, flatten, load_config
 
 
 def test_defaults_come_from_conf_and_overrides_win():
@@ -139,3 +142,53 @@ def test_ray_replicas_stages_and_threads_take_a_number_or_auto():
         load_config(["ray.stages=0"])
     with pytest.raises(ConfigError, match="ray.threads=0 must be an integer >= 1 or auto"):
         load_config(["ray.threads=0"])
+
+
+# -- random overrides: accepted, or exit 2 with one line; never a traceback -------------------------------
+
+KEYS = sorted(
+    k
+    for k in flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    if k not in ("resume", "run_dir")  # those open run dirs: tests of their own
+)
+SCALARS = st.one_of(
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["true", "false", "null", "auto", "", "[]", "{}", "[", "]", "'", '"', "${oops}", "1e400", "-0"]),
+    st.text("abcxyz_-./:0123456789", max_size=12),
+)
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"))
+OVERRIDES = st.lists(
+    st.tuples(
+        st.one_of(st.sampled_from(KEYS), st.from_regex(r"[a-z_]{1,8}(\.[a-z_]{1,8}){0,2}", fullmatch=True)), VALUES
+    ).map(lambda kv: f"{kv[0]}={kv[1]}"),
+    min_size=1,
+    max_size=3,
+)
+
+
+class Accepted(Exception):
+    """The config stage passed: the driver went on to plan the run."""
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(argv=OVERRIDES)
+def test_random_overrides_are_accepted_or_stop_with_exit_2_and_one_line(argv, monkeypatch, capsys):
+    import searchllm.driver as driver
+
+    def planned(cfg, run):
+        raise Accepted
+
+    monkeypatch.setattr(driver, "plan", planned)
+    try:
+        code = driver.main(argv)
+    except Accepted:
+        return
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("searchllm: error: "), (argv, err)
