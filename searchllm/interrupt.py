@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
-from typing import Any
+from typing import Any, Callable, Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -72,3 +73,17 @@ def catch() -> dict[int, Any]:
 def release(previous: dict[int, Any]) -> None:
     for s, handler in previous.items():
         signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def cli(main: Callable[[Optional[list[str]]], int]) -> int:
+    """The exit of a command line other than the driver's (export, evaluate): a SIGINT/SIGTERM ends it with
+    one line and the signal's exit code. Their outputs are written atomically: a rerun redoes the rest."""
+    previous = catch()
+    try:
+        return main(None)
+    except KeyboardInterrupt:
+        e = received()
+        print(f"searchllm: interrupted by {e}; what was finished is kept: run the same command again", file=sys.stderr)
+        return e.exit_code
+    finally:
+        release(previous)

@@ -252,3 +252,24 @@ def test_a_second_interrupt_while_shutting_down_exits_at_once(checkpoint, tmp_pa
     args = tiny_run_args(*checkpoint, tmp_path / "run", f"ray.address={ray.get_runtime_context().gcs_address}")
     proc = signal_driver_at(args, "append_eval", 3, "SIGINT", again=True)
     assert proc.returncode == 130 and proc.stderr.strip().splitlines() == ["searchllm: SIGINT again: exiting now"]
+
+
+@pytest.mark.parametrize("sig", CODES)
+def test_the_export_and_evaluate_commands_end_an_interrupt_with_one_line_and_its_exit_code(sig, capsys):
+    import signal
+    import time
+
+    from searchllm.interrupt import cli
+
+    before = signal.getsignal(signal.SIGINT)
+
+    def main(argv):
+        os.kill(os.getpid(), getattr(signal, sig))
+        time.sleep(5)  # interrupted here
+        return 0
+
+    assert cli(main) == CODES[sig]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"searchllm: interrupted by {sig}; what was finished is kept: run the same command again"
+    ]
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers it replaced are back

@@ -70,8 +70,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from searchllm.interrupt import cli
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(cli(main))

@@ -83,4 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from searchllm.interrupt import cli
+
+    raise SystemExit(cli(main))
