@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -94,8 +95,23 @@ class RayHealer:
                 failure_config=FailureConfig(max_failures=self.cfg.max_restarts),
             ),
         )
+        failed: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as e:  # handed to the driver's thread
+                failed.append(e)
+
+        # In its own thread: in the main thread Ray Train replaces the driver's SIGINT handler with one that
+        # aborts the run and exits with code 1, so a Ctrl-C would not unwind the driver as in every other stage.
+        thread = threading.Thread(target=fit, name="searchllm-heal", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
         try:
-            trainer.fit()
+            if failed:
+                raise failed[0]
         except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
             raise ClusterError(
                 f"the heal's workers failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); its checkpoint "
