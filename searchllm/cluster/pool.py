@@ -32,6 +32,7 @@ from ray.util import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from searchllm.cluster.layout import ClusterError, NodeInfo, choose_layout
+from searchllm.cluster.workers import WeightStore, fetch
 from searchllm.models.adapters import Architecture, ModelAdapter
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share, unshare
@@ -100,7 +101,7 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
         logging_level=logging.WARNING,
         log_to_driver=True,
         job_config=ray.job_config.JobConfig(metadata={"name": name}),
-        runtime_env={"worker_process_setup_hook": "searchllm.cluster.train.quiet_workers"},
+        runtime_env={"worker_process_setup_hook": "searchllm.cluster.workers.quiet"},
     )
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -237,28 +238,6 @@ class RayMetrics:
 # -- actors --------------------------------------------------------------------------------------------
 
 
-class WeightStore:
-    """Holds the pool's ObjectRefs (weights per shard, token sets) for the pool's life, under a name.
-
-    Evaluator actors look it up by name and fetch their refs from it, so their constructor arguments are
-    plain values: an actor restarted after its first references went out of scope still finds its weights
-    (ray#53727; Ray logs an error for every restartable actor whose constructor arguments are ObjectRefs)."""
-
-    def __init__(self) -> None:
-        self.refs: dict[str, list] = {}
-
-    def put(self, key: str, refs: list) -> None:  # refs in a list: the store keeps the refs, not their values
-        self.refs[key] = refs
-
-    def get(self, key: str) -> list:
-        return self.refs[key]
-
-
-def _fetch(store: str, key: str) -> Any:
-    (ref,) = ray.get(ray.get_actor(store).get.remote(key))
-    return ray.get(ref)
-
-
 class StageActor:
     """One shard of one evaluator replica."""
 
@@ -274,14 +253,14 @@ class StageActor:
     ) -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
-        state = _fetch(store, f"shard{spec.start}")
+        state = fetch(store, f"shard{spec.start}")
         device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
         model_dtype = getattr(torch, dtype)
         self.runner = ShardRunner(arch, state, spec, device, model_dtype)
         # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
         scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
         self.scorer = self.runner if scored == model_dtype else ShardRunner(arch, state, spec, device, scored)
-        self.tokens = {k: _fetch(store, f"tokens.{k}") for k in token_names}
+        self.tokens = {k: fetch(store, f"tokens.{k}") for k in token_names}
         self.spec = spec
         self.version = 0  # of the driver-set extras this actor has applied
         self._levels_ref = None  # the level database it holds
@@ -462,8 +441,8 @@ class EvaluatorPool:
         puts = [self.store.put.remote(f"shard{spec.start}", [ref]) for spec, ref in zip(self.specs, shard_refs)]
         puts += [self.store.put.remote(f"tokens.{k}", [ref]) for k, ref in token_refs.items()]
         try:
+            self._wait_placed()  # while the store's process starts
             ray.get(puts)
-            self._wait_placed()
             for r, pg in enumerate(self.groups):
                 chain = []
                 for k, spec in enumerate(self.specs):

@@ -23,13 +23,6 @@ from searchllm.healing.distill import CURVE, HealJob
 log = logging.getLogger("searchllm")
 
 
-def quiet_workers() -> None:
-    """Ray's worker_process_setup_hook (pool.connect): Ray Train's controller and workers log every report
-    and, without a dashboard, a warning every few seconds that its state API is unavailable."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 def _loop(config: dict) -> None:
     import torch
     from ray.train.torch import get_device
