@@ -172,7 +172,7 @@ class Accepted(Exception):
 
 
 @settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     derandomize=True,
     database=None,

@@ -35,9 +35,20 @@ def outcome(run):
 
 @pytest.fixture(scope="module")
 def two_generations(ray_cluster, checkpoint, tmp_path_factory):
-    """A finished two-generation level search on one replica (read, never changed, by the tests below)."""
+    """A finished two-generation level search on one replica (read, never changed, by the tests below); its
+    log (debug level, progress lines every 10 ms, a search summary every 5 evaluations) beside it in log.txt."""
+    import logging
+
     run = tmp_path_factory.mktemp("levels") / "run"
-    assert main(level_args(*checkpoint, run, "search.generations=2")) == 0
+    handler = logging.FileHandler(run.parent / "log.txt")
+    logger = logging.getLogger("searchllm")
+    level, _ = logger.level, logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        args = level_args(*checkpoint, run, "search.generations=2", "monitor.log_every=0.01")
+        assert main([*args, "monitor.summary_every=5"]) == 0
+    finally:
+        logger.removeHandler(handler), logger.setLevel(level), handler.close()
     return run
 
 
@@ -180,29 +191,29 @@ def test_training_aware_choice_heals_the_final_parents_and_exports_the_one_chose
 
 
 @pytest.mark.parametrize("sig", CODES)
-def test_an_interrupt_mid_database_keeps_the_built_layers_and_its_resume_ends_identical(
+def test_interrupts_in_the_database_the_search_and_the_export_end_with_one_line_and_the_run_ends_identical(
     two_generations, checkpoint, tmp_path, sig
 ):
     import ray
 
     run = tmp_path / "run"
     args = level_args(*checkpoint, run, "search.generations=2", f"ray.address={ray.get_runtime_context().gcs_address}")
-    proc = signal_driver_at(args, "searchllm.stages.database:save_layer", 2, sig)
-    resume = ended_cleanly(proc, run, sig, "database")
-    assert len(list((run / "levels").glob("*/layer-*.safetensors"))) == 2
-    assert main(resume) == 0
+    for stage, method, after in (
+        ("database", "searchllm.stages.database:save_layer", 2),
+        ("search", "append_eval", 3),
+        ("export", "searchllm.export.hf:write_info", 1),
+    ):
+        args = ended_cleanly(signal_driver_at(args, method, after, sig), run, sig, stage)  # the printed command
+        if stage == "database":
+            assert len(list((run / "levels").glob("*/layer-*.safetensors"))) == 2
+    assert main(args) == 0
     assert outcome(run) == outcome(two_generations)
 
 
-def test_without_a_terminal_each_long_stage_logs_progress_lines_and_the_search_sums_up(
-    ray_cluster, checkpoint, tmp_path, caplog
-):
+def test_without_a_terminal_each_long_stage_logs_progress_lines_and_the_search_sums_up(two_generations):
     import re
 
-    args = level_args(*checkpoint, tmp_path / "run", "search.generations=2", "monitor.log_every=0.01")
-    with caplog.at_level("DEBUG", logger="searchllm"):
-        assert main([*args, "monitor.summary_every=5"]) == 0
-    text = caplog.text  # pytest's stderr is no terminal: no bars, timed lines
+    text = (two_generations.parent / "log.txt").read_text()  # pytest's stderr is no terminal: timed lines
     assert re.search(r"level database: \d/4 layer, [\d.e+-]+ layer/s, \d+s elapsed, ETA", text)
     assert re.search(r"search gen 1/2 stage 1: \d/\d cand", text)
     assert re.search(r"evaluated \S+ \(generation 0, replica 0, [\d.]+s\): fitness [\d.]+", text)
