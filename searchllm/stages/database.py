@@ -52,8 +52,9 @@ def run(ctx: RunContext) -> None:
         factors, t1 = None, time.perf_counter()
         if cfg.levels.weighting == "fisher":  # deterministic (seeded draws): a resume recomputes the same factors
             windows = min(cfg.levels.fisher_windows, c.samples)
-            with ctx.monitor.bar(1, "output factors", "pass"):
+            with ctx.monitor.bar(1, "output factors", "pass") as bar:
                 factors = pool.output_factors(windows, ctx.batch, cfg.data.seed)
+                bar.update(1)
             log.info(
                 "output factors (true Fisher, K-FAC) of %d layers on %d x %d calibration tokens in %.1fs",
                 len(factors),
