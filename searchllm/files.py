@@ -45,14 +45,20 @@ def writing(path: Path, tmp: Path):
         ) from None
 
 
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest ancestor that does (where it would be created)."""
+    path = path.expanduser()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(path: Path, key: str) -> None:
     """Stop with one line, before any weights load, when `path` (a directory the run will write, maybe not
     created yet) cannot be written: a probe directory is made and removed in its nearest existing ancestor."""
     import tempfile
 
-    probe = path.expanduser()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(path)
     try:
         if not probe.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file")

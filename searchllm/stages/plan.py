@@ -12,7 +12,7 @@ from searchllm import strategies
 from searchllm.config import Config
 from searchllm.data import data_root, token_sets
 from searchllm.export.formats import check_export_dir, check_format
-from searchllm.files import check_writable
+from searchllm.files import check_writable, existing_ancestor
 from searchllm.models.adapters import Geometry
 from searchllm.models.loading import LoadedModel, load, load_config_only, load_tokenizer, source_gguf
 from searchllm.pruning.levels import LevelError, LevelSpace, implied_levels, predicted_bytes
@@ -77,10 +77,7 @@ def check_database_fits(cfg: Config, g: Geometry, run: RunDir) -> None:
     space = LevelSpace(g, cfg.levels)
     need = predicted_bytes(space)
     built = sum(f.stat().st_size for f in run.path.glob(f"levels/{cfg.levels.digest()}-*/layer-*.safetensors"))
-    probe = run.path
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(existing_ancestor(run.path)).free
     if need - built > free:
         fewer = replace(cfg.levels, mlp_levels=max(2, cfg.levels.mlp_levels // 2))
         smaller = predicted_bytes(LevelSpace(g, fewer))
