@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def interrupted(e: interrupt.Interrupted, run_dir: Optional[RunDir], args: list[str]) -> str:
     """The one line an interrupted driver ends with: where it stopped, what is kept, how to go on."""
-    head = f"interrupted by {e} " + ("while starting" if e.stage == "start" else f"during the {e.stage} stage")
+    head = f"interrupted by {e.name} " + ("while starting" if e.stage == "start" else f"during the {e.stage} stage")
     if run_dir is None or not run_dir.started:
         return f"{head}, before anything was saved; run the same command again"
     keep = [a for a in args if "=" in a and a.startswith(RESUMABLE_PREFIXES) and not a.startswith("resume=")]

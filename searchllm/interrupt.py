@@ -12,17 +12,22 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
+@dataclass(frozen=True)
+class Interrupted:
     """What the driver reports for a SIGINT/SIGTERM that arrived (`received`)."""
 
-    def __init__(self, signum: int, stage: str) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.stage = signum, stage
+    signum: int
+    stage: str
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
     @property
     def exit_code(self) -> int:
@@ -83,7 +88,10 @@ def cli(main: Callable[[Optional[list[str]]], int]) -> int:
         return main(None)
     except KeyboardInterrupt:
         e = received()
-        print(f"searchllm: interrupted by {e}; what was finished is kept: run the same command again", file=sys.stderr)
+        print(
+            f"searchllm: interrupted by {e.name}; what was finished is kept: run the same command again",
+            file=sys.stderr,
+        )
         return e.exit_code
     finally:
         release(previous)
