@@ -38,6 +38,8 @@ def tiny_model(model_type: str = "llama", layers: int = 3, seed: int = 0, **over
             tie_word_embeddings=False,
         )
     kw.update(overrides)
+    if isinstance(kw.get("layer_types"), list):  # per-layer lists follow the layer count
+        kw["layer_types"] = kw["layer_types"][: kw["num_hidden_layers"]]
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -47,6 +49,8 @@ def tiny_model(model_type: str = "llama", layers: int = 3, seed: int = 0, **over
                 p.normal_(0, 0.2)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif "norm" in name and model_type in ("qwen3", "gemma3_text"):  # off the identity: a misplaced norm shows
+                p.uniform_(0.5, 1.5) if p.mean() > 0.5 else p.uniform_(-0.5, 0.5)
     return model
 
 
@@ -57,6 +61,22 @@ FAMILIES = {
     "mistral": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
     "opt": ("opt", {}),
+    "qwen3": ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    # Gemma 3: every other layer global (the real 5:1 pattern needs six layers), a local RoPE base of its own
+    "gemma3": (
+        "gemma3_text",
+        {
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"] * 3,
+            "query_pre_attn_scalar": 24,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+    ),
 }
 
 

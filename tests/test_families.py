@@ -1,11 +1,16 @@
 """Model families: which are accepted, which variants are refused, and the shapes each must handle."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from searchllm.export.hf import build
 from searchllm.models.adapters import UnsupportedModelError, adapter_for
+from searchllm.models.sliced import LayerSlice
+from searchllm.models.weights import share
+from searchllm.pruning.shard import ShardRunner, split_layers
 
 from conftest import family_model, tiny_family, tiny_model
 from helpers import hf_ppl, masked_model
@@ -16,7 +21,8 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_list():
     from transformers import GPTNeoXConfig
 
     with pytest.raises(
-        UnsupportedModelError, match="'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2"
+        UnsupportedModelError,
+        match="'gpt_neox' is not supported; supported model types: gemma3, gemma3_text, llama, mistral, opt, qwen2, qwen3",
     ):
         adapter_for(GPTNeoXConfig())
 
@@ -127,3 +133,66 @@ def test_opt_positions_follow_the_attention_mask_under_left_padding(tokens):
     a = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
     b = exported.generate(padded, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(a[:, 6:], b[:, 9:])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("heads_only", [True, False], ids=["whole-heads", "kept-pairs"])
+def test_sliced_blocks_give_transformers_logits_on_the_kept_units(family, heads_only, tokens):
+    """Per-head q/k norms, Gemma's (1 + w) sandwich norms, scaled embeddings, its attention scale and two RoPE
+    bases: the sliced model's logits are those of transformers' own model with the dropped units zeroed."""
+    model, adapter = tiny_family(family)
+    slices = random_slices(adapter.geometry(), np.random.default_rng(11), heads_only=heads_only, drop_layer=2)
+    runner = whole(adapter, model)
+    with torch.no_grad():
+        ours = torch.stack([runner.logits(h) for h in runner.run_blocks(runner.blocks(slices), runner.embed(tokens))])
+        theirs = masked_model(model, adapter, slices)(tokens).logits
+        dense = model(tokens).logits
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (ours - dense).abs().max() > 1e-2
+
+
+def test_gemma3s_two_rope_bases_and_embedding_scale_matter(tokens):
+    """Guard against a test model too small to tell: another local base or no embedding scale changes the loss."""
+    model, adapter = tiny_family("gemma3")
+    full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
+    base = whole(adapter, model).forward(full, tokens).ppl
+    assert base == pytest.approx(hf_ppl(model, tokens), rel=1e-5)
+    for change in ({"local_rope": False}, {"embed_scale": 1.0}):
+        arch = adapter.architecture()
+        arch = dataclasses.replace(arch, block=dataclasses.replace(arch.block, **change))
+        runner = ShardRunner(arch, share(model.state_dict()), split_layers(arch.geometry.num_layers, 1)[0])
+        assert runner.forward(full, tokens).ppl != pytest.approx(base, rel=1e-3)
+
+
+def test_the_text_tower_of_a_multimodal_gemma3_checkpoint_is_searched_and_exports_as_text_model(tokens):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text, _ = tiny_family("gemma3")
+    config = Gemma3Config(
+        text_config=text.config.to_dict(),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    )
+    mm = Gemma3ForConditionalGeneration(config).eval()
+    lm = mm.model.language_model
+    lm.load_state_dict(text.model.state_dict())
+    adapter = adapter_for(mm.config)
+    assert adapter.geometry() == adapter_for(text.config).geometry()
+    slices = random_slices(adapter.geometry(), np.random.default_rng(2), heads_only=True)
+    runner = whole(adapter, mm)
+    assert runner.forward(slices, tokens).ppl == pytest.approx(
+        whole(adapter_for(text.config), text).forward(slices, tokens).ppl, rel=1e-6
+    )
+    g = adapter.geometry()
+    one_head = (tuple(range(g.head_dim // 2)),) + ((),) * (g.num_kv_heads - 1)
+    uniform = [LayerSlice(one_head, tuple(range(48)))] * g.num_layers
+    exported, info = build(adapter, mm.state_dict(), uniform)
+    assert info.kind == "plain" and type(exported).__name__ == "Gemma3ForCausalLM"
+    assert runner.forward(uniform, tokens).ppl == pytest.approx(hf_ppl(exported, tokens), rel=1e-5)

@@ -96,8 +96,9 @@ def test_crossover_restores_the_parents_count():
         assert db.params(search.crossover(a, b, rng)) == db.params(a)
 
 
-def test_a_database_entry_equals_a_direct_obs_solve_of_its_level():
-    model, adapter, runner, db, _ = build_db(inputs="dense")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_a_database_entry_equals_a_direct_obs_solve_of_its_level(family):
+    model, adapter, runner, db, _ = build_db(family, inputs="dense")
     g, space = adapter.geometry(), db.space
     # the dense inputs of layer 1's down_proj, recorded by the model itself
     calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(2))
@@ -271,7 +272,7 @@ def test_obs_compensation_beats_plain_removal():
     assert mlp[:, -1].max() == 0 and attn[:, 0].min() == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "qwen3", "gemma3"])
 def test_a_candidate_assembled_from_the_database_equals_the_exported_model(family):
     model, adapter, runner, db, band = build_db(family)
     rng = np.random.default_rng(3)

@@ -93,8 +93,8 @@ def build(
     uniform = config is not None
     outer = adapter.outer_state_keys()
     if uniform:
-        names = lambda j: adapter.block_state_keys(j)  # noqa: E731
-        outer_names = outer | {"lm_head": "lm_head.weight"}  # a tied head is still a state-dict entry
+        names = lambda j: adapter.plain_names(adapter.block_state_keys(j))  # noqa: E731
+        outer_names = adapter.plain_names(outer) | {"lm_head": "lm_head.weight"}  # a tied head is still an entry
     else:
         pruned_q = any(slices[i].q_heads is not None for i in kept)
         config = adapter.sliced_config(

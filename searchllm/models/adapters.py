@@ -34,7 +34,7 @@ class Geometry:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    norm_params: int  # per decoder layer (both norms)
+    norm_params: int  # per decoder layer (every norm weight and bias)
     outer_params: int  # embeddings, final norm and LM head (counted once when tied)
     gated_mlp: bool = True  # gate and up projections (SwiGLU); False: one input projection (OPT's fc1)
 
@@ -75,7 +75,10 @@ class Geometry:
 
 # Standard names a block's tensors are exposed under, whatever the family calls them ("gate" only where
 # the MLP is gated; "<key>_bias" where the family has that bias, e.g. "in_norm_bias" for a LayerNorm).
+# "post_norm" is the norm before the MLP; per-head "q_norm"/"k_norm" and the output norms of sandwich
+# blocks ("attn_out_norm", "mlp_out_norm") only where the family has them.
 BLOCK_KEYS = ("q", "k", "v", "o", "gate", "up", "down", "in_norm", "post_norm")
+OPTIONAL_BLOCK_KEYS = ("q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +91,9 @@ class Architecture:
     block_keys: tuple[dict[str, str], ...]  # per layer: ModelAdapter.block_state_keys
     outer_keys: dict[str, str]  # ModelAdapter.outer_state_keys
     windows: tuple[Optional[int], ...]  # per layer: its sliding attention window, None for full attention
-    rope: Optional[nn.Module]  # forward(x, position_ids) -> (cos, sin) at the full head dim; None without RoPE
+    # forward(x, position_ids) -> (cos, sin) at the full head dim (2 x head_dim: blocks.DualRope where
+    # sliding layers have their own base); None without RoPE
+    rope: Optional[nn.Module]
 
 
 class ModelAdapter(ABC):
@@ -144,6 +149,11 @@ class ModelAdapter(ABC):
         or None where the family's config cannot express it."""
         return None
 
+    def plain_names(self, keys: dict[str, str]) -> dict[str, str]:
+        """State-dict names in plain_config's model of the source names in `keys` (a multimodal source's
+        text tower exports as the text model)."""
+        return keys
+
     def sliced_config(
         self,
         layer_kv_pairs: list | None = None,
@@ -177,7 +187,7 @@ class ModelAdapter(ABC):
 
 
 # Modules of searchllm.models holding one family's adapter each (a subclass of ModelAdapter).
-FAMILIES = ("llama", "opt")
+FAMILIES = ("llama", "opt", "qwen3", "gemma3")
 
 
 def adapters() -> list[type[ModelAdapter]]:
@@ -185,7 +195,12 @@ def adapters() -> list[type[ModelAdapter]]:
 
     for name in FAMILIES:
         importlib.import_module(f"{__package__}.{name}")
-    return ModelAdapter.__subclasses__()
+    found, todo = [], list(ModelAdapter.__subclasses__())
+    while todo:  # a family may extend another's adapter (Qwen3 is LLaMA's with per-head norms)
+        cls = todo.pop(0)
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
 
 
 def adapter_for(config) -> ModelAdapter:

@@ -53,6 +53,12 @@ class BlockConfig:
     positions: str = "rope"
     position_offset: int = 0
     gated_mlp: bool = True
+    qk_norm: bool = False  # RMSNorm of each query/key head over head_dim before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorms scale by (offset + weight) in float32 (Gemma: 1.0)
+    sandwich_norm: bool = False  # attention and MLP outputs normalized before the residual (Gemma 2/3)
+    query_pre_attn_scalar: Optional[float] = None  # attention scale 1/sqrt(this); None: head_dim
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(hidden))
+    local_rope: bool = False  # sliding-window layers rotate with their own base (the rope's second half)
 
     @classmethod
     def of(cls, config: Any) -> "BlockConfig":
@@ -92,11 +98,35 @@ def activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as LlamaRMSNorm (fp32 statistics, cast back before the weight).
+class DualRope(nn.Module):
+    """Two rotary tables side by side, (cos, sin) of width 2 x head_dim: full-attention layers read the
+    first half, sliding-window layers (whose RoPE base differs, as in Gemma 3) the second."""
+
+    def __init__(self, full: nn.Module, local: nn.Module) -> None:
+        super().__init__()
+        self.full, self.local = full, local
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (c1, s1), (c2, s2) = self.full(x, position_ids), self.local(x, position_ids)
+        return torch.cat((c1, c2), -1), torch.cat((s1, s2), -1)
+
+
+def default_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, dim: int | None = None
+) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic (fp32 statistics, cast back before the weight); with an offset Gemma's
+    (scale by offset + weight in fp32, then cast). `dim`: the mean's divisor, when x holds only the kept
+    dims of a wider vector whose other dims are zero."""
     dtype = x.dtype
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    ms = h.pow(2).mean(-1, keepdim=True) if dim is None else h.pow(2).sum(-1, keepdim=True) / dim
+    h = h * torch.rsqrt(ms + eps)
+    if offset:
+        return (h * (offset + weight.float())).to(dtype)
     return weight * h.to(dtype)
 
 
@@ -105,22 +135,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, offset: float = 0.0
+) -> torch.Tensor:
     """RMSNorm without a bias, LayerNorm with one."""
     if bias is None:
-        return rms_norm(x, weight, eps)
+        return rms_norm(x, weight, eps, offset)
     return F.layer_norm(x, weight.shape, weight, bias, eps)
 
 
 class Norm(nn.Module):
-    def __init__(self, size: int, eps: float, kind: str = "rms", device=None, dtype=None) -> None:
+    def __init__(self, size: int, eps: float, kind: str = "rms", device=None, dtype=None, offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        # Gemma's weights are stored as (scale - offset): the identity norm holds zeros.
+        self.weight = nn.Parameter(torch.full((size,), 1.0 - offset, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(size, device=device, dtype=dtype)) if kind == "layer" else None
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norm(x, self.weight, self.bias, self.eps)
+        return norm(x, self.weight, self.bias, self.eps, self.offset)
 
 
 def window_mask(t: int, kv: int, window: int, device) -> torch.Tensor:
@@ -150,9 +183,11 @@ class SlicedAttention(nn.Module):
         rope: bool = True,
         window: int | None = None,
         q_counts: list[int] | None = None,
+        qk_norm: tuple[float, float] | None = None,
+        rope_offset: int = 0,
     ) -> None:
         super().__init__()
-        self.rope, self.window = rope, window
+        self.rope, self.window, self.rope_offset = rope, window, rope_offset
         # Query heads kept per original KV head (`q_counts`, default the whole group): a KV head whose
         # group keeps none is gone. Equal counts are a standard GQA layer; unequal ones repeat each KV head
         # for its own query heads (exact, at the cost of repeated K/V in the attention product).
@@ -173,6 +208,13 @@ class SlicedAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias, **kw)
         self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias and q_dim > 0, **kw)
         self.kv_pairs, self.head_dim = [list(kv_pairs[h]) for h in kept], head_dim
+        # (eps, offset) of the per-head q/k RMSNorms. Their weights stay whole (head_dim): kept dims gather
+        # theirs by `freq`, and the mean divides by head_dim, so a head that keeps some pairs computes what
+        # the whole head computes with the other dims zeroed.
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:
+            self.q_norm = Norm(head_dim, qk_norm[0], offset=qk_norm[1], **kw)
+            self.k_norm = Norm(head_dim, qk_norm[0], offset=qk_norm[1], **kw)
         dev = buffer_device if buffer_device is not None else (None if str(device) == "meta" else device)
         for name, value in self.layout().items():
             self.register_buffer(name, value.to(dev), persistent=False)
@@ -206,6 +248,13 @@ class SlicedAttention(nn.Module):
             x = x.new_zeros(b, t, n_heads * self.width).index_copy_(-1, getattr(self, pos_name), x)
         return x.view(b, t, n_heads, self.width).transpose(1, 2)
 
+    def _head_norm(self, x: torch.Tensor, n: Norm, queries: bool) -> torch.Tensor:
+        """(b, heads, t, width) -> each head RMS-normalized as its whole original head would be."""
+        w = n.weight[self.freq]  # (n_kv, width): padding dims read dim 0's weight but hold zeros
+        if queries:
+            w = w.repeat_interleave(self.rep, 0) if self.equal else w.index_select(0, self.q_kv)
+        return rms_norm(x, w[None, :, None, :], n.eps, n.offset, self.head_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -223,9 +272,12 @@ class SlicedAttention(nn.Module):
         q = self._heads(self.q_proj(x), nq, "q_pos")
         k = self._heads(self.k_proj(x), self.n_kv, "kv_pos")
         v = self._heads(self.v_proj(x), self.n_kv, "kv_pos")
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self._head_norm(q, self.q_norm, True), self._head_norm(k, self.k_norm, False)
         if self.rope:
             # cos/sin: (b, t, head_dim) of the original head -> per kept KV head (b, n_kv, t, width).
-            idx = self.freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
+            freq = self.freq + self.rope_offset if self.rope_offset else self.freq
+            idx = freq[None, :, None, :].expand(b, self.n_kv, t, self.width)
             ck = cos[:, None].expand(b, self.n_kv, t, cos.shape[-1]).gather(-1, idx)
             sk = sin[:, None].expand(b, self.n_kv, t, sin.shape[-1]).gather(-1, idx)
             if self.equal:  # query heads of a group share their KV head's frequencies: broadcast, not repeat
@@ -309,23 +361,29 @@ class SlicedDecoderLayer(nn.Module):
             "ignore", "Initializing zero-element tensors"
         )  # a module pruned away is an empty Linear
         c, kw = config, dict(device=device, dtype=dtype)
-        self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
+        norm_kw = dict(kind=c.norm, offset=c.norm_offset, **kw)
+        self.input_layernorm = Norm(c.hidden_size, c.rms_norm_eps, **norm_kw)
         group = c.num_attention_heads // c.num_key_value_heads
         self.self_attn = SlicedAttention(
             c.hidden_size,
             kv_pairs,
             c.head_dim,
             group,
-            c.head_dim**-0.5,
+            (c.query_pre_attn_scalar or c.head_dim) ** -0.5,
             c.qkv_bias,
             c.o_bias,
             buffer_device=buffer_device,
             rope=c.positions == "rope",
             window=window,
             q_counts=q_counts,
+            qk_norm=(c.rms_norm_eps, c.norm_offset) if c.qk_norm else None,
+            rope_offset=c.head_dim if c.local_rope and window is not None else 0,
             **kw,
         )
-        self.post_attention_layernorm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, **kw)
+        # The norm before the MLP (LLaMA's name for it); with sandwich norms also one on each output.
+        self.post_attention_layernorm = Norm(c.hidden_size, c.rms_norm_eps, **norm_kw)
+        self.attn_out_norm = Norm(c.hidden_size, c.rms_norm_eps, **norm_kw) if c.sandwich_norm else None
+        self.mlp_out_norm = Norm(c.hidden_size, c.rms_norm_eps, **norm_kw) if c.sandwich_norm else None
         self.mlp = SlicedMLP(
             c.hidden_size, channels, c.hidden_act, c.mlp_bias, down_bias=c.down_bias, gated=c.gated_mlp, **kw
         )
@@ -343,8 +401,16 @@ class SlicedDecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         if record is not None:
             record("qkv", h)
-        x = x + self.self_attn(h, cos, sin, record, mask, cache, layer_idx)
+        x = self.attn_residual(x, self.self_attn(h, cos, sin, record, mask, cache, layer_idx))
         h = self.post_attention_layernorm(x)
         if record is not None:
             record("mlp", h)
-        return x + self.mlp(h, record)
+        return self.mlp_residual(x, self.mlp(h, record))
+
+    def attn_residual(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The stream after the attention, given its o_proj output."""
+        return x + (attn_out if self.attn_out_norm is None else self.attn_out_norm(attn_out))
+
+    def mlp_residual(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """The stream after the MLP, given its down_proj output."""
+        return x + (mlp_out if self.mlp_out_norm is None else self.mlp_out_norm(mlp_out))

@@ -1,4 +1,4 @@
-"""A pre-norm decoder (LLaMA, Mistral, Qwen2, OPT) whose layers keep their own heads, head widths and MLP sizes.
+"""A decoder (LLaMA, Mistral, Qwen2, Qwen3, Gemma 3, OPT) whose layers keep their own heads, head widths and MLP sizes.
 
 Remote code (torch and transformers only): the exporter copies this file and `blocks.py`, the sliced
 decoder block it imports, next to every non-uniform checkpoint, so
@@ -18,7 +18,14 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .blocks import Norm, SlicedAttention, SlicedDecoderLayer  # relative: the file ships beside exported weights
+from .blocks import (  # relative: the file ships beside exported weights
+    DualRope,
+    Norm,
+    Rope,
+    SlicedAttention,
+    SlicedDecoderLayer,
+    default_inv_freq,
+)
 
 # The model outputs' cache field: `past_key_values` up to transformers 5.23, `cache` from 5.24 (which
 # generate() reads back and passes in as `cache=`).
@@ -43,6 +50,13 @@ class SearchLLMConfig(LlamaConfig):
     gated_mlp: bool = True  # act(gate(x)) * up(x) -> down; False: act(up(x)) -> down (OPT's fc1/fc2)
     sliding_window: int | None = None
     layer_types: list | None = None  # [kept layer] -> "full_attention" | "sliding_attention"
+    qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + w): Gemma's 1
+    sandwich_norm: bool = False  # attention/MLP outputs normalized before the residual (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: head_dim
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(hidden_size))
+    local_rope: bool = False  # sliding layers rotate with their own base, local_rope_theta
+    local_rope_theta: float | None = None
 
     def __post_init__(self, **kwargs):
         # Always a list: generate() with a static cache builds one mask per layer type from it.
@@ -64,10 +78,12 @@ class SearchLLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, SlicedAttention):  # index buffers are not saved: rebuild them after loading
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(module, SlicedAttention):  # index buffers are not saved: rebuild them after loading
                 for name, value in module.layout().items():
                     getattr(module, name).copy_(value)
+            if isinstance(module, Rope):  # nor is the local rotary table
+                module.inv_freq.copy_(default_inv_freq(self.config.local_rope_theta, self.config.head_dim))
 
 
 class SearchLLMModel(SearchLLMPreTrainedModel):
@@ -81,9 +97,12 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
             )
             for i, (p, m) in enumerate(zip(c.layer_kv_pairs, c.layer_intermediate))
         )
-        self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm)
+        self.norm = Norm(c.hidden_size, c.rms_norm_eps, c.norm, offset=c.norm_offset)
         if c.positions == "rope":
             self.rotary_emb = LlamaRotaryEmbedding(config=c)  # at the original head_dim; heads gather their pairs
+            if c.local_rope:
+                local = Rope(default_inv_freq(c.local_rope_theta, c.head_dim), 1.0)
+                self.rotary_emb = DualRope(self.rotary_emb, local)
         else:
             self.embed_positions = nn.Embedding(c.max_position_embeddings + c.position_offset, c.hidden_size)
         self.post_init()
@@ -102,6 +121,8 @@ class SearchLLMModel(SearchLLMPreTrainedModel):
         past_key_values = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.embed_scale != 1.0:
+                inputs_embeds = inputs_embeds * torch.tensor(self.config.embed_scale, dtype=inputs_embeds.dtype)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)

@@ -35,6 +35,10 @@ MODULE_PATHS = (
     | {
         "in_norm_bias": "input_layernorm.bias",
         "post_norm_bias": "post_attention_layernorm.bias",
+        "q_norm": "self_attn.q_norm.weight",
+        "k_norm": "self_attn.k_norm.weight",
+        "attn_out_norm": "attn_out_norm.weight",
+        "mlp_out_norm": "mlp_out_norm.weight",
     }
 )
 

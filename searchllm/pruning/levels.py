@@ -323,9 +323,9 @@ def iter_build(
                 ):  # aim != module: the dense block on the dense stream, the targets and the next dense stream
                     hd = hd_all[s : s + batch]
                     attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd))
-                    mid_d = hd + attn_d
+                    mid_d = block.attn_residual(hd, attn_d)
                     mlp_d = block.mlp(block.post_attention_layernorm(mid_d))
-                    dense.append((mid_d + mlp_d, mlp_d))
+                    dense.append((block.mlp_residual(mid_d, mlp_d), mlp_d))
                     y = attn_d if aim == "dense" else mid_d - h
                     y = y - w["o_bias"] if w.get("o_bias") is not None else y  # the bias stays as it is
                     if build:
@@ -355,7 +355,7 @@ def iter_build(
                 h = h_all[b * batch : b * batch + x.shape[0]]
                 if accumulate and a_imp != space.attn_top:
                     attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
-                mid = h + attn_out
+                mid = block.attn_residual(h, attn_out)
                 f = block.mlp.features(
                     block.post_attention_layernorm(mid)
                 )  # full-width down_proj only where the implied level keeps the whole MLP
@@ -385,7 +385,7 @@ def iter_build(
             for (f, mlp_out), mid in zip(feats, mids):
                 if accumulate and m_imp != space.mlp_top:
                     mlp_out = _project(f, m_cols, entry.mlp.get(m_imp), w.get("down_bias"), mid)
-                outs.append(mid + mlp_out)
+                outs.append(block.mlp_residual(mid, mlp_out))
             h_all = torch.cat(outs)
             if aim != "module":
                 hd_all = torch.cat([out_d for out_d, _ in dense])

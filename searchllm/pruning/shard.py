@@ -277,6 +277,8 @@ class ShardRunner:
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token embeddings of positions start.. (windows are whole sequences: start 0)."""
         h = F.embedding(tokens.to(self.device), self.embed_w)
+        if self.block_config.embed_scale != 1.0:
+            h = h * torch.tensor(self.block_config.embed_scale, dtype=h.dtype)
         if self.positions_w is not None:
             pos = torch.arange(start, start + tokens.shape[-1], device=self.device) + self.block_config.position_offset
             h = h + F.embedding(pos, self.positions_w)
@@ -307,7 +309,8 @@ class ShardRunner:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head's output in the runner's dtype."""
-        return F.linear(norm(h.to(self.device), self.norm_w, self.norm_b, self.eps), self.head_w)
+        h = norm(h.to(self.device), self.norm_w, self.norm_b, self.eps, self.block_config.norm_offset)
+        return F.linear(h, self.head_w)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
