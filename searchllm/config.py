@@ -154,7 +154,7 @@ def parse_corpus(spec: str) -> CorpusConfig:
 
 # -- the search space and budget (pruning.space)
 ATTENTION_MODES = ("channels", "heads")
-BUDGET_COUNTS = ("total", "decoder")
+BUDGET_COUNTS = ("auto", "total", "decoder")
 
 
 # -- the paper's evolution (search.evolution)
@@ -362,7 +362,9 @@ class SpaceConfig:
 class BudgetConfig:
     target: float = 0.8  # inheriting ratio: kept / original parameters
     tol: float = 0.01  # the kept ratio may miss budget.target by this much either way
-    count: str = "total"  # total (embeddings and LM head included, as the paper) | decoder
+    # total (embeddings and LM head included, as the paper) | decoder (the blocks alone) | auto: decoder where
+    # embeddings and LM head are over half the model (Gemma 3's 262k vocabulary: 63% of gemma-3-270m), else total
+    count: str = "auto"
 
 
 @dataclass

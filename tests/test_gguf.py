@@ -11,7 +11,7 @@ from searchllm.export.hf import build
 from searchllm.models.adapters import adapter_for
 from searchllm.models.sliced import LayerSlice
 
-from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
+from conftest import FAMILIES, bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
 
 needs_llama = pytest.mark.skipif(
     not available(),
@@ -25,7 +25,23 @@ def bpe(tmp_path_factory):
     return bpe_tokenizer(path), path
 
 
-FAMILY_KW = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}
+FAMILY_KW = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"use_sliding_window": False},
+    "qwen3": {"use_sliding_window": False},
+    # sliding and global layers alternating (not llama.cpp's default 5:1): the per-layer pattern is written
+    "gemma3_text": FAMILIES["gemma3"][1] | {"query_pre_attn_scalar": 16},
+}
+
+
+class Fp16Gelu(torch.nn.Module):
+    """GELU as llama.cpp's CPU kernel computes it: from a table over float16 inputs, in float16, inside
+    (-10, 10); x or 0 outside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x >= 10, x, torch.where(x <= -10, torch.zeros_like(x), table))
 
 
 def subnet(g, kind):
@@ -43,6 +59,8 @@ def subnet(g, kind):
             LayerSlice((full_pairs, ()), mlp(48), True, ((0, 1), ())),
             LayerSlice(both, mlp(8)),
         ]
+    if kind == "uniform-channels":  # every layer alike once heads are padded to head_dim with zeros
+        return [LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32))] * g.num_layers
     if kind == "dropped":
         return [
             LayerSlice(both, mlp(32)),
@@ -104,6 +122,52 @@ def test_llama_cpp_runs_the_gguf_with_the_hf_exports_logits(family, kind, bpe, t
     want = model(torch.tensor([seq])).logits[0].detach().numpy()
     got = llamacpp.logits(llamacpp.load(tmp_path / "m.gguf", 64, f32_cache=True), seq)
     assert np.abs(got - want).max() < 1e-3
+
+
+@needs_llama
+@pytest.mark.parametrize(
+    "family,kind,arch",
+    [
+        ("qwen3", "uniform", "qwen3"),
+        ("qwen3", "uniform-channels", "qwen3"),
+        ("gemma3_text", "uniform", "gemma3"),
+        ("gemma3_text", "uniform-channels", "gemma3"),
+    ],
+)
+def test_uniform_qwen3_and_gemma3_subnets_run_in_llama_cpp_with_the_hf_exports_logits(
+    family, kind, arch, bpe, tmp_path
+):
+    """Per-head q/k norms (also of heads padded with zero dims), Gemma's 1 + w norms, scaled embeddings and
+    the sliding layers' own window and RoPE base, as llama.cpp's own qwen3 and gemma3 run them."""
+    from searchllm.evaluate import llamacpp
+
+    model = exported(family, kind, bpe)
+    assert write(model, bpe[1], tmp_path / "m.gguf").arch == arch
+    seq = ids(40)  # past the 8-token window
+    got = llamacpp.logits(llamacpp.load(tmp_path / "m.gguf", 64, f32_cache=True), seq)
+    with torch.no_grad():
+        want = model(torch.tensor([seq])).logits[0].numpy()
+        assert np.abs(got - want).max() < 1e-2
+        if family == "gemma3_text":  # the rest of the gap is llama.cpp's float16 GELU table
+            for layer in model.model.layers:  # transformers' Gemma3MLP calls it act_fn, ours act
+                setattr(layer.mlp, "act" if hasattr(layer.mlp, "act") else "act_fn", Fp16Gelu())
+            want = model(torch.tensor([seq])).logits[0].numpy()
+    assert np.abs(got - want).max() < 1e-3
+
+
+@needs_llama
+@pytest.mark.parametrize("family,arch", [("qwen3", "qwen3"), ("gemma3_text", "gemma3")])
+def test_per_layer_qwen3_and_gemma3_subnets_are_refused_for_gguf_in_one_line(family, arch, bpe, tmp_path):
+    """What llama.cpp does with per-layer sizes under these archs (measured: it sizes every layer like the
+    first and refuses the file), and the line the writer stops with instead."""
+    from searchllm.evaluate import llamacpp
+
+    model = exported(family, "per-layer", bpe)
+    with pytest.raises(GGUFError, match=f"llama.cpp's {arch} cannot load .*export.format=hf"):
+        write(model, bpe[1], tmp_path / "m.gguf")
+    write(model, bpe[1], tmp_path / "forced.gguf", arch=arch, per_layer=True)
+    with pytest.raises(RuntimeError, match="llama.cpp refused"):
+        llamacpp.load(tmp_path / "forced.gguf", 64)
 
 
 @needs_llama

@@ -4,8 +4,12 @@ Reads an exported Hugging Face model (plain family checkpoint or the searchllm f
   uniform      every layer has the same query heads, KV heads and MLP width: the family's own llama.cpp
                architecture (`llama` for LLaMA and Mistral, `qwen2` for Qwen2 while its query heads still
                span the hidden size, which llama.cpp's qwen2 assumes).
+               Qwen3 as `qwen3`, Gemma 3 as `gemma3` (its sliding layers as a per-layer pattern with their
+               own RoPE base; norms written as llama.cpp's 1 + w).
   non-uniform  llama.cpp's `deci` architecture (DeciLM / Nemotron-NAS): per-layer `attention.head_count`,
                `attention.head_count_kv` and `feed_forward_length` arrays; dropped blocks are left out.
+               Qwen3 and Gemma 3 have no such path (measured: their llama.cpp graphs size every layer like
+               the first, and deci has no q/k norms): refused with one line.
 What llama.cpp cannot express as it is gets zero rows/columns, which is exact: heads narrower than head_dim
 (the in-head channel space) are widened with zero q/k/v dims (zero q.k terms, zero o columns); KV groups
 with fewer query heads than the layer's largest get zero query heads (their attention output meets zero
@@ -28,8 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # uniform subnets; otherwise deci
-HALVES_ROTARY = {"qwen2"}  # llama.cpp arches that rotate (d, d + head_dim/2) like HF: no permutation
+# Source model type -> llama.cpp architecture of a uniform subnet (non-uniform ones: deci, for the families in DECI).
+ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
+DECI = {"llama", "mistral", "qwen2"}  # deci's graph has no per-head q/k norms nor Gemma's sandwich norms
+HALVES_ROTARY = {"qwen2", "qwen3", "gemma3"}  # llama.cpp arches that rotate (d, d + head_dim/2) like HF: no permutation
+NORM_OFFSET = {"gemma3": 1.0}  # llama.cpp's Gemma norms hold the scale itself (1 + w of transformers' weights)
 FTYPES = {  # llama.h llama_ftype; names as llama-quantize spells them (lower case)
     "f32": 0,
     "f16": 1,
@@ -127,17 +141,33 @@ def layer_shape(layer, config, head_dim: int) -> tuple[int, int, int]:
     return n_kv * max(counts, default=0), n_kv, max(n_ff, 1) if n_kv else n_ff
 
 
-def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str, np.ndarray], int]:
+def layer_norms(layer) -> dict[str, "torch.Tensor"]:
+    """A block's norm weights by llama.cpp name, from transformers' Gemma 3 / Qwen3 / LLaMA blocks or ours."""
+    a = layer.self_attn
+    if hasattr(layer, "pre_feedforward_layernorm"):  # transformers' Gemma 3 block
+        out = {
+            "attn_norm": layer.input_layernorm.weight,
+            "post_attention_norm": layer.post_attention_layernorm.weight,
+            "ffn_norm": layer.pre_feedforward_layernorm.weight,
+            "post_ffw_norm": layer.post_feedforward_layernorm.weight,
+        }
+    else:
+        out = {"attn_norm": layer.input_layernorm.weight, "ffn_norm": layer.post_attention_layernorm.weight}
+        if getattr(layer, "attn_out_norm", None) is not None:
+            out |= {"post_attention_norm": layer.attn_out_norm.weight, "post_ffw_norm": layer.mlp_out_norm.weight}
+    if getattr(a, "q_norm", None) is not None:
+        out |= {"attn_q_norm": a.q_norm.weight, "attn_k_norm": a.k_norm.weight}
+    return out
+
+
+def layer_tensors(layer, config, head_dim: int, rotate: bool, offset: float = 0.0) -> tuple[dict[str, np.ndarray], int]:
     """One block's GGUF tensors (f32, HF orientation; their sizes are layer_shape's) and the zeros added."""
     a, m = layer.self_attn, layer.mlp
     pairs, counts = _layout(a, config, head_dim)
     hidden = config.hidden_size
     n_kv, per = len(pairs), max(counts, default=0)
     f32 = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    out: dict[str, np.ndarray] = {
-        "attn_norm.weight": f32(layer.input_layernorm.weight),
-        "ffn_norm.weight": f32(layer.post_attention_layernorm.weight),
-    }
+    out: dict[str, np.ndarray] = {f"{n}.weight": f32(w) + offset for n, w in layer_norms(layer).items()}
     padding = 0
     if n_kv:
         q, k, v, o = (f32(getattr(a, f"{n}_proj").weight) for n in "qkvo")
@@ -174,9 +204,8 @@ def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str,
             padding += QB.size + KB.size + VB.size - sum(b.size for b in bias.values())
         if a.o_proj.bias is not None:
             out["attn_output.bias"] = f32(a.o_proj.bias)
-    else:
-        del out["attn_norm.weight"]  # an attention-free layer has no attention norm in llama.cpp
-        padding -= int(layer.input_layernorm.weight.numel())
+    else:  # an attention-free layer has no attention norm in llama.cpp
+        padding -= int(out.pop("attn_norm.weight").size)
     gate, up, down = f32(m.gate_proj.weight), f32(m.up_proj.weight), f32(m.down_proj.weight)
     n_ff = up.shape[0]
     if n_ff == 0 and n_kv:  # deci would drop the attention output with the empty FFN: one zero channel
@@ -191,8 +220,7 @@ def layer_tensors(layer, config, head_dim: int, rotate: bool) -> tuple[dict[str,
         if m.down_proj.bias is not None:
             out["ffn_down.bias"] = f32(m.down_proj.bias)
     else:
-        del out["ffn_norm.weight"]
-        padding -= int(layer.post_attention_layernorm.weight.numel())
+        padding -= int(out.pop("ffn_norm.weight").size)
     return out, padding
 
 
@@ -217,13 +245,44 @@ def llama3_rope_factors(rope: dict, head_dim: int, theta: float) -> np.ndarray |
 
 
 def _rope(config) -> tuple[float, dict]:
+    """The (global layers') RoPE base and parameters."""
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope = dict(rope.get("full_attention", rope))  # per layer type (Gemma 3): the global layers'
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))), rope
 
 
-def write(model, tokenizer_dir: Path, out: Path, source_gguf: Path | None = None, arch: str | None = None) -> GGUFInfo:
+def gemma3_keys(w, c, head_dim: int, rope: dict) -> None:
+    """Gemma 3's sliding layers (window, which layers, their RoPE base) and the global layers' linear RoPE
+    scaling; settings llama.cpp's gemma3 cannot express stop with one line."""
+    import gguf
+
+    scalar = getattr(c, "query_pre_attn_scalar", None) or head_dim
+    if scalar != head_dim:  # llama.cpp derives the scale from the model size (27B: hidden / heads)
+        raise GGUFError(
+            f"query_pre_attn_scalar={scalar} differs from head_dim={head_dim}: llama.cpp's gemma3 would scale "
+            "this subnet's attention otherwise; use export.format=hf"
+        )
+    types = list(c.layer_types)
+    if "sliding_attention" in types:
+        w.add_sliding_window(int(c.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        local = getattr(c, "local_rope_theta", None) or c.rope_parameters["sliding_attention"]["rope_theta"]
+        w.add_rope_freq_base_swa(float(local))
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def write(
+    model,
+    tokenizer_dir: Path,
+    out: Path,
+    source_gguf: Path | None = None,
+    arch: str | None = None,
+    per_layer: bool | None = None,
+) -> GGUFInfo:
     """Write `model` (an exported HF model, loaded) as an f32 GGUF at `out`. `arch` forces the architecture
-    (tests: a non-uniform subnet written as `llama` must be refused by llama.cpp)."""
+    and `per_layer` the per-layer size arrays (tests: what llama.cpp refuses)."""
     import gguf
 
     c = model.config
@@ -233,15 +292,31 @@ def write(model, tokenizer_dir: Path, out: Path, source_gguf: Path | None = None
     uniform = len(set(shapes)) == 1 and shapes[0][0] > 0 and shapes[0][2] > 0
     if family == "qwen2" and uniform and shapes[0][0] * head_dim != c.hidden_size:
         uniform = False  # llama.cpp's qwen2 sizes Q and O as hidden x hidden; deci sizes them per layer
-    arch = arch or (ARCH[family] if uniform else "deci")
+    if arch is None:
+        arch = ARCH[family] if uniform else "deci" if family in DECI else None
+    if arch is None:
+        raise GGUFError(
+            f"this {family} subnet keeps different head counts or MLP widths per layer ({len(set(shapes))} shapes), "
+            f"which llama.cpp's {ARCH[family]} cannot load (it sizes every layer like the first, measured) and "
+            "deci cannot run (no per-head q/k norms); export it as a Hugging Face checkpoint (resume the run "
+            "with export.format=hf), or search a uniform subnet (levels.init=uniform search.generations=1)"
+        )
+    if arch == "qwen3" and "sliding_attention" in (getattr(c, "layer_types", None) or []):
+        raise GGUFError(
+            "this qwen3 model has sliding-window layers (use_sliding_window), which llama.cpp's qwen3 runs as "
+            "full attention (measured: other logits); export it as a Hugging Face checkpoint (export.format=hf)"
+        )
     rotate = arch not in HALVES_ROTARY
+    offset = NORM_OFFSET.get(arch, 0.0)
     theta, rope = _rope(c)
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name(Path(out).stem)
     w.add_block_count(len(shapes))
     w.add_context_length(int(c.max_position_embeddings))
     w.add_embedding_length(int(c.hidden_size))
-    per_layer = arch == "deci"
+    if arch == "gemma3":
+        gemma3_keys(w, c, head_dim, rope)
+    per_layer = arch == "deci" if per_layer is None else per_layer
     pick = lambda i: [s[i] for s in shapes] if per_layer else shapes[0][i]  # noqa: E731
     w.add_head_count(pick(0))
     w.add_head_count_kv(pick(1))
@@ -259,14 +334,14 @@ def write(model, tokenizer_dir: Path, out: Path, source_gguf: Path | None = None
     factors = llama3_rope_factors(rope, head_dim, theta)
     if factors is not None:
         w.add_tensor("rope_freqs.weight", factors)
-    w.add_tensor("output_norm.weight", f32(model.model.norm.weight))
+    w.add_tensor("output_norm.weight", f32(model.model.norm.weight) + offset)
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", f32(model.lm_head.weight))
     params = sum(int(t.numel()) for t in (model.model.embed_tokens.weight, model.model.norm.weight))
     params += 0 if c.tie_word_embeddings else int(model.lm_head.weight.numel())
     padding = 0
     for i, layer in enumerate(model.model.layers):
-        tensors, pad = layer_tensors(layer, c, head_dim, rotate)
+        tensors, pad = layer_tensors(layer, c, head_dim, rotate, offset)
         for name, t in tensors.items():
             w.add_tensor(f"blk.{i}.{name}", np.ascontiguousarray(t))
             params += t.size

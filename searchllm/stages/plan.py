@@ -27,6 +27,13 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     check_paths(cfg, run)
     _, _, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
     g = adapter.geometry()
+    cfg.budget.count = budget_count(cfg.budget.count, g)
+    if cfg.levels.refit == "stream" and adapter.architecture().block.sandwich_norm:
+        raise LevelError(
+            f"levels.refit=stream cannot be solved for {adapter.config.model_type}: its blocks normalize the "
+            "o/down output before the residual, so the stream is not linear in the refit weights; use "
+            "levels.refit=module or dense"
+        )
     s = cfg.space
     space = SearchSpace.for_target(
         g,
@@ -60,6 +67,14 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     selection = selection_sets(cfg) if strategy.kind == "levels" else {}
     tokens, where = token_sets(cfg, load_tokenizer(cfg.model, data_root(cfg.data.root)), selection)
     return Plan(space, budget, strategy, tokens, where)
+
+
+def budget_count(count: str, g: Geometry) -> str:
+    """budget.count=auto: the decoder alone where embeddings and LM head are most of the model (a budget of
+    the total would then cut most of the blocks), else the total, as the paper counts."""
+    if count != "auto":
+        return count
+    return "decoder" if g.outer_params > g.total_params / 2 else "total"
 
 
 def check_paths(cfg: Config, run: RunDir) -> None:
