@@ -22,7 +22,8 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_list():
 
     with pytest.raises(
         UnsupportedModelError,
-        match="'gpt_neox' is not supported; supported model types: gemma3, gemma3_text, llama, mistral, opt, qwen2, qwen3",
+        match="'gpt_neox' is not supported; supported model types: gemma3, gemma3_text, llama, mistral, opt, qwen2, "
+        "qwen3",
     ):
         adapter_for(GPTNeoXConfig())
 

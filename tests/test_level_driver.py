@@ -7,7 +7,7 @@ import pytest
 
 from searchllm.driver import main
 
-from conftest import tiny_run_args
+from conftest import make_tiny_checkpoint, tiny_run_args
 from helpers import CODES, ended_cleanly, signal_driver_at
 
 pytestmark = pytest.mark.ray
@@ -67,6 +67,18 @@ def test_the_level_search_exports_exactly_the_subnet_it_scored(two_generations):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["history"][-1]["stage0_candidates"] == 6 and summary["history"][-1]["stage1_candidates"] == 2
     assert summary["fitness_kind"] == "kl" and summary["best_fitness"] > 0
+
+
+@pytest.mark.parametrize("family,model_type", [("qwen3", "qwen3"), ("gemma3", "gemma3_text")])
+def test_qwen3_and_gemma3_go_through_the_default_method_end_to_end(ray_cluster, family, model_type, tmp_path):
+    """Database, level search, export and evaluation of the two newer families through the driver."""
+    path, corpus = make_tiny_checkpoint(tmp_path, family)
+    run = tmp_path / "run"
+    assert main(level_args(path, corpus, run, "search.generations=1")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["source"]["model_type"] == model_type and m["level_database"]["layers_built"] == 4
+    assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["searched"], rel=1e-4)
+    assert m["export"]["params"] == m["params"]["subnet"] and 0.67 <= m["ratio"]["actual"] <= 0.73
 
 
 def test_the_manifest_names_the_starting_points_scored_not_the_rungs_the_ladder_skipped(

@@ -226,7 +226,7 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
         ),
         (
             "model.path={gpt_neox}",
-            "model type 'gpt_neox' is not supported; supported model types: llama, mistral, opt, qwen2",
+            "model type 'gpt_neox' is not supported; supported model types: gemma3, gemma3_text, llama, mistral, opt",
         ),
         ("ray.replicas=many", "ray.replicas='many' must be an integer >= 1 or auto"),
         ("export.dir=/proc/nope", "export.dir='/proc/nope' cannot be written (No such file or directory)"),

@@ -141,8 +141,9 @@ def layer_shape(layer, config, head_dim: int) -> tuple[int, int, int]:
     return n_kv * max(counts, default=0), n_kv, max(n_ff, 1) if n_kv else n_ff
 
 
-def layer_norms(layer) -> dict[str, "torch.Tensor"]:
-    """A block's norm weights by llama.cpp name, from transformers' Gemma 3 / Qwen3 / LLaMA blocks or ours."""
+def layer_norms(layer) -> dict:
+    """A block's norm weights (tensors) by llama.cpp name, from transformers' Gemma 3 / Qwen3 / LLaMA blocks
+    or ours."""
     a = layer.self_attn
     if hasattr(layer, "pre_feedforward_layernorm"):  # transformers' Gemma 3 block
         out = {
