@@ -6,7 +6,8 @@ run), in its own run dir; the table is read back from each run's manifest.json a
     python benchmarks/quality.py [--ratios 0.9 0.8 0.7 0.6 0.5] [--methods searchllm uniform+obs ...]
                                  [--calibrations wikitext mixture generated generated+mixture]
                                  [--heal-tokens 100000 500000 2000000]
-                                 [--root runs/quality] [--out FILE.csv] [--table-only] [-- key=value ...]
+                                 [--windows N] [--root runs/quality] [--out FILE.csv] [--table-only]
+                                 [-- key=value ...]
 
 A row already run under --root (its eval.parquet there) is read back, not run again.
 
@@ -290,6 +291,9 @@ def main() -> None:
     )
     ap.add_argument("--calibrations", nargs="+", default=["wikitext"], choices=list(CALIBRATIONS))
     ap.add_argument("--heal-tokens", type=int, nargs="*", default=[], help="also heal each row's subnet on N tokens")
+    ap.add_argument(
+        "--windows", type=int, default=0, help="windows per text @2048 (4x as many @128) instead of 8 (32 @128)"
+    )
     ap.add_argument("--root", default="runs/quality")
     ap.add_argument("--out", default=None, help="also write the rows as CSV")
     ap.add_argument(
@@ -299,6 +303,8 @@ def main() -> None:
 
     import pandas as pd
 
+    if a.windows:  # fewer windows for a model whose evaluation is slow (a 262k vocabulary on CPU)
+        WINDOWS.update({k: a.windows * (4 if length == 128 else 1) for k in WINDOWS for length in [k[1]]})
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     dense = dense_row(root, extra)
