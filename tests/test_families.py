@@ -197,3 +197,13 @@ def test_the_text_tower_of_a_multimodal_gemma3_checkpoint_is_searched_and_export
     exported, info = build(adapter, mm.state_dict(), uniform)
     assert info.kind == "plain" and type(exported).__name__ == "Gemma3ForCausalLM"
     assert runner.forward(uniform, tokens).ppl == pytest.approx(hf_ppl(exported, tokens), rel=1e-5)
+
+
+def test_the_auto_budget_counts_the_decoder_alone_where_embeddings_are_most_of_the_model():
+    from searchllm.stages.plan import budget_count
+
+    big_vocab = adapter_for(tiny_model("gemma3_text", vocab_size=20000, tie_word_embeddings=True).config).geometry()
+    small_vocab = adapter_for(tiny_model("llama").config).geometry()
+    assert big_vocab.outer_params > big_vocab.total_params / 2 > small_vocab.outer_params
+    assert budget_count("auto", big_vocab) == "decoder" and budget_count("auto", small_vocab) == "total"
+    assert budget_count("total", big_vocab) == "total"

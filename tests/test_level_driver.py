@@ -172,6 +172,15 @@ def test_bad_level_settings_stop_early_with_one_line_naming_the_key(
     assert len(err.strip().splitlines()) == 1 and not run.exists()
 
 
+def test_a_stream_refit_of_a_family_with_output_norms_stops_early_with_one_line(tmp_path, capsys):
+    path, corpus = make_tiny_checkpoint(tmp_path, "gemma3")
+    run, _ = tmp_path / "run", capsys.readouterr()  # the checkpoint's own save progress
+    assert main([*level_args(path, corpus, run), "levels.refit=stream"]) == 2
+    err = capsys.readouterr().err
+    assert "levels.refit=stream cannot be solved for gemma3_text" in err and "use levels.refit=module" in err
+    assert len(err.strip().splitlines()) == 1 and not run.exists()
+
+
 def test_training_aware_choice_heals_the_final_parents_and_exports_the_one_chosen(two_generations, tmp_path):
     """heal.candidates=2: both final parents get a short heal, the lowest held-out KL after it is healed in
     full and exported, and the manifest describes that subnet."""
