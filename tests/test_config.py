@@ -24,7 +24,7 @@ def test_paper_config_has_the_papers_budget():
     "argv,message",
     [
         (["ray.replica=2"], "unknown config key 'ray.replica'"),
-        (["budget.count=params"], "budget.count='params' is not allowed; choose one of: total, decoder"),
+        (["budget.count=params"], "budget.count='params' is not allowed; choose one of: auto, total, decoder"),
         (["search.population=abc"], "bad value for 'search.population'"),
         (["search.mutations=90", "search.crossovers=30"], "must be >= 0 and <= search.population=16"),
         (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
