@@ -14,9 +14,11 @@ that keep
 different widths are zero-padded to the widest at run time only: weights hold exactly the kept rows and
 columns, so parameter counts are exact; the padding costs attention FLOPs, not parameters.
 
-Family differences are config fields, not classes: RMSNorm or LayerNorm (`norm`), rotary or learned
-positions (`positions`, OPT's table offset by `position_offset`), a gated (SwiGLU) or plain MLP
-(`gated_mlp`), and per-layer sliding-window attention. Without rotary positions a "pair" is just two dims
+Family differences are config fields, not classes: RMSNorm or LayerNorm (`norm`, Gemma's 1 + w with
+`norm_offset`), rotary or learned positions (`positions`, OPT's table offset by `position_offset`), a
+gated (SwiGLU/GeGLU) or plain MLP (`gated_mlp`), per-head q/k norms (`qk_norm`), norms on the attention
+and MLP outputs (`sandwich_norm`), the attention and embedding scales, and per-layer sliding-window
+attention with its own RoPE base (`local_rope`). Without rotary positions a "pair" is just two dims
 of a head that are kept or dropped together.
 """
 
