@@ -27,7 +27,6 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     check_paths(cfg, run)
     _, _, adapter = load_config_only(cfg.model, data_root(cfg.data.root))
     g = adapter.geometry()
-    cfg.budget.count = budget_count(cfg.budget.count, g)
     if cfg.levels.refit == "stream" and adapter.architecture().block.sandwich_norm:
         raise LevelError(
             f"levels.refit=stream cannot be solved for {adapter.config.model_type}: its blocks normalize the "
@@ -60,7 +59,8 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
         implied_levels(LevelSpace(g, cfg.levels), *level_band(cfg, g))
         check_database_fits(cfg, g, run)
-    budget = Budget(cfg.budget.target - extra / space.total(cfg.budget.count), cfg.budget.tol, cfg.budget.count)
+    count = budget_count(cfg.budget.count, g)  # the config keeps `auto`: a resume resolves it again, the same way
+    budget = Budget(cfg.budget.target - extra / space.total(count), cfg.budget.tol, count)
     lo, hi = space.bounds(budget.count)
     if budget.high < lo or budget.low > hi:
         raise BudgetError(space.infeasible_message(budget))
@@ -120,7 +120,7 @@ def selection_sets(cfg: Config) -> dict[str, tuple[int, str]]:
 def level_band(cfg: Config, g: Geometry) -> tuple[int, int]:
     """The parameter counts (whole model) budget.target +- budget.tol allows, in budget.count's terms."""
     b = cfg.budget
-    if b.count == "decoder":
+    if budget_count(b.count, g) == "decoder":
         d = g.num_layers * g.layer_params
         return int(math.ceil(g.outer_params + (b.target - b.tol) * d)), int(g.outer_params + (b.target + b.tol) * d)
     return int(math.ceil((b.target - b.tol) * g.total_params)), int((b.target + b.tol) * g.total_params)

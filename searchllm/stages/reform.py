@@ -76,7 +76,7 @@ def finalists(ctx: RunContext) -> None:
             "chosen": best.key(),
             "seconds": searched.seconds,
         },
-        "ratio": {"target": cfg.budget.target, "actual": params / g.total_params, "count": cfg.budget.count},
+        "ratio": {"target": cfg.budget.target, "actual": params / g.total_params, "count": ctx.plan.budget.count},
         "params": {
             "original": g.total_params,
             "subnet": params,
@@ -110,7 +110,7 @@ def reform_finalists(ctx: RunContext):
         (result.best, "best", result.fitness)
     ]
     if r.flap_finalist and scores is not None and space.multiple == 1:  # FLAP's counts ignore space.round_to
-        f = flap(space, scores, Budget(cfg.budget.target, cfg.budget.tol, cfg.budget.count))
+        f = flap(space, scores, Budget(cfg.budget.target, cfg.budget.tol, ctx.plan.budget.count))
         if f.key() not in {c.key() for c, _, _ in cands}:
             cands.append((f, "flap", None))
     chosen, record = None, []
@@ -141,7 +141,7 @@ def reform_finalists(ctx: RunContext):
         record.append({
             "key": cand.key(),
             "origin": origin,
-            "ratio": space.ratio(cand, cfg.budget.count),
+            "ratio": space.ratio(cand, ctx.plan.budget.count),
             "search_fitness": before,
             "final_ppl": after.ppl,
             "final_tokens": after.tokens,

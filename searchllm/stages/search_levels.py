@@ -163,7 +163,7 @@ def level_manifest(ctx: RunContext, result, structure: dict, inits_scored: list[
             "inits": inits_scored,
         },
         "level_database": ctx.database.record,
-        "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": cfg.budget.count},
+        "ratio": {"target": cfg.budget.target, "actual": result.ratio, "count": ctx.plan.budget.count},
         "params": {
             "original": g.total_params,
             "subnet": result.params,
