@@ -16,6 +16,9 @@ from typing import Any, Optional, Union, cast
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from searchllm.quant.types import LADDER as QUANT_LADDER
+from searchllm.quant.types import QuantError, check_types, parse_size
+
 REPO = Path(__file__).resolve().parent.parent
 # conf/ of a checkout (editable install), else the copy a wheel installs as searchllm/conf (pyproject).
 CONF = REPO / "conf" if (REPO / "conf").is_dir() else Path(__file__).resolve().parent / "conf"
@@ -365,6 +368,20 @@ class BudgetConfig:
     # total (embeddings and LM head included, as the paper) | decoder (the blocks alone) | auto: decoder where
     # embeddings and LM head are over half the model (Gemma 3's 262k vocabulary: 63% of gemma-3-270m), else total
     count: str = "auto"
+    # A file size instead (opt-in): the whole GGUF must fit in it ("89MiB", "1.5GiB", bytes, or "4.5bpw" of the
+    # model's parameters); the level search then also picks each weight's llama.cpp type (quant.*), and the
+    # export is that one GGUF.
+    size: Optional[str] = None
+
+
+@dataclass
+class QuantConfig:
+    """The tensor types a byte budget (budget.size) chooses from, and their importance matrix."""
+
+    # llama.cpp types from the most bytes to the fewest; a type a row length cannot take is llama.cpp's fallback
+    types: list[str] = field(default_factory=lambda: list(QUANT_LADDER))
+    imatrix_windows: int = 32  # calibration windows of the importance matrix (llama-imatrix reads ~100 of 512)
+    cache_mb: int = 2048  # quantized weights kept per evaluator (re-quantized when dropped)
 
 
 @dataclass
@@ -510,6 +527,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     levels: LevelsConfig = field(default_factory=LevelsConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     reform: ReformConfig = field(default_factory=ReformConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # after export: the original and the exported model
@@ -672,6 +690,17 @@ def validate(c: Config) -> None:
         raise ConfigError(f"budget.target={c.budget.target} must be in (0, 1]: the kept share of parameters")
     if not 0 <= c.budget.tol < 1:
         raise ConfigError(f"budget.tol={c.budget.tol} must be in [0, 1)")
+    if c.budget.size is not None:
+        try:
+            parse_size(c.budget.size)
+            check_types(c.quant.types)
+        except QuantError as e:
+            raise ConfigError(str(e)) from None
+        if c.levels.heads != "equal":
+            raise ConfigError(
+                f"budget.size needs levels.heads=equal (got {c.levels.heads!r}): unequal query heads per KV group "
+                "are zero-padded in GGUF and quantization would not keep the padding zero"
+            )
     for key in ("attn", "mlp"):
         lo, hi, step = getattr(c.space, f"{key}_min"), getattr(c.space, f"{key}_max"), getattr(c.space, f"{key}_step")
         if lo is not None and not 0 < lo <= hi:

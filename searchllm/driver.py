@@ -35,6 +35,7 @@ from searchllm.models.loading import ModelError
 from searchllm.monitor import Monitor, ProgressServer
 from searchllm.pruning.levels import LevelError
 from searchllm.pruning.space import BudgetError
+from searchllm.quant.types import QuantError
 from searchllm.rundir import RunDir
 from searchllm.stages import stages_for
 from searchllm.stages.context import Plan, RunContext
@@ -53,6 +54,7 @@ USER_ERRORS = (
     LlamaCppMissing,
     RunFileError,
     ExportDirError,
+    QuantError,
 )
 
 
@@ -205,7 +207,7 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
         if metrics is not None:
             monitor.sinks.append(metrics)
         ctx = RunContext(cfg, run_dir, p, loaded, monitor, healer=RayHealer(cfg.heal, cfg.ray, name))
-        stages = stages_for(p.strategy.kind)
+        stages = stages_for(p.strategy.kind, cfg.budget.size is not None)
         try:
             with EvaluatorPool(
                 loaded.model,

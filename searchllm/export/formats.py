@@ -38,6 +38,9 @@ class ExportJob:
     source_gguf: Optional[Path] = None  # the source GGUF, whose tokenizer a GGUF export copies
     gguf_types: list[str] = field(default_factory=lambda: ["f16"])
     ref_ppl: Optional[float] = None  # the in-memory model's report perplexity
+    # budget.size: each weight's llama.cpp type (GGUF name -> type) and importance matrix, as scored
+    tensor_types: Optional[dict[str, str]] = None
+    imatrix: Optional[dict[str, Any]] = None
 
 
 WRITERS: dict[str, Callable[[ExportJob], dict]] = {}
@@ -154,14 +157,27 @@ def write_hf(job: ExportJob) -> dict:
     }
 
 
-def gguf_files(model, tokenizer, out: Path, source_gguf: Optional[Path], types: list[str]):
+MIXED = "model-mixed"  # the stitched file of a byte budget (its name is in the bytes the budget counts)
+
+
+def gguf_files(
+    model, tokenizer, out: Path, source_gguf: Optional[Path], types: list[str], tensor_types=None, imatrix=None
+):
     """`out`/model-<type>.gguf for every type: written in f32, quantized by llama.cpp (the f32 file is kept
-    only when asked for). Returns (GGUFInfo of the f32 write, [(type, path)])."""
+    only when asked for); with `tensor_types` (a byte budget's choice) one file, model-mixed.gguf, each
+    weight quantized by libggml to its own type. Returns (GGUFInfo of the f32 or mixed write, [(type, path)])."""
     from searchllm.evaluate import llamacpp
     from searchllm.export.gguf import FTYPES, write
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)  # tokenizer.json: the GGUF's vocabulary when the source was no GGUF
+    if tensor_types is not None:
+        path = out / f"{MIXED}.gguf"
+        tmp = path.with_name(f".{path.name}.tmp")
+        info = write(model, out, tmp, source_gguf, types=tensor_types, imatrix=imatrix, name=MIXED)
+        os.replace(tmp, path)
+        info.path = str(path)
+        return info, [("mixed", path)]
     f32 = out / ".model-f32.gguf.tmp"  # every file under a temp name until complete
     info = write(model, out, f32, source_gguf)
     paths = []
@@ -186,7 +202,9 @@ def write_gguf(job: ExportJob) -> dict:
     from searchllm.export.gguf import modelfile
     from searchllm.export.hf import write_info
 
-    info, paths = gguf_files(job.model, job.tokenizer, job.out, job.source_gguf, job.gguf_types)
+    info, paths = gguf_files(
+        job.model, job.tokenizer, job.out, job.source_gguf, job.gguf_types, job.tensor_types, job.imatrix
+    )
     write_info(job.info, job.out)
     files = []
     for t, path in paths:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from searchllm.quant.types import GGML
+
 # Source model type -> llama.cpp architecture of a uniform subnet (non-uniform ones: deci, for the families in DECI).
 ARCH = {
     "llama": "llama",
@@ -281,15 +283,85 @@ def write(
     source_gguf: Path | None = None,
     arch: str | None = None,
     per_layer: bool | None = None,
+    types: dict[str, str] | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
+    name: str | None = None,
 ) -> GGUFInfo:
-    """Write `model` (an exported HF model, loaded) as an f32 GGUF at `out`. `arch` forces the architecture
-    and `per_layer` the per-layer size arrays (tests: what llama.cpp refuses)."""
+    """Write `model` (an exported HF model, loaded) as a GGUF at `out`: f32, or each weight named in `types`
+    quantized by libggml to its type (with its `imatrix` entry), the stitched file of a byte budget. `arch`
+    forces the architecture and `per_layer` the per-layer size arrays (tests: what llama.cpp refuses)."""
     import gguf
 
     c = model.config
-    family = family_of(c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     shapes = [layer_shape(layer, c, head_dim) for layer in model.model.layers]
+    w, arch = _open(c, shapes, head_dim, tokenizer_dir, out, source_gguf, arch, per_layer, name)
+    kinds: dict[str, int] = {}
+
+    def put(key: str, t: np.ndarray) -> None:
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if types is None or key not in types:
+            w.add_tensor(key, t)
+            return
+        from searchllm.quant.ggml import quantize
+
+        qt, data = quantize(t, types[key], (imatrix or {}).get(key), key)
+        kinds[qt] = kinds.get(qt, 0) + data.nbytes
+        w.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType(GGML[qt][0]))
+
+    rotate = arch not in HALVES_ROTARY
+    offset = NORM_OFFSET.get(arch, 0.0)
+    theta, rope = _rope(c)
+    f32 = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    put("token_embd.weight", f32(model.model.embed_tokens.weight))
+    factors = llama3_rope_factors(rope, head_dim, theta)
+    if factors is not None:
+        put("rope_freqs.weight", factors)
+    put("output_norm.weight", f32(model.model.norm.weight) + offset)
+    if not c.tie_word_embeddings:
+        put("output.weight", f32(model.lm_head.weight))
+    params = sum(int(t.numel()) for t in (model.model.embed_tokens.weight, model.model.norm.weight))
+    params += 0 if c.tie_word_embeddings else int(model.lm_head.weight.numel())
+    padding = 0
+    for i, layer in enumerate(model.model.layers):
+        tensors, pad = layer_tensors(layer, c, head_dim, rotate, offset)
+        for key, t in tensors.items():
+            put(f"blk.{i}.{key}", t)
+            params += t.size
+        padding += pad
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    kind = max(kinds, key=lambda k: kinds[k]) if kinds else "f32"
+    return GGUFInfo(str(out), arch, len(shapes), int(params), int(padding), Path(out).stat().st_size, kind)
+
+
+def metadata_bytes(
+    config, shapes: list[tuple[int, int, int]], tokenizer_dir: Path, source_gguf: Path | None, name: str
+) -> int | None:
+    """Bytes of the metadata (key/values) of a file `write` would write for these layer shapes (None: no
+    llama.cpp arch loads them): what a byte budget counts besides the tensors."""
+    import tempfile
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "meta.gguf"
+        try:
+            w, _ = _open(config, shapes, head_dim, tokenizer_dir, path, source_gguf, None, None, name)
+        except GGUFError:
+            return None
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return path.stat().st_size - 24  # magic, version, tensor and key/value counts
+
+
+def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_layer, name, file_type: str = "f32"):
+    """A GGUFWriter at `out` with every key/value of the subnet's file, and the arch chosen."""
+    import gguf
+
+    family = family_of(c)
     uniform = len(set(shapes)) == 1 and shapes[0][0] > 0 and shapes[0][2] > 0
     if family == "qwen2" and uniform and shapes[0][0] * head_dim != c.hidden_size:
         uniform = False  # llama.cpp's qwen2 sizes Q and O as hidden x hidden; deci sizes them per layer
@@ -307,11 +379,9 @@ def write(
             "this qwen3 model has sliding-window layers (use_sliding_window), which llama.cpp's qwen3 runs as "
             "full attention (measured: other logits); export it as a Hugging Face checkpoint (export.format=hf)"
         )
-    rotate = arch not in HALVES_ROTARY
-    offset = NORM_OFFSET.get(arch, 0.0)
     theta, rope = _rope(c)
     w = gguf.GGUFWriter(str(out), arch)
-    w.add_name(Path(out).stem)
+    w.add_name(name or Path(out).stem)
     w.add_block_count(len(shapes))
     w.add_context_length(int(c.max_position_embeddings))
     w.add_embedding_length(int(c.hidden_size))
@@ -330,28 +400,7 @@ def write(
     w.add_vocab_size(int(c.vocab_size))
     w.add_file_type(FTYPES["f32"])
     add_tokenizer(w, tokenizer_dir, source_gguf)
-    f32 = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    w.add_tensor("token_embd.weight", f32(model.model.embed_tokens.weight))
-    factors = llama3_rope_factors(rope, head_dim, theta)
-    if factors is not None:
-        w.add_tensor("rope_freqs.weight", factors)
-    w.add_tensor("output_norm.weight", f32(model.model.norm.weight) + offset)
-    if not c.tie_word_embeddings:
-        w.add_tensor("output.weight", f32(model.lm_head.weight))
-    params = sum(int(t.numel()) for t in (model.model.embed_tokens.weight, model.model.norm.weight))
-    params += 0 if c.tie_word_embeddings else int(model.lm_head.weight.numel())
-    padding = 0
-    for i, layer in enumerate(model.model.layers):
-        tensors, pad = layer_tensors(layer, c, head_dim, rotate, offset)
-        for name, t in tensors.items():
-            w.add_tensor(f"blk.{i}.{name}", np.ascontiguousarray(t))
-            params += t.size
-        padding += pad
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return GGUFInfo(str(out), arch, len(shapes), int(params), int(padding), Path(out).stat().st_size, "f32")
+    return w, arch
 
 
 def add_tokenizer(w, tokenizer_dir: Path, source_gguf: Path | None) -> None:

@@ -21,6 +21,7 @@ from searchllm.models.blocks import norm
 from searchllm.models.generate import KVCache, generators, sample_next
 from searchllm.models.sliced import LayerSlice, build_block
 from searchllm.models.weights import SharedState, unshare
+from searchllm.pruning.joint import EMBED
 from searchllm.pruning.scores import GramAccumulator, LayerScores, compensation, layer_scores
 
 if TYPE_CHECKING:
@@ -152,6 +153,26 @@ class PrefixCache:
             self.bytes -= old.numel() * old.element_size()
 
 
+class QuantCache:
+    """Quantized weights by (layer, levels, kind, type) in the runner's dtype, least recently used dropped
+    past `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes, self.misses = max_bytes, 0, 0
+        self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple, make) -> torch.Tensor:
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        t, self.misses = make(), self.misses + 1
+        self.data[key], self.bytes = t, self.bytes + t.numel() * t.element_size()
+        while self.bytes > self.max_bytes and len(self.data) > 1:
+            _, old = self.data.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        return t
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether the device computes bfloat16 natively (CUDA with bf16; a CPU with AVX-512 bf16 / AMX)."""
     if device.type == "cuda":
@@ -198,6 +219,10 @@ class ShardRunner:
 
         self.blocks_w = {i: {k: get(n) for k, n in arch.block_keys[i].items()} for i in spec.layers}
         outer = arch.outer_keys
+        # The weights at their stored precision: what the GGUF export quantizes (budget.size).
+        self.source = {i: {k: tensors[n] for k, n in arch.block_keys[i].items()} for i in spec.layers}
+        ends = (("embed", "embed", spec.first), ("head", "lm_head", spec.last))
+        self.source_outer = {k: tensors[outer[n]] for k, n, on in ends if on}
         self.embed_w = get(outer["embed"]) if spec.first else None
         self.positions_w = get(outer["positions"]) if spec.first and "positions" in outer else None
         self.norm_w = get(outer["norm"]) if spec.last else None
@@ -222,6 +247,9 @@ class ShardRunner:
         # The dense model's top-k next-token distributions per token set (last shard): KL fitness.
         self.targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decode: dict[str, Any] = {}  # the batch being sampled (decode_begin)
+        # Quantized-and-read-back weights of joint candidates (budget.size), LRU within quant_cache_bytes.
+        self.quant = QuantCache(2**30)
+        self.outer_type: Optional[int] = None  # the token embedding's type index of the candidate being run
 
     # -- building -------------------------------------------------------------------------------------
     def blocks(
@@ -238,6 +266,8 @@ class ShardRunner:
         """A layer's slice and the tensors replacing its sliced ones."""
         if isinstance(x, LayerSlice):
             return x, self._overrides(layer, x)
+        if len(x) > 2:
+            return self._quantized(layer, tuple(int(v) for v in x))
         entry, (a, m) = self.levels[layer], (int(v) for v in x)
         w = entry.overrides(self.level_space, a, m)
         return entry.slice(self.level_space, a, m), {k: v.to(self.device, self.dtype) for k, v in w.items()}
@@ -247,6 +277,52 @@ class ShardRunner:
         return build_block(
             self.block_config, self.blocks_w[layer], s, self.geometry, overrides, self.arch.windows[layer]
         )
+
+    def _quantized(self, layer: int, x: tuple[int, ...]) -> tuple[LayerSlice, dict[str, torch.Tensor]]:
+        """A joint candidate's layer: its levels' slice with every weight quantized to its type by libggml
+        (with the layer's importance matrix) and read back, as llama.cpp will compute with it."""
+        from searchllm.pruning.joint import KINDS, weight_of
+        from searchllm.quant.ggml import roundtrip
+
+        space, entry = self.level_space, self.levels[layer]
+        assert space is not None and hasattr(space, "types"), "a joint candidate needs set_levels with the types"
+        self.quant.max_bytes = space.cache_bytes
+        a, m = x[0], x[1]
+        s, refit = entry.slice(space, a, m), entry.overrides(space, a, m)
+        out = {}
+        for j, kind in enumerate(KINDS):
+            key = (layer, a, m, kind, space.types[x[2 + j]])
+
+            def make(kind=kind, key=key):
+                w, kept = weight_of(self.source[layer], refit, s, self.geometry, kind)
+                if w.size == 0:
+                    return torch.from_numpy(w).to(self.dtype)
+                imat = space.input_imatrix(layer, kind, kept)
+                return torch.from_numpy(roundtrip(w, key[-1], imat, f"blk.{layer}.{kind}")).to(self.dtype)
+
+            out[kind] = self.quant.get(key, make).to(self.device)
+        return s, out
+
+    def outer_weight(self, which: str) -> torch.Tensor:
+        """The embedding ("embed") or LM head ("head") of the candidate being run: the original, or the
+        token embedding quantized to the candidate's type (tied or not, both take it)."""
+        plain = self.embed_w if which == "embed" else self.head_w
+        if self.outer_type is None:
+            return plain
+        from searchllm.quant.ggml import roundtrip
+
+        space = self.level_space
+        assert space is not None and hasattr(space, "types")
+        t, src = space.types[self.outer_type], self.source_outer[which]
+        ends = list(self.source_outer.values())
+        tied = len(ends) == 2 and ends[0].data_ptr() == ends[1].data_ptr()
+        # The LM head's input statistics weigh the head (and the tied embedding, which is the head too).
+        imat = space.imatrix.get("output") if which == "head" or tied else None
+
+        def make():
+            return torch.from_numpy(roundtrip(src.float().numpy(), t, imat, "token_embd")).to(self.dtype)
+
+        return self.quant.get((src.data_ptr(), t), make).to(self.device)
 
     def _overrides(self, layer: int, s: LayerSlice) -> dict[str, torch.Tensor] | None:
         got = self.reformed.get(layer)
@@ -276,7 +352,7 @@ class ShardRunner:
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token embeddings of positions start.. (windows are whole sequences: start 0)."""
-        h = F.embedding(tokens.to(self.device), self.embed_w)
+        h = F.embedding(tokens.to(self.device), self.outer_weight("embed"))
         if self.block_config.embed_scale != 1.0:
             h = h * torch.tensor(self.block_config.embed_scale, dtype=h.dtype)
         if self.positions_w is not None:
@@ -307,10 +383,12 @@ class ShardRunner:
             outs.append(h)
         return torch.cat(outs)
 
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return norm(h.to(self.device), self.norm_w, self.norm_b, self.eps, self.block_config.norm_offset)
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head's output in the runner's dtype."""
-        h = norm(h.to(self.device), self.norm_w, self.norm_b, self.eps, self.block_config.norm_offset)
-        return F.linear(h, self.head_w)
+        return F.linear(self.final_norm(h), self.outer_weight("head"))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
@@ -356,6 +434,8 @@ class ShardRunner:
         the top-k distributions of this subnet, the dense model, as `which`'s targets; returns its nll
         and the targets)."""
         t0 = time.perf_counter()
+        first = slices[self.spec.layers[0]]
+        self.outer_type = int(first[EMBED]) if isinstance(first, tuple) and len(first) > EMBED else None
         with torch.no_grad():
             layers = self.spec.layers
             cache = (

@@ -62,7 +62,7 @@ def genome_key(genome: np.ndarray) -> str:
 
 
 def genome_from(data: bytes, layers: int) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.int16).astype(np.int64).reshape(layers, 2)
+    return np.frombuffer(data, dtype=np.int16).astype(np.int64).reshape(layers, -1)
 
 
 @register(

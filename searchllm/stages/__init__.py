@@ -3,6 +3,7 @@ ones marked `pool` while the evaluator pool is up, the rest after it is gone.
 
     plan -> load -> generate -> [calibrate | database] -> search -> reform -> build -> heal -> export -> evaluate
     -> report
+    (a byte budget: generate -> database -> search over levels and tensor types -> build -> ... -> report)
 
 plan and load run before the pool exists (the driver calls them: stages.plan); which list runs after is
 decided by the kind of search.mode's registered strategy (strategies.py).
@@ -22,6 +23,7 @@ from searchllm.stages import (
     heal,
     reform,
     report,
+    search_joint,
     search_levels,
     search_masks,
 )
@@ -61,8 +63,15 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     ),
 }
 METHODS["baseline"] = METHODS["search"]
+# the level search under a byte budget (budget.size): levels and each weight's llama.cpp type searched together
+METHODS["joint"] = (
+    Stage("generate", generate.run, True),
+    Stage("database", database.run, True),
+    Stage("search", search_joint.run, True),
+    *_TAIL,
+)
 
 
-def stages_for(kind: str) -> tuple[Stage, ...]:
-    """The stages of a strategy kind (strategies.KINDS)."""
-    return METHODS[kind]
+def stages_for(kind: str, size: bool = False) -> tuple[Stage, ...]:
+    """The stages of a strategy kind (strategies.KINDS); `size`: a byte budget (the levels kind only)."""
+    return METHODS["joint" if size and kind == "levels" else kind]

@@ -129,6 +129,8 @@ class Subnet:
     ppl: dict[str, float]  # report perplexity by stage: original, searched, reformed
     manifest: dict[str, Any]
     chosen_as: Optional[str] = None  # the report page's label for the chosen structure, where it has one
+    # budget.size: each weight's llama.cpp type and importance matrix by GGUF name, as the search scored them
+    quant: Optional[tuple[dict[str, str], dict[str, Any]]] = None
 
 
 @dataclass

@@ -113,7 +113,7 @@ def evaluate_ggufs(
             loaded.tokenizer,
             run_dir.path / "original-gguf",
             source_gguf(cfg.model, data_root(cfg.data.root)),
-            [t for t, _ in files],
+            ["f16" if t == "mixed" else t for t, _ in files],  # a byte budget's file against the f16 original
         )
         del model
         runs = [(f"original {t}", p, g.total_params) for t, p in paths] + runs

@@ -116,5 +116,6 @@ def export_subnet(ctx: RunContext, subnet: Subnet, built: Built) -> dict:
         source_gguf(cfg.model, data_root(cfg.data.root)),
         list(e.gguf_types),
         subnet.ppl.get("healed", subnet.ppl.get("reformed", subnet.ppl["searched"])),
+        *(subnet.quant or (None, None)),
     )
     return write_all(job, e.format)

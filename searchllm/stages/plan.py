@@ -21,6 +21,7 @@ from searchllm.rundir import RunDir
 from searchllm.search.baselines import bias_params
 from searchllm.search.levelsearch import PROBE_STAGE, stage_tokens
 from searchllm.stages.context import Plan
+from searchllm.stages.search_joint import joint_costs
 
 
 def plan(cfg: Config, run: RunDir) -> Plan:
@@ -56,6 +57,9 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     extra = (
         bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0
     )  # flap() budgets its own
+    if cfg.budget.size is not None:
+        check_size(cfg, strategy.kind)
+        joint_costs(cfg, adapter, load_tokenizer(cfg.model, data_root(cfg.data.root)))
     if strategy.kind == "levels":  # bad level settings and unreachable budgets stop here, before any weights load
         implied_levels(LevelSpace(g, cfg.levels), *level_band(cfg, g))
         check_database_fits(cfg, g, run)
@@ -67,6 +71,28 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     selection = selection_sets(cfg) if strategy.kind == "levels" else {}
     tokens, where = token_sets(cfg, load_tokenizer(cfg.model, data_root(cfg.data.root)), selection)
     return Plan(space, budget, strategy, tokens, where)
+
+
+def check_size(cfg: Config, kind: str) -> None:
+    """A byte budget is the level search's, written as one GGUF, with llama.cpp's quantizer at hand."""
+    from searchllm.quant.ggml import lib
+
+    if kind != "levels":
+        raise BudgetError(
+            f"budget.size={cfg.budget.size} is searched by the level search; drop search.mode={cfg.search.mode} "
+            "(or method=...) or budget.size"
+        )
+    if not cfg.export.enabled or cfg.export.format not in ("gguf", "both"):
+        raise BudgetError(
+            f"budget.size={cfg.budget.size} sizes a GGUF file; add export.format=gguf (or both) to write it "
+            f"(export.format={cfg.export.format}, export.enabled={cfg.export.enabled})"
+        )
+    if cfg.heal.enabled:
+        raise BudgetError(
+            f"budget.size={cfg.budget.size} chooses types for the search's weights, which a heal would change; "
+            "set heal.enabled=false (heal first and search the healed model's GGUF, or heal without budget.size)"
+        )
+    lib()  # llama.cpp's quantizer: one line naming the install where it is missing
 
 
 def budget_count(count: str, g: Geometry) -> str:
