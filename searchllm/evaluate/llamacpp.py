@@ -57,10 +57,36 @@ def _quiet():
             os.close(saved)
 
 
-def quantize(src: Path, dst: Path, ftype: int, threads: int = 0) -> None:
+def quantize(
+    src: Path,
+    dst: Path,
+    ftype: int,
+    threads: int = 0,
+    imatrix: dict[str, np.ndarray] | None = None,
+    types: dict[str, int] | None = None,
+) -> None:
+    """llama.cpp's file quantizer (llama-quantize): `ftype`'s mix, with `imatrix` (GGUF tensor name -> one
+    value per input column, averaged) where its types use one, and `types` (GGUF tensor name -> ggml_type)
+    overriding the mix per tensor (anchored patterns: llama.cpp searches them unanchored)."""
     llama_cpp = require()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
+    keep = []  # the C arrays must outlive the call
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for k, (name, v) in enumerate(imatrix.items()):
+            data = np.ascontiguousarray(v, dtype=np.float32)
+            keep.append(data)
+            arr[k].name = name.encode()
+            arr[k].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[k].size = data.size
+        params.imatrix, _ = arr, keep.append(arr)
+    if types:
+        over = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+        for k, (name, t) in enumerate(types.items()):
+            over[k].pattern = ("^" + name.replace(".", r"\.") + "$").encode()
+            over[k].type = t
+        params.tt_overrides, _ = over, keep.append(over)
     with _quiet():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:

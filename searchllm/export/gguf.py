@@ -26,6 +26,7 @@ with one line). OPT has no llama.cpp path here and is refused by name.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,19 +346,27 @@ def metadata_bytes(
     import tempfile
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "meta.gguf"
-        try:
-            w, _ = _open(config, shapes, head_dim, tokenizer_dir, path, source_gguf, None, None, name)
-        except GGUFError:
-            return None
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.close()
-        return path.stat().st_size - 24  # magic, version, tensor and key/value counts
+    quiet = [logging.getLogger(n) for n in ("gguf.gguf_writer", "gguf.vocab")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # the writer logs every file it writes: this one is a measurement
+        q.setLevel(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "meta.gguf"
+            try:
+                w, _ = _open(config, shapes, head_dim, tokenizer_dir, path, source_gguf, None, None, name)
+            except GGUFError:
+                return None
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.close()
+            return path.stat().st_size - 24  # magic, version, tensor and key/value counts
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
-def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_layer, name, file_type: str = "f32"):
+def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_layer, name):
     """A GGUFWriter at `out` with every key/value of the subnet's file, and the arch chosen."""
     import gguf
 

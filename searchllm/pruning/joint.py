@@ -92,6 +92,13 @@ class JointCosts:
         n_ff = self.space.channels(m)
         return a * n_kv, n_kv, max(n_ff, 1) if n_kv else n_ff
 
+    def costs(self, layer: int, module: int) -> np.ndarray:
+        """The parameters of each level of a module type (the level search's Costs)."""
+        s = self.space
+        if module == 0:
+            return np.array([s.nominal_attn_params(a) for a in range(s.attn_top + 1)], dtype=np.int64)
+        return np.array([s.mlp_params(m) for m in range(s.mlp_top + 1)], dtype=np.int64)
+
     def uniform(self, genome: np.ndarray) -> bool:
         shapes = {self.shape(i, int(a), int(m)) for i, (a, m) in enumerate(genome[:, :2])}
         (h, _, f), lay = next(iter(shapes)), self.layout

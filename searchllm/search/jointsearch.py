@@ -107,6 +107,49 @@ class JointSearch(LevelSearch):
         return rec
 
     # -- starting points --------------------------------------------------------------------------------
+    def allocate(self, levels: np.ndarray, embed: int, errors: dict) -> Optional[np.ndarray]:
+        """`levels` with the embedding at type `embed` and every weight's type chosen greedily: from each
+        weight's smallest type, the step up that removes the most quantization error per byte first, while
+        the file fits (a knapsack by the importance-weighted error: what llama.cpp minimizes per tensor).
+        `errors[(layer, col)][type index]`; None when the smallest types do not fit."""
+        import heapq
+
+        L, hi = levels.shape[0], self.byte_band[1]
+        genome = np.zeros((L, EMBED + 1), dtype=np.int64)
+        genome[:, :2], genome[:, EMBED] = levels, embed
+        heap: list[tuple[float, int, int, int]] = []
+        for i in range(L):
+            for col in range(2, EMBED):
+                genome[i, col] = self.costs.choices(i, col, genome)[0]
+        n = self.costs.bytes(genome)
+        if n > hi:
+            return None
+
+        def push(i: int, col: int) -> None:
+            choices = self.costs.choices(i, col, genome)
+            at = self.costs.effective_index(i, col, genome, choices)
+            if (i, col) in errors and at + 1 < len(choices):
+                trial = genome.copy()
+                trial[i, col] = choices[at + 1]
+                gain = errors[(i, col)][choices[at]] - errors[(i, col)][choices[at + 1]]
+                cost = max(self.costs.bytes(trial) - n, 1)
+                heapq.heappush(heap, (-gain / cost, i, col, choices[at + 1]))
+
+        for i in range(L):
+            for col in range(2, EMBED):
+                push(i, col)
+        while heap:
+            _, i, col, k = heapq.heappop(heap)
+            old = genome[i, col]
+            genome[i, col] = k
+            m = self.costs.bytes(genome)
+            if m > hi:
+                genome[i, col] = old  # this step no longer fits; a smaller one elsewhere may
+                continue
+            n = m
+            push(i, col)
+        return genome
+
     def fill(self, levels: np.ndarray, rng: np.random.Generator) -> Optional[np.ndarray]:
         """`levels` with every weight at the one ladder type that fits the budget with the most bytes,
         then random single steps up while they fit (None when even the smallest type is too large)."""

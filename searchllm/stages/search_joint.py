@@ -24,6 +24,7 @@ from searchllm.models.sliced import LayerSlice
 from searchllm.pruning.joint import (
     EMBED,
     GGUF_NAMES,
+    INPUTS,
     KINDS,
     JointCosts,
     Layout,
@@ -49,7 +50,7 @@ class JointCodec(GenomeCodec):
         return [tuple(int(v) for v in row) for row in genome]
 
 
-def importance(ctx: RunContext, windows: int) -> dict:
+def importance(ctx: RunContext, state: dict, windows: int) -> dict:
     """The importance matrix: per layer and module input (qkv, o, mlp, down) the mean square of each input
     column over the first `windows` calibration windows of the dense model, and `output` (the final normed
     hidden state, the LM head's input). Saved in the run dir."""
@@ -61,7 +62,7 @@ def importance(ctx: RunContext, windows: int) -> dict:
     t0 = time.perf_counter()
     arch = ctx.loaded.adapter.architecture()
     L = arch.geometry.num_layers
-    runner = ShardRunner(arch, ctx.need_pool().original_state(), ShardSpec(0, L, True, True))
+    runner = ShardRunner(arch, state, ShardSpec(0, L, True, True))
     sums: dict[tuple[int, str], torch.Tensor] = {}
     rows: dict[tuple[int, str], int] = {}
 
@@ -178,10 +179,13 @@ def run(ctx: RunContext) -> None:
     space, db, band = ctx.database.space, ctx.database.db, ctx.database.band
     g = space.geometry
     ctx.monitor.stage("quantizing")
-    imatrix = importance(ctx, cfg.quant.imatrix_windows)
-    qspace = QuantLevelSpace(space, tuple(cfg.quant.types), imatrix, cfg.quant.cache_mb * 2**20)
     costs, byte_band = joint_costs(cfg, ctx.loaded.adapter, ctx.loaded.tokenizer)
     hi = byte_band[1]
+    state = pool.original_state()
+    imatrix = importance(ctx, state, cfg.quant.imatrix_windows)
+    errors = quant_errors(ctx, state, costs, imatrix)
+    del state
+    qspace = QuantLevelSpace(space, tuple(cfg.quant.types), imatrix, cfg.quant.cache_mb * 2**20)
     codec, full = JointCodec(), space.full()
     pool.set_levels(qspace, db.layers, lv.cache_mb * 2**20)
     metric = fitness_metric(lv.fitness)
@@ -192,7 +196,7 @@ def run(ctx: RunContext) -> None:
     ctx.monitor.stage("searching")
     t0 = time.perf_counter()
     bar = lambda gen, stage, total: ctx.monitor.bar(  # noqa: E731
-        total, f"search gen {gen + 1}/{cfg.search.generations} stage {stage + 1}", "cand"
+        total, f"search gen {gen + 1}/{cfg.quant.generations} stage {stage + 1}", "cand"
     )
     search = JointSearch(
         costs,
@@ -203,12 +207,12 @@ def run(ctx: RunContext) -> None:
         LevelEvaluator(pool, codec, batch, metric),
         ctx.run,
         cfg.search.seed,
-        cfg.search.generations,
+        cfg.quant.generations,
         ctx.monitor,
         lambda x: summarize_levels(db, x[:, :2]),
         bar,
     )
-    inits = starting_points(search, costs, space, np.random.default_rng(cfg.search.seed))
+    inits = starting_points(search, costs, space, errors, np.random.default_rng(cfg.search.seed))
     result = search.run_search(inits)
     wall = time.perf_counter() - t0
     best = result.best
@@ -277,22 +281,84 @@ def run(ctx: RunContext) -> None:
     )
 
 
-def starting_points(search: JointSearch, costs: JointCosts, space, rng) -> list[tuple[np.ndarray, str]]:
-    """Generation 0: the four uniform level pairs with the most parameters whose file fits ("keep
-    everything" first where it does), each with the one type that fills the budget best, then single steps
-    up (joint_costs stopped the run where nothing fits)."""
+def quant_errors(ctx: RunContext, state: dict, costs: JointCosts, imatrix: dict) -> dict:
+    """Per weight of the whole model and per type it can take: the importance-weighted squared error of
+    quantizing it (sum_j imatrix_j ||W[:, j] - Q(W)[:, j]||^2, the output error llama.cpp's quantizer
+    minimizes), for generation 0's allocation. Quantized on the driver's threads (libggml releases the GIL);
+    saved in the run dir."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from searchllm.quant.ggml import roundtrip
+
+    path = ctx.run.path / "quant" / f"errors-{hashlib.sha1(repr(costs.types).encode()).hexdigest()[:8]}.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        return {tuple(map(int, k.split(":"))): {int(t): v for t, v in e.items()} for k, e in raw.items()}
+    arch = ctx.loaded.adapter.architecture()
+    L = arch.geometry.num_layers
+    full = np.zeros((L, EMBED + 1), dtype=np.int64)
+    full[:, :2] = costs.space.top
+    jobs = []
+    for i in range(L):
+        for j, kind in enumerate(KINDS):
+            w = state[arch.block_keys[i][kind]].float().numpy()
+            for k in costs.choices(i, 2 + j, full):
+                jobs.append(((i, 2 + j), k, w, imatrix[i][INPUTS[kind]]))
+    head = state[arch.outer_keys["lm_head"]].float().numpy()
+    jobs += [((0, EMBED), k, head, imatrix["output"]) for k in costs.choices(0, EMBED, full)]
+
+    def error(job) -> float:
+        _, k, w, imat = job
+        d = roundtrip(w, costs.types[k], imat) - w
+        return float((imat.astype(np.float64) * (d.astype(np.float64) ** 2).sum(0)).sum())
+
+    t0 = time.perf_counter()
+    with (
+        ctx.monitor.bar(len(jobs), "quantization errors", "tensor") as bar,
+        ThreadPoolExecutor(max(1, torch.get_num_threads())) as ex,
+    ):
+        out: dict = {}
+        for job, err in zip(jobs, ex.map(error, jobs)):
+            out.setdefault(job[0], {})[job[1]] = err
+            bar.update(1)
+    log.info("quantization errors of %d tensor types in %.1fs", len(jobs), time.perf_counter() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({f"{i}:{c}": {str(t): v for t, v in e.items()} for (i, c), e in out.items()}))
+    return out
+
+
+def starting_points(search: JointSearch, costs: JointCosts, space, errors: dict, rng) -> list[tuple[np.ndarray, str]]:
+    """Generation 0: every layer whole with each of the three largest embedding types that leave room, the
+    other types allocated by quantization error per byte (JointSearch.allocate); the same whole model with
+    one type everywhere (the uniform baseline); and the two uniform pruned level pairs with the most
+    parameters whose file fits, allocated the same way."""
     L, out = space.num_layers, []
-    pairs = [(a, m) for a in range(space.attn_top, -1, -1) for m in range(space.mlp_top, -1, -1) if a or m]
+    top = np.tile(space.top, (L, 1))
+    probe = np.zeros((L, EMBED + 1), dtype=np.int64)
+    probe[:, :2] = top
+    embeds = costs.choices(0, EMBED, probe)[::-1]  # the most bytes first
+    for e in embeds:
+        genome = search.allocate(top, e, errors)
+        if genome is not None:
+            out.append((genome, f"keep everything, {costs.types[e]} embedding, types by error per byte"))
+        if len(out) == 3:
+            break
+    uniform = search.fill(top, rng)
+    if uniform is not None:
+        out.append((uniform, f"keep everything, {costs.types[int(uniform[0, 2])]} everywhere (then filled)"))
     if costs.lock_levels:  # no llama.cpp arch for per-layer sizes of this family: types alone
-        pairs = [(space.attn_top, space.mlp_top)]
+        return out
+    pairs = [(a, m) for a in range(space.attn_top, -1, -1) for m in range(space.mlp_top, -1, -1) if a or m]
     pairs.sort(key=lambda p: -costs.params(np.tile(p, (L, 1))))
-    for a, m in pairs:
-        genome = search.fill(np.tile([a, m], (L, 1)), rng)
-        if genome is None:
-            continue
-        whole = a == space.attn_top and m == space.mlp_top
-        what = "keep everything" if whole else f"attention level {a}, MLP level {m} in every layer"
-        out.append((genome, f"{what}, {costs.types[int(genome[0, EMBED])]} fill"))
-        if len(out) == 4:
+    pruned = 0
+    for a, m in pairs[1:]:
+        levels = np.tile([a, m], (L, 1))
+        genome = next((g for e in embeds if (g := search.allocate(levels, e, errors)) is not None), None)
+        if genome is not None:
+            t = costs.types[int(genome[0, EMBED])]
+            out.append((genome, f"attention level {a}, MLP level {m} in every layer, {t} embedding"))
+            pruned += 1
+        if pruned == 2:
             break
     return out
