@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from searchllm.config import EvalConfig, ModelConfig
 from searchllm.data import data_root
 from searchllm.evaluate import Evaluated, evaluate_gguf, llamacpp
 from searchllm.export.gguf import FTYPES, write
 from searchllm.models.loading import load_pretrained, source_gguf
+from searchllm.stages.search_joint import load_imatrix
 
 LADDER = "q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_1,q4_k_s,q3_k_l,q3_k_m,iq4_nl,iq4_xs,q4_0,q3_k_s,q2_k"
 CORPORA = ["wikitext2-raw:test", "ptb:test", "code", "docs", "chat"]
@@ -60,8 +59,8 @@ def search(size: str, root: Path, seed_from: Path | None) -> Path:
 
 def gguf_imatrix(run: Path) -> dict:
     """The run's importance matrix by GGUF tensor name (the dense model's: every column)."""
-    [path] = sorted((run / "quant").glob("imatrix-*.pt"))
-    im = torch.load(path)
+    [path] = sorted((run / "quant").glob("imatrix-*.npz"))
+    im = load_imatrix(path)
     out = {"token_embd.weight": im["output"], "output.weight": im["output"]}
     for layer, keys in im.items():
         if isinstance(layer, int):

@@ -2,6 +2,7 @@
 llama.cpp does, searched jointly with pruning levels and exported as exactly the GGUF that was scored."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,6 +108,7 @@ def joint_args(path, corpus, run, size, *extra):
         "levels.mlp_levels=8",
         "levels.probe=0",
         "levels.score_dtype=float32",
+        "quant.generations=3",
         "monitor.page=false",
         "export.format=gguf",
         "eval.enabled=false",
@@ -123,7 +125,7 @@ def joint_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("joint")
     path, corpus = make_tiny_checkpoint(root, tokenizer=bpe_tokenizer, **WIDE)
     run = root / "run"
-    assert main(joint_args(path, corpus, run, "0.8MiB")) == 0
+    assert main(joint_args(path, corpus, run, "0.6MiB")) == 0
     return path, corpus, run
 
 
@@ -133,8 +135,8 @@ def test_the_byte_count_of_the_chosen_candidate_is_the_size_of_the_file_written(
     *_, run = joint_run
     m = json.loads((run / "manifest.json").read_text())
     q, [f] = m["quant"], m["export"]["gguf"]["files"]
-    assert f["bytes"] == q["bytes"] == (run / "export" / "model-mixed.gguf").stat().st_size <= 0.8 * 2**20
-    assert q["bytes"] >= 0.79 * 2**20  # budget.tol: at most 1% of it unused
+    assert f["bytes"] == q["bytes"] == (run / "export" / "model-mixed.gguf").stat().st_size <= 0.6 * 2**20
+    assert q["bytes"] >= 0.594 * 2**20  # budget.tol: at most 1% of it unused
     assert m["export"]["params"] == m["params"]["subnet"] < m["params"]["original"]  # pruned, as scored
 
 
@@ -168,7 +170,8 @@ def test_a_budget_below_the_smallest_possible_file_stops_before_any_weights_load
     assert main(joint_args(path, corpus, tmp_path / "run", "0.1MiB")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("searchllm: error: budget.size=0.1MiB (0.10 MiB) is below the smallest file")
-    assert "0.13 MiB" in err and "\n" not in err and not (tmp_path / "run" / "levels").exists()
+    smallest = float(re.search(r"can be \(([\d.]+) MiB: every block at its lowest level", err).group(1))
+    assert smallest > 0.1 and "\n" not in err and not (tmp_path / "run" / "levels").exists()
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +195,10 @@ def test_a_killed_joint_search_resumes_to_the_same_file(joint_run, tmp_path):
 
     path, corpus, done = joint_run
     run = tmp_path / "run"
-    args = joint_args(path, corpus, run, "0.8MiB")
+    args = joint_args(path, corpus, run, "0.6MiB")
     killed = signal_driver_at(args, "append_eval", 6)  # in generation 1
     assert killed.returncode != 0 and (run / "evals.jsonl").is_file()
-    assert main(args[:1] + [f"resume={run}"]) == 0
+    assert main([f"resume={run}"]) == 0
     a, b = (json.loads((r / "manifest.json").read_text()) for r in (run, done))
     assert a["search"]["levels"] == b["search"]["levels"] and a["quant"] == b["quant"]
     assert (run / "export" / "model-mixed.gguf").read_bytes() == (done / "export" / "model-mixed.gguf").read_bytes()

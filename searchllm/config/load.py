@@ -345,7 +345,7 @@ def check_resume_overrides(argv: list[str]) -> None:
         if not key.startswith(RESUMABLE_PREFIXES):
             raise ConfigError(
                 f"{key!r} cannot change on resume (the run's saved config.yaml decides it); only ray.*, monitor.*, "
-                "search.generations, reform.*, heal.*, export.* and eval.* can"
+                "search.generations, quant.generations, reform.*, heal.*, export.* and eval.* can"
             )
 
 

@@ -19,6 +19,7 @@ from searchllm.config import Config
 from searchllm.data import data_root
 from searchllm.export.formats import MIXED
 from searchllm.export.gguf import llama3_rope_factors, metadata_bytes
+from searchllm.files import writing
 from searchllm.models.loading import source_gguf
 from searchllm.models.sliced import LayerSlice
 from searchllm.pruning.joint import (
@@ -56,9 +57,12 @@ def importance(ctx: RunContext, state: dict, windows: int) -> dict:
     hidden state, the LM head's input). Saved in the run dir."""
     tokens = ctx.plan.tokens["calibration"][:windows]
     digest = hashlib.sha1(tokens.numpy().tobytes()).hexdigest()[:8]
-    path = ctx.run.path / "quant" / f"imatrix-{digest}.pt"
+    path = ctx.run.path / "quant" / f"imatrix-{digest}.npz"
     if path.is_file():
-        return torch.load(path)
+        try:
+            return load_imatrix(path)
+        except (OSError, ValueError, KeyError) as e:  # a cut file: it is derived data, computed again
+            log.warning("importance matrix %s unreadable (%s): computing it again", path, e)
     t0 = time.perf_counter()
     arch = ctx.loaded.adapter.architecture()
     L = arch.geometry.num_layers
@@ -81,13 +85,31 @@ def importance(ctx: RunContext, state: dict, windows: int) -> dict:
         out.setdefault(layer, {})[key] = (s / rows[(layer, key)]).float().numpy()
     out["output"] = (h * h).mean(0).float().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
+    with writing(path, path.with_name(f".{path.stem}.tmp.npz")) as tmp:
+        np.savez(
+            tmp,
+            **{f"{layer}:{key}": v for layer, d in out.items() if layer != "output" for key, v in d.items()},
+            output=out["output"],
+        )
     log.info(
         "importance matrix of %d layers on %d x %d calibration tokens in %.1fs",
         L,
         *tokens.shape,
         time.perf_counter() - t0,
     )
+    return out
+
+
+def load_imatrix(path: Path) -> dict:
+    """An importance matrix saved by `importance`: {layer: {input: values}, "output": values}."""
+    out: dict = {}
+    with np.load(path) as z:
+        for name in z.files:
+            if name == "output":
+                out["output"] = z[name]
+            else:
+                layer, key = name.split(":")
+                out.setdefault(int(layer), {})[key] = z[name]
     return out
 
 
