@@ -107,48 +107,76 @@ class JointSearch(LevelSearch):
         return rec
 
     # -- starting points --------------------------------------------------------------------------------
-    def allocate(self, levels: np.ndarray, embed: int, errors: dict) -> Optional[np.ndarray]:
-        """`levels` with the embedding at type `embed` and every weight's type chosen greedily: from each
-        weight's smallest type, the step up that removes the most quantization error per byte first, while
-        the file fits (a knapsack by the importance-weighted error: what llama.cpp minimizes per tensor).
-        `errors[(layer, col)][type index]`; None when the smallest types do not fit."""
+    def allocate(
+        self, levels: np.ndarray, embed: int, errors: dict, rng: np.random.Generator
+    ) -> Optional[np.ndarray]:
+        """`levels` with the embedding at type `embed` and every weight's type chosen as a knapsack by the
+        importance-weighted quantization error (what llama.cpp's quantizer minimizes per tensor, in output
+        units): each weight starts at its smallest type and moves along the lower convex hull of its
+        (bytes, error) points, the step that removes the most error per byte first, while the file fits.
+        Bytes the hulls leave unspent are filled by `repair`. `errors[(layer, col)][type index]`; None when
+        the smallest types do not fit."""
         import heapq
 
         L, hi = levels.shape[0], self.byte_band[1]
         genome = np.zeros((L, EMBED + 1), dtype=np.int64)
         genome[:, :2], genome[:, EMBED] = levels, embed
-        heap: list[tuple[float, int, int, int]] = []
+        hulls: dict[tuple[int, int], list[int]] = {}
         for i in range(L):
             for col in range(2, EMBED):
-                genome[i, col] = self.costs.choices(i, col, genome)[0]
+                choices = self.costs.choices(i, col, genome)
+                genome[i, col] = choices[0]
+                if (i, col) in errors and len(choices) > 1:
+                    hulls[(i, col)] = self._hull(genome, i, col, choices, errors[(i, col)])
+                    genome[i, col] = hulls[(i, col)][0][0]  # of the smallest types, the least error
         n = self.costs.bytes(genome)
         if n > hi:
             return None
+        heap: list[tuple[float, int, int, int]] = []
 
-        def push(i: int, col: int) -> None:
-            choices = self.costs.choices(i, col, genome)
-            at = self.costs.effective_index(i, col, genome, choices)
-            if (i, col) in errors and at + 1 < len(choices):
-                trial = genome.copy()
-                trial[i, col] = choices[at + 1]
-                gain = errors[(i, col)][choices[at]] - errors[(i, col)][choices[at + 1]]
-                cost = max(self.costs.bytes(trial) - n, 1)
-                heapq.heappush(heap, (-gain / cost, i, col, choices[at + 1]))
+        def push(i: int, col: int, at: int) -> None:
+            hull = hulls.get((i, col), [])
+            if at + 1 < len(hull):
+                a, b = hull[at], hull[at + 1]
+                gain = errors[(i, col)][a[0]] - errors[(i, col)][b[0]]
+                heapq.heappush(heap, (-gain / max(b[1] - a[1], 1), i, col, at + 1))
 
-        for i in range(L):
-            for col in range(2, EMBED):
-                push(i, col)
+        for i, col in hulls:
+            push(i, col, 0)
         while heap:
-            _, i, col, k = heapq.heappop(heap)
+            _, i, col, at = heapq.heappop(heap)
             old = genome[i, col]
-            genome[i, col] = k
+            genome[i, col] = hulls[(i, col)][at][0]
             m = self.costs.bytes(genome)
             if m > hi:
                 genome[i, col] = old  # this step no longer fits; a smaller one elsewhere may
                 continue
             n = m
-            push(i, col)
+            push(i, col, at)
+        self.repair(genome, rng)
         return genome
+
+    def _hull(self, genome: np.ndarray, i: int, col: int, choices: list[int], err: dict) -> list:
+        """[(type index, bytes)] of a weight's lower convex hull of (bytes, error), from its smallest type."""
+        pts = []
+        for k in choices:
+            trial = genome.copy()
+            trial[i, col] = k
+            pts.append((k, self.costs.bytes(trial)))
+        pts.sort(key=lambda p: (p[1], err[p[0]]))
+        hull: list = []
+        for k, b in pts:
+            if hull and err[k] >= err[hull[-1][0]]:
+                continue  # more bytes, no less error: never worth it
+            while len(hull) >= 2:
+                (k1, b1), (k2, b2) = hull[-2], hull[-1]
+                # k2 lies above the chord from k1 to k: its slope is not steeper than the next
+                if (err[k1] - err[k2]) * (b - b1) <= (err[k1] - err[k]) * (b2 - b1):
+                    hull.pop()
+                else:
+                    break
+            hull.append((k, b))
+        return hull
 
     def fill(self, levels: np.ndarray, rng: np.random.Generator) -> Optional[np.ndarray]:
         """`levels` with every weight at the one ladder type that fits the budget with the most bytes,

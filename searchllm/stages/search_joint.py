@@ -361,7 +361,7 @@ def starting_points(search: JointSearch, costs: JointCosts, space, errors: dict,
     probe[:, :2] = top
     embeds = costs.choices(0, EMBED, probe)[::-1]  # the most bytes first
     for e in embeds:
-        genome = search.allocate(top, e, errors)
+        genome = search.allocate(top, e, errors, rng)
         if genome is not None:
             out.append((genome, f"keep everything, {costs.types[e]} embedding, types by error per byte"))
         if len(out) == 3:
@@ -376,7 +376,7 @@ def starting_points(search: JointSearch, costs: JointCosts, space, errors: dict,
     pruned = 0
     for a, m in pairs[1:]:
         levels = np.tile([a, m], (L, 1))
-        genome = next((g for e in embeds if (g := search.allocate(levels, e, errors)) is not None), None)
+        genome = next((g for e in embeds if (g := search.allocate(levels, e, errors, rng)) is not None), None)
         if genome is not None:
             t = costs.types[int(genome[0, EMBED])]
             out.append((genome, f"attention level {a}, MLP level {m} in every layer, {t} embedding"))
