@@ -2,7 +2,7 @@
 importance matrix) against searchllm's joint search (budget.size) at each ladder file's size and below.
 
     python benchmarks/frontier.py [--sizes 89.2,87.8,87.5,84.1,80,75,70] [--ftypes q8_0,q4_k_m,...]
-        [--windows 8] [--root runs/frontier] [--pruned RUN] [--skip-search] [--skip-ladder]
+        [--windows 8] [--root runs/frontier] [--pruned RUN] [--skip-search] [--skip-ladder] [--imatrix-only]
 
 Each searchllm row is one driver run, `python -m searchllm.driver budget.size=<S>MiB export.format=gguf` (the
 first run's sampled text, level database and importance matrix are copied into the others' run dirs, which
@@ -71,7 +71,13 @@ def gguf_imatrix(run: Path) -> dict:
 
 
 def ladder(
-    model_dir: str, root: Path, ftypes: list[str], imatrix: dict | None, tag: str, source: Path | None
+    model_dir: str,
+    root: Path,
+    ftypes: list[str],
+    imatrix: dict | None,
+    tag: str,
+    source: Path | None,
+    plain: bool = True,
 ) -> list[tuple[str, Path]]:
     """The model written by searchllm's GGUF writer (the source GGUF's tokenizer, as the searches' files) and
     quantized by llama.cpp to each ftype, without and with the importance matrix."""
@@ -85,7 +91,7 @@ def ladder(
     files = []
     for t in ftypes:
         for name, im in (("", None), ("+imatrix", imatrix)):
-            if name and im is None:
+            if (name and im is None) or (not name and not plain and im is not None):
                 continue
             path = out / f"model-{t}{name}.gguf"
             if not path.is_file():
@@ -119,6 +125,7 @@ def main() -> None:
     ap.add_argument("--pruned", default=None, help="a finished run whose HF export is quantized to the ftypes")
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--skip-ladder", action="store_true")
+    ap.add_argument("--imatrix-only", action="store_true", help="the ladder with the importance matrix alone")
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +144,7 @@ def main() -> None:
     files = [(f"searchllm {s} MiB", r / "export" / "model-mixed.gguf") for s, r in runs]
     if not a.skip_ladder:
         im = gguf_imatrix(first) if first else None
-        files += ladder(model_dir, root, a.ftypes.split(","), im, "dense", source)
+        files += ladder(model_dir, root, a.ftypes.split(","), im, "dense", source, not a.imatrix_only)
         if a.pruned:
             files += ladder(str(Path(a.pruned) / "export"), root, a.ftypes.split(","), None, "pruned", source)
     for i in range(len(files)):

@@ -202,3 +202,43 @@ def test_a_killed_joint_search_resumes_to_the_same_file(joint_run, tmp_path):
     a, b = (json.loads((r / "manifest.json").read_text()) for r in (run, done))
     assert a["search"]["levels"] == b["search"]["levels"] and a["quant"] == b["quant"]
     assert (run / "export" / "model-mixed.gguf").read_bytes() == (done / "export" / "model-mixed.gguf").read_bytes()
+
+
+@needs_llama
+@pytest.mark.parametrize(
+    "levels",
+    [
+        [(2, 8), (2, 8), (2, 8)],  # uniform: the family's own arch
+        [(2, 8), (1, 3), (2, 5)],  # per-layer sizes: deci
+        [(0, 8), (2, 0), (1, 8)],  # a layer without attention, one without MLP (one zero channel)
+    ],
+)
+def test_the_byte_count_of_any_candidate_is_the_size_of_its_file(levels, tmp_path):
+    """JointCosts.bytes, known before any search, against the file the export writes for the same levels."""
+    from searchllm.config import LevelParams
+    from searchllm.export.gguf import write
+    from searchllm.export.hf import build
+    from searchllm.models.adapters import adapter_for
+    from searchllm.pruning.joint import EMBED, JointCosts
+    from searchllm.pruning.levels import LayerLevels, LevelSpace
+    from searchllm.stages.search_joint import layout
+
+    tok = bpe_tokenizer(tmp_path)
+    model = tiny_model("llama", layers=3, vocab_size=len(tok), **WIDE)
+    adapter = adapter_for(model.config)
+    space = LevelSpace(adapter.geometry(), LevelParams(mlp_levels=8))
+    costs = JointCosts(space, ("q8_0", "q4_k", "iq4_xs", "q2_k"), layout(adapter, tok, None), lock_levels=False)
+    g = space.geometry
+    equal = sorted(range(g.num_heads), key=lambda h: (h % g.group_size, h // g.group_size))  # one per group a level
+    entries = [LayerLevels(i, equal, list(range(g.intermediate))) for i in range(3)]
+    rng = np.random.default_rng(0)
+    genome = np.concatenate([np.array(levels), rng.integers(0, 4, (3, EMBED - 1))], axis=1)
+    genome[:, EMBED] = genome[0, EMBED]
+    slices = [e.slice(space, a, m) for e, (a, m) in zip(entries, levels)]
+    exported, _ = build(adapter, model.state_dict(), slices)
+    out = tmp_path / "model-mixed.gguf"
+    info = write(
+        exported, tmp_path, out, types={n: t for n, s, t in costs.tensors(genome) if len(s) == 2}, name="model-mixed"
+    )
+    assert out.stat().st_size == costs.bytes(genome)
+    assert info.arch == ("llama" if costs.uniform(genome) else "deci")
