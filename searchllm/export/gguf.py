@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from searchllm.quant.types import GGML
+from searchllm.quant.types import FILE_TYPE, GGML, effective
 
 # Source model type -> llama.cpp architecture of a uniform subnet (non-uniform ones: deci, for the families in DECI).
 ARCH = {
@@ -296,7 +297,10 @@ def write(
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     shapes = [layer_shape(layer, c, head_dim) for layer in model.model.layers]
-    w, arch = _open(c, shapes, head_dim, tokenizer_dir, out, source_gguf, arch, per_layer, name)
+    # general.file_type names the type most weights are written in (a label: llama.cpp reads each tensor's)
+    most = Counter(effective(t, c.hidden_size) for t in (types or {}).values()).most_common(1)
+    ftype = FILE_TYPE.get(most[0][0], 0) if most else FTYPES["f32"]
+    w, arch = _open(c, shapes, head_dim, tokenizer_dir, out, source_gguf, arch, per_layer, name, ftype)
     kinds: dict[str, int] = {}
 
     def put(key: str, t: np.ndarray) -> None:
@@ -366,7 +370,7 @@ def metadata_bytes(
             q.setLevel(level)
 
 
-def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_layer, name):
+def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_layer, name, ftype: int = 0):
     """A GGUFWriter at `out` with every key/value of the subnet's file, and the arch chosen."""
     import gguf
 
@@ -407,7 +411,7 @@ def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_l
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
     w.add_vocab_size(int(c.vocab_size))
-    w.add_file_type(FTYPES["f32"])
+    w.add_file_type(ftype)
     add_tokenizer(w, tokenizer_dir, source_gguf)
     return w, arch
 
