@@ -107,9 +107,7 @@ class JointSearch(LevelSearch):
         return rec
 
     # -- starting points --------------------------------------------------------------------------------
-    def allocate(
-        self, levels: np.ndarray, embed: int, errors: dict, rng: np.random.Generator
-    ) -> Optional[np.ndarray]:
+    def allocate(self, levels: np.ndarray, embed: int, errors: dict, rng: np.random.Generator) -> Optional[np.ndarray]:
         """`levels` with the embedding at type `embed` and every weight's type chosen as a knapsack by the
         importance-weighted quantization error (what llama.cpp's quantizer minimizes per tensor, in output
         units): each weight starts at its smallest type and moves along the lower convex hull of its
@@ -121,7 +119,7 @@ class JointSearch(LevelSearch):
         L, hi = levels.shape[0], self.byte_band[1]
         genome = np.zeros((L, EMBED + 1), dtype=np.int64)
         genome[:, :2], genome[:, EMBED] = levels, embed
-        hulls: dict[tuple[int, int], list[int]] = {}
+        hulls: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (type index, bytes) along each hull
         for i in range(L):
             for col in range(2, EMBED):
                 choices = self.costs.choices(i, col, genome)
@@ -156,7 +154,7 @@ class JointSearch(LevelSearch):
         self.repair(genome, rng)
         return genome
 
-    def _hull(self, genome: np.ndarray, i: int, col: int, choices: list[int], err: dict) -> list:
+    def _hull(self, genome: np.ndarray, i: int, col: int, choices: list[int], err: dict) -> list[tuple[int, int]]:
         """[(type index, bytes)] of a weight's lower convex hull of (bytes, error), from its smallest type."""
         pts = []
         for k in choices:
@@ -164,7 +162,7 @@ class JointSearch(LevelSearch):
             trial[i, col] = k
             pts.append((k, self.costs.bytes(trial)))
         pts.sort(key=lambda p: (p[1], err[p[0]]))
-        hull: list = []
+        hull: list[tuple[int, int]] = []
         for k, b in pts:
             if hull and err[k] >= err[hull[-1][0]]:
                 continue  # more bytes, no less error: never worth it
