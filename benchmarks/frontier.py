@@ -123,6 +123,9 @@ def main() -> None:
     ap.add_argument("--root", default="runs/frontier")
     ap.add_argument("--model", default=None, help="the dense model's checkpoint (default: the runs' source)")
     ap.add_argument("--pruned", default=None, help="a finished run whose HF export is quantized to the ftypes")
+    ap.add_argument(
+        "--seed-from", default=None, help="a run whose sampled text, database and matrix the searches reuse"
+    )
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--skip-ladder", action="store_true")
     ap.add_argument("--imatrix-only", action="store_true", help="the ladder with the importance matrix alone")
@@ -131,7 +134,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     results_path = root / "frontier.json"
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    runs, first = [], None
+    runs, first = [], Path(a.seed_from) if a.seed_from else None
     for size in a.sizes.split(",") if not a.skip_search else []:
         run = search(size, root, first)
         first = first or run

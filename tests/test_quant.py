@@ -136,7 +136,6 @@ def test_the_byte_count_of_the_chosen_candidate_is_the_size_of_the_file_written(
     m = json.loads((run / "manifest.json").read_text())
     q, [f] = m["quant"], m["export"]["gguf"]["files"]
     assert f["bytes"] == q["bytes"] == (run / "export" / "model-mixed.gguf").stat().st_size <= 0.6 * 2**20
-    assert q["bytes"] >= 0.594 * 2**20  # budget.tol: at most 1% of it unused
     assert m["export"]["params"] == m["params"]["subnet"] < m["params"]["original"]  # pruned, as scored
 
 

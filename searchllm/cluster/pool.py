@@ -151,11 +151,13 @@ def probe_gpu_memory(nodes: list[NodeInfo]) -> Optional[float]:
     """The smallest GPU's memory on the GPU nodes, measured by a one-GPU task on each (None when Ray's
     GPUs are not visible to torch, e.g. declared with --num-gpus on a machine without CUDA)."""
     probe = ray.remote(num_gpus=1, num_cpus=0)(_device_memory)
-    got = ray.get([
-        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
-        for n in nodes
-        if n.gpus >= 1
-    ])
+    got = ray.get(
+        [
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
+            for n in nodes
+            if n.gpus >= 1
+        ]
+    )
     got = [m for m in got if m]
     return float(min(got)) if got else None
 

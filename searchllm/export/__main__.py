@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         check_format(cfg.export.format, cfg.export.gguf_types, conf.get("source_model_type") or conf["model_type"])
         model, tokenizer = load_pretrained(str(out))
         report = token_sets(cfg, tokenizer)[0]["report"]
-        info = ExportInfo(**{
-            k: v for k, v in json.loads((out / "searchllm_export.json").read_text()).items() if k != "padding"
-        })
+        info = ExportInfo(
+            **{k: v for k, v in json.loads((out / "searchllm_export.json").read_text()).items() if k != "padding"}
+        )
         job = ExportJob(
             model,
             info,

@@ -2,11 +2,12 @@
 types together, under a byte budget. NumPy only; knows nothing of Ray.
 
 A genome is pruning.joint's (L, 10) array. Its cost is its GGUF file's exact size; a candidate is in the
-band when it fits the budget and wastes at most budget.tol of it. A move is one gene one step: a layer's
-attention or MLP level, or one weight's type to the next type its row length can hold (the token
-embedding's type moves in every row at once); after 1-3 moves (min of two draws, as EvoPress) a repair
-steps random type genes down while the file is too large and up while it wastes more than the band
-allows, so every child is in the band. Crossover takes each layer from one of two parents, then repairs.
+band when the file fits the budget (bytes left over are allowed: on a source grid, more bytes can mean
+more error). A move is one gene one step: a layer's attention or MLP level up or down, or one weight's type
+up to the next type its row length can hold (the token embedding's type moves in every row at once);
+after 1-3 moves (min of two draws, as EvoPress) a repair steps random type genes down while the file is
+too large, so a child is its parent with a few types moved up and others down to pay for them.
+Crossover takes each layer from one of two parents, then repairs.
 Whether pruning is worth its bytes is the fitness's answer: "keep everything" is a level like any other.
 Multi-step selection, the evaluation log, checkpoints and resume are the level search's.
 """
@@ -59,9 +60,9 @@ class JointSearch(LevelSearch):
                 if 0 <= genome[i, mod] + d <= self.top[mod]:
                     genome[i, mod] += d
                     return
-            else:
+            else:  # a type one step up: the repair then steps others down to fit (EvoPress's switch)
                 i, col = self.random_type_gene(genome, rng)
-                if self.step_type(genome, i, col, bool(rng.random() < 0.5)):
+                if self.step_type(genome, i, col, up=True):
                     return
 
     def repair(self, genome: np.ndarray, rng: np.random.Generator, tries: int = 4000) -> None:
@@ -107,13 +108,12 @@ class JointSearch(LevelSearch):
         return rec
 
     # -- starting points --------------------------------------------------------------------------------
-    def allocate(self, levels: np.ndarray, embed: int, errors: dict, rng: np.random.Generator) -> Optional[np.ndarray]:
+    def allocate(self, levels: np.ndarray, embed: int, errors: dict) -> Optional[np.ndarray]:
         """`levels` with the embedding at type `embed` and every weight's type chosen as a knapsack by the
         importance-weighted quantization error (what llama.cpp's quantizer minimizes per tensor, in output
         units): each weight starts at its smallest type and moves along the lower convex hull of its
         (bytes, error) points, the step that removes the most error per byte first, while the file fits.
-        Bytes the hulls leave unspent are filled by `repair`. `errors[(layer, col)][type index]`; None when
-        the smallest types do not fit."""
+        `errors[(layer, col)][type index]`; None when the smallest types do not fit."""
         import heapq
 
         L, hi = levels.shape[0], self.byte_band[1]
@@ -151,7 +151,6 @@ class JointSearch(LevelSearch):
                 continue
             n = m
             push(i, col, at)
-        self.repair(genome, rng)
         return genome
 
     def _hull(self, genome: np.ndarray, i: int, col: int, choices: list[int], err: dict) -> list[tuple[int, int]]:
@@ -178,7 +177,7 @@ class JointSearch(LevelSearch):
 
     def fill(self, levels: np.ndarray, rng: np.random.Generator) -> Optional[np.ndarray]:
         """`levels` with every weight at the one ladder type that fits the budget with the most bytes,
-        then random single steps up while they fit (None when even the smallest type is too large)."""
+        (None when even the smallest type is too large)."""
         L, hi = levels.shape[0], self.byte_band[1]
         genome = np.zeros((L, EMBED + 1), dtype=np.int64)
         genome[:, :2] = levels

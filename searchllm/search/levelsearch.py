@@ -365,13 +365,15 @@ class LevelSearch:
                 counts,
                 stats["evals_per_s"],
             )
-            self.run.save_checkpoint({
-                "generation": gen,
-                "parents": [f"{genome_key(g)}@{last}" for g, _ in parents],
-                "rng": rng.bit_generator.state,
-                "seen": sorted(seen),
-                "history": history,
-            })
+            self.run.save_checkpoint(
+                {
+                    "generation": gen,
+                    "parents": [f"{genome_key(g)}@{last}" for g, _ in parents],
+                    "rng": rng.bit_generator.state,
+                    "seen": sorted(seen),
+                    "history": history,
+                }
+            )
         best, fit = parents[0]
         n = self.db.params(best)
         return SearchResult(best, fit, n, n / self.total, len(history), len(done), history, parents)

@@ -188,13 +188,15 @@ class Search:
                 len(records),
                 self._rate,
             )
-            self.run.save_checkpoint({
-                "generation": gen,
-                "parents": [c.key() for c, _ in parents],
-                "rng": rng.bit_generator.state,
-                "seen": sorted(seen),
-                "history": history,
-            })
+            self.run.save_checkpoint(
+                {
+                    "generation": gen,
+                    "parents": [c.key() for c, _ in parents],
+                    "rng": rng.bit_generator.state,
+                    "seen": sorted(seen),
+                    "history": history,
+                }
+            )
         best, fit = parents[0]
         return SearchResult(
             best,

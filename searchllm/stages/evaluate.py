@@ -133,11 +133,15 @@ def llama_cpp_summary(rows: pd.DataFrame) -> list[dict]:
     for name, r in rows.groupby("model", sort=False):
         ok = r[r.status == "ok"]
         metric = lambda m: float(ok[ok.metric == m].value.iloc[0]) if (ok.metric == m).any() else None  # noqa: E731
-        out.append({
-            "model": name,
-            "file_mib": float(r.weights_mib.iloc[0]),
-            "prefill_tok_s": metric("prefill_tok_s"),
-            "decode_tok_s": metric("decode_tok_s"),
-            "ppl": {f"{t.task}/{t.split}@{int(t.seqlen)}": float(t.value) for t in ok[ok.metric == "ppl"].itertuples()},
-        })
+        out.append(
+            {
+                "model": name,
+                "file_mib": float(r.weights_mib.iloc[0]),
+                "prefill_tok_s": metric("prefill_tok_s"),
+                "decode_tok_s": metric("decode_tok_s"),
+                "ppl": {
+                    f"{t.task}/{t.split}@{int(t.seqlen)}": float(t.value) for t in ok[ok.metric == "ppl"].itertuples()
+                },
+            }
+        )
     return out

@@ -88,13 +88,15 @@ def run(ctx: RunContext) -> None:
     exported = manifest.get("export", {}).get("params")
     for stage, n in (("reformed", subnet.params), ("healed", exported or subnet.params), ("exported", exported)):
         if stage in ppl:
-            rows.append({
-                "model": stage,
-                "params": n,
-                "kept": n / g.total_params,
-                "report ppl": ppl[stage],
-                "corpus": corpus,
-            })
+            rows.append(
+                {
+                    "model": stage,
+                    "params": n,
+                    "kept": n / g.total_params,
+                    "report ppl": ppl[stage],
+                    "corpus": corpus,
+                }
+            )
     ctx.monitor.set_summary(rows)
     if subnet.chosen_as is not None:
         ctx.monitor.set_best(manifest["structure"], subnet.chosen_as)

@@ -100,15 +100,17 @@ def choose(ctx: RunContext) -> list[dict]:
         log.info("heal: candidate %s (search fitness %.5f), %d tokens", c.label, c.fitness, short["tokens"])
         record, _ = heal_once(ctx, c.built, short)
         kl = [r["held_out_kl"] for r in record["curve"] if "held_out_kl" in r]
-        rows.append({
-            "candidate": c.label,
-            "search_fitness": c.fitness,
-            "params": c.params,
-            "held_out_kl_before": kl[0],
-            "held_out_kl_after": kl[-1],
-            "tokens": record["tokens"],
-            "seconds": record["seconds"],
-        })
+        rows.append(
+            {
+                "candidate": c.label,
+                "search_fitness": c.fitness,
+                "params": c.params,
+                "held_out_kl_before": kl[0],
+                "held_out_kl_after": kl[-1],
+                "tokens": record["tokens"],
+                "seconds": record["seconds"],
+            }
+        )
     best = min(range(len(rows)), key=lambda i: rows[i]["held_out_kl_after"])
     rows[best]["chosen"] = True
     log.info(

@@ -138,15 +138,17 @@ def reform_finalists(ctx: RunContext):
             fresh = pool.reform(space.slices(cand), r, batch, {i: x.weights for i, x in saved.items()}, finished)
         results = sorted([*saved.values(), *fresh], key=lambda x: x.layer)
         after = next(nll for _, nll, _ in pool.stream(space, [cand], "final", batch))
-        record.append({
-            "key": cand.key(),
-            "origin": origin,
-            "ratio": space.ratio(cand, ctx.plan.budget.count),
-            "search_fitness": before,
-            "final_ppl": after.ppl,
-            "final_tokens": after.tokens,
-            "reused_layers": len(saved),
-        })
+        record.append(
+            {
+                "key": cand.key(),
+                "origin": origin,
+                "ratio": space.ratio(cand, ctx.plan.budget.count),
+                "search_fitness": before,
+                "final_ppl": after.ppl,
+                "final_tokens": after.tokens,
+                "reused_layers": len(saved),
+            }
+        )
         log.info(
             "finalist %s (%s): search fitness %s, after reformation ppl %.3f on %d tokens",
             cand.key(),

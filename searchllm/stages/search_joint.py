@@ -173,7 +173,7 @@ def joint_costs(cfg: Config, adapter, tokenizer) -> tuple[JointCosts, tuple[int,
             + (" (its family has no llama.cpp arch for per-layer sizes: none pruned)" if costs.lock_levels else "")
             + ", every weight at the smallest of quant.types); raise budget.size"
         )
-    return costs, (int(hi * (1 - cfg.budget.tol)), hi)
+    return costs, (0, hi)  # any file that fits: stepping up a type can add error (re-quantizing a source grid)
 
 
 def gguf_choice(costs: JointCosts, genome: np.ndarray, space: QuantLevelSpace, db) -> tuple[dict, dict]:
@@ -361,14 +361,14 @@ def starting_points(search: JointSearch, costs: JointCosts, space, errors: dict,
     probe[:, :2] = top
     embeds = costs.choices(0, EMBED, probe)[::-1]  # the most bytes first
     for e in embeds:
-        genome = search.allocate(top, e, errors, rng)
+        genome = search.allocate(top, e, errors)
         if genome is not None:
             out.append((genome, f"keep everything, {costs.types[e]} embedding, types by error per byte"))
         if len(out) == 3:
             break
     uniform = search.fill(top, rng)
     if uniform is not None:
-        out.append((uniform, f"keep everything, {costs.types[int(uniform[0, 2])]} everywhere (then filled)"))
+        out.append((uniform, f"keep everything, {costs.types[int(uniform[0, 2])]} everywhere"))
     if costs.lock_levels:  # no llama.cpp arch for per-layer sizes of this family: types alone
         return out
     pairs = [(a, m) for a in range(space.attn_top, -1, -1) for m in range(space.mlp_top, -1, -1) if a or m]
@@ -376,7 +376,7 @@ def starting_points(search: JointSearch, costs: JointCosts, space, errors: dict,
     pruned = 0
     for a, m in pairs[1:]:
         levels = np.tile([a, m], (L, 1))
-        genome = next((g for e in embeds if (g := search.allocate(levels, e, errors, rng)) is not None), None)
+        genome = next((g for e in embeds if (g := search.allocate(levels, e, errors)) is not None), None)
         if genome is not None:
             t = costs.types[int(genome[0, EMBED])]
             out.append((genome, f"attention level {a}, MLP level {m} in every layer, {t} embedding"))
