@@ -37,8 +37,15 @@ from searchllm.quant.types import QuantError, parse_size
 from searchllm.search.jointsearch import JointSearch
 from searchllm.search.levelsearch import PROBE_STAGE, fitness_metric, stage_tokens
 from searchllm.stages.context import RunContext, Searched, Subnet
-from searchllm.stages.report import search_summary, write_search_report
-from searchllm.stages.search_levels import LevelEvaluator, level_manifest, scored_first, summarize_levels
+from searchllm.stages.report import write_search_report
+from searchllm.stages.search_levels import (
+    LevelEvaluator,
+    level_manifest,
+    record_best,
+    scored_first,
+    search_args,
+    summarize_levels,
+)
 
 log = logging.getLogger("searchllm")
 
@@ -196,10 +203,9 @@ def gguf_choice(costs: JointCosts, genome: np.ndarray, space: QuantLevelSpace, d
 
 
 def run(ctx: RunContext) -> None:
-    cfg, pool, lv, batch, tokens = ctx.cfg, ctx.need_pool(), ctx.cfg.levels, ctx.batch, ctx.plan.tokens
+    cfg, pool, lv, batch = ctx.cfg, ctx.need_pool(), ctx.cfg.levels, ctx.batch
     assert ctx.database is not None and cfg.budget.size is not None, "the joint search runs after the database"
-    space, db, band = ctx.database.space, ctx.database.db, ctx.database.band
-    g = space.geometry
+    space, db = ctx.database.space, ctx.database.db
     ctx.monitor.stage("quantizing")
     costs, byte_band = joint_costs(cfg, ctx.loaded.adapter, ctx.loaded.tokenizer)
     hi = byte_band[1]
@@ -217,23 +223,8 @@ def run(ctx: RunContext) -> None:
             pool.set_targets(codec, full, w, lv.topk, batch)
     ctx.monitor.stage("searching")
     t0 = time.perf_counter()
-    bar = lambda gen, stage, total: ctx.monitor.bar(  # noqa: E731
-        total, f"search gen {gen + 1}/{cfg.quant.generations} stage {stage + 1}", "cand"
-    )
-    search = JointSearch(
-        costs,
-        byte_band,
-        g.total_params,
-        band,
-        lv,
-        LevelEvaluator(pool, codec, batch, metric),
-        ctx.run,
-        cfg.search.seed,
-        cfg.quant.generations,
-        ctx.monitor,
-        lambda x: summarize_levels(db, x[:, :2]),
-        bar,
-    )
+    evaluator = LevelEvaluator(pool, codec, batch, metric)
+    search = JointSearch(costs, byte_band, *search_args(ctx, evaluator, cfg.quant.generations, lambda x: x[:, :2]))
     inits = starting_points(search, costs, space, errors, np.random.default_rng(cfg.search.seed))
     result = search.run_search(inits)
     wall = time.perf_counter() - t0
@@ -256,28 +247,7 @@ def run(ctx: RunContext) -> None:
         "types": {k: v for k, v in written.items()},
         "arch": "uniform" if costs.uniform(best) else "deci",
     }
-    ctx.run.save_json(
-        "best.json",
-        {
-            "key": best.tobytes().hex(),
-            "params": result.params,
-            "ratio": result.ratio,
-            "fitness": result.fitness,
-            "fitness_kind": lv.fitness,
-            **structure,
-            "genome": best.tolist(),
-            "quant": quant,
-        },
-    )
-    fitness = {
-        "fitness_kind": lv.fitness,
-        "fitness_tokens": [list(tokens[w].shape) for w in stages],
-        "best_fitness": result.fitness,
-    }
-    kept = result.params / g.total_params
-    rows = search_summary(
-        ctx, result, dense_rep, best_rep, wall, kept, fitness, {"level_database": ctx.database.record, "quant": quant}
-    )
+    rows = record_best(ctx, result, structure, wall, dense_rep, best_rep, {"quant": quant})
     print(
         f"\nbest file: {quant['bytes'] / 2**20:.2f} MiB of {hi / 2**20:.2f} MiB ({cfg.budget.size}), "
         f"kept {result.ratio:.4f} of the parameters, embedding {quant['embedding_type']}, "

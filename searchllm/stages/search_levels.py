@@ -71,23 +71,8 @@ def run(ctx: RunContext) -> None:
         inits.append((error_allocation(db, *band), "error allocation"))
     ctx.monitor.stage("searching")
     t0 = time.perf_counter()
-    bar = lambda gen, stage, total: ctx.monitor.bar(  # noqa: E731
-        total, f"search gen {gen + 1}/{cfg.search.generations} stage {stage + 1}", "cand"
-    )
-    search = ctx.plan.strategy.make(
-        db,
-        space.top,
-        g.total_params,
-        band,
-        lv,
-        LevelEvaluator(pool, codec, batch, metric),
-        ctx.run,
-        cfg.search.seed,
-        cfg.search.generations,
-        ctx.monitor,
-        lambda x: summarize_levels(db, x),
-        bar,
-    )
+    tail = search_args(ctx, LevelEvaluator(pool, codec, batch, metric), cfg.search.generations, lambda x: x)
+    search = ctx.plan.strategy.make(db, space.top, *tail)
     result = search.run_search(inits, ladder)
     wall = time.perf_counter() - t0
     best = result.best
@@ -95,26 +80,7 @@ def run(ctx: RunContext) -> None:
         nll.ppl for _, nll, _ in sorted(pool.stream(codec, [full, best], "report", batch), key=lambda x: x[0])
     )
     structure = summarize_levels(db, best)
-    ctx.run.save_json(
-        "best.json",
-        {
-            "key": best.tobytes().hex(),
-            "params": result.params,
-            "ratio": result.ratio,
-            "fitness": result.fitness,
-            "fitness_kind": lv.fitness,
-            **structure,
-        },
-    )
-    fitness = {
-        "fitness_kind": lv.fitness,
-        "fitness_tokens": [list(tokens[w].shape) for w in stages],
-        "best_fitness": result.fitness,
-    }
-    kept = result.params / g.total_params
-    rows = search_summary(
-        ctx, result, dense_rep, best_rep, wall, kept, fitness, {"level_database": ctx.database.record}
-    )
+    rows = record_best(ctx, result, structure, wall, dense_rep, best_rep)
     corpus = rows[0]["corpus"]
     print(
         f"\nbest subnet: kept ratio {result.ratio:.4f} ({result.params / 1e6:.2f}M of {g.total_params / 1e6:.2f}M "
@@ -136,6 +102,50 @@ def run(ctx: RunContext) -> None:
         manifest,
         "chosen by the level search",
     )
+
+
+def search_args(ctx: RunContext, evaluator: LevelEvaluator, generations: int, levels_of) -> tuple:
+    """The level search's arguments after its costs and top levels: (total params, band, params, evaluator,
+    run dir, seed, generations, observer, summarize, progress bar); `levels_of` takes a genome's levels."""
+    assert ctx.database is not None
+    db, cfg = ctx.database.db, ctx.cfg
+    bar = lambda gen, stage, total: ctx.monitor.bar(  # noqa: E731
+        total, f"search gen {gen + 1}/{generations} stage {stage + 1}", "cand"
+    )
+    summarize = lambda x: summarize_levels(db, levels_of(x))  # noqa: E731
+    g = ctx.database.space.geometry
+    return (g.total_params, ctx.database.band, cfg.levels, evaluator, ctx.run, cfg.search.seed, generations,
+            ctx.monitor, summarize, bar)  # fmt: skip
+
+
+def record_best(
+    ctx: RunContext, result, structure: dict, wall: float, dense_rep: float, best_rep: float, extra: dict | None = None
+) -> list[dict]:
+    """best.json and summary.json of the level search's choice (`extra` keys added to both); the report
+    page's first rows."""
+    lv, tokens, g = ctx.cfg.levels, ctx.plan.tokens, ctx.plan.space.geometry
+    assert ctx.database is not None
+    best = result.best
+    ctx.run.save_json(
+        "best.json",
+        {
+            "key": best.tobytes().hex(),
+            "params": result.params,
+            "ratio": result.ratio,
+            "fitness": result.fitness,
+            "fitness_kind": lv.fitness,
+            **structure,
+            **(extra or {}),
+        },
+    )
+    fitness = {
+        "fitness_kind": lv.fitness,
+        "fitness_tokens": [list(tokens[stage_tokens(k)].shape) for k in range(len(lv.tokens))],
+        "best_fitness": result.fitness,
+    }
+    kept = result.params / g.total_params
+    more = {"level_database": ctx.database.record, **(extra or {})}
+    return search_summary(ctx, result, dense_rep, best_rep, wall, kept, fitness, more)
 
 
 def scored_first(ctx: RunContext) -> set[str]:
