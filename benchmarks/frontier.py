@@ -139,6 +139,9 @@ def main() -> None:
         run = search(size, root, first)
         first = first or run
         runs.append((size, run))
+    if a.skip_search:  # the searches already in ROOT
+        runs = [(d.name[len("search-") : -len("MiB")], d) for d in sorted(root.glob("search-*MiB"))]
+        runs = [(size, d) for size, d in runs if (d / "export" / "model-mixed.gguf").is_file()]
     first = first or next(iter(sorted(root.glob("search-*"))), None)
     manifest = json.loads((first / "manifest.json").read_text()) if first else {}
     model_dir = a.model or manifest.get("source", {}).get("checkpoint")
