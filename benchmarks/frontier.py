@@ -91,7 +91,7 @@ def ladder(
     files = []
     for t in ftypes:
         for name, im in (("", None), ("+imatrix", imatrix)):
-            if (name and im is None) or (not name and not plain and im is not None):
+            if (name and im is None) or (not name and not plain and imatrix is not None):
                 continue
             path = out / f"model-{t}{name}.gguf"
             if not path.is_file():
