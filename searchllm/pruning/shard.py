@@ -158,14 +158,14 @@ class QuantCache:
     past `max_bytes`."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.bytes, self.misses = max_bytes, 0, 0
+        self.max_bytes, self.bytes = max_bytes, 0
         self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def get(self, key: tuple, make) -> torch.Tensor:
         if key in self.data:
             self.data.move_to_end(key)
             return self.data[key]
-        t, self.misses = make(), self.misses + 1
+        t = make()
         self.data[key], self.bytes = t, self.bytes + t.numel() * t.element_size()
         while self.bytes > self.max_bytes and len(self.data) > 1:
             _, old = self.data.popitem(last=False)
@@ -247,7 +247,7 @@ class ShardRunner:
         # The dense model's top-k next-token distributions per token set (last shard): KL fitness.
         self.targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decode: dict[str, Any] = {}  # the batch being sampled (decode_begin)
-        # Quantized-and-read-back weights of joint candidates (budget.size), LRU within quant_cache_bytes.
+        # Quantized-and-read-back weights of joint candidates (budget.size); sized by quant.cache_mb on use.
         self.quant = QuantCache(2**30)
         self.outer_type: Optional[int] = None  # the token embedding's type index of the candidate being run
 
