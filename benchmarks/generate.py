@@ -61,11 +61,13 @@ def main() -> None:
                     pad_token_id=tok.eos_token_id,
                 )
         dt = time.perf_counter() - t0
-        rows.append({
-            "sampler": f"transformers generate, batch {batch}",
-            "sequences": sequences,
-            "tokens/s": sequences * new / dt,
-        })
+        rows.append(
+            {
+                "sampler": f"transformers generate, batch {batch}",
+                "sequences": sequences,
+                "tokens/s": sequences * new / dt,
+            }
+        )
         print(rows[-1], flush=True)
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -77,11 +79,13 @@ def main() -> None:
             t0 = time.perf_counter()
             pool.generate(prompt, a.sequences, a.seqlen, 0, 1.0, 0.95, a.batch)
             dt = time.perf_counter() - t0
-        rows.append({
-            "sampler": f"searchllm pool, batch {a.batch}, {replicas} replica(s)",
-            "sequences": a.sequences,
-            "tokens/s": a.sequences * new / dt,
-        })
+        rows.append(
+            {
+                "sampler": f"searchllm pool, batch {a.batch}, {replicas} replica(s)",
+                "sequences": a.sequences,
+                "tokens/s": a.sequences * new / dt,
+            }
+        )
         print(rows[-1], flush=True)
     ray.shutdown()
     print(f"\n{a.seqlen} tokens per sequence ({len(prompt)} of them the prompt); {os.cpu_count()} CPU cores")

@@ -75,7 +75,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from searchllm.cluster.pool import connect
+    from searchllm.cluster.connect import connect
     from searchllm.cluster.train import RayHealer
     from searchllm.config import load_config
     from searchllm.data import data_root, heal_windows

@@ -190,14 +190,16 @@ def run_row(root: Path, method: str, ratio: float, calibration: str, extra: list
             if found:
                 shutil.copy(found[0], run / name)
         t0 = time.time()
-        code = main([
-            *METHODS[method],
-            *CALIBRATIONS[calibration],
-            f"budget.target={ratio}",
-            f"run_dir={run}",
-            *EVAL,
-            *extra,
-        ])
+        code = main(
+            [
+                *METHODS[method],
+                *CALIBRATIONS[calibration],
+                f"budget.target={ratio}",
+                f"run_dir={run}",
+                *EVAL,
+                *extra,
+            ]
+        )
         if code:
             raise SystemExit(f"{method} at {ratio} ({calibration}): the driver exited with {code}")
         (run / "wall.json").write_text(json.dumps({"seconds": time.time() - t0}))

@@ -133,12 +133,14 @@ def main() -> None:
     rows = []
     dense = SearchSpace(g).full()
     runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)  # warm-up
-    rows.append((
-        "1.00 (dense)",
-        statistics.median(
-            timed(lambda: runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)) for _ in range(3)
-        ),
-    ))
+    rows.append(
+        (
+            "1.00 (dense)",
+            statistics.median(
+                timed(lambda: runner.forward(SearchSpace(g).slices(dense), tokens, tokens, 1)) for _ in range(3)
+            ),
+        )
+    )
     for ratio in (float(r) for r in a.ratios.split(",")):
         for multiple in (int(m) for m in a.round_to.split(",")):
             space = SearchSpace.for_target(g, ratio, multiple=multiple)
@@ -153,10 +155,12 @@ def main() -> None:
                 )
             ]
             times = [timed(lambda c=c: runner.forward(space.slices(c), tokens, tokens, 1)) for c in cands]
-            rows.append((
-                f"{ratio:.2f}" + (f" round {multiple}" if multiple > 1 else ""),
-                statistics.median(times[1:] or times),
-            ))
+            rows.append(
+                (
+                    f"{ratio:.2f}" + (f" round {multiple}" if multiple > 1 else ""),
+                    statistics.median(times[1:] or times),
+                )
+            )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
     # Reformation of the first few layers of a 0.7 subnet on calibration windows (sequential inputs).

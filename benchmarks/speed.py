@@ -128,13 +128,15 @@ def main() -> None:
             sub, info = build(adapter, state, space.slices(cand), {}, dtype)
             sub = sub.to(device).eval()
             kept, dec = space.ratio(cand, "total"), space.ratio(cand, "decoder")
-            rows.append((
-                f"{ratio:g} / round {multiple}",
-                kept,
-                dec,
-                measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile),
-                ppl(sub, ppl_windows),
-            ))
+            rows.append(
+                (
+                    f"{ratio:g} / round {multiple}",
+                    kept,
+                    dec,
+                    measure(sub, vocab, prefill, decode, new_tokens, a.repeats, device, graphs, a.compile),
+                    ppl(sub, ppl_windows),
+                )
+            )
             del sub
             if gpu:
                 torch.cuda.empty_cache()

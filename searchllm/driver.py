@@ -114,9 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         e = interrupt.received()
-        pool = sys.modules.get("searchllm.cluster.pool")  # imported (and Ray maybe started) only once a run starts
-        if pool is not None:
-            pool.disconnect()
+        ray_link = sys.modules.get("searchllm.cluster.connect")  # imported (and Ray maybe started) once a run starts
+        if ray_link is not None:
+            ray_link.disconnect()
         print(f"searchllm: {interrupted(e, run_dir, args)}", file=sys.stderr)
         return e.exit_code
     finally:
@@ -134,7 +134,9 @@ def interrupted(e: interrupt.Interrupted, run_dir: Optional[RunDir], args: list[
 
 
 def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
-    from searchllm.cluster.pool import EvaluatorPool, RayMetrics, connect  # Ray is imported only once a run starts
+    from searchllm.cluster.connect import connect  # Ray is imported only once a run starts
+    from searchllm.cluster.metrics import RayMetrics
+    from searchllm.cluster.pool import EvaluatorPool  # Ray is imported only once a run starts
     from searchllm.cluster.train import RayHealer
 
     g, budget = p.space.geometry, p.budget

@@ -1,6 +1,8 @@
 """Reference computations the tests compare searchllm against."""
 
 import copy
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -54,7 +56,8 @@ def evaluator_pool(
     model, adapter, tokens, replicas=1, stages=1, max_restarts=0, actor=None, metrics=None, threads="auto"
 ):
     """An EvaluatorPool on the session's Ray with `tokens` as every role's windows."""
-    from searchllm.cluster.pool import EvaluatorPool, StageActor
+    from searchllm.cluster.actor import StageActor
+    from searchllm.cluster.pool import EvaluatorPool
     from searchllm.config import RayConfig
 
     tok = {"fitness": tokens, "calibration": tokens, "report": tokens}
@@ -84,7 +87,8 @@ def small_search(pool, adapter, run_dir, wrap=None):
 
 SIGNAL_AT = """
 import importlib, os, signal, sys
-target, after, sig, again = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4] == "again"
+target, after, sig, how = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3]), sys.argv[4]
+again, send = how == "again", (lambda s: os.killpg(0, s)) if how == "group" else (lambda s: os.kill(os.getpid(), s))
 module, _, path = target.rpartition(":")  # a RunDir method, or module:function
 owner = importlib.import_module(module or "searchllm.rundir")
 parts = path.split(".") if module else ["RunDir", path]
@@ -94,8 +98,8 @@ original, calls = getattr(owner, parts[-1]), [0]
 def counted(*args):
     original(*args)
     calls[0] += 1
-    if calls[0] == after:  # the driver gets the signal here
-        os.kill(os.getpid(), sig)
+    if calls[0] == after:  # the driver (or its whole process group) gets the signal here
+        send(sig)
 setattr(owner, parts[-1], counted)
 if again:  # and once more while it shuts its evaluators down
     from searchllm.cluster.pool import EvaluatorPool
@@ -110,27 +114,36 @@ sys.exit(main(sys.argv[5:]))
 """
 
 
-def signal_driver_at(args, method, after, sig="SIGKILL", again=False):
+def signal_driver_at(args, method, after, sig="SIGKILL", again=False, group=False):
     """Run the driver with `args` in a subprocess that sends itself `sig` after the `after`-th call of `method`
-    (a RunDir method, or module:function) returns; with `again`, the signal once more during the shutdown."""
+    (a RunDir method, or module:function) returns; with `again`, the signal once more during the shutdown;
+    with `group`, to its whole process group (the driver leads a session of its own, as under a supervisor)."""
+    how = "group" if group else "again" if again else "once"
     return subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT, method, str(after), sig, "again" if again else "once", *args],
+        [sys.executable, "-c", SIGNAL_AT, method, str(after), sig, how, *args],
         capture_output=True,
         text=True,
         timeout=300,
+        start_new_session=group,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} if group else None,
     )
 
 
 CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def ended_cleanly(proc, run, sig, stage):
-    """The interrupted driver's whole stderr is one line naming the stage and the resume command; the lock
-    is released and every evaluator actor is gone. Returns the resume command's arguments."""
+RAY_WORKER_LOG = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a line Ray forwards from a worker's log
+
+
+def ended_cleanly(proc, run, sig, stage, worker_logs=False):
+    """The interrupted driver's whole stderr is one line naming the stage and the resume command (with
+    `worker_logs`, beside the lines Ray forwards from its workers' logs, e.g. Ray Train's); the lock is
+    released and every evaluator actor is gone. Returns the resume command's arguments."""
     import ray
 
     assert proc.returncode == CODES[sig], proc.stderr[-3000:]
-    [line] = proc.stderr.strip().splitlines()
+    lines = proc.stderr.strip().splitlines()
+    [line] = [t for t in lines if not RAY_WORKER_LOG.match(t)] if worker_logs else lines
     head = f"searchllm: interrupted by {sig} during the {stage} stage; every finished step is saved in {run}; "
     assert line.startswith(head + f"resume with: python -m searchllm.driver resume={run}"), line
     assert not (run / "lock").exists()

@@ -166,10 +166,12 @@ def test_the_worst_held_out_domain_is_the_largest_ratio_to_the_original():
             ("chat", 512, 9.0),
         )
     ]
-    table = pd.DataFrame([
-        {"model": m, "metric": "ppl", "task": t, "split": "test", "seqlen": n, "value": v, "status": "ok"}
-        for m, t, n, v in rows
-    ])
+    table = pd.DataFrame(
+        [
+            {"model": m, "metric": "ppl", "task": t, "split": "test", "seqlen": n, "value": v, "status": "ok"}
+            for m, t, n, v in rows
+        ]
+    )
     table.loc[(table.model == "exported") & (table.task == "code"), "value"] = 4.0 * 3.5
     table.loc[(table.model == "exported") & (table.task == "chat"), "value"] *= 2.0
     table.loc[(table.model == "exported") & (table.task == "wikitext2-raw"), "value"] = 50.0  # not a held-out domain

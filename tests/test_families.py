@@ -42,6 +42,13 @@ def test_opt_variants_the_blocks_cannot_reproduce_are_refused_by_name(overrides,
         adapter_for(OPTConfig(hidden_size=64, num_attention_heads=4, ffn_dim=96, **overrides))
 
 
+def test_a_gemma3_layer_type_the_blocks_do_not_run_is_refused_by_name():
+    config = tiny_model("gemma3_text").config
+    config.layer_types = ["sliding_attention", "chunked_attention", "full_attention", "full_attention"]
+    with pytest.raises(UnsupportedModelError, match=r"layer types \['chunked_attention'\]"):
+        adapter_for(config)
+
+
 @pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
 def test_gqa_groups_of_any_size_slice_exactly(kv_heads, tokens):
     model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=8)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from searchllm.cluster.pool import StageActor
+from searchllm.cluster.actor import StageActor
 from searchllm.driver import main
 from searchllm.pruning.space import SearchSpace
 from searchllm.rundir import RunDir

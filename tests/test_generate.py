@@ -77,14 +77,16 @@ def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
     tok = word_tokenizer(tmp_path / "tok")
     (tmp_path / "a.txt").write_text(" ".join(["the"] * 4000))
     (tmp_path / "b.txt").write_text(" ".join(["of"] * 4000))
-    cfg = load_config([
-        "data.calibration.name=mix",
-        f"data.calibration.mix=[text:{tmp_path / 'a.txt'}=3,text:{tmp_path / 'b.txt'}=1,generated=0.5]",
-        "data.calibration.samples=18",
-        "data.calibration.seqlen=16",
-        "data.fitness.name=text",
-        f"data.fitness.path={tmp_path / 'a.txt'}",
-    ])
+    cfg = load_config(
+        [
+            "data.calibration.name=mix",
+            f"data.calibration.mix=[text:{tmp_path / 'a.txt'}=3,text:{tmp_path / 'b.txt'}=1,generated=0.5]",
+            "data.calibration.samples=18",
+            "data.calibration.seqlen=16",
+            "data.fitness.name=text",
+            f"data.fitness.path={tmp_path / 'a.txt'}",
+        ]
+    )
     windows = token_sets(cfg, tok)[0]["calibration"]
     the, of = tok.convert_tokens_to_ids("the"), tok.convert_tokens_to_ids("of")
     kinds = [int(w[0]) for w in windows]

@@ -85,9 +85,9 @@ def subnet(g, kind):
     raise KeyError(kind)
 
 
-def exported(family, kind, bpe, seed=0):
+def exported(family, kind, bpe, seed=0, **config):
     tok, _ = bpe
-    model = tiny_model(family, layers=4, seed=seed, vocab_size=len(tok), **FAMILY_KW[family])
+    model = tiny_model(family, layers=4, seed=seed, vocab_size=len(tok), **(FAMILY_KW[family] | config))
     adapter = adapter_for(model.config)
     out, _ = build(adapter, model.state_dict(), subnet(adapter.geometry(), kind))
     return out
@@ -152,6 +152,23 @@ def test_uniform_qwen3_and_gemma3_subnets_run_in_llama_cpp_with_the_hf_exports_l
             for layer in model.model.layers:  # transformers' Gemma3MLP calls it act_fn, ours act
                 setattr(layer.mlp, "act" if hasattr(layer.mlp, "act") else "act_fn", Fp16Gelu())
             want = model(torch.tensor([seq])).logits[0].numpy()
+    assert np.abs(got - want).max() < 1e-3
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", ["sliding_attention", "full_attention"])
+def test_a_gemma3_whose_layers_are_all_of_one_kind_runs_in_llama_cpp_with_the_hf_exports_logits(kind, bpe, tmp_path):
+    """transformers builds only the rotary tables its layer types use; llama.cpp reads the layer pattern."""
+    from searchllm.evaluate import llamacpp
+
+    model = exported("gemma3_text", "uniform", bpe, layer_types=[kind] * 4, query_pre_attn_scalar=16)
+    write(model, bpe[1], tmp_path / "m.gguf")
+    seq = ids(40)  # past the 8-token window
+    got = llamacpp.logits(llamacpp.load(tmp_path / "m.gguf", 64, f32_cache=True), seq)
+    with torch.no_grad():
+        for layer in model.model.layers:  # the gap to llama.cpp is its float16 GELU table
+            setattr(layer.mlp, "act" if hasattr(layer.mlp, "act") else "act_fn", Fp16Gelu())
+        want = model(torch.tensor([seq])).logits[0].numpy()
     assert np.abs(got - want).max() < 1e-3
 
 

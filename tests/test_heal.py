@@ -139,15 +139,17 @@ def _cfg(tmp_path, *overrides):
     corpus = tmp_path / "corpus.txt"
     g = torch.Generator().manual_seed(0)
     corpus.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (3000,), generator=g).tolist()))
-    return load_config([
-        "data.calibration.name=text",
-        f"data.calibration.path={corpus}",
-        "heal.seqlen=16",
-        "heal.batch=2",
-        "heal.tokens=320",
-        "heal.eval_windows=3",
-        *overrides,
-    ])
+    return load_config(
+        [
+            "data.calibration.name=text",
+            f"data.calibration.path={corpus}",
+            "heal.seqlen=16",
+            "heal.batch=2",
+            "heal.tokens=320",
+            "heal.eval_windows=3",
+            *overrides,
+        ]
+    )
 
 
 def test_heal_windows_set_eval_windows_apart_and_repeat_none_before_the_text_runs_out(tmp_path, checkpoint):

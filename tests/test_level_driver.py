@@ -81,6 +81,18 @@ def test_qwen3_and_gemma3_go_through_the_default_method_end_to_end(ray_cluster, 
     assert m["export"]["params"] == m["params"]["subnet"] and 0.67 <= m["ratio"]["actual"] <= 0.73
 
 
+@pytest.mark.parametrize("kind", ["sliding_attention", "full_attention"])
+def test_a_gemma3_whose_layers_are_all_of_one_kind_goes_through_the_default_method_end_to_end(
+    ray_cluster, kind, tmp_path
+):
+    """transformers makes only the rotary tables its layer types use; a config of one kind still runs."""
+    path, corpus = make_tiny_checkpoint(tmp_path, "gemma3", layer_types=[kind] * 4)
+    run = tmp_path / "run"
+    assert main(level_args(path, corpus, run, "search.generations=1")) == 0
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["perplexity"]["exported"] == pytest.approx(m["perplexity"]["searched"], rel=1e-4)
+
+
 def test_the_manifest_names_the_starting_points_scored_not_the_rungs_the_ladder_skipped(
     ray_cluster, checkpoint, tmp_path
 ):
@@ -191,15 +203,17 @@ def test_training_aware_choice_heals_the_final_parents_and_exports_the_one_chose
     run = tmp_path / "run"
     shutil.copytree(two_generations, run, ignore=shutil.ignore_patterns("export", "heal"))
     assert (
-        heal_main([
-            str(run),
-            "heal.candidates=2",
-            "heal.candidate_tokens=128",
-            "heal.tokens=256",
-            "heal.seqlen=32",
-            "heal.batch=2",
-            "heal.eval_windows=2",
-        ])
+        heal_main(
+            [
+                str(run),
+                "heal.candidates=2",
+                "heal.candidate_tokens=128",
+                "heal.tokens=256",
+                "heal.seqlen=32",
+                "heal.batch=2",
+                "heal.eval_windows=2",
+            ]
+        )
         == 0
     )
     m = json.loads((run / "manifest.json").read_text())
@@ -262,3 +276,38 @@ def test_a_database_that_cannot_fit_on_the_disk_stops_before_any_weights_load(
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("searchllm: error: the level database needs") and "that disk has 0.0 MiB free" in line
     assert "levels.mlp_levels=4" in line and not run.exists()
+
+
+def _ray_daemons() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")}
+
+
+def test_sigterm_to_the_process_group_of_a_driver_that_started_its_own_ray_ends_as_sigint_does(
+    ray_cluster, checkpoint, tmp_path
+):
+    """systemd, Slurm's scancel and `kill -- -PGID` signal the whole group: the driver's own Ray runs in a
+    session of its own, so the driver alone gets it, in every stage, and the printed command resumes."""
+    path, corpus = checkpoint
+    mix = [
+        f"data.{r}.{k}" for r in ("calibration", "fitness") for k in ("name=mix", f"mix=[text:{corpus}=1,generated=1]")
+    ]
+    heal = ["heal.enabled=true", "heal.candidates=1", "heal.tokens=256", "heal.seqlen=32", "heal.batch=2"]
+    heal += ["heal.eval_windows=2", "heal.eval_every=2", "heal.checkpoint_every=2"]
+    args = level_args(path, corpus, tmp_path / "undisturbed", "search.generations=2", *mix, *heal, "ray.num_cpus=2")
+    assert main([*args, f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]) == 0
+    run, daemons = tmp_path / "run", _ray_daemons()
+    args = [a.replace(str(tmp_path / "undisturbed"), str(run)) for a in args]
+    for stage, method, after in (
+        ("generate", "save_generated", 1),
+        ("database", "searchllm.stages.database:save_layer", 2),
+        ("search", "append_eval", 3),
+        ("heal", "searchllm.stages.heal:Progress.__call__", 2),
+        ("export", "searchllm.export.hf:write_info", 1),
+    ):
+        proc = signal_driver_at(args, method, after, "SIGTERM", group=True)
+        args = ended_cleanly(proc, run, "SIGTERM", stage, worker_logs=stage in ("heal", "export"))
+        assert _ray_daemons() == daemons  # the driver's own Ray is gone with it
+    assert main([*args, f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]) == 0
+    assert outcome(run) == outcome(tmp_path / "undisturbed")

@@ -290,10 +290,12 @@ def test_a_candidate_assembled_from_the_database_equals_the_exported_model(famil
         exported, _ = build(adapter, model.state_dict(), db.slices(genome), db.overrides(genome))
         theirs = exported(tokens).logits.float()
     assert (ours - theirs).abs().max() < 1e-4
-    full = torch.stack([
-        runner.logits(x)
-        for x in runner.run_blocks(runner.blocks([tuple(t) for t in db.space.full()]), runner.embed(tokens))
-    ])
+    full = torch.stack(
+        [
+            runner.logits(x)
+            for x in runner.run_blocks(runner.blocks([tuple(t) for t in db.space.full()]), runner.embed(tokens))
+        ]
+    )
     assert (ours - full).abs().max() > 1e-2  # the candidate is really pruned
 
 

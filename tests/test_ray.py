@@ -256,7 +256,7 @@ def test_bad_input_stops_early_with_one_line_and_exit_code_2(tiny_checkpoint, tm
 CONNECT = """
 import ray
 from searchllm.config import RayConfig
-from searchllm.cluster.pool import connect
+from searchllm.cluster.connect import connect
 print(connect(RayConfig(num_cpus=1)))
 print(ray.get_runtime_context().gcs_address)
 """

@@ -55,9 +55,9 @@ def test_checkpoint_after_every_generation_and_archive_of_every_evaluation(llama
 
 def test_run_stopped_after_a_generation_and_resumed_ends_identical(llama, adapter, tokens, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    make_search(llama, adapter, tokens, straight, 4)[0].run_search([
-        make_search(llama, adapter, tokens, straight, 4)[1]
-    ])
+    make_search(llama, adapter, tokens, straight, 4)[0].run_search(
+        [make_search(llama, adapter, tokens, straight, 4)[1]]
+    )
     s, init = make_search(llama, adapter, tokens, stopped, 2)
     s.run_search([init])
     s, init = make_search(llama, adapter, tokens, stopped, 4)

@@ -51,23 +51,27 @@ def marks(dom: str, chart: str) -> int:
 
 
 def monitor_with(points):
-    m = Monitor({
-        "model": "m",
-        "target": 0.7,
-        "method": "searchllm",
-        "generations": 2,
-        "attn_units": 4,
-        "mlp_channels": 8,
-    })
+    m = Monitor(
+        {
+            "model": "m",
+            "target": 0.7,
+            "method": "searchllm",
+            "generations": 2,
+            "attn_units": 4,
+            "mlp_channels": 8,
+        }
+    )
     for i, (params, fit) in enumerate(points):
-        m.on_result({
-            "key": f"k{i}",
-            "generation": 0,
-            "params": params,
-            "ratio": params / 100,
-            "origin": "mutation",
-            "fitness": fit,
-        })
+        m.on_result(
+            {
+                "key": f"k{i}",
+                "generation": 0,
+                "params": params,
+                "ratio": params / 100,
+                "origin": "mutation",
+                "fitness": fit,
+            }
+        )
     return m
 
 
@@ -151,7 +155,7 @@ def test_the_grafana_dashboard_plots_only_metrics_the_driver_exports():
         )
     }
     exported |= {"ray_searchllm_evaluations_total", "ray_searchllm_actor_busy_seconds_total"}
-    source = (ROOT / "searchllm" / "cluster" / "pool.py").read_text()
+    source = "".join((ROOT / "searchllm" / "cluster" / f).read_text() for f in ("metrics.py", "actor.py"))
     for name in exported:  # each is defined in the code (counters get _total in the export)
         assert (
             f'"{name.removeprefix("ray_").removesuffix("_total")}' in source
@@ -261,7 +265,7 @@ def test_the_notebook_executes_on_a_fresh_run(watched, monkeypatch):
 
 
 def test_run_metrics_stay_in_rays_prometheus_export_between_updates(ray_cluster, llama, adapter, tokens):
-    from searchllm.cluster.pool import RayMetrics
+    from searchllm.cluster.metrics import RayMetrics
     from searchllm.pruning.space import SearchSpace
 
     metrics = RayMetrics("metrics-test")

@@ -1,7 +1,7 @@
-"""The Ray layer: attach to or start Ray, place evaluator stage actors, stream fitness back.
+"""The evaluator pool: place evaluator stage actors, stream fitness back (attaching to Ray: `connect`).
 
-This is the only module that imports ray. An evaluator replica is a chain of `StageActor`s, each holding a
-contiguous shard of layers (a `ShardRunner`); activations travel stage to stage as ObjectRefs. Each
+An evaluator replica is a chain of `StageActor`s, each holding a contiguous shard of layers (a `ShardRunner`);
+activations travel stage to stage as ObjectRefs. Each
 replica's stages sit in one placement group, packed on one node when they fit there, and replicas are
 spread over nodes (`plan_layout`). Weights are put in the object store once per shard as read-only numpy
 arrays: Ray copies an object to a node once, and every actor there maps it zero-copy. The driver keeps
@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
-import threading
 import time
 import uuid
 from collections import deque
@@ -29,23 +26,22 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import ray
 import torch
 from ray.util import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from searchllm.cluster.layout import ClusterError, NodeInfo, choose_layout
-from searchllm.cluster.workers import WeightStore, fetch
-from searchllm.models.adapters import Architecture, ModelAdapter
+from searchllm.cluster.actor import StageActor
+from searchllm.cluster.connect import cluster_nodes, probe_gpu_memory
+from searchllm.cluster.layout import ClusterError, choose_layout
+from searchllm.cluster.metrics import RayMetrics
+from searchllm.cluster.workers import WeightStore
+from searchllm.models.adapters import ModelAdapter
 from searchllm.models.sliced import LayerSlice
 from searchllm.models.weights import share, unshare
-from searchllm.pruning.reform import LayerResult, ReformParams, iter_reform
+from searchllm.pruning.reform import LayerResult, ReformParams
 from searchllm.pruning.scores import LayerScores, Scores
 from searchllm.pruning.shard import (
     NLL,
-    PrefixCache,
-    ShardRunner,
     ShardSpec,
-    bf16_native,
     planned_weight_bytes,
-    resolve_score_dtype,
     shard_state_names,
     split_layers,
 )
@@ -55,345 +51,6 @@ if TYPE_CHECKING:  # at run time actors would import every stage's config (panda
     from searchllm.config import RayConfig
 
 log = logging.getLogger("searchllm")
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after Ray's minute of retries, when nothing listens at host:port."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    try:
-        socket.create_connection((host or hostport, int(port) if port.isdigit() else 6379), timeout=timeout).close()
-    except (OSError, ValueError) as e:
-        raise ClusterError(
-            f"cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); check RAY_ADDRESS / ray.address "
-            "(the head's GCS address, e.g. 10.0.0.1:6379) or unset it to run on a local Ray"
-        ) from None
-
-
-def _started_cluster() -> Optional[str]:
-    """The address of the cluster `ray start` runs on this machine (what ray.init() without an address
-    attaches to), if any. Not address="auto", which also takes a Ray another process started for itself with
-    ray.init() (a notebook's, a test suite's, another driver's): a run there queues behind that one's work."""
-    from ray._private.services import find_bootstrap_address
-
-    return find_bootstrap_address(None)
-
-
-_OWN_RAY: list[bool] = []  # non-empty while this process runs a Ray it started itself
-
-
-def disconnect() -> None:
-    """Shut down the Ray this process started (a cluster it attached to goes on)."""
-    if _OWN_RAY and ray.is_initialized():
-        ray.shutdown()
-    _OWN_RAY.clear()
-
-
-def connect(cfg: RayConfig, name: str = "searchllm") -> str:
-    """Attach to $RAY_ADDRESS / ray.address, else to the cluster `ray start` runs here, else start a local Ray.
-    `name` labels the driver's job (its metadata on the dashboard's Jobs page)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return "Ray already initialised in this process"
-    quiet = dict(
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        job_config=ray.job_config.JobConfig(metadata={"name": name}),
-        runtime_env={"worker_process_setup_hook": "searchllm.cluster.workers.quiet"},
-    )
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as e:
-            raise ClusterError(
-                f"cannot attach to the Ray cluster at {address!r} ({type(e).__name__}); check RAY_ADDRESS / "
-                "ray.address "
-                "or unset it to run on a local Ray"
-            ) from None
-        return f"attached to Ray at {address}"
-    started = _started_cluster()
-    if started:
-        try:
-            ray.init(address=started, **quiet)
-            return f"attached to the local Ray cluster that `ray start` runs ({started})"
-        except ConnectionError:
-            pass  # the address file outlived its cluster
-    # Our own throwaway cluster: no token auth left behind (it would lock later `ray start --head` users
-    # out of their dashboard), no dashboard processes (~1 GB RSS on a laptop-sized machine).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **quiet)
-    _OWN_RAY.append(True)
-    return f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
-
-
-def cluster_nodes() -> list[NodeInfo]:
-    return [
-        NodeInfo(
-            n["NodeID"],
-            n["Resources"].get("CPU", 0.0),
-            n["Resources"].get("GPU", 0.0),
-            n["Resources"].get("memory", 0.0),
-        )
-        for n in ray.nodes()
-        if n["Alive"] and n["Resources"].get("CPU", 0.0) > 0
-    ]
-
-
-def _device_memory() -> Optional[int]:
-    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
-
-
-def probe_gpu_memory(nodes: list[NodeInfo]) -> Optional[float]:
-    """The smallest GPU's memory on the GPU nodes, measured by a one-GPU task on each (None when Ray's
-    GPUs are not visible to torch, e.g. declared with --num-gpus on a machine without CUDA)."""
-    probe = ray.remote(num_gpus=1, num_cpus=0)(_device_memory)
-    got = ray.get(
-        [
-            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
-            for n in nodes
-            if n.gpus >= 1
-        ]
-    )
-    got = [m for m in got if m]
-    return float(min(got)) if got else None
-
-
-class RayMetrics:
-    """The run's progress as Ray metrics (Prometheus export of every node: `ray_searchllm_*`), tagged
-    with the run; subscribed to the driver's Monitor events. Actors add their busy time themselves.
-
-    Ray (2.60) drops a gauge value from its export 20-30 s after it was set unless it is set again, and a
-    generation or a finalist's reformation takes longer than that; so the last value of every gauge is
-    re-set from a background thread until `close`."""
-
-    def __init__(self, run: str) -> None:
-        from ray.util.metrics import Counter, Gauge
-
-        def gauge(name: str, doc: str) -> Gauge:
-            g = Gauge(f"searchllm_{name}", doc, tag_keys=("run",))
-            g.set_default_tags({"run": run})
-            return g
-
-        self.generation = gauge("generation", "generations finished")
-        self.best = gauge("best_fitness", "best fitness (perplexity) so far")
-        self.median = gauge("median_fitness", "median fitness of the last generation")
-        self.rate = gauge("evaluations_per_second", "evaluations per second in the last generation")
-        self.in_flight = gauge("candidates_in_flight", "candidate evaluations queued on the replicas")
-        self.reform_layer = gauge("reform_layer", "layers of the current finalist reformed so far")
-        self.reform_layers = gauge("reform_layers", "layers the current finalist has to reform")
-        self.heal_step = gauge("heal_step", "heal steps done")
-        self.heal_loss = gauge("heal_loss", "distillation loss (nats/token) of the last heal step")
-        self.heal_kl = gauge("heal_held_out_kl", "KL from the original on the held-out heal windows")
-        self.heal_rate = gauge("heal_tokens_per_second", "heal tokens per second since the heal started")
-        self.heal_eta = gauge("heal_eta_seconds", "seconds the heal has left, at its rate so far")
-        self.evaluations = Counter("searchllm_evaluations", "candidate evaluations finished", tag_keys=("run",))
-        self.evaluations.set_default_tags({"run": run})
-        self._last: dict[Any, float] = {}
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        # Half an export interval: every export the emitter makes then carries a fresh value.
-        self.refresh_s = max(ray._config.metrics_report_interval_ms(), 1000) / 2000
-        self._thread = threading.Thread(target=self._refresh, name="searchllm-metrics", daemon=True)
-        self._thread.start()
-
-    def set(self, gauge: Any, value: float) -> None:
-        with self._lock:
-            self._last[gauge] = value
-        gauge.set(value)
-
-    def _refresh(self) -> None:
-        while not self._closed.wait(self.refresh_s):
-            with self._lock:
-                held = list(self._last.items())
-            for gauge, value in held:
-                gauge.set(value)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join()
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event == "result":
-            self.evaluations.inc()
-        elif event == "generation":
-            self.set(self.generation, data["generation"] + 1)
-            for gauge, key in ((self.best, "best"), (self.median, "median"), (self.rate, "evals_per_s")):
-                if math.isfinite(data.get(key, math.inf)):
-                    self.set(gauge, data[key])
-        elif event == "reform":
-            self.set(self.reform_layer, data["done"])
-            self.set(self.reform_layers, data["layers"])
-        elif event == "heal":
-            if "loss" in data:
-                self.set(self.heal_step, data["step"])
-                self.set(self.heal_loss, data["loss"])
-                self.set(self.heal_rate, data["tokens_per_s"])
-                self.set(self.heal_eta, data["eta_s"])
-            if "held_out_kl" in data:
-                self.set(self.heal_kl, data["held_out_kl"])
-
-
-# -- actors --------------------------------------------------------------------------------------------
-
-
-class StageActor:
-    """One shard of one evaluator replica."""
-
-    def __init__(
-        self,
-        arch: Architecture,
-        store: str,
-        spec: ShardSpec,
-        dtype: str,
-        threads: int,
-        token_names: list[str],
-        score_dtype: str = "model",
-    ) -> None:
-        t0 = time.perf_counter()
-        torch.set_num_threads(threads)
-        state = fetch(store, f"shard{spec.start}")
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # from torch, not from Ray's GPU ids
-        model_dtype = getattr(torch, dtype)
-        self.runner = ShardRunner(arch, state, spec, device, model_dtype)
-        # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
-        scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
-        self.scorer = self.runner if scored == model_dtype else ShardRunner(arch, state, spec, device, scored)
-        self.tokens = {k: fetch(store, f"tokens.{k}") for k in token_names}
-        self.spec = spec
-        self.version = 0  # of the driver-set extras this actor has applied
-        self._levels_ref = None  # the level database it holds
-        self._target_refs: dict[str, str] = {}  # and the KL targets, by token set
-        self._token_refs: dict[str, str] = {}  # and the token sets replaced since it started
-        self.busy = None  # its metric, made on first use
-        self.load_seconds = time.perf_counter() - t0
-
-    def ready(self) -> dict[str, Any]:
-        return {
-            "layers": f"{self.spec.start}-{self.spec.stop - 1}",
-            "device": str(self.runner.device),
-            "node": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "load_s": self.load_seconds,
-            "threads": torch.get_num_threads(),
-        }
-
-    def _sync(self, extras: tuple[int, list]) -> None:
-        version, (ref,) = extras
-        if version == self.version:
-            return
-        state = ray.get(ref)
-        layers = self.spec.layers
-        for runner in {id(r): r for r in (self.runner, self.scorer)}.values():
-            runner.means = {i: m for i, m in state["means"].items() if i in layers}
-            runner.reformed = {
-                i: (s, {k: v.to(runner.device, runner.dtype) for k, v in w.items()})
-                for i, (s, w) in state["reformed"].items()
-                if i in layers
-            }
-        if state["levels"] is not None and state["levels"][1][self.spec.start].hex() != self._levels_ref:
-            space, refs, cache_bytes = state["levels"]  # this shard's database entries, fetched once
-            self._levels_ref = refs[self.spec.start].hex()
-            self.runner.level_space, self.runner.levels = space, ray.get(refs[self.spec.start])
-            self.scorer.level_space, self.scorer.levels = space, self.runner.levels
-            self.scorer.prefix = PrefixCache(cache_bytes) if cache_bytes else None
-        for name, ref in state["tokens"].items():  # token sets replaced after the pool started (generate stage)
-            if self._token_refs.get(name) != ref.hex():
-                self.tokens[name], self._token_refs[name] = ray.get(ref), ref.hex()
-        if self.spec.last:  # KL targets: only the token sets not fetched before
-            held = self.scorer.targets
-            self.scorer.targets = {
-                w: held[w] for w, ref in state["targets"].items() if self._target_refs.get(w) == ref.hex()
-            }
-            new = [w for w in state["targets"] if w not in self.scorer.targets]
-            for w, t in ray.get([state["targets"][w] for w in new]):
-                self.scorer.targets[w] = (t[0].to(self.scorer.device), t[1].to(self.scorer.device))
-            self._target_refs = {w: ref.hex() for w, ref in state["targets"].items()}
-        self.version = version
-
-    def forward(
-        self, slices: dict[int, Any], inp: Any, which: str, batch: int, extras: tuple[int, list], metric: str = "nll"
-    ) -> Any:
-        t0 = time.perf_counter()
-        self._sync(extras)
-        tokens = self.tokens[which]
-        runner = self.runner if which == "report" else self.scorer  # the report is exact (model.dtype)
-        out = runner.forward(slices, tokens if self.spec.first else inp, tokens, batch, metric, which)
-        self._busy(time.perf_counter() - t0)
-        return out
-
-    def build_levels(
-        self, inp: Any, space: Any, implied: Any, batch: int, done: dict, factors: dict, extras: tuple[int, list]
-    ) -> Iterator[Any]:
-        """A streaming generator: one item per layer of the shard (its LayerLevels, or None when it was
-        in `done`), then the calibration stream leaving the shard."""
-        from searchllm.pruning.levels import iter_build
-
-        self._sync(extras)
-
-        src = self.tokens["calibration"] if self.spec.first else inp
-        out = yield from iter_build(self.runner, space, implied, src, batch, done, factors)
-        yield out
-
-    def output_factors(
-        self, inp: Any, grad_out: Any, windows: int, batch: int, seed: int, extras: tuple[int, list]
-    ) -> tuple[Any, dict]:
-        """The shard's MLP output factors on the first `windows` calibration windows (inp: the dense stream
-        entering the shard), and the gradient of its input for the shard before it."""
-        self._sync(extras)
-        src = self.tokens["calibration"][:windows] if self.spec.first else inp
-        return self.runner.output_factors(src, grad_out, batch, seed)
-
-    def decode_begin(self, rows: int, max_len: int, seed: int, indices: list[int]) -> None:
-        self.runner.decode_begin(rows, max_len, seed, indices)
-
-    def decode_step(self, inp: Any, start: int, temperature: float, top_p: float) -> Any:
-        return self.runner.decode_step(inp, start, temperature, top_p)
-
-    def _busy(self, seconds: float) -> None:
-        if self.busy is None:
-            from ray.util.metrics import Counter
-
-            self.busy = Counter(
-                "searchllm_actor_busy_seconds", "seconds an evaluator actor spent evaluating", tag_keys=("actor",)
-            )
-            self.busy.set_default_tags({"actor": ray.get_runtime_context().get_actor_name() or "unnamed"})
-        self.busy.inc(seconds)
-
-    def calibrate(
-        self, inp: Any, batch: int, damp: float, extras: tuple[int, list]
-    ) -> tuple[Any, dict[int, LayerScores]]:
-        self._sync(extras)
-        out = self.runner.calibrate(self.tokens["calibration"] if self.spec.first else inp, batch, damp)
-        return out, self.runner.scores
-
-    def dense_forward(self, inp: Any, extras: tuple[int, list], windows: Optional[int] = None) -> Any:
-        """The original model's hidden state leaving this shard (on the calibration windows, or the first `windows`)."""
-        self._sync(extras)
-        full = LayerSlice.full(self.runner.geometry)
-        src = self.tokens["calibration"][:windows] if self.spec.first else inp
-        return self.runner.forward({i: full for i in self.spec.layers}, src)
-
-    def reform(
-        self,
-        slices: dict[int, LayerSlice],
-        dense: Any,
-        stream: Any,
-        params: ReformParams,
-        batch: int,
-        done: dict[int, dict[str, torch.Tensor]],
-        extras: tuple[int, list],
-    ) -> Iterator[Any]:
-        """A streaming generator: one item per layer of the shard (its LayerResult, or None), then the
-        original and the reformed hidden states leaving the shard."""
-        self._sync(extras)
-        src = self.tokens["calibration"] if self.spec.first else dense
-        out = yield from iter_reform(self.runner, slices, src, stream, params, batch, done)
-        yield out[0]
-        yield out[1]
 
 
 class EvaluatorPool:

@@ -15,8 +15,8 @@ from pathlib import Path
 import ray
 import ray.train
 
+from searchllm.cluster.connect import cluster_nodes
 from searchllm.cluster.layout import ClusterError, uses_gpu
-from searchllm.cluster.pool import cluster_nodes
 from searchllm.config import HealConfig, RayConfig
 from searchllm.healing.distill import CURVE, HealJob
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from searchllm.models.adapters import Geometry, ModelAdapter, UnsupportedModelError
-from searchllm.models.blocks import DualRope, Rope
+from searchllm.models.blocks import DualRope, Rope, default_inv_freq
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -36,6 +36,9 @@ class Gemma3Adapter(ModelAdapter):
                     why.append(f"logit soft-capping ({name}={getattr(c, name)})")
             if getattr(c, "use_bidirectional_attention", False):
                 why.append("bidirectional attention (use_bidirectional_attention=True, an embedding model)")
+            other = sorted(set(c.layer_types) - {"sliding_attention", "full_attention"})
+            if other:
+                why.append(f"layer types {other} (Gemma 3 layers are sliding_attention or full_attention)")
             rope = getattr(c, "rope_parameters", None) or {}
             for kind, allowed in (("full_attention", ("default", "linear")), ("sliding_attention", ("default",))):
                 if (rope.get(kind) or {}).get("rope_type", "default") not in allowed:
@@ -117,11 +120,16 @@ class Gemma3Adapter(ModelAdapter):
         from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 
         module = Gemma3RotaryEmbedding(self.text)
-        full, local = (
-            Rope(getattr(module, f"{t}_inv_freq"), getattr(module, f"{t}_attention_scaling"))
-            for t in ("full_attention", "sliding_attention")
-        )
-        return DualRope(full, local)
+
+        def table(kind: str) -> Rope:
+            if hasattr(module, f"{kind}_inv_freq"):
+                return Rope(getattr(module, f"{kind}_inv_freq"), getattr(module, f"{kind}_attention_scaling"))
+            # transformers builds only the tables its layer types use (all sliding, or all global); no layer
+            # reads this one, which keeps the two-table layout of every Gemma 3 block.
+            theta = float(self.text.rope_parameters[kind]["rope_theta"])
+            return Rope(default_inv_freq(theta, self.text.head_dim), 1.0)
+
+        return DualRope(table("full_attention"), table("sliding_attention"))
 
     def plain_config(self, num_layers: int, num_kv_heads: int, intermediate: int, group: int | None = None):
         """A Gemma3TextConfig (the text model alone, also from a multimodal checkpoint)."""
