@@ -1,6 +1,7 @@
 """Healing: distillation of the pruned subnet from the original (healing.distill, stages.heal, searchllm.heal)."""
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -8,7 +9,18 @@ import torch
 
 from searchllm.config import ConfigError, HealConfig, load_config
 from searchllm.data import DataError, heal_sources, heal_windows
-from searchllm.healing.distill import CHECKPOINT, CURVE, HEALED, ChunkedKL, Comm, HealJob, lr_factor, train
+from searchllm.healing.distill import (
+    CHECKPOINT,
+    CURVE,
+    HEALED,
+    ChunkedKL,
+    Comm,
+    HealJob,
+    Live,
+    TopK,
+    lr_factor,
+    train,
+)
 
 from conftest import WORDS, make_tiny_checkpoint, tiny_model, tiny_run_args
 
@@ -24,7 +36,7 @@ def test_chunked_kl_equals_the_full_logits_loss_and_its_gradients():
     labels[-1] = -100
     for temperature, ce in ((1.0, 0.0), (2.0, 0.5)):
         h.requires_grad_(True), w.requires_grad_(True)
-        loss = ChunkedKL.apply(h, w, h_t, w_t, labels, temperature, ce, 3, torch.float64)
+        loss = ChunkedKL.apply(h, w, Live(h_t, w_t), labels, temperature, ce, 3, torch.float64)
         got = torch.autograd.grad(loss, (h, w))
         t = temperature
         ref = (
@@ -44,6 +56,41 @@ def test_chunked_kl_equals_the_full_logits_loss_and_its_gradients():
         )  # the softmax arithmetic runs in float32
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _top_k(h_t, w_t, k, t):
+    log_pt = torch.log_softmax(h_t @ w_t.T / t, -1)
+    top = log_pt.topk(k, -1)
+    return TopK(top.indices, top.values, torch.logsumexp(log_pt.scatter(-1, top.indices, -math.inf), -1))
+
+
+@pytest.mark.parametrize("k", [5, 30])
+def test_a_cached_teacher_gives_the_exact_kl_on_its_top_k_and_the_rest_of_the_mass_as_one_bucket(k):
+    """K = the vocabulary (30): the live teacher's loss and gradients; K < V: exact KL on the K tokens plus
+    rest_t log(rest_t / rest_s), and its gradients."""
+    g = torch.Generator().manual_seed(0)
+    h, w, h_t, w_t = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (10, 30, 10, 30))
+    labels = torch.randint(0, 30, (10,), generator=g)
+    for t in (1.0, 2.0):
+        h.requires_grad_(True), w.requires_grad_(True)
+        cached = _top_k(h_t, w_t, k, t)
+        loss = ChunkedKL.apply(h, w, cached, labels, t, 0.0, 3, torch.float64)
+        got = torch.autograd.grad(loss, (h, w))
+        log_pt, log_ps = torch.log_softmax(h_t @ w_t.T / t, -1), torch.log_softmax(h @ w.T / t, -1)
+        on = torch.zeros_like(log_pt, dtype=torch.bool).scatter(-1, cached.idx, True)
+        pt = log_pt.exp()
+        ref = (torch.where(on, pt * (log_pt - log_ps), 0.0)).sum()
+        if k < 30:
+            rest_t, rest_s = (torch.where(on, 0.0, x.exp()).sum(-1) for x in (log_pt, log_ps))
+            ref = ref + (rest_t * (rest_t.log() - rest_s.log())).sum()
+        ref = t * t * ref / 10
+        want = torch.autograd.grad(ref, (h, w))
+        assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if k == 30:
+            live = ChunkedKL.apply(h, w, Live(h_t, w_t), labels, t, 0.0, 3, torch.float64)
+            assert float(loss) == pytest.approx(float(live), rel=1e-5)
 
 
 def test_the_learning_rate_warms_up_then_decays_to_min_lr():
@@ -105,6 +152,25 @@ def test_a_heal_killed_between_checkpoints_resumes_to_the_same_weights(heal_job,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "progress.jsonl").read_text().splitlines()]
     assert steps == list(range(13)) and len(resumed["curve"]) == 13
+
+
+def test_a_cached_teacher_of_the_whole_vocabulary_heals_as_the_live_one_and_is_computed_once(
+    heal_job, tmp_path, monkeypatch
+):
+    from searchllm.healing.distill import Teacher
+
+    live = train(heal_job("live"))
+    job = heal_job("cached")
+    job.params = job.params | {"teacher": "cached:1000"}  # more than the vocabulary: every token
+    cached = train(job)
+    a, b = ([r.get("loss", r.get("held_out_kl")) for r in c["curve"]] for c in (live, cached))
+    assert a == pytest.approx(b, rel=1e-4)
+    [made] = list(tmp_path.glob("teacher-top1000-*.pt"))
+    monkeypatch.setattr(Teacher, "top_k", lambda *a: pytest.fail("the cached teacher was computed again"))
+    again = heal_job("again")
+    again.params = job.params
+    assert [r.get("loss") for r in train(again)["curve"]] == [r.get("loss") for r in cached["curve"]]
+    assert list(tmp_path.glob("teacher-top1000-*.pt")) == [made]
 
 
 def test_two_ray_train_workers_give_the_one_worker_loss_curve(ray_cluster, heal_job, tmp_path):
@@ -195,6 +261,8 @@ def test_heal_refuses_calibration_text_that_is_a_test_split(tmp_path):
         ("heal.min_lr=1", "heal.min_lr=1"),
         ("heal.cpus_per_worker=0", "heal.cpus_per_worker=0"),
         ("heal.steps=3", "heal.steps"),
+        ("heal.teacher=cached:0", "heal.teacher='cached:0'"),
+        ("heal.teacher=top64", "heal.teacher='top64'"),
     ],
 )
 def test_bad_heal_values_stop_with_one_line_naming_the_key(override, key):

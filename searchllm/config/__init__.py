@@ -74,6 +74,7 @@ from searchllm.config.sections import (
     parse_mix,
     parse_source,
     resolve_length,
+    teacher_top_k,
 )
 
 __all__ = [
@@ -139,6 +140,7 @@ __all__ = [
     "parse_overrides",
     "parse_source",
     "resolve_length",
+    "teacher_top_k",
     "to_yaml",
     "validate",
     "validate_heal",

@@ -24,6 +24,7 @@ from searchllm.config.sections import (
     parse_corpus,
     parse_mix,
     resolve_length,
+    teacher_top_k,
 )
 from searchllm.quant.types import QuantError, check_types, parse_size
 
@@ -328,6 +329,8 @@ def validate_heal(h: HealConfig) -> None:
             raise ConfigError(f"heal.{key}={getattr(h, key)} must be >= 0")
     if not h.temperature > 0:
         raise ConfigError(f"heal.temperature={h.temperature} must be > 0")
+    if teacher_top_k(h.teacher) is None and h.teacher != "live":
+        raise ConfigError(f"heal.teacher={h.teacher!r} must be live or cached:K with K >= 1 (e.g. cached:64)")
     if h.cpus_per_worker != "auto" and not (isinstance(h.cpus_per_worker, int) and h.cpus_per_worker >= 1):
         raise ConfigError(f"heal.cpus_per_worker={h.cpus_per_worker!r} must be an integer >= 1 or auto")
     for source, _ in parse_mix(list(h.mix), "heal.mix") if h.mix else []:

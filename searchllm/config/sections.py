@@ -443,6 +443,12 @@ class ExportConfig:
     gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
 
 
+def teacher_top_k(spec: str) -> Optional[int]:
+    """heal.teacher's K (cached:K), None for live or a malformed value."""
+    kind, _, k = str(spec).partition(":")
+    return int(k) if kind == "cached" and k.isdigit() and int(k) >= 1 else None
+
+
 @dataclass
 class HealConfig:
     """Healing after the search: full-parameter distillation of the exported subnet from the original model
@@ -460,6 +466,10 @@ class HealConfig:
     temperature: float = 1.0  # of both distributions in the KL (the loss is scaled by its square)
     ce: float = 0.0  # weight of a next-token cross-entropy term added to the KL
     chunk: int = 1024  # positions per slice of the logits (memory: chunk x vocabulary floats, not seqlen x)
+    # The teacher's distributions: live (a teacher forward every step) or cached:K (its top K log-probabilities per
+    # position computed once per training text, in <run>/heal/, and read back by every heal of it: exact KL on the
+    # K tokens plus the rest of the mass as one bucket; the held-out KL always uses the live teacher).
+    teacher: str = "live"
     # Compute dtype of both models' matrix products: auto (bfloat16 where the device computes it natively: CUDA
     # with bf16, a CPU with AVX-512 bf16 or AMX; else float32), float32 or bfloat16. Weights and AdamW stay float32.
     dtype: str = "auto"

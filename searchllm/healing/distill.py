@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from searchllm.config import HealConfig
+from searchllm.config import HealConfig, teacher_top_k
 from searchllm.files import writing
 from searchllm.pruning.shard import bf16_native
 
@@ -46,30 +46,66 @@ class HealJob:
     fsdp: bool = False  # shard both models over the workers (FSDP2)
 
 
+@dataclass
+class Live:
+    """The live teacher's hidden states [N, H] and head [V, H]: its whole distribution, a chunk at a time."""
+
+    h: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass
+class TopK:
+    """A cached teacher (heal.teacher=cached:K): per position its K most likely tokens [N, K], their
+    log-probabilities at the heal's temperature [N, K] and the log of the rest of its mass [N]."""
+
+    idx: torch.Tensor
+    log_p: torch.Tensor
+    log_rest: torch.Tensor
+
+
+def kl_and_target(log_ps: torch.Tensor, teacher, s: int, e: int, t: float, dtype: torch.dtype):
+    """KL(teacher || student) summed over positions s:e, and the distribution q whose difference from the
+    student's gives the gradient (d KL / d(z / T) = p_s - q). For a cached teacher the KL is exact on its K
+    tokens, and the rest of both masses counts as one bucket (the student's rest follows the teacher's
+    share: q there is p_s scaled by rest_t / rest_s)."""
+    if isinstance(teacher, Live):
+        with torch.no_grad():
+            log_pt = torch.log_softmax((teacher.h[s:e].to(dtype) @ teacher.weight.to(dtype).T).float() / t, -1)
+        pt = log_pt.exp()
+        return (pt * (log_pt - log_ps)).sum(), pt
+    idx, log_pt, log_rt = teacher.idx[s:e].long(), teacher.log_p[s:e].float(), teacher.log_rest[s:e].float()
+    pt = log_pt.exp()
+    log_rs = torch.logsumexp(log_ps.scatter(-1, idx, -math.inf), -1)
+    has_rest = torch.isfinite(log_rt)  # K = vocabulary: no rest
+    kl = (pt * (log_pt - log_ps.gather(-1, idx))).sum()
+    kl += torch.where(has_rest, log_rt.exp() * (log_rt - log_rs), 0.0).sum()
+    scale = torch.where(has_rest, (log_rt - log_rs).exp(), 0.0)
+    q = (log_ps.exp() * scale[:, None]).scatter(-1, idx, pt)
+    return kl, q
+
+
 class ChunkedKL(torch.autograd.Function):
     """Loss and its gradient through the LM head, a chunk of positions at a time.
 
-    forward(h [N, H] student hidden states, weight [V, H] student head, h_t [N, H], weight_t [V, H],
-    labels [N] (-100: none), temperature, ce weight, chunk, dtype) -> scalar
-    mean over positions of T^2 KL(p_t^T || p_s^T) + ce * CE(p_s, labels); the matrix products run in `dtype`,
-    the softmax arithmetic in float32."""
+    forward(h [N, H] student hidden states, weight [V, H] student head, teacher (Live or TopK), labels [N]
+    (-100: none), temperature, ce weight, chunk, dtype) -> scalar mean over positions of T^2 KL(p_t^T || p_s^T)
+    + ce * CE(p_s, labels); the matrix products run in `dtype`, the softmax arithmetic in float32."""
 
     @staticmethod
-    def forward(ctx, h, weight, h_t, weight_t, labels, temperature, ce, chunk, dtype):
+    def forward(ctx, h, weight, teacher, labels, temperature, ce, chunk, dtype):
         n, t = h.shape[0], temperature
         grad_h = torch.zeros_like(h, dtype=torch.float32)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        w, w_t = weight.to(dtype), weight_t.to(dtype)
+        w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
             hs = h[s : s + chunk].to(dtype)
             z = (hs @ w.T).float()
-            with torch.no_grad():
-                log_pt = torch.log_softmax((h_t[s : s + chunk].to(dtype) @ w_t.T).float() / t, -1)
             log_ps = torch.log_softmax(z / t, -1)
-            pt = log_pt.exp()
-            total += t * t * (pt * (log_pt - log_ps)).sum()
-            g = t * (log_ps.exp() - pt)  # d(T^2 KL)/dz
+            kl, q = kl_and_target(log_ps, teacher, s, s + chunk, t, dtype)
+            total += t * t * kl
+            g = t * (log_ps.exp() - q)  # d(T^2 KL)/dz
             if ce:
                 lab = labels[s : s + chunk]
                 ok = lab >= 0
@@ -87,7 +123,7 @@ class ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None
 
 
 class Distill(nn.Module):
@@ -98,16 +134,20 @@ class Distill(nn.Module):
         super().__init__()
         self.student, self.p, self.dtype = student, p, dtype
 
-    def forward(self, ids: torch.Tensor, h_t: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, teacher: Live | TopK) -> torch.Tensor:
+        """`teacher`: its hidden states for these windows [B, L, H] and head (Live), or its cached top K (TopK)."""
         with autocast(ids.device, self.dtype):
             h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1)
         p = self.p
+        if isinstance(teacher, Live):
+            teacher = Live(teacher.h.reshape(-1, teacher.h.shape[-1]), teacher.weight)
+        else:
+            teacher = TopK(*(x.reshape(-1, *x.shape[2:]) for x in (teacher.idx, teacher.log_p, teacher.log_rest)))
         return ChunkedKL.apply(
             h.reshape(-1, h.shape[-1]),
             self.student.lm_head.weight,
-            h_t.reshape(-1, h_t.shape[-1]),
-            weight_t,
+            teacher,
             labels,
             p.temperature,
             p.ce,
@@ -124,11 +164,24 @@ class Teacher(nn.Module):
         super().__init__()
         self.model, self.dtype, self.copy_head = model, dtype, copy_head
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor) -> Live:
         with torch.no_grad(), autocast(ids.device, self.dtype):
             h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
         w = self.model.lm_head.weight
-        return h, w.detach().clone() if self.copy_head else w
+        return Live(h, w.detach().clone() if self.copy_head else w)
+
+    def top_k(self, ids: torch.Tensor, k: int, temperature: float, chunk: int) -> TopK:
+        """The cached form of this teacher's distributions on `ids` [B, L] (the same arithmetic as Live's)."""
+        live = self(ids)
+        h, w = live.h.reshape(-1, live.h.shape[-1]), live.weight.to(self.dtype)
+        parts = []
+        with torch.no_grad():
+            for s in range(0, h.shape[0], chunk):
+                log_pt = torch.log_softmax((h[s : s + chunk].to(self.dtype) @ w.T).float() / temperature, -1)
+                top = log_pt.topk(min(k, log_pt.shape[-1]), -1)
+                rest = torch.logsumexp(log_pt.scatter(-1, top.indices, -math.inf), -1)
+                parts.append((top.indices.int(), top.values, rest))
+        return TopK(*(torch.cat(x).reshape(*ids.shape, *x[0].shape[1:]).cpu() for x in zip(*parts)))
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -227,13 +280,42 @@ def read_checkpoint(out: Path) -> Optional[dict]:
 
 
 def held_out_kl(core: Distill, teacher: Teacher, windows: torch.Tensor, device: torch.device) -> float:
-    """Mean KL (nats/token) of the student from the teacher on windows never trained on."""
+    """Mean KL (nats/token) of the student from the (live) teacher on windows never trained on."""
     total = 0.0
     with torch.no_grad():
         for row in windows.split(1):
             ids = row.to(device)
-            total += float(core(ids, *teacher(ids)))
+            total += float(core(ids, teacher(ids)))
     return total / max(len(windows), 1)
+
+
+def cached_teacher(
+    job: HealJob, p: HealConfig, teacher: Teacher, windows: torch.Tensor, device: torch.device, comm: Comm
+) -> TopK:
+    """heal.teacher=cached:K: the teacher's top K on every training window, computed once per training text
+    and teacher settings and kept beside the heals (<run>/heal/teacher-*.pt), so every heal of the same text
+    (a sweep, a resume, another recipe) reads it back instead of running the teacher each step."""
+    import hashlib
+
+    k = teacher_top_k(p.teacher)
+    assert k is not None
+    digest = hashlib.sha256(windows.numpy().tobytes())
+    digest.update(f"{job.teacher}|{k}|{p.temperature}|{teacher.dtype}".encode())
+    path = Path(job.out).parent / f"teacher-top{k}-{digest.hexdigest()[:12]}.pt"
+    if not path.is_file():  # every rank runs the teacher (FSDP needs all of them); rank 0 writes
+        parts = [teacher.top_k(row.to(device), k, p.temperature, p.chunk) for row in windows.split(1)]
+        cache = TopK(*(torch.cat(x) for x in zip(*[(t.idx, t.log_p, t.log_rest) for t in parts])))
+        if comm.rank == 0:
+            with writing(path, path.parent / f".{path.name}.tmp") as tmp:
+                torch.save({"idx": cache.idx, "log_p": cache.log_p, "log_rest": cache.log_rest}, tmp)
+        comm.barrier()
+        return cache
+    from searchllm.files import damaged
+
+    try:
+        return TopK(**torch.load(path, weights_only=True))
+    except Exception as e:
+        raise damaged(path, e, f"delete it to compute the teacher again (rm {path})") from None
 
 
 def train(
@@ -265,6 +347,9 @@ def train(
     opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, p))
     start, curve, seconds = 0, [], 0.0
+    t_cache = time.perf_counter()
+    cache = cached_teacher(job, p, teacher, train_w, device, comm) if p.teacher != "live" else None
+    t_cache = time.perf_counter() - t_cache
     saved = read_checkpoint(out)
     if saved is not None and saved["step"] <= steps:
         set_state(student, opt, saved, job.fsdp)
@@ -277,9 +362,13 @@ def train(
         write_progress(out, curve[0], comm)
     t0 = time.perf_counter() - seconds
     for step in range(start, steps):
-        rows = train_w[step * p.batch + comm.rank * local : step * p.batch + (comm.rank + 1) * local].to(device)
+        at = slice(step * p.batch + comm.rank * local, step * p.batch + (comm.rank + 1) * local)
+        rows = train_w[at].to(device)
         t_step = time.perf_counter()
-        loss = net(rows, *teacher(rows))
+        if cache is None:
+            loss = net(rows, teacher(rows))
+        else:
+            loss = net(rows, TopK(cache.idx[at].to(device), cache.log_p[at].to(device), cache.log_rest[at].to(device)))
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, p.clip) if p.clip > 0 else torch.zeros(())
         lr = opt.param_groups[0]["lr"]
@@ -324,6 +413,8 @@ def train(
         "workers": comm.world,
         "dtype": str(dtype).removeprefix("torch."),
         "fsdp": job.fsdp,
+        "teacher": p.teacher,
+        "teacher_cache_seconds": t_cache,  # making (or reading back) the cached teacher, outside `seconds`
         "curve": curve,
     }
     with writing(out / HEALED, out / f".{HEALED}.tmp") as tmp:
