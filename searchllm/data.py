@@ -377,6 +377,24 @@ def heal_sources(cfg: Config) -> tuple[list[tuple[Optional[CorpusConfig], float]
     return parts, " + ".join(entries)
 
 
+def heal_generated_need(cfg: Config) -> Optional[Need]:
+    """The heal's own sampled text, heal.seqlen tokens a sequence: generated's share of the held-out and the
+    training windows (heal_windows), in whole sampling batches (so more of it later continues the same
+    sequences). None: no heal, or generated is not among its sources."""
+    h = cfg.heal
+    if not h.enabled:
+        return None
+    parts, _ = heal_sources(cfg)
+    weights = [w for _, w in parts]
+    at = [k for k, (source, _) in enumerate(parts) if source is None]
+    if not at:
+        return None
+    steps_windows = h.tokens // (h.batch * h.seqlen) * h.batch
+    n = apportion(h.eval_windows, weights)[at[0]] + apportion(steps_windows, weights)[at[0]] + 1
+    b = cfg.data.generate.batch
+    return Need(-(-n // b) * b, h.seqlen)
+
+
 def heal_windows(cfg: Config, tokenizer, generated: Optional[torch.Tensor] = None) -> HealWindows:
     """Each source cut into non-overlapping windows of heal.seqlen (from a seeded offset), shuffled with its
     own seed; the eval windows are shared out by weight first, then the training windows (largest

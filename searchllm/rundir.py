@@ -158,13 +158,14 @@ class RunDir:
         return state
 
     # -- generated calibration text ---------------------------------------------------------------------
-    def save_generated(self, tokens: torch.Tensor, settings: dict[str, Any]) -> None:
-        with writing(self.path / "generated.pt", self.path / ".generated.pt.tmp") as tmp:
+    def save_generated(self, tokens: torch.Tensor, settings: dict[str, Any], name: str = "generated.pt") -> None:
+        with writing(self.path / name, self.path / f".{name}.tmp") as tmp:
             torch.save({"tokens": tokens, "settings": settings}, tmp)
 
-    def load_generated(self, settings: dict[str, Any]) -> torch.Tensor | None:
-        """The sequences sampled before with the same settings (None: none yet, or other settings)."""
-        p = self.path / "generated.pt"
+    def load_generated(self, settings: dict[str, Any], name: str = "generated.pt") -> torch.Tensor | None:
+        """The sequences sampled before with the same settings (None: none yet, or other settings); `name`:
+        generated.pt (calibration text) or heal-generated.pt (the heal's)."""
+        p = self.path / name
         if not p.is_file():
             return None
         try:

@@ -71,6 +71,45 @@ def test_a_resume_reuses_the_cached_generated_windows(ray_cluster, tiny_checkpoi
     assert torch.equal(torch.load(run / "generated.pt")["tokens"], saved)
 
 
+@pytest.mark.ray
+def test_a_heal_gets_generated_text_of_its_own_and_a_longer_heal_samples_only_the_rest(
+    ray_cluster, tiny_checkpoint, tmp_path, monkeypatch
+):
+    from searchllm.cluster.pool import EvaluatorPool
+    from searchllm.driver import main
+    from searchllm.stages.generate import HEAL_FIRST
+    from tests.test_level_driver import level_args
+
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    mix = [f"data.calibration.{k}" for k in ("name=mix", f"mix=[text:{corpus}=1,generated=1]")]
+    heal = ["heal.enabled=true", "heal.seqlen=16", "heal.batch=2", "heal.eval_windows=2"]
+    calls, sample = [], EvaluatorPool.generate
+
+    def counted(self, prompt, count, *args, first=0):
+        calls.append((count, first))
+        return sample(self, prompt, count, *args, first=first)
+
+    monkeypatch.setattr(EvaluatorPool, "generate", counted)
+    assert (
+        main(
+            level_args(
+                path, corpus, run, "search.generations=1", *mix, *heal, "heal.tokens=256", "data.generate.batch=4"
+            )
+        )
+        == 0
+    )
+    first = torch.load(run / "heal-generated.pt")["tokens"]
+    # 16 training windows and 2 held out, half of each generated, one spare: 10, in whole batches of 4
+    assert first.shape == (12, 16) and calls[-1] == (12, HEAL_FIRST)
+    assert main([f"resume={run}", *heal, "heal.tokens=512"]) == 0
+    more = torch.load(run / "heal-generated.pt")["tokens"]
+    assert calls[-1] == (8, HEAL_FIRST + 12) and more.shape == (20, 16) and torch.equal(more[:12], first)
+    calls.clear()
+    assert main([f"resume={run}", *heal, "heal.tokens=256"]) == 0  # fewer: the first ones again, nothing sampled
+    assert calls == []
+
+
 def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):
     from tests.conftest import word_tokenizer
 

@@ -332,11 +332,13 @@ class EvaluatorPool:
         top_p: float,
         batch: int,
         on_batch: Optional[Callable[[int], None]] = None,
+        first: int = 0,
     ) -> torch.Tensor:
         """`count` sequences of `seqlen` tokens sampled from the dense model, each starting with `prompt`:
         fixed batches of `batch` sequences (a KV cache each), one batch at a time on every live replica, all
         replicas at once; a sequence is the same whichever replica samples it. `on_batch(rows)` sees each
-        finished batch. A batch whose replica fails starts again elsewhere."""
+        finished batch. A batch whose replica fails starts again elsewhere. `first`: the index of the first
+        sequence (each is seeded by its index: more of the same text continues where an earlier call ended)."""
         out = torch.zeros(count, seqlen, dtype=torch.long)
         out[:, : len(prompt)] = torch.tensor(prompt)
         queue = deque(range(-(-count // batch)))
@@ -355,7 +357,7 @@ class EvaluatorPool:
             b = queue.popleft()
             rows = list(range(b * batch, min(count, (b + 1) * batch)))
             for actor in self.replicas[r]:  # an actor runs its calls in order: no wait for this one
-                actor.decode_begin.remote(len(rows), seqlen, seed, rows)
+                actor.decode_begin.remote(len(rows), seqlen, seed, [first + i for i in rows])
             running[step(r, b, out[rows, : len(prompt)], 0)] = (r, b, len(prompt))
 
         for r in list(self.alive):

@@ -80,6 +80,7 @@ class Pool(Protocol):
         top_p: float,
         batch: int,
         on_batch: Optional[Callable[[int], None]] = None,
+        first: int = 0,
     ) -> torch.Tensor: ...
 
 
@@ -178,6 +179,7 @@ class RunContext:
     candidates: list[Candidate] = field(default_factory=list)  # the search's best first (heal.candidates > 1)
     healer: Optional[Healer] = None  # set by the driver: how the heal stage trains
     generated: Optional[torch.Tensor] = None  # the sequences the generate stage sampled (None: none)
+    heal_generated: Optional[torch.Tensor] = None  # the heal's own sampled text, heal.seqlen each (None: none)
     export_dir: Optional[Path] = None
 
     @property

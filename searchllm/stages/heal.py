@@ -149,7 +149,8 @@ def heal(ctx: RunContext, built: Built, folder: Path, settings: dict) -> dict:
     if windows.is_file():
         data = HealWindows(**torch.load(windows, weights_only=True))
     else:
-        data = heal_windows(cfg, ctx.loaded.tokenizer, ctx.generated)
+        text = ctx.heal_generated if ctx.heal_generated is not None else ctx.generated
+        data = heal_windows(cfg, ctx.loaded.tokenizer, text)
         with writing(windows, folder / ".windows.pt.tmp") as tmp:
             torch.save(asdict(data), tmp)
     for source, passes in data.repeats.items():
