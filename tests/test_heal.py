@@ -271,9 +271,12 @@ def test_bad_heal_values_stop_with_one_line_naming_the_key(override, key):
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
-def test_the_healed_export_reloads_with_the_in_memory_logits_and_heal_reuses_a_finished_search(ray_cluster, tmp_path):
-    """A run without healing, then `python -m searchllm.heal RUN`: no search again, the export is the healed
-    model (its reloaded logits are the healed weights'), the manifest records the heal."""
+def test_the_healed_export_reloads_with_the_in_memory_logits_and_heal_reuses_a_finished_search(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """A run without healing, then `python -m searchllm.heal RUN` (RUN relative, as users type it: Ray Train's
+    workers run elsewhere): no search again, the export is the healed model (its reloaded logits are the healed
+    weights'), the manifest records the heal."""
     from searchllm.driver import main
     from searchllm.heal import main as heal_main
     from searchllm.models.loading import load_pretrained
@@ -283,7 +286,8 @@ def test_the_healed_export_reloads_with_the_in_memory_logits_and_heal_reuses_a_f
     assert main(tiny_run_args(path, corpus, run, "search.generations=1", "monitor.page=false")) == 0
     evals = (run / "evals.jsonl").read_text()
     before = json.loads((run / "manifest.json").read_text())["perplexity"]
-    assert heal_main([str(run), "heal.tokens=1024", "heal.seqlen=32", "heal.batch=2", "heal.lr=1e-3"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert heal_main(["run", "heal.tokens=1024", "heal.seqlen=32", "heal.batch=2", "heal.lr=1e-3"]) == 0
     assert (run / "evals.jsonl").read_text() == evals  # the search was not run again
     manifest = json.loads((run / "manifest.json").read_text())
     heal = manifest["heal"]

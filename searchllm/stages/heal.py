@@ -169,7 +169,10 @@ def heal(ctx: RunContext, built: Built, folder: Path, settings: dict) -> dict:
         h.workers,
         folder,
     )
-    job = HealJob(str(student), ctx.loaded.checkpoint, str(windows), str(folder), settings)
+    # Absolute: Ray Train runs the workers in a directory of its own (a relative run dir would not be found).
+    teacher = Path(ctx.loaded.checkpoint)
+    teacher_path = str(teacher.resolve()) if teacher.exists() else ctx.loaded.checkpoint  # else a hub id
+    job = HealJob(str(student.resolve()), teacher_path, str(windows.resolve()), str(folder.resolve()), settings)
     with Follow(folder / PROGRESS, Progress(ctx)):
         record = ctx.healer(job)
     record["data"] = {"sources": data.where, "repeats": data.repeats, "eval_windows": int(data.eval.shape[0])}
