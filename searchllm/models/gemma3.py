@@ -36,7 +36,7 @@ class Gemma3Adapter(ModelAdapter):
                     why.append(f"logit soft-capping ({name}={getattr(c, name)})")
             if getattr(c, "use_bidirectional_attention", False):
                 why.append("bidirectional attention (use_bidirectional_attention=True, an embedding model)")
-            other = sorted(set(c.layer_types) - {"sliding_attention", "full_attention"})
+            other = sorted(set(getattr(c, "layer_types", None) or []) - {"sliding_attention", "full_attention"})
             if other:
                 why.append(f"layer types {other} (Gemma 3 layers are sliding_attention or full_attention)")
             rope = getattr(c, "rope_parameters", None) or {}
