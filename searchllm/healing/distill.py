@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,14 +64,19 @@ class TopK:
     log_rest: torch.Tensor
 
 
+def log_probs(h: torch.Tensor, w: torch.Tensor, t: float, dtype: torch.dtype) -> torch.Tensor:
+    """A teacher's log-probabilities at temperature t from its hidden states and head (matrix product in dtype)."""
+    with torch.no_grad():
+        return torch.log_softmax((h.to(dtype) @ w.T).float() / t, -1)
+
+
 def kl_and_target(log_ps: torch.Tensor, teacher, s: int, e: int, t: float, dtype: torch.dtype):
     """KL(teacher || student) summed over positions s:e, and the distribution q whose difference from the
     student's gives the gradient (d KL / d(z / T) = p_s - q). For a cached teacher the KL is exact on its K
     tokens, and the rest of both masses counts as one bucket (the student's rest follows the teacher's
     share: q there is p_s scaled by rest_t / rest_s)."""
     if isinstance(teacher, Live):
-        with torch.no_grad():
-            log_pt = torch.log_softmax((teacher.h[s:e].to(dtype) @ teacher.weight.to(dtype).T).float() / t, -1)
+        log_pt = log_probs(teacher.h[s:e], teacher.weight.to(dtype), t, dtype)
         pt = log_pt.exp()
         return (pt * (log_pt - log_ps)).sum(), pt
     idx, log_pt, log_rt = teacher.idx[s:e].long(), teacher.log_p[s:e].float(), teacher.log_rest[s:e].float()
@@ -177,7 +182,7 @@ class Teacher(nn.Module):
         parts = []
         with torch.no_grad():
             for s in range(0, h.shape[0], chunk):
-                log_pt = torch.log_softmax((h[s : s + chunk].to(self.dtype) @ w.T).float() / temperature, -1)
+                log_pt = log_probs(h[s : s + chunk], w, temperature, self.dtype)
                 top = log_pt.topk(min(k, log_pt.shape[-1]), -1)
                 rest = torch.logsumexp(log_pt.scatter(-1, top.indices, -math.inf), -1)
                 parts.append((top.indices.int(), top.values, rest))
@@ -307,7 +312,7 @@ def cached_teacher(
         cache = TopK(*(torch.cat(x) for x in zip(*[(t.idx, t.log_p, t.log_rest) for t in parts])))
         if comm.rank == 0:
             with writing(path, path.parent / f".{path.name}.tmp") as tmp:
-                torch.save({"idx": cache.idx, "log_p": cache.log_p, "log_rest": cache.log_rest}, tmp)
+                torch.save(asdict(cache), tmp)
         comm.barrier()
         return cache
     from searchllm.files import damaged
