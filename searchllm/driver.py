@@ -29,6 +29,7 @@ from searchllm.data import DataError
 from searchllm.evaluate.llamacpp import LlamaCppMissing
 from searchllm.export.formats import ExportDirError
 from searchllm.export.gguf import GGUFError
+from searchllm.export.vllm import VLLMError
 from searchllm.files import RunFileError
 from searchllm.models.adapters import UnsupportedModelError
 from searchllm.models.loading import ModelError
@@ -51,6 +52,7 @@ USER_ERRORS = (
     ClusterError,
     LevelError,
     GGUFError,
+    VLLMError,
     LlamaCppMissing,
     RunFileError,
     ExportDirError,

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from searchllm.evaluate.llamacpp import LlamaCppMissing
     from searchllm.export.formats import FORMATS, WRITERS, ExportJob, check_format
     from searchllm.export.gguf import GGUFError
+    from searchllm.export.vllm import VLLMError
     from searchllm.models.loading import ModelError, load_pretrained, source_gguf
     from searchllm.rundir import RunDir, RunFileError
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer,
             report,
             cfg.data.batch,
-            None,
+            manifest.get("source", {}).get("checkpoint"),
             source_gguf(cfg.model, data_root(cfg.data.root)),
             list(cfg.export.gguf_types),
             manifest.get("perplexity", {}).get("exported"),
@@ -74,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             record["gguf"]["files"] = list((before | {f["type"]: f for f in record["gguf"]["files"]}).values())
         record["formats"] = sorted(set(record.get("formats", ["hf"])) | set(FORMATS[cfg.export.format]))
         RunDir(run).save_json("manifest.json", manifest)
-    except (ConfigError, DataError, ModelError, GGUFError, LlamaCppMissing, RunFileError) as e:
+    except (ConfigError, DataError, ModelError, GGUFError, VLLMError, LlamaCppMissing, RunFileError) as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
     for f in record.get("gguf", {}).get("files", []):
         print(f"{f['path']}: {f['bytes'] / 2**20:.1f} MiB, llama.cpp report ppl {f['ppl']:.3f}")
+    if "vllm" in record:
+        v = record["vllm"]
+        print(f"{v['dir']}: vLLM checkpoint ({v['kind']}), transformers report ppl {v['ppl']:.3f}")
     return 0
 
 

@@ -7,6 +7,8 @@ Adding a format is adding a writer here with `register`.
   hf    the Hugging Face checkpoint (export.save), reloaded with from_pretrained.
   gguf  llama.cpp files (gguf_export.write, f32), quantized by llama.cpp into each of export.gguf_types,
         every file reloaded in llama.cpp and scored there; an Ollama Modelfile beside the first type.
+  vllm  the checkpoint vLLM serves (export.vllm), in <export>/vllm beside the HF checkpoint, reloaded in
+        transformers and scored; `python -m searchllm.evaluate <export>/vllm --engine vllm` scores it in vLLM.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,7 +25,13 @@ import torch
 
 log = logging.getLogger("searchllm")
 
-FORMATS = {"hf": ("hf",), "gguf": ("gguf",), "both": ("hf", "gguf")}
+FORMATS = {
+    "hf": ("hf",),
+    "gguf": ("gguf",),
+    "both": ("hf", "gguf"),
+    "vllm": ("hf", "vllm"),
+    "all": ("hf", "gguf", "vllm"),
+}
 
 
 @dataclass
@@ -60,6 +68,10 @@ def check_format(fmt: str, gguf_types: list[str], model_type: Optional[str] = No
 
     if fmt not in FORMATS:
         raise GGUFError(f"export.format={fmt!r} is not allowed; choose one of: {', '.join(FORMATS)}")
+    if "vllm" in FORMATS[fmt] and model_type is not None:
+        from searchllm.export.vllm import check_family
+
+        check_family(model_type)
     if "gguf" not in FORMATS[fmt]:
         return
     check_types(list(gguf_types))
@@ -233,3 +245,53 @@ def write_gguf(job: ExportJob) -> dict:
             "modelfile": str(job.out / "Modelfile"),
         }
     }
+
+
+def plain_base(checkpoint: Optional[str], layers: int):
+    """The source family's own config at the source's sizes with `layers` layers (the per-layer vLLM
+    form's global values)."""
+    from transformers import AutoConfig
+
+    from searchllm.export.vllm import VLLMError
+    from searchllm.models.adapters import adapter_for
+
+    try:
+        if checkpoint is None:
+            raise OSError("unknown")
+        adapter = adapter_for(AutoConfig.from_pretrained(checkpoint))
+    except OSError:
+        raise VLLMError(
+            f"the vLLM export needs the source model's config, which cannot be read from {checkpoint!r}; "
+            "run the driver once more with the same model.* settings (it writes the source checkpoint again)"
+        ) from None
+    g = adapter.geometry()
+    return adapter.plain_config(layers, g.num_kv_heads, g.intermediate, g.group_size)
+
+
+@register("vllm")
+def write_vllm(job: ExportJob) -> dict:
+    from searchllm.evaluate import perplexity
+    from searchllm.export import vllm
+    from searchllm.models.loading import load_pretrained
+
+    base = None
+    if getattr(job.model.config, "model_type", None) == "searchllm":
+        base = plain_base(job.source_checkpoint, len(job.model.model.layers))
+    model, info = vllm.build(job.model, base)
+    out = vllm.save(model, info, job.out / vllm.SUBDIR, job.tokenizer, job.out)
+    del model
+    reloaded, _ = load_pretrained(str(out))
+    ppl = perplexity(reloaded, job.report, job.batch).ppl
+    rel = _rel(ppl, job.ref_ppl)
+    log.info(
+        "exported the vLLM checkpoint (%s, %s, %d params of which %d zeros) to %s; reloaded in transformers: "
+        "report ppl %.3f (%.1e relative to in-memory)",
+        info.kind,
+        info.architecture,
+        info.params,
+        info.padding_params,
+        out,
+        ppl,
+        rel or 0.0,
+    )
+    return {"vllm": asdict(info) | {"dir": str(out), "ppl": ppl, "reload_rel_diff": rel}}

@@ -202,13 +202,19 @@ def register_export_classes() -> None:
     """Let transformers load searchllm exports with the installed code (no trust_remote_code needed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from searchllm.models import modeling_perlayer
     from searchllm.models.modeling_searchllm import SearchLLMConfig, SearchLLMForCausalLM
 
-    try:
-        AutoConfig.register(SearchLLMConfig.model_type, SearchLLMConfig)
-        AutoModelForCausalLM.register(SearchLLMConfig, SearchLLMForCausalLM)
-    except ValueError:
-        pass  # registered already
+    pairs = [(SearchLLMConfig, SearchLLMForCausalLM)] + [
+        (getattr(modeling_perlayer, f"PerLayer{n}Config"), getattr(modeling_perlayer, f"PerLayer{n}ForCausalLM"))
+        for n in modeling_perlayer.FAMILIES.values()
+    ]
+    for config, model in pairs:
+        try:
+            AutoConfig.register(config.model_type, config)
+            AutoModelForCausalLM.register(config, model)
+        except ValueError:
+            pass  # registered already
 
 
 def load_pretrained(path: str, dtype: str | None = None):
