@@ -13,6 +13,8 @@ import torch
 from searchllm.models.adapters import ModelAdapter
 from searchllm.models.sliced import LayerSlice
 
+from conftest import FAMILIES
+
 
 def masked_model(model, adapter: ModelAdapter, slices: list[LayerSlice]):
     """The original HF model with every dropped row/column (and dropped layer) zeroed: the 'masked' subnet."""
@@ -153,3 +155,55 @@ def ended_cleanly(proc, run, sig, stage, worker_logs=False):
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
     return shlex.split(line.split("resume with: ")[1])[3:]
+
+
+# -- subnets of every shape an export must express (4-layer models of each family) -------------------------
+FAMILY_KW = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"use_sliding_window": False},
+    "qwen3": {"use_sliding_window": False},
+    # sliding and global layers alternating (not llama.cpp's default 5:1): the per-layer pattern is written
+    "gemma3_text": FAMILIES["gemma3"][1] | {"query_pre_attn_scalar": 16},
+}
+
+
+def subnet(g, kind):
+    """Slices of a 4-layer model (4 query heads in 2 KV groups, head_dim 16, MLP 96) of each shape the
+    GGUF writer must express."""
+    full_pairs = tuple(range(g.head_dim // 2))
+    both = (full_pairs, full_pairs)
+    mlp = lambda n: tuple(range(0, 2 * n, 2))  # noqa: E731  (non-contiguous channels)
+    if kind == "uniform":
+        return [LayerSlice(both, mlp(32), True, ((1,), (0,)))] * g.num_layers
+    if kind == "per-layer":
+        return [
+            LayerSlice(both, mlp(40)),
+            LayerSlice(both, mlp(24), True, ((0,), (1,))),
+            LayerSlice((full_pairs, ()), mlp(48), True, ((0, 1), ())),
+            LayerSlice(both, mlp(8)),
+        ]
+    if kind == "uniform-channels":  # every layer alike once heads are padded to head_dim with zeros
+        return [LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32))] * g.num_layers
+    if kind == "dropped":
+        return [
+            LayerSlice(both, mlp(32)),
+            LayerSlice(both, mlp(32), active=False),
+            LayerSlice(both, mlp(16)),
+            LayerSlice(both, mlp(40)),
+        ]
+    if kind == "channels":  # in-head channel space: heads of different widths
+        return [
+            LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32)),
+            LayerSlice((full_pairs, (0, 1)), mlp(40)),
+            LayerSlice(both, mlp(24)),
+            LayerSlice(((7,), full_pairs), mlp(32)),
+        ]
+    if kind == "unequal":  # unequal query heads per KV group; an attention-free layer; a layer without MLP
+        return [
+            LayerSlice(both, mlp(32), True, ((0, 1), (1,))),
+            LayerSlice(((), ()), mlp(40), True, ((), ())),
+            LayerSlice(both, (), True, ((1,), (0, 1))),
+            LayerSlice(both, mlp(24)),
+        ]
+    raise KeyError(kind)

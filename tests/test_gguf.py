@@ -11,7 +11,8 @@ from searchllm.export.hf import build
 from searchllm.models.adapters import adapter_for
 from searchllm.models.sliced import LayerSlice
 
-from conftest import FAMILIES, bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
+from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
+from helpers import FAMILY_KW, subnet
 
 needs_llama = pytest.mark.skipif(
     not available(),
@@ -25,16 +26,6 @@ def bpe(tmp_path_factory):
     return bpe_tokenizer(path), path
 
 
-FAMILY_KW = {
-    "llama": {},
-    "mistral": {"sliding_window": None},
-    "qwen2": {"use_sliding_window": False},
-    "qwen3": {"use_sliding_window": False},
-    # sliding and global layers alternating (not llama.cpp's default 5:1): the per-layer pattern is written
-    "gemma3_text": FAMILIES["gemma3"][1] | {"query_pre_attn_scalar": 16},
-}
-
-
 class Fp16Gelu(torch.nn.Module):
     """GELU as llama.cpp's CPU kernel computes it: from a table over float16 inputs, in float16, inside
     (-10, 10); x or 0 outside."""
@@ -42,47 +33,6 @@ class Fp16Gelu(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
         return torch.where(x >= 10, x, torch.where(x <= -10, torch.zeros_like(x), table))
-
-
-def subnet(g, kind):
-    """Slices of a 4-layer model (4 query heads in 2 KV groups, head_dim 16, MLP 96) of each shape the
-    GGUF writer must express."""
-    full_pairs = tuple(range(g.head_dim // 2))
-    both = (full_pairs, full_pairs)
-    mlp = lambda n: tuple(range(0, 2 * n, 2))  # noqa: E731  (non-contiguous channels)
-    if kind == "uniform":
-        return [LayerSlice(both, mlp(32), True, ((1,), (0,)))] * g.num_layers
-    if kind == "per-layer":
-        return [
-            LayerSlice(both, mlp(40)),
-            LayerSlice(both, mlp(24), True, ((0,), (1,))),
-            LayerSlice((full_pairs, ()), mlp(48), True, ((0, 1), ())),
-            LayerSlice(both, mlp(8)),
-        ]
-    if kind == "uniform-channels":  # every layer alike once heads are padded to head_dim with zeros
-        return [LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32))] * g.num_layers
-    if kind == "dropped":
-        return [
-            LayerSlice(both, mlp(32)),
-            LayerSlice(both, mlp(32), active=False),
-            LayerSlice(both, mlp(16)),
-            LayerSlice(both, mlp(40)),
-        ]
-    if kind == "channels":  # in-head channel space: heads of different widths
-        return [
-            LayerSlice(((0, 2, 5), (1, 3, 4, 6, 7)), mlp(32)),
-            LayerSlice((full_pairs, (0, 1)), mlp(40)),
-            LayerSlice(both, mlp(24)),
-            LayerSlice(((7,), full_pairs), mlp(32)),
-        ]
-    if kind == "unequal":  # unequal query heads per KV group; an attention-free layer; a layer without MLP
-        return [
-            LayerSlice(both, mlp(32), True, ((0, 1), (1,))),
-            LayerSlice(((), ()), mlp(40), True, ((), ())),
-            LayerSlice(both, (), True, ((1,), (0, 1))),
-            LayerSlice(both, mlp(24)),
-        ]
-    raise KeyError(kind)
 
 
 def exported(family, kind, bpe, seed=0, **config):

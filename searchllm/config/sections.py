@@ -438,7 +438,9 @@ class ExportConfig:
     dir: Optional[str] = None  # None: <run_dir>/export
     dtype: Optional[str] = None  # None: model.dtype
     overwrite: bool = False  # replace an existing export.dir that is not a searchllm export
-    format: str = "hf"  # hf | gguf (llama.cpp; needs the `gguf` extra) | both (searchllm.export.formats)
+    # hf | gguf (llama.cpp; needs the `gguf` extra) | both (hf + gguf) | vllm (hf + <export>/vllm, the checkpoint
+    # vLLM serves) | all (searchllm.export.formats)
+    format: str = "hf"
     # llama.cpp types of the GGUF export (f32, f16, bf16, q8_0, q4_0, q4_k_m, ...), quantized by llama.cpp.
     gguf_types: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
 

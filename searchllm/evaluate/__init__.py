@@ -288,6 +288,54 @@ def evaluate_model(
     return pd.DataFrame(rows)
 
 
+def evaluate_runtime(
+    what: Evaluated,
+    runtime: str,
+    weights_mib: float,
+    context: int,
+    score: Callable[[torch.Tensor], NLL],
+    speed: Callable[[list[int], int], tuple[float, float]],
+    tokenizer,
+    cfg: EvalConfig,
+    data_root: str = "auto",
+    corpus_ids: Optional[dict[str, Any]] = None,
+    step: Optional[Callable[[], None]] = None,
+    prompt: int = 512,
+    decode: int = 64,
+) -> pd.DataFrame:
+    """A model in another runtime (llama.cpp, vLLM): perplexity on the same windows as the HF path (the
+    same tokenizer's ids) through `score`, prefill tokens/s on `prompt` tokens and decode tokens/s over
+    `decode` tokens through `speed`."""
+    base = {
+        "model": what.name,
+        "params": what.params,
+        "decoder_params": what.decoder_params,
+        "ratio": what.ratio,
+        "decoder_ratio": what.decoder_ratio,
+        "seed": cfg.seed,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runtime": runtime,
+        "weights_mib": weights_mib,
+    }
+    lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
+    rows = perplexity_rows(score, tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step)
+    ids = torch.randint(0, len(tokenizer), (prompt,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prefill, dec = speed(ids, decode)
+    rows += [
+        base | {"metric": "prefill_tok_s", "task": f"{prompt} tokens", "value": prefill, "status": "ok"},
+        base | {"metric": "decode_tok_s", "task": f"{decode} tokens", "value": dec, "status": "ok"},
+    ]
+    log.info(
+        "eval %s in %s: prefill %.0f tokens/s, decode %.1f tokens/s, %.1f MiB",
+        what.name,
+        runtime,
+        prefill,
+        dec,
+        weights_mib,
+    )
+    return pd.DataFrame(rows)
+
+
 def evaluate_gguf(
     path: Path,
     tokenizer,
@@ -297,25 +345,10 @@ def evaluate_gguf(
     context: int = 2048,
     corpus_ids: Optional[dict[str, Any]] = None,
     step: Optional[Callable[[], None]] = None,
-    prompt: int = 512,
-    decode: int = 64,
 ) -> pd.DataFrame:
-    """A GGUF in llama.cpp: perplexity on the same windows as the HF path (the same tokenizer's ids),
-    prefill tokens/s on `prompt` tokens and decode tokens/s over `decode` tokens, and the file's size."""
+    """A GGUF in llama.cpp (evaluate_runtime), with the file's size."""
     from searchllm.evaluate import llamacpp
 
-    base = {
-        "model": what.name,
-        "params": what.params,
-        "decoder_params": what.decoder_params,
-        "ratio": what.ratio,
-        "decoder_ratio": what.decoder_ratio,
-        "seed": cfg.seed,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runtime": "llama.cpp",
-        "weights_mib": path.stat().st_size / 2**20,
-    }
-    lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
     models: dict[int, Any] = {}
 
     def score(windows: torch.Tensor) -> NLL:
@@ -325,22 +358,51 @@ def evaluate_gguf(
             models[n] = llamacpp.load(path, n)
         return llamacpp.perplexity(models[n], windows)
 
-    rows = perplexity_rows(score, tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step)
-    models.clear()
-    ids = torch.randint(0, len(tokenizer), (prompt,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    prefill, dec = llamacpp.speed(path, ids, decode)
-    rows += [
-        base | {"metric": "prefill_tok_s", "task": f"{prompt} tokens", "value": prefill, "status": "ok"},
-        base | {"metric": "decode_tok_s", "task": f"{decode} tokens", "value": dec, "status": "ok"},
-    ]
-    log.info(
-        "eval %s in llama.cpp: prefill %.0f tokens/s, decode %.1f tokens/s, %.1f MiB",
-        what.name,
-        prefill,
-        dec,
-        base["weights_mib"],
-    )
-    return pd.DataFrame(rows)
+    def speed(ids: list[int], decode: int) -> tuple[float, float]:
+        models.clear()
+        return llamacpp.speed(path, ids, decode)
+
+    size = path.stat().st_size / 2**20
+    args = (tokenizer, cfg, data_root, corpus_ids, step)
+    return evaluate_runtime(what, "llama.cpp", size, context, score, speed, *args)
+
+
+def evaluate_vllm(
+    path: Path,
+    tokenizer,
+    what: Evaluated,
+    cfg: EvalConfig,
+    data_root: str = "auto",
+    corpus_ids: Optional[dict[str, Any]] = None,
+    step: Optional[Callable[[], None]] = None,
+    greedy: int = 32,
+) -> pd.DataFrame:
+    """A checkpoint served by vLLM (evaluate_runtime, one engine for every window) in the checkpoint's own
+    dtype, as transformers loads it (vLLM's `auto` would halve a float32 checkpoint), with its greedy text
+    after the first report window's first 32 tokens in the log."""
+    from searchllm.evaluate.vllm_engine import Engine, kv_bytes
+
+    config = json.loads((path / "config.json").read_text())
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "auto")
+    context = int(config.get("max_position_embeddings") or 2048)
+    lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
+    prompt = min(512, context - 65)  # the speed prompt and its 64 decoded tokens fit the context
+    longest = max(lengths + [prompt + 65])
+    with Engine(path, longest, dtype, kv_bytes(config, longest)) as engine:
+
+        def score(windows: torch.Tensor) -> NLL:
+            if greedy and not texts:
+                first = windows[0, :32].tolist()
+                texts.append(tokenizer.decode(first + engine.greedy(first, greedy)))
+                log.info("eval %s in vLLM %s, greedy: %r", what.name, engine.version, texts[0])
+            return engine.perplexity(windows)
+
+        texts: list[str] = []
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+        args = (tokenizer, cfg, data_root, corpus_ids, step)
+        return evaluate_runtime(
+            what, f"vllm {engine.version}", size, context, score, engine.speed, *args, prompt=prompt
+        )
 
 
 def append_results(run_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
@@ -471,6 +533,24 @@ def describe_gguf(path: Path) -> Evaluated:
     info = path.parent / "searchllm_export.json"
     meta = json.loads(info.read_text()) if info.is_file() else {}
     return Evaluated(str(path), total, decoder, meta.get("original_params"), meta.get("original_decoder_params"))
+
+
+def describe_safetensors(checkpoint: Path) -> Evaluated:
+    """Parameters stored in a checkpoint's safetensors (padding included: a vLLM export holds zeros), and
+    the source's counts from the searchllm export it belongs to (beside it or one folder up)."""
+    from safetensors import safe_open
+
+    total = decoder = 0
+    for f in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n = st.get_slice(k).get_shape()
+                size = int(torch.Size(n).numel())
+                total += size
+                decoder += size if ".layers." in k else 0
+    info = next((p for p in (checkpoint, checkpoint.parent) if (p / "searchllm_export.json").is_file()), None)
+    meta = json.loads((info / "searchllm_export.json").read_text()) if info else {}
+    return Evaluated(str(checkpoint), total, decoder, meta.get("original_params"), meta.get("original_decoder_params"))
 
 
 def device_of(choice: str) -> str:

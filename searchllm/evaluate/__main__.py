@@ -12,12 +12,31 @@ from searchllm.evaluate import (
     append_results,
     describe,
     describe_gguf,
+    describe_safetensors,
     device_of,
     evaluate_gguf,
     evaluate_model,
+    evaluate_vllm,
     format_table,
     locate,
 )
+
+ENGINES = ("transformers", "vllm")  # a .gguf is always llama.cpp's
+
+
+def engine_of(args: list[str]) -> tuple[str, list[str]]:
+    """`--engine NAME` or `--engine=NAME` anywhere in the arguments; the rest in order."""
+    engine, rest, i = "transformers", [], 0
+    while i < len(args):
+        if args[i] == "--engine" and i + 1 < len(args):
+            engine, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--engine="):
+            engine = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return engine, rest
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -27,14 +46,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     from searchllm.config import ConfigError, load_config
     from searchllm.data import DataError
     from searchllm.evaluate.llamacpp import LlamaCppMissing
+    from searchllm.evaluate.vllm_engine import VLLMMissing
     from searchllm.models.loading import ModelError, load_pretrained
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-") or "=" in args[0]:
+    engine, args = engine_of(args)
+    if not args or args[0].startswith("-") or "=" in args[0] or engine not in ENGINES:
         print(
-            "usage: python -m searchllm.evaluate <checkpoint dir | run dir | file.gguf> [eval.key=value ...] "
-            "[data.root=DIR]",
+            "usage: python -m searchllm.evaluate <checkpoint dir | run dir | file.gguf> [--engine "
+            + "|".join(ENGINES)
+            + "] [eval.key=value ...] [data.root=DIR]",
             file=sys.stderr,
         )
         return 2
@@ -53,11 +75,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                 cfg.eval,
                 cfg.data.root,
             )
+        elif engine == "vllm":  # served by vLLM, in whichever Python has it (evaluate.vllm_engine)
+            table = evaluate_vllm(
+                target.checkpoint,
+                AutoTokenizer.from_pretrained(target.checkpoint),
+                describe_safetensors(target.checkpoint),
+                cfg.eval,
+                cfg.data.root,
+            )
         else:
             model, tokenizer = load_pretrained(str(target.checkpoint))
             model.to(device_of(cfg.eval.device))
             table = evaluate_model(model, tokenizer, describe(model, target.checkpoint), cfg.eval, cfg.data.root)
-    except (EvalError, ConfigError, DataError, ModelError, LlamaCppMissing) as e:
+    except (EvalError, ConfigError, DataError, ModelError, LlamaCppMissing, VLLMMissing) as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
     append_results(target.out, table)

@@ -49,6 +49,15 @@ def require() -> str:
     return exe
 
 
+def kv_bytes(config: dict, tokens: int) -> int:
+    """KV-cache bytes for `tokens` positions in float32 (the widest dtype), twice over: vLLM refuses a cache
+    that cannot hold one sequence of max_model_len (on CPU it otherwise reserves most of the memory)."""
+    heads = config.get("num_attention_heads") or 1
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return max(2**26, 2 * 2 * config["num_hidden_layers"] * kv * head_dim * 4 * tokens)
+
+
 class Engine:
     """A vLLM engine on one checkpoint, in its own process, until close()."""
 

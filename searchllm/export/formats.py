@@ -274,9 +274,9 @@ def write_vllm(job: ExportJob) -> dict:
     from searchllm.export import vllm
     from searchllm.models.loading import load_pretrained
 
-    base = None
-    if getattr(job.model.config, "model_type", None) == "searchllm":
-        base = plain_base(job.source_checkpoint, len(job.model.model.layers))
+    base, config = None, getattr(job.model, "config", None)
+    if config is not None and config.model_type == "searchllm":
+        base = plain_base(job.source_checkpoint, int(config.num_hidden_layers))
     model, info = vllm.build(job.model, base)
     out = vllm.save(model, info, job.out / vllm.SUBDIR, job.tokenizer, job.out)
     del model

@@ -128,11 +128,10 @@ def per_layer_config(base, sizes: list[dict[str, int]], source_config) -> Any:
     name = modeling_perlayer.FAMILIES[family]
     cls = getattr(modeling_perlayer, f"PerLayer{name}Config")
     d = base.to_dict()
-    if "layer_types" in d and getattr(source_config, "layer_types", None):  # the kept layers' own types (a dropped layer shifts them)
-        d["layer_types"] = list(source_config.layer_types)
-    overrides = {
-        i: {k: v for k, v in s.items() if v != d[k]} for i, s in enumerate(sizes) if any(v != d[k] for k, v in s.items())
-    }
+    if "layer_types" in d and getattr(source_config, "layer_types", None):
+        d["layer_types"] = list(source_config.layer_types)  # the kept layers' own (a dropped layer shifts them)
+    changed = [{k: v for k, v in s.items() if v != d[k]} for s in sizes]
+    overrides = {i: c for i, c in enumerate(changed) if c}
     module = Path(modeling_perlayer.__file__).stem
     d |= {
         "model_type": cls.model_type,
