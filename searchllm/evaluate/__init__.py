@@ -387,7 +387,7 @@ def evaluate_vllm(
     context = int(config.get("max_position_embeddings") or 2048)
     lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
     prompt = min(512, context - 65)  # the speed prompt and its 64 decoded tokens fit the context
-    longest = max(lengths + [prompt + 65])
+    longest = max(lengths + [prompt + 64]) + 1  # vLLM samples one token after every scored window
     with Engine(path, longest, dtype, kv_bytes(config, longest)) as engine:
 
         def score(windows: torch.Tensor) -> NLL:

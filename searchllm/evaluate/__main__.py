@@ -47,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from searchllm.data import DataError
     from searchllm.evaluate.llamacpp import LlamaCppMissing
     from searchllm.evaluate.vllm_engine import VLLMMissing
-    from searchllm.models.loading import ModelError, load_pretrained
+    from searchllm.models.loading import ModelError, load_pretrained, register_export_classes
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     args = sys.argv[1:] if argv is None else argv
@@ -76,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 cfg.data.root,
             )
         elif engine == "vllm":  # served by vLLM, in whichever Python has it (evaluate.vllm_engine)
+            register_export_classes()  # the tokenizer reads config.json, whose auto_map names these
             table = evaluate_vllm(
                 target.checkpoint,
                 AutoTokenizer.from_pretrained(target.checkpoint),

@@ -62,11 +62,23 @@ class Engine:
     """A vLLM engine on one checkpoint, in its own process, until close()."""
 
     def __init__(
-        self, model: Path, max_len: int, dtype: str = "auto", kv_bytes: int = 2**28, eager: bool = True
+        self,
+        model: Path,
+        max_len: int,
+        dtype: str = "auto",
+        kv_bytes: int = 2**28,
+        eager: bool = True,
+        impl: str = "auto",  # vLLM's model_impl: auto | vllm (native) | transformers (the Transformers backend)
     ) -> None:
         args = {"model": str(model), "max_len": max_len, "dtype": dtype, "kv_bytes": kv_bytes, "eager": eager}
+        args |= {"impl": impl}
         self.log = tempfile.NamedTemporaryFile("w+", prefix="searchllm-vllm-", suffix=".log", delete=False)
-        env = os.environ | {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+        # A window as long as the context still has one token sampled after it (never fed back, so no
+        # position past the context is computed): vLLM must allow max_model_len one past the config's.
+        env = os.environ | {
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+        }
         self.proc = subprocess.Popen(
             [require(), str(WORKER), json.dumps(args)],
             stdin=subprocess.PIPE,

@@ -32,6 +32,7 @@ def main() -> None:
         dtype=args["dtype"],
         max_model_len=args["max_len"],
         enforce_eager=args["eager"],
+        model_impl=args.get("impl", "auto"),
         skip_tokenizer_init=True,
         kv_cache_memory_bytes=args["kv_bytes"],
         enable_prefix_caching=False,  # every window and timing computes its whole prompt
