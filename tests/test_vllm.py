@@ -196,3 +196,14 @@ def exported_ppl(run) -> float:
     rows = pd.read_csv(run / f"{RESULTS}.csv")
     [value] = rows[rows.model.str.startswith("exported") & (rows.metric == "ppl")]["value"]
     return float(value)
+
+
+def test_a_method_that_adds_biases_the_family_lacks_stops_before_the_search_in_one_line(tmp_path, capsys):
+    from searchllm.driver import main
+
+    path, corpus = make_tiny_checkpoint(tmp_path, **WIDE)
+    capsys.readouterr()
+    assert main(tiny_run_args(path, corpus, tmp_path / "run", "method=flap", "export.format=vllm")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("searchllm: error: export.format=vllm cannot hold the down_bias and o_bias this method adds")
+    assert "reform.bias=false" in err and "\n" not in err and not (tmp_path / "run" / "manifest.json").exists()

@@ -77,6 +77,16 @@ def check_family(model_type: str) -> None:
     )
 
 
+def check_biases(added: set[str], model_type: str) -> None:
+    """Before the search: o/down biases the method adds (reform.bias, search.compensate) where the family's
+    layers have none cannot be held by the family's classes."""
+    if added:
+        raise VLLMError(
+            f"export.format=vllm cannot hold the {' and '.join(sorted(added))} this method adds to {model_type} "
+            "(its layers have none); set reform.bias=false (and search.compensate=false) or use export.format=hf"
+        )
+
+
 def _names(family: str) -> dict[str, str]:
     return GEMMA3_NAMES if family == "gemma3_text" else HF_NAMES
 

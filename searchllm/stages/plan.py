@@ -11,7 +11,8 @@ from pathlib import Path
 from searchllm import strategies
 from searchllm.config import Config
 from searchllm.data import data_root, token_sets
-from searchllm.export.formats import check_export_dir, check_format
+from searchllm.export.formats import FORMATS, check_export_dir, check_format
+from searchllm.export.vllm import check_biases
 from searchllm.files import check_writable, existing_ancestor
 from searchllm.models.adapters import Geometry
 from searchllm.models.loading import LoadedModel, load, load_config_only, load_tokenizer, source_gguf
@@ -57,6 +58,8 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     extra = (
         bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0
     )  # flap() budgets its own
+    if cfg.export.enabled and "vllm" in FORMATS[cfg.export.format] and adds_bias and strategy.kind != "levels":
+        check_biases(g.new_biases({"o_bias", "down_bias"}), adapter.config.model_type)
     if cfg.budget.size is not None:
         check_size(cfg, strategy.kind)
         joint_costs(cfg, adapter, load_tokenizer(cfg.model, data_root(cfg.data.root)))
