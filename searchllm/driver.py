@@ -181,7 +181,7 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
     interrupt.catch()  # again: ray.init replaced the SIGTERM handler with its own (a stack dump)
     run_dir.create()
     with run_dir.locked():  # a second driver on this run dir stops here (before any actor), naming this one
-        with interrupt.during("load"):
+        with interrupt.during("load"), run_dir.timed("load"):
             loaded = load_model(cfg)
         if not run_dir.started:
             run_dir.write_text("config.yaml", to_yaml(cfg))
@@ -213,6 +213,7 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
         ctx = RunContext(cfg, run_dir, p, loaded, monitor, healer=RayHealer(cfg.heal, cfg.ray, name))
         stages = stages_for(p.strategy.kind, cfg.budget.size is not None)
         try:
+            t0 = time.perf_counter()
             with EvaluatorPool(
                 loaded.model,
                 loaded.adapter,
@@ -223,15 +224,16 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
                 score_dtype=cfg.levels.score_dtype if levels else "model",
             ) as pool:
                 del loaded.model  # the object store holds the weights now
+                run_dir.record_time("pool", time.perf_counter() - t0)  # actors up, weights in the object store
                 ctx.pool = pool
                 for stage in stages:
                     if stage.pool:
-                        with interrupt.during(stage.name):
+                        with interrupt.during(stage.name), run_dir.timed(stage.name):
                             stage.run(ctx)
             ctx.pool = None  # after the pool is gone: its weights are freed before the evaluation loads models
             for stage in stages:
                 if not stage.pool:
-                    with interrupt.during(stage.name):
+                    with interrupt.during(stage.name), run_dir.timed(stage.name):
                         stage.run(ctx)
         finally:
             if server is not None:

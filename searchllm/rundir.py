@@ -198,6 +198,21 @@ class RunDir:
     def load_json(self, name: str) -> Any:
         return read_json(self.path / name, f"rerun the step that writes it (a resume of the run rewrites {name})")
 
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """This invocation's wall seconds of `stage`, in RUN/timings.json with the CPU it ran on (a resume
+        overwrites the stages it runs again; benchmarks/stage_times.py prints them)."""
+        t0 = time.perf_counter()
+        yield
+        self.record_time(stage, time.perf_counter() - t0)
+
+    def record_time(self, stage: str, seconds: float) -> None:
+        f = self.path / "timings.json"
+        times = json.loads(f.read_text()) if f.is_file() else {}
+        times.setdefault("stages", {})[stage] = round(seconds, 1)
+        times["cpu"] = cpu_kind()
+        self.save_json("timings.json", times)
+
     # -- the lock ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self):
@@ -230,6 +245,21 @@ class RunDir:
             yield self
         finally:
             p.unlink(missing_ok=True)
+
+
+def cpu_kind() -> dict[str, Any]:
+    """The CPU's model name, core count and whether it computes bfloat16 natively (AVX-512 bf16 or AMX), plus
+    the ISA caps a stand-in run sets (ATEN_CPU_CAPABILITY and the like)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    caps = {
+        k: v
+        for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+        if (v := os.environ.get(k))
+    }
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    return {"model": name, "cores": os.cpu_count(), "native_bf16": bf16, "isa_caps": caps}
 
 
 def _json_default(o: Any) -> Any:

@@ -69,6 +69,13 @@ def test_the_level_search_exports_exactly_the_subnet_it_scored(two_generations):
     assert summary["fitness_kind"] == "kl" and summary["best_fitness"] > 0
 
 
+def test_the_run_dir_records_each_stages_wall_time_and_the_cpu_it_ran_on(two_generations):
+    times = json.loads((two_generations / "timings.json").read_text())
+    stages = ["load", "pool", "generate", "database", "search", "reform", "build", "export", "evaluate", "report"]
+    assert [s for s in times["stages"] if s != "heal"] == stages and all(v >= 0 for v in times["stages"].values())
+    assert times["stages"]["search"] > 0 and times["cpu"]["cores"] >= 1 and "native_bf16" in times["cpu"]
+
+
 @pytest.mark.parametrize("family,model_type", [("qwen3", "qwen3"), ("gemma3", "gemma3_text")])
 def test_qwen3_and_gemma3_go_through_the_default_method_end_to_end(ray_cluster, family, model_type, tmp_path):
     """Database, level search, export and evaluation of the two newer families through the driver."""
