@@ -207,3 +207,23 @@ def subnet(g, kind):
             LayerSlice(both, mlp(24)),
         ]
     raise KeyError(kind)
+
+
+def one_generation_args(path, corpus, run, *extra):
+    """A tiny level search of one generation (4 children on 64 tokens, no probes) for tests of what comes after."""
+    from conftest import tiny_run_args
+
+    return tiny_run_args(
+        path,
+        corpus,
+        run,
+        "method=searchllm",
+        "search.generations=1",
+        "levels.tokens=[64]",
+        "levels.survivors=[]",
+        "levels.offspring=4",
+        "levels.mlp_levels=8",
+        "levels.probe=0",
+        "monitor.page=false",
+        *extra,
+    )

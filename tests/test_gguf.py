@@ -11,8 +11,8 @@ from searchllm.export.hf import build
 from searchllm.models.adapters import adapter_for
 from searchllm.models.sliced import LayerSlice
 
-from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
-from helpers import FAMILY_KW, subnet
+from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model
+from helpers import FAMILY_KW, one_generation_args, subnet
 
 needs_llama = pytest.mark.skipif(
     not available(),
@@ -226,18 +226,10 @@ def test_a_run_exports_both_formats_and_evaluates_them_in_llama_cpp_then_adds_a_
 
     path, corpus = make_tiny_checkpoint(tmp_path, tokenizer=bpe_tokenizer)
     run = tmp_path / "run"
-    args = tiny_run_args(
+    args = one_generation_args(
         path,
         corpus,
         run,
-        "method=searchllm",
-        "search.generations=1",
-        "levels.tokens=[64]",
-        "levels.survivors=[]",
-        "levels.offspring=4",
-        "levels.mlp_levels=8",
-        "levels.probe=0",
-        "monitor.page=false",
         "export.format=both",
         "export.gguf_types=[f32,q8_0]",
     )

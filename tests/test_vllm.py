@@ -26,7 +26,7 @@ from searchllm.models.adapters import adapter_for
 from searchllm.models.loading import load_pretrained
 
 from conftest import bpe_tokenizer, make_tiny_checkpoint, tiny_model, tiny_run_args
-from helpers import FAMILY_KW, subnet
+from helpers import FAMILY_KW, one_generation_args, subnet
 
 needs_vllm = pytest.mark.skipif(
     vllm_python() is None,
@@ -136,18 +136,10 @@ def test_a_runs_vllm_export_is_served_by_the_readme_command_and_scored_by_evalua
 
     path, corpus = make_tiny_checkpoint(tmp_path, tokenizer=bpe_tokenizer, **WIDE)
     run = tmp_path / "run"
-    args = tiny_run_args(
+    args = one_generation_args(
         path,
         corpus,
         run,
-        "method=searchllm",
-        "search.generations=1",
-        "levels.tokens=[64]",
-        "levels.survivors=[]",
-        "levels.offspring=4",
-        "levels.mlp_levels=8",
-        "levels.probe=0",
-        "monitor.page=false",
         "export.format=vllm",
     )
     assert main(args) == 0

@@ -211,6 +211,19 @@ def perplexity_rows(
     return rows
 
 
+def base_row(what: Evaluated, cfg: EvalConfig) -> dict[str, Any]:
+    """The columns every row of one evaluated model shares, whichever runtime scored it."""
+    return {
+        "model": what.name,
+        "params": what.params,
+        "decoder_params": what.decoder_params,
+        "ratio": what.ratio,
+        "decoder_ratio": what.decoder_ratio,
+        "seed": cfg.seed,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -226,16 +239,7 @@ def evaluate_model(
     `corpus_ids` caches tokenized corpora across models ({spec: (ids, source) or error string}); `step`
     is called after each corpus x length and after the zero-shot tasks (a progress bar)."""
     step = step or (lambda: None)
-    base = {
-        "model": what.name,
-        "params": what.params,
-        "decoder_params": what.decoder_params,
-        "ratio": what.ratio,
-        "decoder_ratio": what.decoder_ratio,
-        "seed": cfg.seed,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-    }
+    base = base_row(what, cfg) | {"weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
     lengths = [resolve_length(x, model.config) for x in cfg.lengths]
     rows = perplexity_rows(
         lambda w: perplexity(model, w, cfg.batch), tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step
@@ -306,17 +310,7 @@ def evaluate_runtime(
     """A model in another runtime (llama.cpp, vLLM): perplexity on the same windows as the HF path (the
     same tokenizer's ids) through `score`, prefill tokens/s on `prompt` tokens and decode tokens/s over
     `decode` tokens through `speed`."""
-    base = {
-        "model": what.name,
-        "params": what.params,
-        "decoder_params": what.decoder_params,
-        "ratio": what.ratio,
-        "decoder_ratio": what.decoder_ratio,
-        "seed": cfg.seed,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "runtime": runtime,
-        "weights_mib": weights_mib,
-    }
+    base = base_row(what, cfg) | {"runtime": runtime, "weights_mib": weights_mib}
     lengths = [resolve_length(x, type("C", (), {"max_position_embeddings": context})()) for x in cfg.lengths]
     rows = perplexity_rows(score, tokenizer, what.name, base, lengths, cfg, data_root, corpus_ids, step)
     ids = torch.randint(0, len(tokenizer), (prompt,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
