@@ -3,12 +3,15 @@ importance matrix) against searchllm's joint search (budget.size) at each ladder
 
     python benchmarks/frontier.py [--sizes 89.2,87.8,87.5,84.1,80,75,70] [--ftypes q8_0,q4_k_m,...]
         [--windows 8] [--root runs/frontier] [--pruned RUN] [--skip-search] [--skip-ladder] [--imatrix-only]
+        [--model-path smollm2|FILE.gguf|DIR] [-- key=value ...]
 
 Each searchllm row is one driver run, `python -m searchllm.driver budget.size=<S>MiB export.format=gguf` (the
 first run's sampled text, level database and importance matrix are copied into the others' run dirs, which
 then reuse them). Every ladder file is searchllm's f32 GGUF of the dense model quantized by
 llama_model_quantize; `+imatrix` files get the first run's importance matrix, the one the search used.
-`--pruned RUN`: a finished run's HF export quantized to the same ftypes (today's pruned export). Every file is
+`--model-path`: the model of every row (the driver's model.path; SmolLM2 by default); what follows `--` goes
+to every search run's command line. `--pruned RUN`: a finished run's HF export quantized to the same ftypes
+(today's pruned export). Every file is
 scored by searchllm.evaluate.evaluate_gguf: ppl@2048 on the first N windows of WikiText-2 raw test, PTB test
 and the held-out domains (code, docs, chat), prefill/decode tokens/s. Writes ROOT/frontier.json, a markdown
 table on stdout and ROOT/frontier.png (WikiText-2 ppl against MiB, one line per method).
@@ -26,7 +29,7 @@ from searchllm.config import EvalConfig, ModelConfig
 from searchllm.data import data_root
 from searchllm.evaluate import Evaluated, evaluate_gguf, llamacpp
 from searchllm.export.gguf import FTYPES, write
-from searchllm.models.loading import load_pretrained, source_gguf
+from searchllm.models.loading import load_pretrained, resolve, source_gguf
 from searchllm.stages.search_joint import load_imatrix
 
 LADDER = "q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_1,q4_k_s,q3_k_l,q3_k_m,iq4_nl,iq4_xs,q4_0,q3_k_s,q2_k"
@@ -39,7 +42,7 @@ NAMES = {
 }
 
 
-def search(size: str, root: Path, seed_from: Path | None) -> Path:
+def search(size: str, root: Path, seed_from: Path | None, overrides: list[str]) -> Path:
     run = root / f"search-{size}MiB"
     if not (run / "manifest.json").is_file():
         if seed_from is not None and not run.exists():  # the same sampled text, database and matrix
@@ -52,7 +55,7 @@ def search(size: str, root: Path, seed_from: Path | None) -> Path:
                     shutil.copy(src, run / name)
         t0 = time.time()
         cmd = [sys.executable, "-m", "searchllm.driver", f"budget.size={size}MiB", "export.format=gguf"]
-        subprocess.run([*cmd, f"run_dir={run}", "eval.enabled=false", "monitor.page=false"], check=True)
+        subprocess.run([*cmd, f"run_dir={run}", "eval.enabled=false", "monitor.page=false", *overrides], check=True)
         (run / "wall.txt").write_text(f"{time.time() - t0:.0f}\n")
     return run
 
@@ -129,14 +132,17 @@ def main() -> None:
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--skip-ladder", action="store_true")
     ap.add_argument("--imatrix-only", action="store_true", help="the ladder with the importance matrix alone")
+    ap.add_argument("--model-path", default="smollm2", help="the driver's model.path for every row")
+    ap.add_argument("overrides", nargs="*", help="after --: key=value for every search run")
     a = ap.parse_args()
+    overrides = [f"model.path={a.model_path}", *a.overrides]
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
     results_path = root / "frontier.json"
     done = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs, first = [], Path(a.seed_from) if a.seed_from else None
     for size in a.sizes.split(",") if not a.skip_search else []:
-        run = search(size, root, first)
+        run = search(size, root, first, overrides)
         first = first or run
         runs.append((size, run))
     if a.skip_search:  # the searches already in ROOT
@@ -144,9 +150,10 @@ def main() -> None:
         runs = [(size, d) for size, d in runs if (d / "export" / "model-mixed.gguf").is_file()]
     first = first or next(iter(sorted(root.glob("search-*"))), None)
     manifest = json.loads((first / "manifest.json").read_text()) if first else {}
-    model_dir = a.model or manifest.get("source", {}).get("checkpoint")
+    model = ModelConfig(path=a.model_path)
+    model_dir = a.model or manifest.get("source", {}).get("checkpoint") or resolve(model, data_root("auto"))
     _, tok = load_pretrained(model_dir)
-    source = source_gguf(ModelConfig(path=manifest.get("source", {}).get("model", "smollm2")), data_root("auto"))
+    source = source_gguf(model, data_root("auto"))
     files = [(f"searchllm {s} MiB", r / "export" / "model-mixed.gguf") for s, r in runs]
     if not a.skip_ladder:
         im = gguf_imatrix(first) if first else None

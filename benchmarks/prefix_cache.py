@@ -29,16 +29,19 @@ def main() -> None:
     from searchllm.data import data_root, token_sets
     from searchllm.models.loading import load
     from searchllm.pruning.levels import LevelSpace, load_layers
-    from searchllm.pruning.shard import PrefixCache, ShardRunner, ShardSpec
+    from searchllm.pruning.prefix import PrefixCache
+    from searchllm.pruning.shard import ShardRunner, ShardSpec
     from searchllm.rundir import RunDir
-    from searchllm.search.levelsearch import fitness_metric, genome_from
+    from searchllm.search.levelsearch import fitness_metric, genome_from, stage_tokens
     from searchllm.stages.plan import selection_sets
 
     run = RunDir(Path(a.run))
     cfg = load_config([], base_file=run.path / "config.yaml")
     loaded = load(cfg.model, data_root(cfg.data.root))
     g = loaded.adapter.geometry()
-    tokens, _ = token_sets(cfg, loaded.tokenizer, selection_sets(cfg))
+    gen = run.path / "generated.pt"  # the run's sampled text, where its mixtures take some
+    generated = torch.load(gen, weights_only=True)["tokens"] if gen.is_file() else None
+    tokens, _ = token_sets(cfg, loaded.tokenizer, selection_sets(cfg), generated)
     space = LevelSpace(g, cfg.levels)
     folder = next(p for p in (run.path / "levels").iterdir() if p.is_dir())
     runner = ShardRunner(
@@ -49,16 +52,17 @@ def main() -> None:
     evals = evals[: a.limit] if a.limit else evals
     metric = fitness_metric(cfg.levels.fitness)
     full = [tuple(x) for x in space.full()]
-    for k in range(len(cfg.levels.tokens)):
-        w = f"levels{k}"
+    for w in selection_sets(cfg):
         if metric == "kl":
             runner.forward(full, tokens[w], tokens[w], cfg.data.batch, f"targets:{cfg.levels.topk}", w)
     rows = []
     for name, mb in (("off", 0), ("on", a.cache_mb)):
         runner.prefix = PrefixCache(mb * 2**20) if mb else None
+        if runner.prefix is not None:
+            runner.prefix.set_views(tokens, cfg.data.batch)
         t0, same, worst = time.perf_counter(), 0, 0.0
         for r in evals:
-            w = f"levels{r['stage']}"
+            w = stage_tokens(r["stage"])
             choice = [tuple(int(v) for v in x) for x in genome_from(r["genes"], g.num_layers)]
             got = runner.forward(choice, tokens[w], tokens[w], cfg.data.batch, metric, w).value
             same += got == r["fitness"]

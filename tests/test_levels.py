@@ -22,8 +22,9 @@ from searchllm.pruning.levels import (
     save_layer,
     uniform_genome,
 )
+from searchllm.pruning.prefix import PrefixCache, window_views
 from searchllm.pruning.reform import solve_exact
-from searchllm.pruning.shard import NLL, PrefixCache, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
+from searchllm.pruning.shard import NLL, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
 from searchllm.rundir import RunDir
 from searchllm.search.levelsearch import PROBE_STAGE, LevelSearch, LevelSearchParams, genome_key
 
@@ -316,6 +317,35 @@ def test_the_prefix_cache_runs_only_the_changed_layers_and_scores_exactly_as_a_f
     runner.prefix = PrefixCache(1)  # a budget below one state keeps nothing
     runner.forward([tuple(x) for x in parent], tokens, tokens, 2, "kl", "fit")
     assert not runner.prefix.data
+
+
+def test_a_token_set_of_whole_batches_of_a_larger_set_is_its_view_and_no_other_is():
+    big = torch.arange(6 * 4).reshape(6, 4)
+    views = window_views({"big": big, "pairs": big[[0, 1, 4, 5]], "split": big[[1, 2]], "odd": big[[4, 5, 2]]}, 2)
+    assert views == {"pairs": ("big", [0, 1, 4, 5])}  # (1, 2) straddles two batches of 2; (2,) is not a batch
+    assert window_views({"big": big, "tail": big[[4, 5]], "one": big[[3]]}, 1) == {
+        "tail": ("big", [4, 5]),
+        "one": ("big", [3]),
+    }
+
+
+def test_a_view_starts_from_its_larger_sets_prefix_states_and_scores_exactly_as_a_full_run():
+    _, _, runner, db, band = build_db()
+    big = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(4))
+    sets = {"all": big, "some": big[[0, 1, 4, 5]]}
+    base = uniform_genome(db.space, db.params, *band, db.space.attn_top)
+    probe = base.copy()
+    L = len(probe)
+    probe[L - 1, 1] -= 1  # lowers the last layer: every layer before it is the base's
+    full = [tuple(x) for x in db.space.full()]
+    for name, t in sets.items():
+        runner.forward(full, t, t, 2, "targets:16", name)
+    plain = runner.forward([tuple(x) for x in probe], sets["some"], sets["some"], 2, "kl", "some").total
+    runner.prefix = PrefixCache(2**30)
+    runner.prefix.set_views(sets, 2)
+    runner.forward([tuple(x) for x in base], big, big, 2, "kl", "all")
+    assert runner.forward([tuple(x) for x in probe], sets["some"], sets["some"], 2, "kl", "some").total == plain
+    assert runner.prefix.hits == 1 and runner.prefix.skipped == L - 1
 
 
 def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl():

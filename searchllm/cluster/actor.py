@@ -12,15 +12,10 @@ import torch
 from searchllm.cluster.workers import fetch
 from searchllm.models.adapters import Architecture
 from searchllm.models.sliced import LayerSlice
+from searchllm.pruning.prefix import PrefixCache
 from searchllm.pruning.reform import ReformParams, iter_reform
 from searchllm.pruning.scores import LayerScores
-from searchllm.pruning.shard import (
-    PrefixCache,
-    ShardRunner,
-    ShardSpec,
-    bf16_native,
-    resolve_score_dtype,
-)
+from searchllm.pruning.shard import ShardRunner, ShardSpec, bf16_native, resolve_score_dtype
 
 
 class StageActor:
@@ -86,6 +81,8 @@ class StageActor:
         for name, ref in state["tokens"].items():  # token sets replaced after the pool started (generate stage)
             if self._token_refs.get(name) != ref.hex():
                 self.tokens[name], self._token_refs[name] = ray.get(ref), ref.hex()
+                if self.scorer.prefix is not None:
+                    self.scorer.prefix.batch = None  # its views are found again
         if self.spec.last:  # KL targets: only the token sets not fetched before
             held = self.scorer.targets
             self.scorer.targets = {
@@ -104,6 +101,8 @@ class StageActor:
         self._sync(extras)
         tokens = self.tokens[which]
         runner = self.runner if which == "report" else self.scorer  # the report is exact (model.dtype)
+        if runner.prefix is not None and runner.prefix.batch != batch:
+            runner.prefix.set_views(self.tokens, batch)
         out = runner.forward(slices, tokens if self.spec.first else inp, tokens, batch, metric, which)
         self._busy(time.perf_counter() - t0)
         return out

@@ -404,6 +404,13 @@ class EvaluatorPool:
         self._publish()
         return nll
 
+    def view_targets(self, which: str, parent: str, rows: list[int]) -> None:
+        """Token set `which`'s KL targets cut from `parent`'s, whose windows `rows` it holds (the same numbers
+        set_targets would compute: window_views)."""
+        _, (logp, idx) = ray.get(self._extras["targets"][parent])
+        self._extras["targets"] = dict(self._extras["targets"]) | {which: ray.put((which, (logp[rows], idx[rows])))}
+        self._publish()
+
     def set_compensation(self, scores: Scores) -> None:
         """From now on every candidate runs with FLAP's bias compensation from these calibration means."""
         self._extras["means"] = {i: (scores.mean_o[i], scores.mean_down[i]) for i in range(len(scores.mean_o))}

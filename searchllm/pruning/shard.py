@@ -22,6 +22,7 @@ from searchllm.models.generate import KVCache, generators, sample_next
 from searchllm.models.sliced import LayerSlice, build_block
 from searchllm.models.weights import SharedState, unshare
 from searchllm.pruning.joint import EMBED
+from searchllm.pruning.prefix import PrefixCache
 from searchllm.pruning.scores import GramAccumulator, LayerScores, compensation, layer_scores
 
 if TYPE_CHECKING:
@@ -112,45 +113,6 @@ def drawn_tokens(logits: torch.Tensor, seed: int, window: int) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + window)
     probs = torch.softmax(logits.detach().double(), -1).cpu()
     return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
-
-
-class PrefixCache:
-    """Hidden states of recent level-search candidates after each layer, keyed by the token set and the levels
-    of every layer up to it. A child that first differs from its parent at layer j runs only layers j..;
-    the states are those a full run computes (the same blocks on the same window batches). LRU within a
-    byte budget; emptied when the database changes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.bytes, self.hits, self.skipped = max_bytes, 0, 0, 0
-        self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    @staticmethod
-    def key(which: str, slices: Mapping[int, Any], layer: int) -> tuple:
-        return which, tuple(slices[i] for i in range(layer + 1))
-
-    def longest(self, which: str, slices: Mapping[int, Any], layers: range) -> tuple[int, torch.Tensor | None]:
-        """(layers already run, the hidden states after them) for the longest cached prefix in `layers`."""
-        keys = [self.key(which, slices, layer) for layer in layers]
-        for j in range(len(layers) - 1, -1, -1):
-            if keys[j] in self.data:
-                for key in keys[: j + 1]:  # the whole chain stays: a parent's next child may branch earlier or later
-                    if key in self.data:
-                        self.data.move_to_end(key)
-                self.hits, self.skipped = self.hits + 1, self.skipped + j + 1
-                return j + 1, self.data[keys[j]]
-        return 0, None
-
-    def put(self, which: str, slices: Mapping[int, Any], layer: int, hidden: torch.Tensor) -> None:
-        size = hidden.numel() * hidden.element_size()
-        if size > self.max_bytes:
-            return
-        key = self.key(which, slices, layer)
-        if key in self.data:
-            return
-        self.data[key], self.bytes = hidden, self.bytes + size
-        while self.bytes > self.max_bytes:
-            _, old = self.data.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
 
 
 class QuantCache:

@@ -8,6 +8,7 @@ import logging
 import time
 
 from searchllm.pruning.levels import GenomeCodec, error_allocation, uniform_genome
+from searchllm.pruning.prefix import window_views
 from searchllm.search.levelsearch import PROBE_STAGE, fitness_metric, stage_tokens
 from searchllm.stages.context import RunContext, Searched, Subnet
 from searchllm.stages.export import manifest_source
@@ -59,8 +60,14 @@ def run(ctx: RunContext) -> None:
     stages = [stage_tokens(k) for k in range(len(lv.tokens))]
     metric = fitness_metric(lv.fitness)
     if metric == "kl":
-        for w in stages + ([stage_tokens(PROBE_STAGE)] if lv.probe_own_tokens else []):
-            pool.set_targets(codec, full, w, lv.topk, batch)
+        sets = stages + ([stage_tokens(PROBE_STAGE)] if lv.probe_own_tokens else [])
+        views, have = window_views({w: tokens[w] for w in sets}, batch), set()
+        for w in sets:
+            if w in views and views[w][0] in have:  # the probes' windows are the first stage's: no second dense pass
+                pool.view_targets(w, *views[w])
+            else:
+                pool.set_targets(codec, full, w, lv.topk, batch)
+            have.add(w)
     inits, ladder = [], []
     if lv.init in ("all", "uniform"):  # from the whole attention down, as far as the KL keeps falling
         for a in range(space.attn_top, -1, -1):
