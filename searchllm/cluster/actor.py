@@ -135,6 +135,9 @@ class StageActor:
     def decode_step(self, inp: Any, start: int, temperature: float, top_p: float) -> Any:
         return self.runner.decode_step(inp, start, temperature, top_p)
 
+    def decode_rest(self, inp: Any, start: int, stop: int, temperature: float, top_p: float) -> Any:
+        return self.runner.decode_rest(inp, start, stop, temperature, top_p)
+
     def _busy(self, seconds: float) -> None:
         if self.busy is None:
             from ray.util.metrics import Counter

@@ -346,6 +346,8 @@ class EvaluatorPool:
         failures: dict[int, int] = {}
 
         def step(r: int, b: int, inp: torch.Tensor, start: int) -> ray.ObjectRef:
+            if len(self.replicas[r]) == 1:  # a whole model samples the rest of the batch in one call
+                return self.replicas[r][0].decode_rest.remote(inp, start, seqlen, temperature, top_p)
             ref = inp
             for actor in self.replicas[r]:
                 ref = actor.decode_step.remote(ref, start, temperature, top_p)
@@ -379,9 +381,10 @@ class EvaluatorPool:
                 for idle in set(self.alive) - {v[0] for v in running.values()}:
                     begin(idle)
                 continue
-            out[rows, pos] = tok
-            if pos + 1 < seqlen:
-                running[step(r, b, tok[:, None], pos)] = (r, b, pos + 1)
+            tok = tok.reshape(len(rows), -1)  # one position per step, or all the rest
+            out[rows, pos : pos + tok.shape[1]] = tok
+            if pos + tok.shape[1] < seqlen:
+                running[step(r, b, tok[:, -1:], pos)] = (r, b, pos + 1)
                 continue
             if on_batch is not None:
                 on_batch(len(rows))

@@ -518,6 +518,15 @@ class ShardRunner:
             return h
         return sample_next(self.logits(h[:, -1]), temperature, top_p, state["gens"])
 
+    def decode_rest(self, inp: torch.Tensor, start: int, stop: int, temperature: float, top_p: float) -> torch.Tensor:
+        """decode_step on a whole model until the sequences are `stop` long: the tokens of positions
+        start + len(inp) .. stop - 1, the same draws as step by step (no hop between calls per token)."""
+        pos, out = start + inp.shape[1], [self.decode_step(inp, start, temperature, top_p)]
+        while pos + 1 < stop:
+            out.append(self.decode_step(out[-1][:, None], pos, temperature, top_p))
+            pos += 1
+        return torch.stack(out, 1)
+
     def calibrate(self, inp: torch.Tensor, batch: int = 1, damp: float = 0.01) -> torch.Tensor:
         """Run the dense shard layer by layer over all calibration windows, scoring each layer's channels
         from its input Gram matrices (only one layer's Grams alive at a time); returns the output hidden."""
