@@ -8,6 +8,7 @@ method's stages in order (searchllm.stages). Bad input stops with one line on st
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import time
@@ -40,7 +41,7 @@ from searchllm.quant.types import QuantError
 from searchllm.rundir import RunDir
 from searchllm.stages import stages_for
 from searchllm.stages.context import Plan, RunContext
-from searchllm.stages.plan import load_model, plan
+from searchllm.stages.plan import float32_cut, load_model, plan
 
 log = logging.getLogger("searchllm")
 USER_ERRORS = (
@@ -60,8 +61,22 @@ USER_ERRORS = (
 )
 
 
+def cpu_float32_cut(cfg: Config) -> Config:
+    """levels.float32_share on this machine: a Ray started or attached here (no ray.address / $RAY_ADDRESS)
+    on a CPU without native bfloat16."""
+    import torch
+
+    from searchllm.pruning.shard import bf16_native
+
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available()
+    cut = float32_cut(cfg, bf16_native(torch.device("cpu")), local) if cfg.levels.float32_share < 1 else None
+    if cut:
+        log.info("this CPU scores candidates in float32: %s (levels.float32_share)", cut)
+    return cfg
+
+
 def resolve_config(argv: list[str]) -> tuple[Config, RunDir]:
-    cfg = load_config(argv)
+    cfg = cpu_float32_cut(load_config(argv))
     if cfg.resume == "auto":
         if not cfg.run_dir:
             raise ConfigError("resume=auto needs run_dir=<a fixed path> (the run to continue, or to start there)")

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from searchllm.config import Config, ConfigError, check_resume_overrides, flatten, load_config
+from searchllm.stages.plan import float32_cut
 
 
 def test_defaults_come_from_conf_and_overrides_win():
@@ -192,3 +193,25 @@ def test_random_overrides_are_accepted_or_stop_with_exit_2_and_one_line(argv, mo
         return
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("searchllm: error: "), (argv, err)
+
+
+@pytest.mark.parametrize(
+    "native, local, dtype, tokens",
+    [
+        (False, True, "auto", ([4096], 2048)),
+        (True, True, "auto", ([8192], 4096)),
+        (False, False, "auto", ([8192], 4096)),
+        (False, True, "float32", ([8192], 4096)),
+    ],
+)
+def test_a_cpu_without_native_bfloat16_scores_the_default_search_on_half_the_tokens_once(native, local, dtype, tokens):
+    cfg = load_config([f"levels.score_dtype={dtype}"])
+    float32_cut(cfg, native_bf16=native, local=local)
+    assert (cfg.levels.tokens, cfg.levels.probe_tokens) == tokens
+    float32_cut(cfg, native_bf16=native, local=local)  # a resume reads the cut config back: no second cut
+    assert (cfg.levels.tokens, cfg.levels.probe_tokens) == tokens
+
+
+def test_a_float32_share_outside_zero_to_one_stops_with_one_line():
+    with pytest.raises(ConfigError, match=r"levels.float32_share=0.0 must be in \(0, 1\]"):
+        load_config(["levels.float32_share=0"])

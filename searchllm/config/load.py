@@ -233,6 +233,8 @@ def validate(c: Config) -> None:
     for key in ("offspring", "parents", "topk", "max_tries", "mlp_levels", "obs_group", "fisher_windows"):
         if getattr(lv, key) < 1:
             raise ConfigError(f"levels.{key}={getattr(lv, key)} must be >= 1")
+    if not 0 < lv.float32_share <= 1:
+        raise ConfigError(f"levels.float32_share={lv.float32_share} must be in (0, 1] (1: the same tokens everywhere)")
     if lv.cache_mb < 0:
         raise ConfigError(f"levels.cache_mb={lv.cache_mb} must be >= 0 (0: no prefix cache)")
     if lv.probe < 0 or lv.probe_tokens < 0 or lv.probe_tokens == 1:

@@ -414,6 +414,10 @@ class LevelsConfig(LevelParams, LevelSearchParams):
     # (model.dtype), auto (bfloat16 where the evaluator's device computes it natively: CUDA with bf16, a CPU
     # with AVX-512; else model.dtype), or a dtype. The database build, reformation and report stay in model.dtype.
     score_dtype: str = "model"
+    # Where score_dtype=auto falls back to float32 (a CPU without native bfloat16), each forward pass costs ~2.7x
+    # bfloat16's: levels.tokens and levels.probe_tokens are cut to this share when the run starts (decided on the
+    # driver's machine, for a Ray started here; the cut values go into config.yaml). 1: no cut.
+    float32_share: float = 1.0
 
 
 @dataclass

@@ -137,6 +137,19 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def float32_cut(cfg: Config, native_bf16: bool, local: bool) -> str | None:
+    """levels.float32_share applied in place where levels.score_dtype=auto falls back to float32 (`native_bf16`:
+    this CPU's; `local`: the Ray that scores runs here, on no GPU); the share becomes 1, so the config.yaml it
+    goes into is not cut again on resume. A dtype set by hand is scored on the tokens set. Returns what changed."""
+    lv = cfg.levels
+    if lv.float32_share == 1 or not local or lv.score_dtype != "auto" or native_bf16:
+        return None
+    lv.tokens = [max(2, round(t * lv.float32_share)) for t in lv.tokens]
+    lv.probe_tokens = max(2, round(lv.probe_tokens * lv.float32_share)) if lv.probe_tokens else 0
+    lv.float32_share = 1.0
+    return f"levels.tokens={lv.tokens} levels.probe_tokens={lv.probe_tokens}"
+
+
 def selection_sets(cfg: Config) -> dict[str, tuple[int, str]]:
     """The level search's token sets: each selection stage's first windows of the fitness corpus holding its
     tokens, and the probes' own (levels.probe_tokens, set only then)."""
