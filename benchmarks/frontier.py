@@ -55,7 +55,8 @@ def search(size: str, root: Path, seed_from: Path | None, overrides: list[str]) 
                     shutil.copy(src, run / name)
         t0 = time.time()
         cmd = [sys.executable, "-m", "searchllm.driver", f"budget.size={size}MiB", "export.format=gguf"]
-        subprocess.run([*cmd, f"run_dir={run}", "eval.enabled=false", "monitor.page=false", *overrides], check=True)
+        args = [f"run_dir={run}", "resume=auto", "eval.enabled=false", "monitor.page=false", *overrides]
+        subprocess.run([*cmd, *args], check=True)  # resume=auto: a stopped search continues
         (run / "wall.txt").write_text(f"{time.time() - t0:.0f}\n")
     return run
 
