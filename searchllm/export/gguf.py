@@ -384,8 +384,8 @@ def _open(c, shapes, head_dim: int, tokenizer_dir, out, source_gguf, arch, per_l
         raise GGUFError(
             f"this {family} subnet keeps different head counts or MLP widths per layer ({len(set(shapes))} shapes), "
             f"which llama.cpp's {ARCH[family]} cannot load (it sizes every layer like the first, measured) and "
-            "deci cannot run (no per-head q/k norms); export it as a Hugging Face checkpoint (resume the run "
-            "with export.format=hf), or search a uniform subnet (levels.init=uniform search.generations=1)"
+            "deci cannot run (no per-head q/k norms); export it for transformers or vLLM instead (resume the run "
+            "with export.format=hf or export.format=vllm)"
         )
     if arch == "qwen3" and "sliding_attention" in (getattr(c, "layer_types", None) or []):
         raise GGUFError(
