@@ -76,7 +76,9 @@ def cpu_float32_cut(cfg: Config) -> Config:
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, RunDir]:
-    cfg = cpu_float32_cut(load_config(argv))
+    cfg = load_config(argv)
+    if cfg.resume in (None, "", "auto"):  # a resume=RUN reads the config the run was cut to
+        cfg = cpu_float32_cut(cfg)
     if cfg.resume == "auto":
         if not cfg.run_dir:
             raise ConfigError("resume=auto needs run_dir=<a fixed path> (the run to continue, or to start there)")
