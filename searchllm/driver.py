@@ -69,7 +69,7 @@ def cpu_float32_cut(cfg: Config) -> Config:
     from searchllm.pruning.shard import bf16_native
 
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not torch.cuda.is_available()
-    cut = float32_cut(cfg, bf16_native(torch.device("cpu")), local) if cfg.levels.float32_share < 1 else None
+    cut = float32_cut(cfg, bf16_native(torch.device("cpu")), local)
     if cut:
         log.info("this CPU scores candidates in float32: %s (levels.float32_share)", cut)
     return cfg

@@ -322,17 +322,20 @@ def test_the_prefix_cache_runs_only_the_changed_layers_and_scores_exactly_as_a_f
 def test_a_token_set_of_whole_batches_of_a_larger_set_is_its_view_and_no_other_is():
     big = torch.arange(6 * 4).reshape(6, 4)
     views = window_views({"big": big, "pairs": big[[0, 1, 4, 5]], "split": big[[1, 2]], "odd": big[[4, 5, 2]]}, 2)
-    assert views == {"pairs": ("big", [0, 1, 4, 5])}  # (1, 2) straddles two batches of 2; (2,) is not a batch
+    assert views == {"pairs": [("big", [0, 1, 4, 5])]}  # (1, 2) straddles two batches of 2; (2,) is not a batch
     assert window_views({"big": big, "tail": big[[4, 5]], "one": big[[3]]}, 1) == {
-        "tail": ("big", [4, 5]),
-        "one": ("big", [3]),
+        "tail": [("big", [4, 5])],
+        "one": [("big", [3])],
     }
+    two = window_views({"b": big, "a": big.clone(), "pairs": big[[0, 1]]}, 2)  # two sets of the same windows
+    assert two == {"pairs": [("a", [0, 1]), ("b", [0, 1])]}
 
 
 def test_a_view_starts_from_its_larger_sets_prefix_states_and_scores_exactly_as_a_full_run():
     _, _, runner, db, band = build_db()
     big = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(4))
-    sets = {"all": big, "some": big[[0, 1, 4, 5]]}
+    # "final" holds the same windows as "levels0" and sorts first, as in a run, but holds no states
+    sets = {"levels0": big, "final": big.clone(), "some": big[[0, 1, 4, 5]]}
     base = uniform_genome(db.space, db.params, *band, db.space.attn_top)
     probe = base.copy()
     L = len(probe)
@@ -343,7 +346,7 @@ def test_a_view_starts_from_its_larger_sets_prefix_states_and_scores_exactly_as_
     plain = runner.forward([tuple(x) for x in probe], sets["some"], sets["some"], 2, "kl", "some").total
     runner.prefix = PrefixCache(2**30)
     runner.prefix.set_views(sets, 2)
-    runner.forward([tuple(x) for x in base], big, big, 2, "kl", "all")
+    runner.forward([tuple(x) for x in base], big, big, 2, "kl", "levels0")
     assert runner.forward([tuple(x) for x in probe], sets["some"], sets["some"], 2, "kl", "some").total == plain
     assert runner.prefix.hits == 1 and runner.prefix.skipped == L - 1
 

@@ -8,13 +8,16 @@ from typing import Any, Mapping
 
 import torch
 
+View = tuple[str, list[int]]  # (a larger token set, the rows of it a set's windows are)
 
-def window_views(tokens: Mapping[str, torch.Tensor], batch: int) -> dict[str, tuple[str, list[int]]]:
-    """For each token set whose windows are whole batches of a larger set's windows: (that set, its rows).
-    A forward pass over such a set computes, batch for batch, what the larger set's pass computed for those
-    windows, to the bit (the probes' set is the first windows of each source of the first selection set's
-    mixture: with an even batch, every probe batch is one of its batches)."""
-    views: dict[str, tuple[str, list[int]]] = {}
+
+def window_views(tokens: Mapping[str, torch.Tensor], batch: int) -> dict[str, list[View]]:
+    """For each token set whose windows are whole batches of larger sets' windows: every such (set, its rows),
+    largest first (two sets may hold the same windows, e.g. the final set and the first selection set, and
+    only one of them may have been computed). A forward pass over such a set computes, batch for batch, what
+    the larger set's pass computed for those windows, to the bit (the probes' set is the first windows of each
+    source of the first selection set's mixture: with an even batch, every probe batch is one of its batches)."""
+    views: dict[str, list[View]] = {}
     for name, t in tokens.items():
         for parent, p in sorted(tokens.items(), key=lambda x: (-x[1].shape[0], x[0])):
             if parent == name or p.shape[0] <= t.shape[0] or p.shape[1:] != t.shape[1:]:
@@ -24,8 +27,7 @@ def window_views(tokens: Mapping[str, torch.Tensor], batch: int) -> dict[str, tu
                 where.setdefault(row.numpy().tobytes(), i)
             rows = [where.get(row.numpy().tobytes(), -1) for row in t]
             if all(_whole_batch(rows[k : k + batch], batch, p.shape[0]) for k in range(0, len(rows), batch)):
-                views[name] = (parent, rows)
-                break
+                views.setdefault(name, []).append((parent, rows))
     return views
 
 
@@ -45,7 +47,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes, self.hits, self.skipped = max_bytes, 0, 0, 0
         self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self.views: dict[str, tuple[str, list[int]]] = {}
+        self.views: dict[str, list[View]] = {}
         self.batch: int | None = None  # the batch the views hold for
 
     def set_views(self, tokens: Mapping[str, torch.Tensor], batch: int) -> None:
@@ -62,11 +64,10 @@ class PrefixCache:
 
     def longest(self, which: str, slices: Mapping[int, Any], layers: range) -> tuple[int, torch.Tensor | None]:
         """(layers already run, the hidden states after them) for the longest cached prefix in `layers`,
-        of this token set or of the set it is a view of."""
+        of this token set or of a set it is a view of."""
         done, keys = self._deepest(which, slices, layers)
         rows = None
-        if which in self.views:
-            parent, parent_rows = self.views[which]
+        for parent, parent_rows in self.views.get(which, []):
             deeper, parent_keys = self._deepest(parent, slices, layers)
             if deeper > done:
                 done, keys, rows = deeper, parent_keys, parent_rows

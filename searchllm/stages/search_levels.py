@@ -63,8 +63,9 @@ def run(ctx: RunContext) -> None:
         sets = stages + ([stage_tokens(PROBE_STAGE)] if lv.probe_own_tokens else [])
         views, have = window_views({w: tokens[w] for w in sets}, batch), set()
         for w in sets:
-            if w in views and views[w][0] in have:  # the probes' windows are the first stage's: no second dense pass
-                pool.view_targets(w, *views[w])
+            view = next((v for v in views.get(w, []) if v[0] in have), None)
+            if view is not None:  # the probes' windows are the first stage's: no second dense pass
+                pool.view_targets(w, *view)
             else:
                 pool.set_targets(codec, full, w, lv.topk, batch)
             have.add(w)
