@@ -326,17 +326,13 @@ def validate_heal(h: HealConfig) -> None:
         )
     if not (h.lr > 0 and 0 <= h.min_lr <= h.lr):
         raise ConfigError(f"heal.lr={h.lr} must be > 0 and heal.min_lr={h.min_lr} in [0, heal.lr]")
-    for key in ("warmup", "eval_windows", "weight_decay", "clip", "ce", "hidden"):
+    for key in ("warmup", "eval_windows", "weight_decay", "clip", "ce"):
         if not getattr(h, key) >= 0:
             raise ConfigError(f"heal.{key}={getattr(h, key)} must be >= 0")
     if not h.temperature > 0:
         raise ConfigError(f"heal.temperature={h.temperature} must be > 0")
     if teacher_top_k(h.teacher) is None and h.teacher != "live":
         raise ConfigError(f"heal.teacher={h.teacher!r} must be live or cached:K with K >= 1 (e.g. cached:64)")
-    if h.hidden and h.teacher != "live":
-        raise ConfigError(
-            f"heal.hidden={h.hidden} needs the teacher's hidden states: set heal.teacher=live or heal.hidden=0"
-        )
     if h.cpus_per_worker != "auto" and not (isinstance(h.cpus_per_worker, int) and h.cpus_per_worker >= 1):
         raise ConfigError(f"heal.cpus_per_worker={h.cpus_per_worker!r} must be an integer >= 1 or auto")
     for source, _ in parse_mix(list(h.mix), "heal.mix") if h.mix else []:

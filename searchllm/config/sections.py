@@ -473,10 +473,6 @@ class HealConfig:
     clip: float = 1.0  # gradient-norm clipping (0: none)
     temperature: float = 1.0  # of both distributions in the KL (the loss is scaled by its square)
     ce: float = 0.0  # weight of a next-token cross-entropy term added to the KL
-    # Weight of a layer-wise term added to the KL: the mean over decoder layers of the student's squared distance
-    # from the teacher's hidden states after that layer, relative to the teacher's (a pruned model keeps every
-    # layer and the hidden size, so each layer has a target). Live teacher only.
-    hidden: float = 0.0
     chunk: int = 1024  # positions per slice of the logits (memory: chunk x vocabulary floats, not seqlen x)
     # The teacher's distributions: live (a teacher forward every step) or cached:K (its top K log-probabilities per
     # position computed once per training text, in <run>/heal/, and read back by every heal of it: exact KL on the

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,12 +48,10 @@ class HealJob:
 
 @dataclass
 class Live:
-    """The live teacher's hidden states [N, H] and head [V, H]: its whole distribution, a chunk at a time;
-    with heal.hidden, its hidden states after every decoder layer too."""
+    """The live teacher's hidden states [N, H] and head [V, H]: its whole distribution, a chunk at a time."""
 
     h: torch.Tensor
     weight: torch.Tensor
-    layers: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
@@ -142,20 +139,17 @@ class Distill(nn.Module):
         super().__init__()
         self.student, self.p, self.dtype = student, p, dtype
 
-    def forward(self, ids: torch.Tensor, teacher: Live | TopK, layers: bool = True) -> torch.Tensor:
-        """`teacher`: its hidden states for these windows [B, L, H] and head (Live), or its cached top K (TopK).
-        `layers`: add heal.hidden's layer-wise term (where the teacher brings its layers' states)."""
-        p = self.p
-        states = layers and isinstance(teacher, Live) and bool(teacher.layers) and p.hidden > 0
-        with autocast(ids.device, self.dtype), layer_outputs(self.student, states) as mine:
+    def forward(self, ids: torch.Tensor, teacher: Live | TopK) -> torch.Tensor:
+        """`teacher`: its hidden states for these windows [B, L, H] and head (Live), or its cached top K (TopK)."""
+        with autocast(ids.device, self.dtype):
             h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1)
-        extra = p.hidden * layer_distance(mine, teacher.layers) if states else 0.0
+        p = self.p
         if isinstance(teacher, Live):
             teacher = Live(teacher.h.reshape(-1, teacher.h.shape[-1]), teacher.weight)
         else:
             teacher = TopK(*(x.reshape(-1, *x.shape[2:]) for x in (teacher.idx, teacher.log_p, teacher.log_rest)))
-        return extra + ChunkedKL.apply(
+        return ChunkedKL.apply(
             h.reshape(-1, h.shape[-1]),
             self.student.lm_head.weight,
             teacher,
@@ -167,44 +161,19 @@ class Distill(nn.Module):
         )
 
 
-@contextmanager
-def layer_outputs(model: nn.Module, on: bool):
-    """The hidden states leaving each decoder layer during the forward passes inside the block (forward
-    hooks: every family's layers and the export's own classes alike); an empty list when `on` is false."""
-    got: list[torch.Tensor] = []
-
-    def hook(_module, _inputs, out) -> None:
-        got.append(out[0] if isinstance(out, tuple) else out)
-
-    handles = [layer.register_forward_hook(hook) for layer in model.model.layers] if on else []
-    try:
-        yield got
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def layer_distance(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2, each over all positions of the batch (float32)."""
-    terms = [
-        ((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12) for s, t in zip(student, teacher)
-    ]
-    return torch.stack(terms).mean()
-
-
 class Teacher(nn.Module):
     """The frozen teacher: hidden states and its head's weight (a copy when sharded: FSDP gathers the
-    weight only while this module's forward runs); `layers`: every decoder layer's states too."""
+    weight only while this module's forward runs)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, copy_head: bool = False, layers: bool = False) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, copy_head: bool = False) -> None:
         super().__init__()
-        self.model, self.dtype, self.copy_head, self.layers = model, dtype, copy_head, layers
+        self.model, self.dtype, self.copy_head = model, dtype, copy_head
 
     def forward(self, ids: torch.Tensor) -> Live:
-        with torch.no_grad(), autocast(ids.device, self.dtype), layer_outputs(self.model, self.layers) as states:
+        with torch.no_grad(), autocast(ids.device, self.dtype):
             h = self.model.model(input_ids=ids, use_cache=False).last_hidden_state
         w = self.model.lm_head.weight
-        return Live(h, w.detach().clone() if self.copy_head else w, tuple(states))
+        return Live(h, w.detach().clone() if self.copy_head else w)
 
     def top_k(self, ids: torch.Tensor, k: int, temperature: float, chunk: int) -> TopK:
         """The cached form of this teacher's distributions on `ids` [B, L] (the same arithmetic as Live's)."""
@@ -321,7 +290,7 @@ def held_out_kl(core: Distill, teacher: Teacher, windows: torch.Tensor, device: 
     with torch.no_grad():
         for row in windows.split(1):
             ids = row.to(device)
-            total += float(core(ids, teacher(ids), layers=False))
+            total += float(core(ids, teacher(ids)))
     return total / max(len(windows), 1)
 
 
@@ -373,8 +342,7 @@ def train(
     data = torch.load(job.windows, weights_only=True)
     train_w, eval_w = data["train"], data["eval"]
     steps, local = train_w.shape[0] // p.batch, p.batch // comm.world
-    core = Distill(student, p, dtype)
-    teacher = Teacher(teacher_model, dtype, copy_head=job.fsdp, layers=p.hidden > 0)
+    core, teacher = Distill(student, p, dtype), Teacher(teacher_model, dtype, copy_head=job.fsdp)
     net: nn.Module = core
     if job.fsdp:
         shard(core, teacher)
