@@ -211,6 +211,17 @@ def test_output_weighting_removes_first_the_channels_that_write_least_into_the_w
     assert order != obs_channel_order(W, H, 12, 1, 0.01)
 
 
+def test_fisher_labels_are_drawn_from_the_models_own_distribution_seeded_by_window():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.clamp_min(1e-45).log().expand(40_000, -1)
+    drawn = drawn_tokens(logits, 3, 7)
+    freq = torch.bincount(drawn, minlength=5).double() / drawn.numel()
+    assert freq[1] == 0  # a token the model gives no mass is never drawn
+    torch.testing.assert_close(freq, probs.double(), rtol=0, atol=0.01)  # ~4.5 standard errors of the largest
+    assert torch.equal(drawn, drawn_tokens(logits, 3, 7))
+    assert not torch.equal(drawn, drawn_tokens(logits, 3, 8))
+
+
 def test_output_factors_are_the_gradient_covariance_of_the_models_nll_on_its_own_drawn_tokens():
     model, adapter = tiny_family("llama", num_attention_heads=8)
     calib = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(4))

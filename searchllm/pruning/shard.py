@@ -109,10 +109,13 @@ def sparse_kl(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -
 
 def drawn_tokens(logits: torch.Tensor, seed: int, window: int) -> torch.Tensor:
     """One next token per position drawn from the model's own distribution (the true Fisher's labels),
-    seeded by window index: the same draws however the windows are batched or sharded."""
+    seeded by window index: the same draws however the windows are batched or sharded. By inverse CDF, one
+    uniform per position against a float64 running sum: torch.multinomial draws an exponential per vocabulary
+    entry, 3.6x the time (a fifth of the output factors' on CPU)."""
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + window)
-    probs = torch.softmax(logits.detach().double(), -1).cpu()
-    return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+    cdf = torch.softmax(logits.detach().float(), -1).cpu().cumsum(-1, dtype=torch.float64)
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(cdf.shape[-1] - 1)[:, 0].to(logits.device)
 
 
 class QuantCache:
