@@ -374,6 +374,15 @@ def heal_sources(cfg: Config) -> tuple[list[tuple[Optional[CorpusConfig], float]
                 f"healing would train on {source.name}:{source.split}, a test split or held-out domain; set "
                 "heal.mix=[SOURCE=WEIGHT,...] to train and validation text"
             )
+    if h.generated is not None:  # generated text at that share of the windows, the others in their ratios
+        kept = [(e, p) for e, p in zip(entries, parts) if p[0] is not None]
+        rest = sum(w for _, (_, w) in kept)
+        if not rest:
+            raise DataError(f"heal.generated={h.generated} needs a source beside generated text: name one in heal.mix")
+        entries, parts = [e for e, _ in kept], [p for _, p in kept]
+        if h.generated > 0:
+            w = h.generated / (1 - h.generated) * rest
+            entries, parts = [*entries, f"{GENERATED}={w:.4g}"], [*parts, (None, w)]
     return parts, " + ".join(entries)
 
 

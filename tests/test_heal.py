@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from searchllm.config import ConfigError, HealConfig, load_config
-from searchllm.data import DataError, heal_sources, heal_windows
+from searchllm.data import DataError, heal_generated_need, heal_sources, heal_windows
 from searchllm.healing.distill import (
     CHECKPOINT,
     CURVE,
@@ -244,6 +244,18 @@ def test_heal_never_trains_on_a_test_split_or_a_held_out_domain(tmp_path, mix):
         _cfg(tmp_path, f"heal.mix=[{mix}]")
 
 
+def test_heal_generated_sets_the_sampled_texts_share_and_keeps_the_other_sources_ratios(tmp_path):
+    mix = ["data.calibration.name=mix", "data.calibration.mix=[wikitext2:validation=2,ptb:train=1,generated=1]"]
+    parts, where = heal_sources(_cfg(tmp_path, *mix, "heal.generated=0.5"))
+    assert [w for _, w in parts] == [2, 1, 3] and parts[-1][0] is None and where.endswith("generated=3")
+    parts, _ = heal_sources(_cfg(tmp_path, "heal.generated=0.25"))  # a single calibration corpus
+    assert [w for _, w in parts] == [1, pytest.approx(1 / 3)]
+    dropped = _cfg(tmp_path, *mix, "heal.generated=0", "heal.enabled=true")
+    assert all(s is not None for s, _ in heal_sources(dropped)[0]) and heal_generated_need(dropped) is None
+    with pytest.raises(DataError, match="heal.generated=0.5"):
+        heal_sources(_cfg(tmp_path, "heal.mix=[generated=1]", "heal.generated=0.5"))
+
+
 def test_heal_refuses_calibration_text_that_is_a_test_split(tmp_path):
     cfg = _cfg(tmp_path, "data.calibration.name=ptb", "data.calibration.split=test")
     with pytest.raises(DataError, match="heal.mix"):
@@ -263,6 +275,7 @@ def test_heal_refuses_calibration_text_that_is_a_test_split(tmp_path):
         ("heal.steps=3", "heal.steps"),
         ("heal.teacher=cached:0", "heal.teacher='cached:0'"),
         ("heal.teacher=top64", "heal.teacher='top64'"),
+        ("heal.generated=1", "heal.generated=1"),
     ],
 )
 def test_bad_heal_values_stop_with_one_line_naming_the_key(override, key):

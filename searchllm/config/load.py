@@ -335,6 +335,8 @@ def validate_heal(h: HealConfig) -> None:
         raise ConfigError(f"heal.teacher={h.teacher!r} must be live or cached:K with K >= 1 (e.g. cached:64)")
     if h.cpus_per_worker != "auto" and not (isinstance(h.cpus_per_worker, int) and h.cpus_per_worker >= 1):
         raise ConfigError(f"heal.cpus_per_worker={h.cpus_per_worker!r} must be an integer >= 1 or auto")
+    if h.generated is not None and not 0 <= h.generated < 1:
+        raise ConfigError(f"heal.generated={h.generated} is a share of the heal windows: set it in [0, 1) or null")
     for source, _ in parse_mix(list(h.mix), "heal.mix") if h.mix else []:
         if source is not None and source.split == "test":
             raise ConfigError(

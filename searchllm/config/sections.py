@@ -497,6 +497,10 @@ class HealConfig:
     # empty: the calibration's sources. Test splits and held-out evaluation domains are refused. A source whose
     # share is more than its windows gives the rest to the others: none repeats while another has windows left.
     mix: list[str] = field(default_factory=list)
+    # Share of the training and held-out windows from text the original samples for the heal (`generated`),
+    # the other sources keeping their ratios: the sampled text follows the model's own domains, where WikiText-2
+    # and PTB teach their own. None: the mix's own weight of `generated`; 0 drops it.
+    generated: Optional[float] = None
 
 
 @dataclass
