@@ -10,8 +10,8 @@ first run's sampled text, level database and importance matrix are copied into t
 then reuse them). Every ladder file is searchllm's f32 GGUF of the dense model quantized by
 llama_model_quantize; `+imatrix` files get the first run's importance matrix, the one the search used.
 `--model-path`: the model of every row (the driver's model.path; SmolLM2 by default); what follows `--` goes
-to every search run's command line. `--pruned RUN`: a finished run's HF export quantized to the same ftypes
-(today's pruned export). Every file is
+to every search run's command line. `--pruned RUN` (repeatable): a finished run's HF export quantized to the
+same ftypes (today's pruned export, or a healed copy of its run). Every file is
 scored by searchllm.evaluate.evaluate_gguf: ppl@2048 on the first N windows of WikiText-2 raw test, PTB test
 and the held-out domains (code, docs, chat), prefill/decode tokens/s. Writes ROOT/frontier.json, a markdown
 table on stdout and ROOT/frontier.png (WikiText-2 ppl against MiB, one line per method).
@@ -126,7 +126,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--root", default="runs/frontier")
     ap.add_argument("--model", default=None, help="the dense model's checkpoint (default: the runs' source)")
-    ap.add_argument("--pruned", default=None, help="a finished run whose HF export is quantized to the ftypes")
+    ap.add_argument(
+        "--pruned", action="append", default=[], help="a finished run whose HF export is quantized to the ftypes"
+    )
     ap.add_argument(
         "--seed-from", default=None, help="a run whose sampled text, database and matrix the searches reuse"
     )
@@ -159,8 +161,8 @@ def main() -> None:
     if not a.skip_ladder:
         im = gguf_imatrix(first) if first else None
         files += ladder(model_dir, root, a.ftypes.split(","), im, "dense", source, not a.imatrix_only)
-        if a.pruned:
-            files += ladder(str(Path(a.pruned) / "export"), root, a.ftypes.split(","), None, "pruned", source)
+        for run in map(Path, a.pruned):  # tagged by run dir: a pruned export and its healed copy side by side
+            files += ladder(str(run / "export"), root, a.ftypes.split(","), None, f"pruned-{run.name}", source)
     for i in range(len(files)):
         score(files[i : i + 1], tok, a.windows, done)
         results_path.write_text(json.dumps(done, indent=1))
