@@ -171,6 +171,22 @@ def test_q8_0_perplexity_is_within_two_percent_of_f32(bpe, tmp_path):
 
 
 @needs_llama
+def test_llama_cpp_perplexity_is_the_mean_nll_of_the_hf_exports_logits_in_slices_of_any_size(bpe, tmp_path):
+    from searchllm.evaluate import llamacpp
+
+    model = exported("llama", "per-layer", bpe)
+    write(model, bpe[1], tmp_path / "m.gguf")
+    windows = torch.tensor([ids(32, s) for s in range(2)])
+    logp = model(windows).logits[:, :-1].double().log_softmax(-1)
+    want = -logp.gather(2, windows[:, 1:, None]).sum().item()
+    llm = llamacpp.load(tmp_path / "m.gguf", 32, f32_cache=True)
+    for rows in (5, 64):  # slices that end mid-window and one that holds it whole
+        got = llamacpp.perplexity(llm, windows, rows)
+        assert got.tokens == 2 * 31
+        assert abs(got.total - want) / want < 1e-4
+
+
+@needs_llama
 def test_greedy_generation_from_the_gguf_gives_the_hf_exports_tokens(bpe, tmp_path):
     from searchllm.evaluate import llamacpp
 
