@@ -121,11 +121,17 @@ def load(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = 
             raise RuntimeError(f"llama.cpp refused {path}: {e} (SEARCHLLM_LLAMA_LOG=1 shows why)") from None
 
 
-def logits(llm, ids: list[int]) -> np.ndarray:
-    """Next-token logits at every position of one sequence (a fresh context each call)."""
+def _scores(llm, ids: list[int]) -> np.ndarray:
+    """llama-cpp-python's own logits array after `ids` in a fresh context: a view, overwritten by the next
+    eval."""
     llm.reset()
     llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return llm.scores[: len(ids)]
+
+
+def logits(llm, ids: list[int]) -> np.ndarray:
+    """Next-token logits at every position of one sequence (a fresh context each call)."""
+    return np.array(_scores(llm, ids), dtype=np.float32)
 
 
 def perplexity(llm, windows: torch.Tensor, rows: int = 64) -> NLL:
@@ -134,9 +140,7 @@ def perplexity(llm, windows: torch.Tensor, rows: int = 64) -> NLL:
     the whole window in float64 is 4 GiB on a 262k vocabulary (gemma 3), and took as long as llama.cpp."""
     t0, total, count = time.perf_counter(), 0.0, 0
     for row in windows.tolist():
-        llm.reset()
-        llm.eval(row)
-        z = torch.from_numpy(llm.scores)  # a view: read before the next eval overwrites it
+        z = torch.from_numpy(_scores(llm, row))
         target = torch.tensor(row[1:])
         for i in range(0, len(row) - 1, rows):
             zc, tc = z[i : min(i + rows, len(row) - 1)].double(), target[i : i + rows]
@@ -148,8 +152,7 @@ def perplexity(llm, windows: torch.Tensor, rows: int = 64) -> NLL:
 def greedy(llm, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens after the prompt, one llama.cpp decode per token (the decode path users run);
     `llm` loaded with logits_all (llama-cpp-python keeps no logits otherwise)."""
-    llm.reset()
-    llm.eval(prompt)
+    _scores(llm, prompt)
     out = []
     for _ in range(n):
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
