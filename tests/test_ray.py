@@ -211,6 +211,22 @@ def test_driver_runs_the_flap_baseline_exports_its_biases_and_evaluates(ray_clus
     assert len(again) == len(table) + 1 and again.iloc[-1].seqlen == 8 and again.iloc[-1].model == str(run / "export")
 
 
+def test_evaluating_a_run_again_reuses_the_originals_rows_of_the_same_protocol(ray_cluster, tiny_checkpoint, tmp_path):
+    """A heal (or any resume) evaluates the export again; the original is scored once per eval protocol."""
+    path, corpus = tiny_checkpoint
+    run = tmp_path / "run"
+    assert main(tiny_run_args(path, corpus, run, "method=flap")) == 0
+    first = pd.read_parquet(run / "eval.parquet")
+    original = first[first.model == "original"].iloc[0]
+    assert main([f"resume={run}"]) == 0
+    again = pd.read_parquet(run / "eval.parquet").iloc[len(first) :]
+    assert list(again.model) == ["exported (flap)"]  # only the export was scored
+    assert again.iloc[0].x_original == pytest.approx(again.iloc[0].value / original.value)
+    assert main([f"resume={run}", "eval.lengths=[8]"]) == 0  # another protocol: the original is scored in it
+    third = pd.read_parquet(run / "eval.parquet").iloc[len(first) + len(again) :]
+    assert list(third.model) == ["original", "exported (flap)"] and (third.seqlen == 8).all()
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

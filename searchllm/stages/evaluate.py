@@ -5,7 +5,10 @@ appended to <run>/eval.parquet and the manifest gains the speed and llama.cpp re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +16,7 @@ import pandas as pd
 from searchllm.config import Config
 from searchllm.data import data_root
 from searchllm.evaluate import (
+    RESULTS,
     Evaluated,
     against_original,
     append_results,
@@ -40,10 +44,13 @@ def run(ctx: RunContext) -> None:
         return
     monitor.stage("evaluating")
     ids: dict = {}
-    tables = []
     manifest = run_dir.load_json("manifest.json")
     export = manifest["export"]
-    models = (("original", loaded.checkpoint),) if cfg.eval.original else ()
+    key = protocol(cfg, loaded.checkpoint)
+    # The original's rows an earlier evaluation of this run scored in the same protocol are not scored again.
+    reused = [r for r in [prior_rows(run_dir.path, "original", key)] if r is not None and cfg.eval.original]
+    tables = []
+    models: tuple[tuple[str, str], ...] = (("original", loaded.checkpoint),) if cfg.eval.original and not reused else ()
     models += (("exported", str(export_dir)),) if "hf" in export.get("formats", ["hf"]) else ()
     for name, path in models:
         model, tokenizer = load_pretrained(path)
@@ -59,19 +66,22 @@ def run(ctx: RunContext) -> None:
             tables.append(
                 evaluate_model(
                     model, tokenizer or loaded.tokenizer, what, cfg.eval, cfg.data.root, ids, lambda: bar.update(1)
-                )
+                ).assign(protocol=key if name == "original" else None)
             )
         del model
     if "gguf" in export:
-        tables += evaluate_ggufs(cfg, run_dir, loaded, export, ids, monitor)
-    table = pd.concat(tables or [pd.DataFrame()], ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
-    table = against_original(table)
+        new, old = evaluate_ggufs(cfg, run_dir, loaded, export, ids, monitor, key)
+        tables, reused = tables + new, reused + old
+    for r in reused:
+        log.info("evaluation: %s's rows of %s reused (the same protocol)", r.model.iloc[0], r.time.iloc[0])
+    fresh = pd.concat(tables or [pd.DataFrame()], ignore_index=True).assign(method=cfg.method, target=cfg.budget.target)
+    table = against_original(pd.concat([*reused, fresh], ignore_index=True))
     if table.empty or "metric" not in table:  # eval.corpora=[] and eval.tasks=[]: a valid, empty evaluation
         log.info("evaluation: nothing to evaluate (eval.corpora and eval.tasks are empty)")
         manifest["evaluation"] = {"rows": 0, "reason": "eval.corpora and eval.tasks are empty"}
         run_dir.save_json("manifest.json", manifest)
         return
-    append_results(run_dir.path, table)
+    append_results(run_dir.path, table.iloc[len(table) - len(fresh) :])
     worst = worst_domain(table)
     monitor.set_eval(table.to_dict("records"), worst)
     # The manifest carries the measured speed and memory of the export next to its perplexity.
@@ -98,22 +108,44 @@ def run(ctx: RunContext) -> None:
     print(format_table(table))
 
 
+def protocol(cfg: Config, checkpoint) -> str:
+    """What the original's rows depend on besides their own columns: its checkpoint, the data, every eval.*
+    setting that changes a number, the device. Equal keys: an earlier evaluation's rows stand for a new one."""
+    settings = {k: v for k, v in asdict(cfg.eval).items() if k not in ("enabled", "original", "device")}
+    what = [str(checkpoint), str(data_root(cfg.data.root)), str(device_of(cfg.eval.device)), settings]
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prior_rows(run: Path, model: str, key: str) -> pd.DataFrame | None:
+    """The rows of `model` the run's table already holds under protocol `key` (its last such evaluation)."""
+    path = run / f"{RESULTS}.parquet"
+    table = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    if "protocol" not in table:
+        return None
+    rows = table[(table.model == model) & (table.protocol == key)]
+    return rows[rows.time == rows.time.iloc[-1]].reset_index(drop=True) if len(rows) else None
+
+
 def evaluate_ggufs(
-    cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict, monitor: Monitor
-) -> list[pd.DataFrame]:
+    cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict, monitor: Monitor, key: str
+) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
     """The exported GGUFs in llama.cpp, and (eval.original) the original model written and quantized to the
-    same types by the same writer, so the two are compared in the runtime users run, type for type."""
+    same types by the same writer, so the two are compared in the runtime users run, type for type.
+    Returns (the new tables, the original's tables reused from the run's table under protocol `key`)."""
     g = loaded.adapter.geometry()
     files = [(f["type"], Path(f["path"])) for f in export["gguf"]["files"]]
     runs = [(f"exported ({cfg.method}) {t}", p, export["params"]) for t, p in files]
-    if cfg.eval.original:
+    types = ["f16" if t == "mixed" else t for t, _ in files]  # a byte budget's file against the f16 original
+    prior = {t: prior_rows(run_dir.path, f"original {t}", key) for t in types} if cfg.eval.original else {}
+    todo = [t for t, rows in prior.items() if rows is None]
+    if todo:
         model, _ = load_pretrained(loaded.checkpoint)
         _, paths = gguf_files(
             model,
             loaded.tokenizer,
             run_dir.path / "original-gguf",
             source_gguf(cfg.model, data_root(cfg.data.root)),
-            ["f16" if t == "mixed" else t for t, _ in files],  # a byte budget's file against the f16 original
+            todo,
         )
         del model
         runs = [(f"original {t}", p, g.total_params) for t, p in paths] + runs
@@ -122,9 +154,10 @@ def evaluate_ggufs(
     with monitor.bar(len(runs), "evaluate in llama.cpp", "gguf") as bar:
         for name, p, n in runs:
             evaluated = Evaluated(name, n, n - g.outer_params, g.total_params, decoder)
-            tables.append(evaluate_gguf(p, loaded.tokenizer, evaluated, cfg.eval, cfg.data.root, ctx, ids))
+            table = evaluate_gguf(p, loaded.tokenizer, evaluated, cfg.eval, cfg.data.root, ctx, ids)
+            tables.append(table.assign(protocol=key if name.startswith("original ") else None))
             bar.update(1)
-    return tables
+    return tables, [rows for rows in prior.values() if rows is not None]
 
 
 def llama_cpp_summary(rows: pd.DataFrame) -> list[dict]:
