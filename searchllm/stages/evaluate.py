@@ -48,7 +48,8 @@ def run(ctx: RunContext) -> None:
     export = manifest["export"]
     key = protocol(cfg, loaded.checkpoint)
     # The original's rows an earlier evaluation of this run scored in the same protocol are not scored again.
-    reused = [r for r in [prior_rows(run_dir.path, "original", key)] if r is not None and cfg.eval.original]
+    prior = prior_rows(run_dir.path, key) if cfg.eval.original else {}
+    reused = [prior["original"]] if "original" in prior else []
     tables = []
     models: tuple[tuple[str, str], ...] = (("original", loaded.checkpoint),) if cfg.eval.original and not reused else ()
     models += (("exported", str(export_dir)),) if "hf" in export.get("formats", ["hf"]) else ()
@@ -70,7 +71,7 @@ def run(ctx: RunContext) -> None:
             )
         del model
     if "gguf" in export:
-        new, old = evaluate_ggufs(cfg, run_dir, loaded, export, ids, monitor, key)
+        new, old = evaluate_ggufs(cfg, run_dir, loaded, export, ids, monitor, key, prior)
         tables, reused = tables + new, reused + old
     for r in reused:
         log.info("evaluation: %s's rows of %s reused (the same protocol)", r.model.iloc[0], r.time.iloc[0])
@@ -116,28 +117,28 @@ def protocol(cfg: Config, checkpoint) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prior_rows(run: Path, model: str, key: str) -> pd.DataFrame | None:
-    """The rows of `model` the run's table already holds under protocol `key` (its last such evaluation)."""
+def prior_rows(run: Path, key: str) -> dict[str, pd.DataFrame]:
+    """The original's rows the run's table already holds under protocol `key`, by model (`original`,
+    `original <type>`), each model's last such evaluation."""
     path = run / f"{RESULTS}.parquet"
     table = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
     if "protocol" not in table:
-        return None
-    rows = table[(table.model == model) & (table.protocol == key)]
-    return rows[rows.time == rows.time.iloc[-1]].reset_index(drop=True) if len(rows) else None
+        return {}
+    rows = table[table.protocol == key]
+    return {m: r[r.time == r.time.iloc[-1]].reset_index(drop=True) for m, r in rows.groupby("model", sort=False)}
 
 
 def evaluate_ggufs(
-    cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict, monitor: Monitor, key: str
+    cfg: Config, run_dir: RunDir, loaded, export: dict, ids: dict, monitor: Monitor, key: str, prior: dict
 ) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
     """The exported GGUFs in llama.cpp, and (eval.original) the original model written and quantized to the
     same types by the same writer, so the two are compared in the runtime users run, type for type.
-    Returns (the new tables, the original's tables reused from the run's table under protocol `key`)."""
+    Returns (the new tables, the original's tables reused from `prior`, prior_rows under protocol `key`)."""
     g = loaded.adapter.geometry()
     files = [(f["type"], Path(f["path"])) for f in export["gguf"]["files"]]
     runs = [(f"exported ({cfg.method}) {t}", p, export["params"]) for t, p in files]
     types = ["f16" if t == "mixed" else t for t, _ in files]  # a byte budget's file against the f16 original
-    prior = {t: prior_rows(run_dir.path, f"original {t}", key) for t in types} if cfg.eval.original else {}
-    todo = [t for t, rows in prior.items() if rows is None]
+    todo = [t for t in types if f"original {t}" not in prior] if cfg.eval.original else []
     if todo:
         model, _ = load_pretrained(loaded.checkpoint)
         _, paths = gguf_files(
@@ -157,7 +158,7 @@ def evaluate_ggufs(
             table = evaluate_gguf(p, loaded.tokenizer, evaluated, cfg.eval, cfg.data.root, ctx, ids)
             tables.append(table.assign(protocol=key if name.startswith("original ") else None))
             bar.update(1)
-    return tables, [rows for rows in prior.values() if rows is not None]
+    return tables, [prior[f"original {t}"] for t in types if f"original {t}" in prior]
 
 
 def llama_cpp_summary(rows: pd.DataFrame) -> list[dict]:
