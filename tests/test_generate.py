@@ -71,8 +71,18 @@ def test_a_resume_reuses_the_cached_generated_windows(ray_cluster, tiny_checkpoi
     assert torch.equal(torch.load(run / "generated.pt")["tokens"], saved)
 
 
+def sampled(calls: list[tuple[int, int]]) -> tuple[int, int]:
+    """The first and one past the last heal sequence index the calls sampled, checking they follow each other."""
+    from searchllm.stages.generate import HEAL_FIRST
+
+    heal = [c for c in calls if c[1] >= HEAL_FIRST]
+    for (count, first), (_, following) in zip(heal, heal[1:]):
+        assert following == first + count
+    return heal[0][1], heal[-1][1] + heal[-1][0]
+
+
 @pytest.mark.ray
-def test_a_heal_gets_generated_text_of_its_own_and_a_longer_heal_samples_only_the_rest(
+def test_a_heals_own_text_is_kept_batch_by_batch_and_only_what_no_earlier_heal_sampled_is_sampled(
     ray_cluster, tiny_checkpoint, tmp_path, monkeypatch
 ):
     from searchllm.cluster.pool import EvaluatorPool
@@ -84,27 +94,31 @@ def test_a_heal_gets_generated_text_of_its_own_and_a_longer_heal_samples_only_th
     run = tmp_path / "run"
     mix = [f"data.calibration.{k}" for k in ("name=mix", f"mix=[text:{corpus}=1,generated=1]")]
     heal = ["heal.enabled=true", "heal.seqlen=16", "heal.batch=2", "heal.eval_windows=2"]
-    calls, sample = [], EvaluatorPool.generate
+    calls, sample, stop = [], EvaluatorPool.generate, [True]
 
     def counted(self, prompt, count, *args, first=0):
+        if stop[0] and first >= HEAL_FIRST and any(f >= HEAL_FIRST for _, f in calls):
+            raise KeyboardInterrupt  # a stop after the first round of batches
         calls.append((count, first))
         return sample(self, prompt, count, *args, first=first)
 
     monkeypatch.setattr(EvaluatorPool, "generate", counted)
-    assert (
-        main(
-            level_args(
-                path, corpus, run, "search.generations=1", *mix, *heal, "heal.tokens=256", "data.generate.batch=4"
-            )
-        )
-        == 0
-    )
+    args = level_args(path, corpus, run, "search.generations=1", *mix, *heal, "data.generate.batch=4")
+    assert main([*args, "heal.tokens=256"]) != 0
+    kept = torch.load(run / "heal-generated.pt")["tokens"]
+    assert 0 < kept.shape[0] < 12 and kept.shape[0] % 4 == 0  # whole batches
+    calls.clear()
+    stop[0] = False
+    assert main([f"resume={run}", *heal, "heal.tokens=256"]) == 0
     first = torch.load(run / "heal-generated.pt")["tokens"]
     # 16 training windows and 2 held out, half of each generated, one spare: 10, in whole batches of 4
-    assert first.shape == (12, 16) and calls[-1] == (12, HEAL_FIRST)
+    assert first.shape == (12, 16) and sampled(calls) == (HEAL_FIRST + kept.shape[0], HEAL_FIRST + 12)
+    assert torch.equal(first[: kept.shape[0]], kept)
+    calls.clear()
     assert main([f"resume={run}", *heal, "heal.tokens=512"]) == 0
     more = torch.load(run / "heal-generated.pt")["tokens"]
-    assert calls[-1] == (8, HEAL_FIRST + 12) and more.shape == (20, 16) and torch.equal(more[:12], first)
+    assert sampled(calls) == (HEAL_FIRST + 12, HEAL_FIRST + 20) and more.shape == (20, 16)
+    assert torch.equal(more[:12], first)
     calls.clear()
     assert main([f"resume={run}", *heal, "heal.tokens=256"]) == 0  # fewer: the first ones again, nothing sampled
     assert calls == []

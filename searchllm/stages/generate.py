@@ -44,14 +44,22 @@ def heal_text(ctx: RunContext) -> None:
         pool, count = ctx.need_pool(), need.sequences - kept
         ctx.monitor.stage("generating heal text")
         log.info("sampling %d sequences x %d tokens of heal text from the dense model", count, need.seqlen)
+        # Saved a round of batches at a time (one per replica): a long heal's text (a million tokens for 2M
+        # at heal.generated=0.5, over an hour on 2 cores) survives a stop; whole batches keep each
+        # sequence's arithmetic what one call would give it.
+        chunk = g.batch * max(1, len(pool.alive))
         t0 = time.perf_counter()
         with ctx.monitor.bar(count, "heal text", "seq") as bar:
-            args = (prompt, count, need.seqlen, cfg.data.seed, g.temperature, g.top_p, g.batch, bar.update)
-            more = pool.generate(*args, first=HEAL_FIRST + kept)
+            while kept < need.sequences:
+                n = min(chunk, need.sequences - kept)
+                args = (prompt, n, need.seqlen, cfg.data.seed, g.temperature, g.top_p, g.batch, bar.update)
+                more = pool.generate(*args, first=HEAL_FIRST + kept)
+                have = more if have is None else torch.cat([have, more])
+                ctx.run.save_generated(have, settings, HEAL_GENERATED)
+                kept += n
         seconds, new = time.perf_counter() - t0, count * (need.seqlen - len(prompt))
         log.info("sampled %d heal tokens in %.1fs (%.0f tokens/s)", new, seconds, new / seconds)
-        have = more if have is None else torch.cat([have, more])
-        ctx.run.save_generated(have, settings, HEAL_GENERATED)
+    assert have is not None
     ctx.heal_generated = have[: need.sequences]
 
 
