@@ -2,10 +2,11 @@
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from searchllm.config import ConfigError, HealConfig, load_config
 from searchllm.data import DataError, heal_generated_need, heal_sources, heal_windows
@@ -143,6 +144,19 @@ def test_healing_lowers_the_kl_on_held_out_windows(heal_job):
     assert kl[-1] < 0.9 * kl[0]
 
 
+def test_a_heal_of_the_blocks_alone_keeps_every_other_weight_and_still_lowers_the_kl(heal_job, tmp_path):
+    job = heal_job("blocks")
+    record = train(replace(job, params={**job.params, "train": "blocks"}))
+    kl = [r["held_out_kl"] for r in record["curve"] if "held_out_kl" in r]
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "student").state_dict()
+    after = torch.load(tmp_path / "blocks" / HEALED, weights_only=True)
+    frozen = [k for k in after if ".layers." not in k]
+    assert "model.embed_tokens.weight" in frozen and "model.norm.weight" in frozen
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    assert all(not torch.equal(after[k], before[k]) for k in after if k.endswith("proj.weight"))
+    assert kl[-1] < 0.9 * kl[0]
+
+
 def test_a_heal_killed_between_checkpoints_resumes_to_the_same_weights(heal_job, tmp_path):
     train(heal_job("whole"))
     assert train(heal_job("killed"), stop_after=6) is None  # killed after step 6; the checkpoint holds step 4
@@ -270,6 +284,7 @@ def test_heal_refuses_calibration_text_that_is_a_test_split(tmp_path):
         ("heal.tokens=10", "heal.tokens=10"),
         ("heal.dtype=fp8", "heal.dtype"),
         ("heal.fsdp=maybe", "heal.fsdp"),
+        ("heal.train=head", "heal.train"),
         ("heal.min_lr=1", "heal.min_lr=1"),
         ("heal.cpus_per_worker=0", "heal.cpus_per_worker=0"),
         ("heal.steps=3", "heal.steps"),

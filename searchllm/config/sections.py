@@ -475,6 +475,9 @@ class HealConfig:
     # Weight of a next-token cross-entropy term added to the KL. 0.5 on SmolLM2 at 0.8 kept, 100k tokens: WikiText-2
     # 1.374x -> 1.218x, PTB under the original, the held-out domains no better: it fits the heal text's domains.
     ce: float = 0.0
+    # What the heal updates: all (every weight) or blocks (the decoder layers; embeddings, final norm and head stay
+    # the original's, as the search left them).
+    train: str = "all"
     chunk: int = 1024  # positions per slice of the logits (memory: chunk x vocabulary floats, not seqlen x)
     # The teacher's distributions: live (a teacher forward every step) or cached:K (its top K log-probabilities per
     # position computed once per training text, in <run>/heal/, and read back by every heal of it: exact KL on the
@@ -586,4 +589,5 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.device": DEVICES,
     "heal.dtype": ("auto", "float32", "bfloat16"),
     "heal.fsdp": ("auto", "on", "off"),
+    "heal.train": ("all", "blocks"),
 }

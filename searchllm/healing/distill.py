@@ -101,7 +101,8 @@ class ChunkedKL(torch.autograd.Function):
     def forward(ctx, h, weight, teacher, labels, temperature, ce, chunk, dtype):
         n, t = h.shape[0], temperature
         grad_h = torch.zeros_like(h, dtype=torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        head = ctx.needs_input_grad[1]  # a frozen head (heal.train=blocks) skips its weight's gradient
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if head else None
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
@@ -121,14 +122,15 @@ class ChunkedKL(torch.autograd.Function):
                 g += ce * (log_p1.exp() * ok[:, None] - onehot)
             g = (g / n).to(dtype)
             grad_h[s : s + chunk] = (g @ w).float()
-            grad_w += (g.T @ hs).float()
-        ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
+            if grad_w is not None:
+                grad_w += (g.T @ hs).float()
+        ctx.save_for_backward(grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype))
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None
+        return grad_h * grad_out, None if grad_w is None else grad_w * grad_out, None, None, None, None, None, None
 
 
 class Distill(nn.Module):
@@ -187,6 +189,15 @@ class Teacher(nn.Module):
                 rest = torch.logsumexp(log_pt.scatter(-1, top.indices, -math.inf), -1)
                 parts.append((top.indices.int(), top.values, rest))
         return TopK(*(torch.cat(x).reshape(*ids.shape, *x[0].shape[1:]).cpu() for x in zip(*parts)))
+
+
+def trained(student: nn.Module, what: str) -> list[nn.Parameter]:
+    """The parameters the heal updates; with `blocks` the rest (embeddings, final norm, head: every weight
+    outside a decoder layer) is frozen at the original's values."""
+    if what == "blocks":
+        for name, q in student.named_parameters():
+            q.requires_grad_(".layers." in name)
+    return [q for q in student.parameters() if q.requires_grad]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -348,7 +359,7 @@ def train(
         shard(core, teacher)
     elif comm.world > 1:
         net = nn.parallel.DistributedDataParallel(core)
-    params = [q for q in student.parameters()]
+    params = trained(student, p.train)
     opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, p))
     start, curve, seconds = 0, [], 0.0
