@@ -378,7 +378,10 @@ def heal_sources(cfg: Config) -> tuple[list[tuple[Optional[CorpusConfig], float]
         kept = [(e, p) for e, p in zip(entries, parts) if p[0] is not None]
         rest = sum(w for _, (_, w) in kept)
         if not rest:
-            raise DataError(f"heal.generated={h.generated} needs a source beside generated text: name one in heal.mix")
+            raise DataError(
+                f"heal.generated={h.generated} needs a source beside generated text: name one in heal.mix, or set "
+                "heal.generated=null to heal on generated text alone"
+            )
         entries, parts = [e for e, _ in kept], [p for _, p in kept]
         if h.generated > 0:
             w = h.generated / (1 - h.generated) * rest

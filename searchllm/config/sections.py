@@ -472,9 +472,9 @@ class HealConfig:
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     clip: float = 1.0  # gradient-norm clipping (0: none)
     temperature: float = 1.0  # of both distributions in the KL (the loss is scaled by its square)
-    # Weight of a next-token cross-entropy term added to the KL. 0.5 on SmolLM2 at 0.8 kept, 100k tokens: WikiText-2
-    # 1.374x -> 1.218x, PTB under the original, the held-out domains no better: it fits the heal text's domains.
-    ce: float = 0.0
+    # Weight of a next-token cross-entropy term added to the KL: it fits the heal text's domains (WikiText-2 1.374x
+    # -> 1.218x on SmolLM2 at 0.8 kept, 100k tokens); with heal.generated=0.5 the held-out domains heal too.
+    ce: float = 0.5
     # What the heal updates: all (every weight) or blocks (the decoder layers; embeddings, final norm and head stay
     # the original's, as the search left them).
     train: str = "all"
@@ -502,10 +502,10 @@ class HealConfig:
     # empty: the calibration's sources. Test splits and held-out evaluation domains are refused. A source whose
     # share is more than its windows gives the rest to the others: none repeats while another has windows left.
     mix: list[str] = field(default_factory=list)
-    # Share of the training and held-out windows from text the original samples for the heal (`generated`),
-    # the other sources keeping their ratios: the sampled text follows the model's own domains, where WikiText-2
-    # and PTB teach their own. None: the mix's own weight of `generated`; 0 drops it.
-    generated: Optional[float] = None
+    # Share of the training and held-out windows from text the original samples for the heal (`generated`), the
+    # other sources keeping their ratios: it follows the model's own domains, where WikiText-2 and PTB teach their
+    # own. None: the mix's own weight of `generated`; 0 drops it. 0.5 with ce 0.5 healed SmolLM2 best (results.md).
+    generated: Optional[float] = 0.5
 
 
 @dataclass

@@ -141,8 +141,9 @@ class Distill(nn.Module):
         super().__init__()
         self.student, self.p, self.dtype = student, p, dtype
 
-    def forward(self, ids: torch.Tensor, teacher: Live | TopK) -> torch.Tensor:
-        """`teacher`: its hidden states for these windows [B, L, H] and head (Live), or its cached top K (TopK)."""
+    def forward(self, ids: torch.Tensor, teacher: Live | TopK, ce: Optional[float] = None) -> torch.Tensor:
+        """`teacher`: its hidden states for these windows [B, L, H] and head (Live), or its cached top K (TopK);
+        `ce`: the cross-entropy weight (None: heal.ce)."""
         with autocast(ids.device, self.dtype):
             h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1).reshape(-1)
@@ -157,7 +158,7 @@ class Distill(nn.Module):
             teacher,
             labels,
             p.temperature,
-            p.ce,
+            p.ce if ce is None else ce,
             p.chunk,
             self.dtype,
         )
@@ -296,12 +297,13 @@ def read_checkpoint(out: Path) -> Optional[dict]:
 
 
 def held_out_kl(core: Distill, teacher: Teacher, windows: torch.Tensor, device: torch.device) -> float:
-    """Mean KL (nats/token) of the student from the (live) teacher on windows never trained on."""
+    """Mean KL (nats/token) of the student from the (live) teacher on windows never trained on: the KL alone,
+    whatever heal.ce adds to the training loss, so recipes compare."""
     total = 0.0
     with torch.no_grad():
         for row in windows.split(1):
             ids = row.to(device)
-            total += float(core(ids, teacher(ids)))
+            total += float(core(ids, teacher(ids), ce=0.0))
     return total / max(len(windows), 1)
 
 
