@@ -104,13 +104,15 @@ def test_the_learning_rate_warms_up_then_decays_to_min_lr():
 
 @pytest.fixture
 def heal_job(tmp_path):
-    """A teacher, a student that is the teacher with noise on every weight, and random windows."""
+    """A teacher, a student that is the teacher with noise on every decoder-layer weight (as a search leaves
+    the embeddings and head the original's), and random windows."""
     teacher = tiny_model(layers=2, seed=0)
     teacher.save_pretrained(tmp_path / "teacher")
     student = tiny_model(layers=2, seed=0)
     with torch.no_grad():
-        for q in student.parameters():
-            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+        for name, q in student.named_parameters():
+            if ".layers." in name:
+                q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
     student.save_pretrained(tmp_path / "student")
     g, vocab = torch.Generator().manual_seed(0), teacher.config.vocab_size
     torch.save(
@@ -121,7 +123,9 @@ def heal_job(tmp_path):
         tmp_path / "windows.pt",
     )
     params = asdict(
-        HealConfig(tokens=768, seqlen=16, batch=4, lr=2e-3, warmup=2, checkpoint_every=4, eval_every=4, dtype="float32")
+        HealConfig(
+            tokens=768, seqlen=16, batch=4, lr=2e-3, warmup=2, checkpoint_every=4, eval_every=4, dtype="float32", ce=0.0
+        )
     )
 
     def make(name: str) -> HealJob:
@@ -227,6 +231,7 @@ def _cfg(tmp_path, *overrides):
             "heal.batch=2",
             "heal.tokens=320",
             "heal.eval_windows=3",
+            "heal.generated=null",  # the calibration text alone, no sampling
             *overrides,
         ]
     )

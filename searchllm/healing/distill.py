@@ -192,13 +192,12 @@ class Teacher(nn.Module):
         return TopK(*(torch.cat(x).reshape(*ids.shape, *x[0].shape[1:]).cpu() for x in zip(*parts)))
 
 
-def trained(student: nn.Module, what: str) -> list[nn.Parameter]:
-    """The parameters the heal updates; with `blocks` the rest (embeddings, final norm, head: every weight
-    outside a decoder layer) is frozen at the original's values."""
+def freeze(student: nn.Module, what: str) -> None:
+    """With heal.train=blocks, every weight outside a decoder layer (embeddings, final norm, head) keeps the
+    original's values."""
     if what == "blocks":
         for name, q in student.named_parameters():
             q.requires_grad_(".layers." in name)
-    return [q for q in student.parameters() if q.requires_grad]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -355,13 +354,14 @@ def train(
     data = torch.load(job.windows, weights_only=True)
     train_w, eval_w = data["train"], data["eval"]
     steps, local = train_w.shape[0] // p.batch, p.batch // comm.world
+    freeze(student, p.train)  # before DDP or FSDP wrap it: they register what trains
     core, teacher = Distill(student, p, dtype), Teacher(teacher_model, dtype, copy_head=job.fsdp)
     net: nn.Module = core
     if job.fsdp:
         shard(core, teacher)
     elif comm.world > 1:
         net = nn.parallel.DistributedDataParallel(core)
-    params = trained(student, p.train)
+    params = [q for q in student.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, p))
     start, curve, seconds = 0, [], 0.0
