@@ -37,15 +37,35 @@ def test_decoding_with_the_kv_cache_follows_the_full_forward(family):
     assert torch.equal(seq, greedy(model, prompt, 24))
 
 
-def test_generated_text_is_the_same_on_one_or_two_replicas_and_follows_the_seed(ray_cluster, llama, adapter, tokens):
+@pytest.mark.parametrize("dtype", ["model", "bfloat16"])
+def test_generated_text_is_the_same_on_one_or_two_replicas_and_follows_the_seed(
+    ray_cluster, llama, adapter, tokens, dtype
+):
     def sample(seed: int, replicas: int = 1, stages: int = 1) -> torch.Tensor:
-        with evaluator_pool(llama, adapter, tokens, replicas=replicas, stages=stages) as pool:
-            return pool.generate([1, 2], 5, 12, seed, 1.0, 0.9, 2)
+        # one thread per actor: CPU bfloat16 kernels round by thread count
+        with evaluator_pool(llama, adapter, tokens, replicas=replicas, stages=stages, threads=1) as pool:
+            return pool.generate([1, 2], 5, 12, seed, 1.0, 0.9, 2, dtype=dtype)
 
     one = sample(0)
     assert one.shape == (5, 12) and (one[:, :2] == torch.tensor([1, 2])).all()
     assert torch.equal(one, sample(0, replicas=2, stages=2))  # two replicas of two pipelined shards each
     assert not torch.equal(one, sample(1))
+
+
+def test_sampling_in_bfloat16_samples_what_a_bfloat16_model_samples(ray_cluster, llama, adapter, tokens):
+    (spec,) = split_layers(llama.config.num_hidden_layers, 1)
+    runner = ShardRunner(adapter.architecture(), llama.state_dict(), spec, "cpu", torch.bfloat16)
+    prompt = torch.tensor([[1, 2]] * 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actor's
+    try:
+        runner.decode_begin(4, 12, 0, [0, 1, 2, 3])
+        alone = runner.decode_rest(prompt, 0, 12, 1.0, 0.9)
+    finally:
+        torch.set_num_threads(threads)
+    with evaluator_pool(llama, adapter, tokens, threads=1) as pool:
+        pooled = pool.generate([1, 2], 4, 12, 0, 1.0, 0.9, 4, dtype="bfloat16")
+    assert torch.equal(pooled[:, 2:], alone)
 
 
 @pytest.mark.ray
@@ -94,13 +114,15 @@ def test_a_heals_own_text_is_kept_batch_by_batch_and_only_what_no_earlier_heal_s
     run = tmp_path / "run"
     mix = [f"data.calibration.{k}" for k in ("name=mix", f"mix=[text:{corpus}=1,generated=1]")]
     heal = ["heal.enabled=true", "heal.seqlen=16", "heal.batch=2", "heal.eval_windows=2"]
-    calls, sample, stop = [], EvaluatorPool.generate, [True]
+    calls, sample, stop, dtypes = [], EvaluatorPool.generate, [True], set()
 
-    def counted(self, prompt, count, *args, first=0):
+    def counted(self, prompt, count, *args, first=0, dtype="model"):
         if stop[0] and first >= HEAL_FIRST and any(f >= HEAL_FIRST for _, f in calls):
             raise KeyboardInterrupt  # a stop after the first round of batches
         calls.append((count, first))
-        return sample(self, prompt, count, *args, first=first)
+        if first >= HEAL_FIRST:
+            dtypes.add(dtype)
+        return sample(self, prompt, count, *args, first=first, dtype=dtype)
 
     monkeypatch.setattr(EvaluatorPool, "generate", counted)
     args = level_args(path, corpus, run, "search.generations=1", *mix, *heal, "data.generate.batch=4")
@@ -121,7 +143,9 @@ def test_a_heals_own_text_is_kept_batch_by_batch_and_only_what_no_earlier_heal_s
     assert torch.equal(more[:12], first)
     calls.clear()
     assert main([f"resume={run}", *heal, "heal.tokens=256"]) == 0  # fewer: the first ones again, nothing sampled
-    assert calls == []
+    assert calls == [] and dtypes == {"auto"}  # sampled as the heal computes (heal.dtype)
+    assert main([f"resume={run}", *heal, "heal.tokens=256", "heal.dtype=float32"]) == 0
+    assert sampled(calls) == (HEAL_FIRST, HEAL_FIRST + 12) and dtypes == {"auto", "float32"}  # another dtype, again
 
 
 def test_a_mixture_draws_its_windows_in_the_stated_proportions(tmp_path):

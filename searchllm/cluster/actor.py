@@ -41,7 +41,8 @@ class StageActor:
         scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
         self.scorer = self.runner if scored == model_dtype else ShardRunner(arch, state, spec, device, scored)
         self.tokens = {k: fetch(store, f"tokens.{k}") for k in token_names}
-        self.spec = spec
+        self.spec, self.arch, self.store = spec, arch, store
+        self.sampler = self.runner  # what decode_begin chose to sample the batch with
         self.version = 0  # of the driver-set extras this actor has applied
         self._levels_ref = None  # the level database it holds
         self._target_refs: dict[str, str] = {}  # and the KL targets, by token set
@@ -129,14 +130,21 @@ class StageActor:
         src = self.tokens["calibration"][:windows] if self.spec.first else inp
         return self.runner.output_factors(src, grad_out, batch, seed)
 
-    def decode_begin(self, rows: int, max_len: int, seed: int, indices: list[int]) -> None:
-        self.runner.decode_begin(rows, max_len, seed, indices)
+    def decode_begin(self, rows: int, max_len: int, seed: int, indices: list[int], dtype: str = "model") -> None:
+        """A batch to sample in `dtype` (model | auto | float32 | bfloat16, as levels.score_dtype): on the
+        model's weights or the scorer's where either has it, else on a copy made for it and kept."""
+        want = resolve_score_dtype(dtype, self.runner.dtype, bf16_native(self.runner.device))
+        if self.sampler.dtype != want:
+            held = [r for r in (self.runner, self.scorer) if r.dtype == want]
+            state = None if held else fetch(self.store, f"shard{self.spec.start}")
+            self.sampler = held[0] if held else ShardRunner(self.arch, state, self.spec, self.runner.device, want)
+        self.sampler.decode_begin(rows, max_len, seed, indices)
 
     def decode_step(self, inp: Any, start: int, temperature: float, top_p: float) -> Any:
-        return self.runner.decode_step(inp, start, temperature, top_p)
+        return self.sampler.decode_step(inp, start, temperature, top_p)
 
     def decode_rest(self, inp: Any, start: int, stop: int, temperature: float, top_p: float) -> Any:
-        return self.runner.decode_rest(inp, start, stop, temperature, top_p)
+        return self.sampler.decode_rest(inp, start, stop, temperature, top_p)
 
     def _busy(self, seconds: float) -> None:
         if self.busy is None:

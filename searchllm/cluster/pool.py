@@ -333,12 +333,14 @@ class EvaluatorPool:
         batch: int,
         on_batch: Optional[Callable[[int], None]] = None,
         first: int = 0,
+        dtype: str = "model",
     ) -> torch.Tensor:
         """`count` sequences of `seqlen` tokens sampled from the dense model, each starting with `prompt`:
         fixed batches of `batch` sequences (a KV cache each), one batch at a time on every live replica, all
         replicas at once; a sequence is the same whichever replica samples it. `on_batch(rows)` sees each
         finished batch. A batch whose replica fails starts again elsewhere. `first`: the index of the first
-        sequence (each is seeded by its index: more of the same text continues where an earlier call ended)."""
+        sequence (each is seeded by its index: more of the same text continues where an earlier call ended).
+        `dtype`: of the sampling forward (model | auto | float32 | bfloat16)."""
         out = torch.zeros(count, seqlen, dtype=torch.long)
         out[:, : len(prompt)] = torch.tensor(prompt)
         queue = deque(range(-(-count // batch)))
@@ -359,7 +361,7 @@ class EvaluatorPool:
             b = queue.popleft()
             rows = list(range(b * batch, min(count, (b + 1) * batch)))
             for actor in self.replicas[r]:  # an actor runs its calls in order: no wait for this one
-                actor.decode_begin.remote(len(rows), seqlen, seed, [first + i for i in rows])
+                actor.decode_begin.remote(len(rows), seqlen, seed, [first + i for i in rows], dtype)
             running[step(r, b, out[rows, : len(prompt)], 0)] = (r, b, len(prompt))
 
         for r in list(self.alive):

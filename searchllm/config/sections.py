@@ -485,6 +485,7 @@ class HealConfig:
     teacher: str = "live"
     # Compute dtype of both models' matrix products: auto (bfloat16 where the device computes it natively: CUDA
     # with bf16, a CPU with AVX-512 bf16 or AMX; else float32), float32 or bfloat16. Weights and AdamW stay float32.
+    # The heal's own text (heal.generated) is sampled in it too.
     dtype: str = "auto"
     workers: int = 1  # Ray Train data-parallel workers (gloo on CPU, NCCL on GPUs)
     cpus_per_worker: Union[int, str] = "auto"  # auto: the cluster's CPUs shared out over the workers

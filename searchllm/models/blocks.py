@@ -291,6 +291,7 @@ class SlicedAttention(nn.Module):
             k = k * ck + rotate_half(k) * sk
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
+            q = q.to(k.dtype)
         if not self.equal:
             k, v = k.index_select(1, self.q_kv), v.index_select(1, self.q_kv)
         if mask is None and self.window is not None and k.shape[2] > self.window:
@@ -299,7 +300,7 @@ class SlicedAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1
         )
-        out = out.transpose(1, 2).reshape(b, t, nq * self.width)
+        out = out.transpose(1, 2).reshape(b, t, nq * self.width).to(x.dtype)
         if not self.uniform:
             out = out.index_select(-1, self.q_pos)
         if record is not None:

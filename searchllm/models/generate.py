@@ -12,7 +12,8 @@ import torch
 
 class KVCache:
     """Preallocated keys and values per layer: the `update(k, v, layer)` a SlicedAttention calls with a
-    cache. Grows by the step's tokens; returns the keys and values of every position so far."""
+    cache. Grows by the step's tokens; returns the keys and values of every position so far (the attention
+    runs in their dtype)."""
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
@@ -23,8 +24,10 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.k:
             b, h, _, d = k.shape
-            self.k[layer] = k.new_empty(b, h, self.max_len, d)
-            self.v[layer] = v.new_empty(b, h, self.max_len, d)
+            # float32 on a CPU: its bfloat16 attention kernel is ~3x slower for one query than float32's
+            dtype = torch.float32 if k.device.type == "cpu" else k.dtype
+            self.k[layer] = k.new_empty(b, h, self.max_len, d, dtype=dtype)
+            self.v[layer] = v.new_empty(b, h, self.max_len, d, dtype=dtype)
             self.length[layer] = 0
         start = self.length[layer]
         stop = start + k.shape[2]

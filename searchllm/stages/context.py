@@ -81,6 +81,7 @@ class Pool(Protocol):
         batch: int,
         on_batch: Optional[Callable[[int], None]] = None,
         first: int = 0,
+        dtype: str = "model",
     ) -> torch.Tensor: ...
 
 
