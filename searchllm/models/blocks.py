@@ -289,6 +289,7 @@ class SlicedAttention(nn.Module):
                 cq, sq = ck.index_select(1, self.q_kv), sk.index_select(1, self.q_kv)
                 q = q * cq + rotate_half(q) * sq
             k = k * ck + rotate_half(k) * sk
+        dtype = q.dtype
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
             q = q.to(k.dtype)
@@ -300,7 +301,7 @@ class SlicedAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.rep > 1
         )
-        out = out.transpose(1, 2).reshape(b, t, nq * self.width).to(x.dtype)
+        out = out.transpose(1, 2).reshape(b, t, nq * self.width).to(dtype)
         if not self.uniform:
             out = out.index_select(-1, self.q_pos)
         if record is not None:
