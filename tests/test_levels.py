@@ -17,11 +17,10 @@ from searchllm.pruning.levels import (
     error_allocation,
     implied_levels,
     load_layers,
-    obs_channel_order,
-    obs_head_order,
     save_layer,
     uniform_genome,
 )
+from searchllm.pruning.obs import gram, obs_channel_order, obs_head_order
 from searchllm.pruning.prefix import PrefixCache, window_views
 from searchllm.pruning.reform import solve_exact
 from searchllm.pruning.shard import NLL, ShardRunner, drawn_tokens, sparse_kl, split_layers, topk_targets
@@ -163,6 +162,14 @@ def test_a_stream_refit_entry_solves_toward_the_dense_models_residual_stream():
     _, _, _, module, _ = build_db(refit="module")
     for a, wa in module.layers[0].attn.items():
         assert torch.allclose(db.layers[0].attn[a].float(), wa.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_the_gram_of_the_statistics_is_the_product_with_its_lower_blocks_mirrored(parts):
+    x = torch.randn(300, 37, generator=torch.Generator().manual_seed(0))
+    g, cut = gram(x, parts), round(37 / parts)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-6, atol=1e-5)
+    assert torch.equal(g[cut:, :cut], g[:cut, cut:].T)
 
 
 def test_an_mlp_order_weighed_by_a_multiple_of_the_identity_is_the_unweighted_order():
@@ -394,6 +401,15 @@ def test_kl_fitness_through_a_shard_is_zero_for_the_dense_model(llama, adapter, 
     assert runner.forward(full, tokens, tokens, 1, "kl", "fit").value == pytest.approx(0, abs=1e-5)
     half = [LayerSlice(s.kv_pairs, s.mlp[::2]) for s in full]
     assert runner.forward(half, tokens, tokens, 1, "kl", "fit").value > 1e-3
+
+
+def test_the_dense_targets_pass_returns_the_perplexity_a_plain_pass_scores(llama, adapter, tokens):
+    runner = whole(adapter, llama)
+    full = [LayerSlice.full(adapter.geometry())] * adapter.geometry().num_layers
+    nll, (logp, idx) = runner.forward(full, tokens, tokens, 1, "targets:16", "fit")
+    plain = runner.forward(full, tokens, tokens, 1, "nll")
+    assert nll.tokens == plain.tokens and nll.total == pytest.approx(plain.total, rel=1e-6)
+    assert logp.shape[-1] == idx.shape[-1] == 16
 
 
 class FakeEvaluator:

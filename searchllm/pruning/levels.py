@@ -37,7 +37,7 @@ import torch
 from searchllm.config import LevelError, LevelParams
 from searchllm.models.adapters import Geometry
 from searchllm.models.sliced import LayerSlice
-from searchllm.pruning.reform import solve_exact
+from searchllm.pruning.obs import gram, module_levels, obs_channel_order, obs_head_order
 
 if TYPE_CHECKING:
     from searchllm.pruning.shard import ShardRunner
@@ -143,128 +143,6 @@ class LayerLevels:
 # -- greedy OBS ------------------------------------------------------------------------------------------
 
 
-def _damped_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
-    H = H.double()
-    H = H + damp * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.cholesky_inverse(torch.linalg.cholesky(H))
-
-
-def _remove(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> None:
-    """OBS removal of columns `cols` (in place): compensate the others, downdate H^-1."""
-    block = torch.linalg.inv(Hinv[cols][:, cols])
-    W -= W[:, cols] @ block @ Hinv[cols]
-    Hinv -= Hinv[:, cols] @ block @ Hinv[cols]
-    W[:, cols] = 0
-    Hinv[cols] = 0
-    Hinv[:, cols] = 0
-
-
-def obs_head_order(W: torch.Tensor, H: torch.Tensor, g: Geometry, equal: bool, damp: float) -> list[int]:
-    """Query heads in greedy OBS removal order: each step removes the head (a block of head_dim columns of
-    o) whose removal, with the others compensated, adds the least error trace(W_G (H^-1_GG)^-1 W_G^T).
-    `equal`: one head from every KV group per round, so all groups keep the same count."""
-    W, Hinv = W.double().clone(), _damped_inverse(H, damp)
-    hd, alive, order = g.head_dim, set(range(g.num_heads)), []
-    cols = {h: torch.arange(h * hd, (h + 1) * hd, device=W.device) for h in alive}
-    while alive:
-        if equal:  # heads of the groups that still have the most heads (not yet reduced this round)
-            count = {kv: sum(1 for h in alive if h // g.group_size == kv) for kv in range(g.num_kv_heads)}
-            top = max(count.values())
-            pool = [h for h in alive if count[h // g.group_size] == top]
-        else:
-            pool = list(alive)
-        errs = []
-        for h in sorted(pool):
-            c = cols[h]
-            wg = W[:, c]
-            errs.append((float((wg @ torch.linalg.inv(Hinv[c][:, c]) * wg).sum()), h))
-        _, best = min(errs)
-        _remove(W, Hinv, cols[best])
-        alive.remove(best)
-        order.append(best)
-    return order
-
-
-def obs_channel_order(
-    W: torch.Tensor, H: torch.Tensor, step: int, group: int, damp: float, F: torch.Tensor | None = None
-) -> list[int]:
-    """MLP channels in greedy OBS removal order (ZipLM): each step removes the `group` channels of lowest
-    W_j^T F W_j / H^-1_jj jointly (never across a level boundary, every `step` channels). F, the output
-    factor, weighs output directions (identity when None); the compensation does not depend on it.
-    Removed columns leave W, F W and H^-1 physically (the updates of the rest are the same), so each step
-    costs what is left: a third of zeroing them in place, on the MLP's 1,536 channels."""
-    W, Hinv = W.double().clone(), _damped_inverse(H, damp)
-    FW = None if F is None else F.to(W) @ W  # kept up to date with W: F (W - W_S B) = F W - (F W)_S B
-    alive = torch.arange(W.shape[1], device=W.device)  # original index of each remaining column
-    order: list[int] = []
-    while len(alive):
-        k = min(group, step - len(order) % step)
-        score = (W * W if FW is None else FW * W).sum(0) / Hinv.diagonal().clamp_min(1e-30)
-        pick = torch.topk(score, k, largest=False).indices
-        pick = pick[torch.argsort(score[pick])]
-        order += alive[pick].tolist()
-        if k == len(alive):  # the last channels: nothing left to compensate
-            break
-        update = torch.linalg.inv(Hinv[pick][:, pick]) @ Hinv[pick]
-        W -= W[:, pick] @ update
-        if FW is not None:
-            FW -= FW[:, pick] @ update
-        Hinv -= Hinv[:, pick] @ update
-        rest = torch.ones(len(alive), dtype=torch.bool, device=W.device)
-        rest[pick] = False
-        W, Hinv, alive = W[:, rest], Hinv[rest][:, rest], alive[rest]
-        FW = None if FW is None else FW[:, rest]
-    return order
-
-
-def refit(
-    W: torch.Tensor, G: torch.Tensor, keep: list[int], damp: float, R: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Kept columns re-solved by least squares, as reformation does (targets: the original module on the
-    same inputs, so C = G, unless R = Y X^T names another target Y)."""
-    idx = torch.tensor(keep, dtype=torch.long, device=G.device)
-    Gd = G.double()
-    return solve_exact(W, Gd[idx][:, idx], Gd[:, idx], keep, damp, None if R is None else R[:, idx])
-
-
-def module_levels(
-    W: torch.Tensor,
-    G: torch.Tensor,
-    kept: list[list[int]],
-    damp: float,
-    dtype: torch.dtype,
-    F: torch.Tensor | None = None,
-    target: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[dict[int, torch.Tensor], list[float]]:
-    """Refit weights (for every level below the top that keeps something) and relative errors of each level;
-    `kept[l]` are the kept input columns of level l (the last level is the whole module). The refit reproduces
-    the module's own output W X unless `target` = (Y X^T, Y Y^T) names another Y. Errors are weighed by the
-    output factor F where given: ||F^1/2 (Y - W' X_S)||^2 / ||F^1/2 Y||^2."""
-    weights, errors = {}, []
-    Gd, Wd = G.double(), W.double().to(G.device)
-    R, YY = (Wd @ Gd, None) if target is None else (t.double().to(G.device) for t in target)
-    YY = R @ Wd.T if YY is None else YY
-    Fd = None if F is None else F.to(Wd)
-    ref = float((YY if Fd is None else Fd @ YY).trace().clamp_min(1e-30))
-
-    def error(new: torch.Tensor, idx: torch.Tensor) -> float:
-        Fnew = new if Fd is None else Fd @ new
-        return max(ref - 2 * float((Fnew * R[:, idx]).sum()) + float((Fnew @ Gd[idx][:, idx] * new).sum()), 0.0) / ref
-
-    top = len(kept) - 1
-    for level, keep in enumerate(kept):
-        idx = torch.tensor(keep, dtype=torch.long, device=G.device)
-        if level == top:  # the original module (refitting it toward the stream too measured worse: docs/results.md)
-            errors.append(0.0 if target is None else error(Wd, idx))
-        elif not keep:
-            errors.append(1.0)
-        else:
-            new = refit(W, G, keep, damp, None if target is None else R)
-            errors.append(error(new, idx))
-            weights[level] = new.to("cpu", dtype).contiguous()
-    return weights, errors
-
-
 # -- building a shard's layers -----------------------------------------------------------------------------
 
 
@@ -297,8 +175,11 @@ def iter_build(
         h_all, hd_all = (x, None) if aim == "module" else x.chunk(2)
     full = LayerSlice.full(g)
 
+    def rows(a: torch.Tensor) -> torch.Tensor:
+        return a.reshape(-1, a.shape[-1]).float()
+
     def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a.reshape(-1, a.shape[-1]).float().T @ b.reshape(-1, b.shape[-1]).float()
+        return gram(rows(a)) if a is b else rows(a).T @ rows(b)
 
     for i in runner.spec.layers:
         t0 = time.perf_counter()

@@ -77,11 +77,14 @@ class NLL:
         return self.ppl if self.kind == "nll" else self.total / self.tokens
 
 
-def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense model's k most likely next tokens per position: (log-probs, ids)."""
+def topk_targets(logits: torch.Tensor, k: int, nexts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The dense model's k most likely next tokens per position: (log-probs, ids); with `nexts` (the tokens
+    that follow), their summed NLL too, from the same log-probabilities."""
     logp = F.log_softmax(logits.float(), -1)
     top = torch.topk(logp, min(k, logp.shape[-1]), -1)
-    return top.values, top.indices.to(torch.int32)
+    if nexts is None:
+        return top.values, top.indices.to(torch.int32)
+    return top.values, top.indices.to(torch.int32), -logp.gather(-1, nexts[:, None].long()).sum()
 
 
 KL_ROWS = 64  # positions per float block of sparse_kl: 64 x vocab stays in cache (whole windows: 1.5x slower on CPU)
@@ -379,11 +382,13 @@ class ShardRunner:
         return NLL(total, count, kind="kl")
 
     @torch.no_grad()
-    def set_targets(self, hidden: torch.Tensor, which: str, k: int) -> None:
+    def set_targets(self, hidden: torch.Tensor, tokens: torch.Tensor, which: str, k: int) -> NLL:
         """Cache the top-k next-token distributions of these (dense) hidden states as token set `which`'s
-        KL targets."""
-        parts = [topk_targets(self.logits(h)[:-1], k) for h in hidden]
+        KL targets; returns their NLL on `tokens` (from the same logits: the LM head runs once)."""
+        tokens = tokens.to(self.device)
+        parts = [topk_targets(self.logits(h)[:-1], k, t[1:]) for h, t in zip(hidden, tokens)]
         self.targets[which] = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+        return NLL(sum(float(p[2]) for p in parts), sum(t.numel() - 1 for t in tokens))
 
     def forward(
         self,
@@ -423,13 +428,11 @@ class ShardRunner:
                 for i, hs in parts.items():
                     cache.put(which, slices, i, torch.cat(hs))
             if self.spec.last:
+                tokens = tokens if tokens is not None else inp
                 if metric.startswith("targets:"):
-                    self.set_targets(hidden, which, int(metric.split(":")[1]))
-                out = (
-                    self.kl(hidden, which)
-                    if metric == "kl"
-                    else self.nll(hidden, tokens if tokens is not None else inp)
-                )
+                    out = self.set_targets(hidden, tokens, which, int(metric.split(":")[1]))
+                else:
+                    out = self.kl(hidden, which) if metric == "kl" else self.nll(hidden, tokens)
                 out.seconds = time.perf_counter() - t0
                 return (out, self.targets[which]) if metric.startswith("targets:") else out
         return hidden
