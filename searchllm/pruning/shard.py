@@ -77,14 +77,14 @@ class NLL:
         return self.ppl if self.kind == "nll" else self.total / self.tokens
 
 
-def topk_targets(logits: torch.Tensor, k: int, nexts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The dense model's k most likely next tokens per position: (log-probs, ids); with `nexts` (the tokens
-    that follow), their summed NLL too, from the same log-probabilities."""
-    logp = F.log_softmax(logits.float(), -1)
+def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's k most likely next tokens per position: (log-probs, ids)."""
+    return top_of(F.log_softmax(logits.float(), -1), k)
+
+
+def top_of(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     top = torch.topk(logp, min(k, logp.shape[-1]), -1)
-    if nexts is None:
-        return top.values, top.indices.to(torch.int32)
-    return top.values, top.indices.to(torch.int32), -logp.gather(-1, nexts[:, None].long()).sum()
+    return top.values, top.indices.to(torch.int32)
 
 
 KL_ROWS = 64  # positions per float block of sparse_kl: 64 x vocab stays in cache (whole windows: 1.5x slower on CPU)
@@ -385,10 +385,13 @@ class ShardRunner:
     def set_targets(self, hidden: torch.Tensor, tokens: torch.Tensor, which: str, k: int) -> NLL:
         """Cache the top-k next-token distributions of these (dense) hidden states as token set `which`'s
         KL targets; returns their NLL on `tokens` (from the same logits: the LM head runs once)."""
-        tokens = tokens.to(self.device)
-        parts = [topk_targets(self.logits(h)[:-1], k, t[1:]) for h, t in zip(hidden, tokens)]
-        self.targets[which] = (torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
-        return NLL(sum(float(p[2]) for p in parts), sum(t.numel() - 1 for t in tokens))
+        tops, total = [], 0.0
+        for h, t in zip(hidden, tokens.to(self.device)):
+            logp = F.log_softmax(self.logits(h)[:-1], -1)
+            tops.append(top_of(logp, k))
+            total -= float(logp.gather(-1, t[1:, None]).sum())
+        self.targets[which] = (torch.stack([p[0] for p in tops]), torch.stack([p[1] for p in tops]))
+        return NLL(total, sum(t.numel() - 1 for t in tokens))
 
     def forward(
         self,
