@@ -143,9 +143,12 @@ def ended_cleanly(proc, run, sig, stage, worker_logs=False):
     released and every evaluator actor is gone. Returns the resume command's arguments."""
     import ray
 
+    open("/tmp/stderr_dump.txt", "a").write(f"==== {stage}\n" + proc.stderr)
     assert proc.returncode == CODES[sig], proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    [line] = [t for t in lines if not RAY_WORKER_LOG.match(t)] if worker_logs else lines
+    own = [t for t in lines if not RAY_WORKER_LOG.match(t)] if worker_logs else lines
+    assert len(own) == 1, proc.stderr[-3000:]
+    [line] = own
     head = f"searchllm: interrupted by {sig} during the {stage} stage; every finished step is saved in {run}; "
     assert line.startswith(head + f"resume with: python -m searchllm.driver resume={run}"), line
     assert not (run / "lock").exists()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray
 import ray.train
+from ray.actor import ActorHandle
+from ray.train.torch import TorchTrainer
 
 from searchllm.cluster.connect import cluster_nodes
 from searchllm.cluster.layout import ClusterError, uses_gpu
@@ -34,6 +35,17 @@ def _loop(config: dict) -> None:
     comm = Comm(ctx.get_world_rank(), ctx.get_world_size())
     record = train(HealJob(**config["job"]), comm, get_device())
     ray.train.report({"done": 1, **({"tokens_per_s": record["tokens_per_s"]} if record else {})})
+
+
+class _Trainer(TorchTrainer):
+    """A TorchTrainer that leaves the driver's SIGINT handler in place (Ray Train's own, installed when `fit`
+    runs in the main thread, aborts the run and exits with code 1, so a Ctrl-C would not unwind the driver as
+    in every other stage) and keeps the run's controller, which an interrupt ends."""
+
+    controller: ActorHandle | None = None
+
+    def _register_sigint_handler(self, controller: ActorHandle) -> None:
+        self.controller = controller
 
 
 class RayHealer:
@@ -60,7 +72,6 @@ class RayHealer:
 
     def __call__(self, job: HealJob) -> dict:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
         use_gpu, cpus = self.resources()
         h = self.heal
@@ -74,7 +85,7 @@ class RayHealer:
             ", FSDP" if fsdp else "",
         )
         out = Path(job.out)
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             _loop,
             train_loop_config={"job": asdict(job), "threads": max(1, int(cpus))},
             scaling_config=ScalingConfig(
@@ -88,23 +99,14 @@ class RayHealer:
                 failure_config=FailureConfig(max_failures=self.cfg.max_restarts),
             ),
         )
-        failed: list[BaseException] = []
-
-        def fit() -> None:
-            try:
-                trainer.fit()
-            except BaseException as e:  # handed to the driver's thread
-                failed.append(e)
-
-        # In its own thread: in the main thread Ray Train replaces the driver's SIGINT handler with one that
-        # aborts the run and exits with code 1, so a Ctrl-C would not unwind the driver as in every other stage.
-        thread = threading.Thread(target=fit, name="searchllm-heal", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
         try:
-            if failed:
-                raise failed[0]
+            trainer.fit()
+        except KeyboardInterrupt:
+            # The heal's checkpoint is on disk; ending the controller ends its workers with it, before the
+            # driver shuts Ray down under a run still in flight.
+            if trainer.controller is not None:
+                ray.kill(trainer.controller, no_restart=True)
+            raise
         except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
             raise ClusterError(
                 f"the heal's workers failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); its checkpoint "
