@@ -143,7 +143,6 @@ def ended_cleanly(proc, run, sig, stage, worker_logs=False):
     released and every evaluator actor is gone. Returns the resume command's arguments."""
     import ray
 
-    open("/tmp/stderr_dump.txt", "a").write(f"==== {stage}\n" + proc.stderr)
     assert proc.returncode == CODES[sig], proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     own = [t for t in lines if not RAY_WORKER_LOG.match(t)] if worker_logs else lines
