@@ -13,8 +13,6 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.actor import ActorHandle
-from ray.train.torch import TorchTrainer
 
 from searchllm.cluster.connect import cluster_nodes
 from searchllm.cluster.layout import ClusterError, uses_gpu
@@ -35,17 +33,6 @@ def _loop(config: dict) -> None:
     comm = Comm(ctx.get_world_rank(), ctx.get_world_size())
     record = train(HealJob(**config["job"]), comm, get_device())
     ray.train.report({"done": 1, **({"tokens_per_s": record["tokens_per_s"]} if record else {})})
-
-
-class _Trainer(TorchTrainer):
-    """A TorchTrainer that leaves the driver's SIGINT handler in place (Ray Train's own, installed when `fit`
-    runs in the main thread, aborts the run and exits with code 1, so a Ctrl-C would not unwind the driver as
-    in every other stage) and keeps the run's controller, which an interrupt ends."""
-
-    controller: ActorHandle | None = None
-
-    def _register_sigint_handler(self, controller: ActorHandle) -> None:
-        self.controller = controller
 
 
 class RayHealer:
@@ -72,6 +59,7 @@ class RayHealer:
 
     def __call__(self, job: HealJob) -> dict:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
 
         use_gpu, cpus = self.resources()
         h = self.heal
@@ -85,7 +73,7 @@ class RayHealer:
             ", FSDP" if fsdp else "",
         )
         out = Path(job.out)
-        trainer = _Trainer(
+        trainer = TorchTrainer(
             _loop,
             train_loop_config={"job": asdict(job), "threads": max(1, int(cpus))},
             scaling_config=ScalingConfig(
@@ -99,13 +87,17 @@ class RayHealer:
                 failure_config=FailureConfig(max_failures=self.cfg.max_restarts),
             ),
         )
+        # Ray Train's hook for its own SIGINT handler (in the main thread it aborts the run and exits with code
+        # 1, so a Ctrl-C would not unwind the driver as in every other stage) keeps the run's controller instead.
+        controllers: list = []
+        trainer._register_sigint_handler = controllers.append
         try:
             trainer.fit()
         except KeyboardInterrupt:
             # The heal's checkpoint is on disk; ending the controller ends its workers with it, before the
             # driver shuts Ray down under a run still in flight.
-            if trainer.controller is not None:
-                ray.kill(trainer.controller, no_restart=True)
+            for controller in controllers:
+                ray.kill(controller, no_restart=True)
             raise
         except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
             raise ClusterError(
