@@ -288,6 +288,33 @@ def test_a_driver_starts_its_own_ray_beside_one_another_process_started_for_itse
     assert address != ray_cluster.get_runtime_context().gcs_address
 
 
+OWN_RAY_FOR_THE_STATE_API = """
+import ray
+from searchllm.config import RayConfig
+from searchllm.cluster.connect import connect
+connect(RayConfig(num_cpus=1))
+
+@ray.remote
+def found():
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    return canonicalize_bootstrap_address_or_die(None)  # how Ray's state API finds its cluster without an address
+
+print(ray.get(found.remote()) == ray.get_runtime_context().gcs_address)
+"""
+
+
+def test_a_worker_of_a_drivers_own_ray_beside_another_finds_its_own_ray_for_the_state_api(ray_cluster):
+    # Ray Train's placement-group cleaner polls the state API; with two Rays on the machine and no address
+    # it raised "Found multiple active Ray instances" and its thread died with a traceback in the driver's output
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", OWN_RAY_FOR_THE_STATE_API], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
 @pytest.mark.parametrize("how", ["environment", "config"])
 def test_an_unreachable_ray_address_stops_early(tiny_checkpoint, tmp_path, how):
     # a subprocess: a Ray already started in this process would be reused, and this is the command line's own exit code

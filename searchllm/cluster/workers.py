@@ -4,6 +4,7 @@ Ray imports this module in each worker process, the store's included, and a torc
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray
@@ -14,6 +15,10 @@ def quiet() -> None:
     and, without a dashboard, a warning every few seconds that its state API is unavailable."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Ray's state API, which Ray Train's placement-group cleaner polls, finds its cluster by RAY_ADDRESS or by
+    # looking for GCS processes on the machine: with a second Ray there (a notebook's, a test suite's) it
+    # raises, and the cleaner's thread dies with a traceback in the driver's output.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 class WeightStore:
