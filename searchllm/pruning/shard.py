@@ -77,12 +77,8 @@ class NLL:
         return self.ppl if self.kind == "nll" else self.total / self.tokens
 
 
-def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense model's k most likely next tokens per position: (log-probs, ids)."""
-    return top_of(F.log_softmax(logits.float(), -1), k)
-
-
-def top_of(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_targets(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's k most likely next tokens per position, from its log-probabilities: (log-probs, ids)."""
     top = torch.topk(logp, min(k, logp.shape[-1]), -1)
     return top.values, top.indices.to(torch.int32)
 
@@ -388,7 +384,7 @@ class ShardRunner:
         tops, total = [], 0.0
         for h, t in zip(hidden, tokens.to(self.device)):
             logp = F.log_softmax(self.logits(h)[:-1], -1)
-            tops.append(top_of(logp, k))
+            tops.append(topk_targets(logp, k))
             total -= float(logp.gather(-1, t[1:, None]).sum())
         self.targets[which] = (torch.stack([p[0] for p in tops]), torch.stack([p[1] for p in tops]))
         return NLL(total, sum(t.numel() - 1 for t in tokens))
