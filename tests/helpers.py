@@ -146,7 +146,7 @@ def ended_cleanly(proc, run, sig, stage, worker_logs=False):
     assert proc.returncode == CODES[sig], proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     own = [t for t in lines if not RAY_WORKER_LOG.match(t)] if worker_logs else lines
-    assert len(own) == 1, proc.stderr[-3000:]
+    assert len(own) == 1, "its own lines:\n" + "\n".join(own)[:3000] + "\nits stderr:\n" + proc.stderr[-2000:]
     [line] = own
     head = f"searchllm: interrupted by {sig} during the {stage} stage; every finished step is saved in {run}; "
     assert line.startswith(head + f"resume with: python -m searchllm.driver resume={run}"), line
