@@ -288,12 +288,9 @@ def test_a_driver_starts_its_own_ray_beside_one_another_process_started_for_itse
     assert address != ray_cluster.get_runtime_context().gcs_address
 
 
-OWN_RAY_FOR_THE_STATE_API = """
-import ray
-from searchllm.config import RayConfig
-from searchllm.cluster.connect import connect
-connect(RayConfig(num_cpus=1))
-
+OWN_RAY_FOR_THE_STATE_API = (
+    CONNECT
+    + """
 @ray.remote
 def found():
     from ray._private.services import canonicalize_bootstrap_address_or_die
@@ -302,6 +299,7 @@ def found():
 
 print(ray.get(found.remote()) == ray.get_runtime_context().gcs_address)
 """
+)
 
 
 def test_a_worker_of_a_drivers_own_ray_beside_another_finds_its_own_ray_for_the_state_api(ray_cluster):

@@ -92,7 +92,7 @@ def connect(cfg: RayConfig, name: str = "searchllm") -> str:
         logging_level=logging.WARNING,
         log_to_driver=True,
         job_config=ray.job_config.JobConfig(metadata={"name": name}),
-        runtime_env={"worker_process_setup_hook": "searchllm.cluster.workers.quiet"},
+        runtime_env={"worker_process_setup_hook": "searchllm.cluster.workers.setup"},
     )
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

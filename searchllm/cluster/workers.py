@@ -10,9 +10,10 @@ from typing import Any
 import ray
 
 
-def quiet() -> None:
-    """Ray's worker_process_setup_hook (pool.connect): Ray Train's controller and workers log every report
-    and, without a dashboard, a warning every few seconds that its state API is unavailable."""
+def setup() -> None:
+    """Ray's worker_process_setup_hook (connect): quiets Ray Train's controller and workers, which log every
+    report and, without a dashboard, a warning every few seconds that its state API is unavailable; and points
+    the state API at the worker's own Ray."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     # Ray's state API, which Ray Train's placement-group cleaner polls, finds its cluster by RAY_ADDRESS or by
