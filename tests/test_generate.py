@@ -125,6 +125,7 @@ def test_a_heals_own_text_is_kept_batch_by_batch_and_only_what_no_earlier_heal_s
         return sample(self, prompt, count, *args, first=first, dtype=dtype)
 
     monkeypatch.setattr(EvaluatorPool, "generate", counted)
+    monkeypatch.setattr("searchllm.stages.heal.run", lambda ctx: None)  # the text is sampled before; no training
     args = level_args(path, corpus, run, "search.generations=1", *mix, *heal, "data.generate.batch=4")
     assert main([*args, "heal.tokens=256"]) != 0
     kept = torch.load(run / "heal-generated.pt")["tokens"]
