@@ -69,6 +69,21 @@ def test_the_level_search_exports_exactly_the_subnet_it_scored(two_generations):
     assert summary["fitness_kind"] == "kl" and summary["best_fitness"] > 0
 
 
+def test_a_copied_run_gets_its_export_in_another_format_in_its_own_dir(two_generations, tmp_path):
+    import shutil
+
+    from searchllm.export.__main__ import main as export_main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_generations, copy)
+    before = sorted(p.name for p in (two_generations / "export").iterdir())
+    assert export_main([str(copy), "export.format=vllm"]) == 0
+    m = json.loads((copy / "manifest.json").read_text())
+    assert m["export"]["dir"] == str(copy / "export") and m["export"]["vllm"]["dir"] == str(copy / "export" / "vllm")
+    assert (copy / "export" / "vllm" / "config.json").is_file()
+    assert sorted(p.name for p in (two_generations / "export").iterdir()) == before  # the original's untouched
+
+
 def test_the_run_dir_records_each_stages_wall_time_and_the_cpu_it_ran_on(two_generations):
     times = json.loads((two_generations / "timings.json").read_text())
     stages = ["load", "pool", "generate", "database", "search", "reform", "build", "export", "evaluate", "report"]

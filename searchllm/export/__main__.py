@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         cfg = load_config(args[1:], base_file=run / "config.yaml")
         manifest = RunDir(run).load_json("manifest.json")  # a damaged manifest: one line (RunFileError)
-        out = Path(manifest["export"]["dir"])
+        # Where the driver writes it: a copied or moved run's own export, not the path its manifest was written with
+        out = Path(cfg.export.dir).expanduser() if cfg.export.dir else run / "export"
         conf = json.loads((out / "config.json").read_text())
         check_format(cfg.export.format, cfg.export.gguf_types, conf.get("source_model_type") or conf["model_type"])
         model, tokenizer = load_pretrained(str(out))
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             list(cfg.export.gguf_types),
             manifest.get("perplexity", {}).get("exported"),
         )
-        record = manifest["export"]
+        record = manifest["export"] | {"dir": str(out)}
+        manifest["export"] = record
         before = {f["type"]: f for f in record.get("gguf", {}).get("files", [])}
         for name in FORMATS[cfg.export.format]:
             if name == "hf":
