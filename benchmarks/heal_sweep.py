@@ -27,7 +27,13 @@ def settings(recipe: str) -> list[str]:
 def heal(run: Path, args: list[str]) -> dict:
     rows_before = len(pd.read_parquet(run / "eval.parquet")) if (run / "eval.parquet").is_file() else 0
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "searchllm.heal", str(run), *args, "monitor.page=false"], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "searchllm.heal", str(run), *args, "monitor.page=false"])
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the heal got the same Ctrl-C: let it stop cleanly and print how it resumes
+        raise SystemExit(proc.wait()) from None
+    if rc:
+        raise SystemExit(rc)
     wall = time.time() - t0
     table = pd.read_parquet(run / "eval.parquet").iloc[rows_before:]
     ppl = table[(table.metric == "ppl") & (table.status == "ok") & (table.model != "original")]
