@@ -50,6 +50,10 @@ class RunDir:
     def started(self) -> bool:
         return (self.path / "config.yaml").is_file()
 
+    def export_dir(self, configured: str | None) -> Path:
+        """The export's folder: export.dir, else <run>/export (of this run dir, wherever it was copied or moved)."""
+        return Path(configured or self.path / "export")
+
     # -- config and scores -------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
         atomic_write(self.path / name, text.encode())

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{bad[0]!r}: only export.format, export.gguf_types and data.root apply to a finished run"
             )
         cfg = load_config(args[1:], base_file=run / "config.yaml")
-        manifest = RunDir(run).load_json("manifest.json")  # a damaged manifest: one line (RunFileError)
-        # Where the driver writes it: a copied or moved run's own export, not the path its manifest was written with
-        out = Path(cfg.export.dir).expanduser() if cfg.export.dir else run / "export"
+        rundir = RunDir(run)
+        manifest = rundir.load_json("manifest.json")  # a damaged manifest: one line (RunFileError)
+        out = rundir.export_dir(cfg.export.dir)  # not the manifest's path: a copied run's is the original's
         conf = json.loads((out / "config.json").read_text())
         check_format(cfg.export.format, cfg.export.gguf_types, conf.get("source_model_type") or conf["model_type"])
         model, tokenizer = load_pretrained(str(out))
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             list(cfg.export.gguf_types),
             manifest.get("perplexity", {}).get("exported"),
         )
-        record = manifest["export"] | {"dir": str(out)}
-        manifest["export"] = record
+        record = manifest["export"]
+        record["dir"] = str(out)
         before = {f["type"]: f for f in record.get("gguf", {}).get("files", [])}
         for name in FORMATS[cfg.export.format]:
             if name == "hf":
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if "gguf" in record:  # types written before stay listed unless rewritten now
             record["gguf"]["files"] = list((before | {f["type"]: f for f in record["gguf"]["files"]}).values())
         record["formats"] = sorted(set(record.get("formats", ["hf"])) | set(FORMATS[cfg.export.format]))
-        RunDir(run).save_json("manifest.json", manifest)
+        rundir.save_json("manifest.json", manifest)
     except (ConfigError, DataError, ModelError, GGUFError, VLLMError, LlamaCppMissing, RunFileError) as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2

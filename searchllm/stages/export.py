@@ -110,7 +110,7 @@ def export_subnet(ctx: RunContext, subnet: Subnet, built: Built) -> dict:
     job = ExportJob(
         built.model,
         built.info,
-        Path(e.dir or ctx.run.path / "export"),
+        ctx.run.export_dir(e.dir),
         loaded.tokenizer,
         ctx.plan.tokens["report"],
         ctx.batch,
