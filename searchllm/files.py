@@ -69,6 +69,11 @@ def check_writable(path: Path, key: str) -> None:
         ) from None
 
 
+def export_dir(run: Path, configured: str | None) -> Path:
+    """A run's export folder: export.dir, else <run>/export (of that run dir, wherever it was copied or moved)."""
+    return Path(configured or run / "export")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     with writing(path, path.with_name(path.name + ".tmp")) as tmp:
         with open(tmp, "wb") as f:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from searchllm.files import RunFileError, alive, atomic_write, damaged, read_json, writing
+from searchllm.files import RunFileError, alive, atomic_write, damaged, export_dir, read_json, writing
 from searchllm.pruning.reform import LayerResult
 from searchllm.pruning.scores import Scores
 
@@ -51,8 +51,7 @@ class RunDir:
         return (self.path / "config.yaml").is_file()
 
     def export_dir(self, configured: str | None) -> Path:
-        """The export's folder: export.dir, else <run>/export (of this run dir, wherever it was copied or moved)."""
-        return Path(configured or self.path / "export")
+        return export_dir(self.path, configured)
 
     # -- config and scores -------------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:

@@ -151,6 +151,22 @@ def test_evaluate_cli_rejects_a_path_that_is_not_a_checkpoint(tmp_path):
     assert proc.returncode == 2 and "neither a checkpoint dir" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_run_dir_is_evaluated_at_the_export_dir_its_config_names(tmp_path):
+    from searchllm.config import EvalError
+    from searchllm.evaluate import locate
+
+    export = tmp_path / "elsewhere"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"export:\n  dir: {export}\n")
+    assert (locate(str(run)).checkpoint, locate(str(run)).run_dir) == (export, run)
+    (run / "config.yaml").write_text("export:\n  dir: null\n")
+    with pytest.raises(EvalError, match="no export in .*run/export"):
+        locate(str(run))
+
+
 def test_the_worst_held_out_domain_is_the_largest_ratio_to_the_original():
     import pandas as pd
 

@@ -344,3 +344,15 @@ def test_heal_needs_a_finished_run(tmp_path, capsys):
 
     assert heal_main([str(tmp_path)]) == 2
     assert "not a searchllm run dir" in capsys.readouterr().err
+
+
+def test_a_heal_key_added_at_its_default_keeps_an_earlier_heals_folder(monkeypatch):
+    from searchllm.stages import heal as stage
+
+    model = tiny_model()
+    settings = asdict(HealConfig())
+    earlier = stage.tag_of({k: v for k, v in settings.items() if k != "clip"}, model)
+    monkeypatch.setattr(stage, "TAGGED", stage.TAGGED - {"clip"})  # as if heal.clip were new in this version
+    assert stage.tag_of(settings, model) == earlier
+    assert stage.tag_of({**settings, "clip": settings["clip"] * 2}, model) != earlier
+    assert stage.tag_of({**settings, "workers": 4}, model) == earlier  # how it runs is not in the tag

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from searchllm.config import EvalConfig, EvalError, parse_corpus, resolve_length
+from searchllm.files import export_dir
 from searchllm.pruning.shard import NLL
 
 log = logging.getLogger("searchllm")
@@ -499,15 +500,25 @@ def locate(path: str) -> Target:
                 f"{str(p)!r} has no tokenizer beside it (tokenizer_config.json); searchllm's GGUF exports write one"
             )
         return Target(p, None, p.parent)
-    if (p / "config.yaml").is_file() and (p / "export" / "config.json").is_file():
-        return Target(p / "export", p, p)
+    if (p / "config.yaml").is_file():
+        export = run_export_dir(p)
+        if (export / "config.json").is_file():
+            return Target(export, p, p)
     if (p / "config.json").is_file():
         return Target(p, None, p)
     if (p / "config.yaml").is_file():
         raise EvalError(
-            f"run dir {str(p)!r} has no export/ yet; finish the run (export.enabled=true) or give a checkpoint dir"
+            f"run dir {str(p)!r} has no export in {str(export)!r} yet; finish the run (export.enabled=true) "
+            "or give a checkpoint dir"
         )
     raise EvalError(f"{str(p)!r} is neither a checkpoint dir (config.json) nor a searchllm run dir; give one of those")
+
+
+def run_export_dir(run: Path) -> Path:
+    """Where a run dir's export is, by the export.dir in its config.yaml."""
+    from omegaconf import OmegaConf
+
+    return export_dir(run, OmegaConf.load(run / "config.yaml").get("export", {}).get("dir"))
 
 
 def describe(model, checkpoint: Path) -> Evaluated:

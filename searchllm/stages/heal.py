@@ -33,8 +33,24 @@ log = logging.getLogger("searchllm")
 EXECUTION = ("enabled", "workers", "cpus_per_worker", "fsdp", "checkpoint_every")
 
 
+# The heal.* keys of 2026-12-07, each in every tag. A key added later enters the tag only when set away from its
+# default (which keeps the earlier behaviour), so an upgrade finds every earlier heal's folder, a killed one's
+# checkpoint included, instead of starting it again from zero.
+TAGGED = frozenset(
+    ("batch", "candidate_tokens", "candidates", "ce", "chunk", "clip", "dtype", "eval_every", "eval_windows")
+    + ("generated", "lr", "min_lr", "mix", "seed", "seqlen", "teacher", "temperature", "tokens", "train")
+    + ("warmup", "weight_decay")
+)
+
+
 def tag_of(settings: dict, model: torch.nn.Module) -> str:
-    h = hashlib.sha1(json.dumps({k: v for k, v in settings.items() if k not in EXECUTION}, sort_keys=True).encode())
+    defaults = asdict(HealConfig())
+    keyed = {
+        k: v
+        for k, v in settings.items()
+        if k not in EXECUTION and (k in TAGGED or k not in defaults or v != defaults[k])
+    }
+    h = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())

@@ -54,7 +54,7 @@ def plan(cfg: Config, run: RunDir) -> Plan:
     strategy = strategies.get(cfg.search.mode)
     if cfg.export.enabled:  # a format, type or export dir that cannot be written stops here, not after the search
         check_format(cfg.export.format, cfg.export.gguf_types, adapter.config.model_type)
-        check_export_dir(Path(cfg.export.dir or run.path / "export"), cfg.export.overwrite)
+        check_export_dir(run.export_dir(cfg.export.dir), cfg.export.overwrite)
     extra = (
         bias_params(space) if adds_bias and strategy.kind != "levels" and not strategy.compensates else 0
     )  # flap() budgets its own
