@@ -121,21 +121,21 @@ def module_levels(
     Fd = None if F is None else F.to(Wd)
     ref = float((YY if Fd is None else Fd @ YY).trace().clamp_min(1e-30))
 
-    def error(new: torch.Tensor, idx: torch.Tensor, Gss: torch.Tensor) -> float:
+    def error(new: torch.Tensor, Rs: torch.Tensor, Gss: torch.Tensor) -> float:
         Fnew = new if Fd is None else Fd @ new
-        return max(ref - 2 * float((Fnew * R[:, idx]).sum()) + float((Fnew @ Gss * new).sum()), 0.0) / ref
+        return max(ref - 2 * float((Fnew * Rs).sum()) + float((Fnew @ Gss * new).sum()), 0.0) / ref
 
     top = len(kept) - 1
     for level, keep in enumerate(kept):
         idx = torch.tensor(keep, dtype=torch.long, device=G.device)
         if level == top:  # the original module (refitting it toward the stream too measured worse: docs/results.md)
-            errors.append(0.0 if target is None else error(Wd, idx, Gd[idx][:, idx]))
+            errors.append(0.0 if target is None else error(Wd, R.index_select(1, idx), Gd[idx][:, idx]))
         elif not keep:
             errors.append(1.0)
         else:  # the kept columns re-solved by least squares, as reformation does (C = G: the module's own output)
-            Gsk = Gd[:, idx]
-            Gss = Gsk[idx]
-            new = solve_exact(W, Gss, Gsk, keep, damp, None if target is None else R[:, idx])
-            errors.append(error(new, idx, Gss))
+            # W G_S = (W G)_S = R_S: the module's own target is a slice of R, not a product per level
+            Gss, Rs = Gd.index_select(0, idx).index_select(1, idx), R.index_select(1, idx)
+            new = solve_exact(W, Gss, None, keep, damp, Rs)
+            errors.append(error(new, Rs, Gss))
             weights[level] = new.to("cpu", dtype).contiguous()
     return weights, errors
