@@ -39,6 +39,7 @@ def test_paper_config_has_the_papers_budget():
         (["eval.lengths=[128,long]"], "eval.lengths entry 'long' is not a number or 'full'"),
         (["eval.corpora=[wiki:test]"], "unknown corpus 'wiki'"),
         (["reform.finalists=0"], "reform.finalists=0 must be >= 1"),
+        (["data.generate.dtype=int8"], "data.generate.dtype='int8' is not allowed; choose one of: model, auto"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(argv, message):

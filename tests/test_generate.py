@@ -1,5 +1,7 @@
 """Self-generated calibration: sampling with a KV cache on the pool, its cache in the run dir, mixtures."""
 
+import json
+
 import pytest
 import torch
 
@@ -89,6 +91,26 @@ def test_a_resume_reuses_the_cached_generated_windows(ray_cluster, tiny_checkpoi
     monkeypatch.setattr(EvaluatorPool, "generate", refuse)
     assert main([f"resume={run}", "search.generations=2"]) == 0
     assert torch.equal(torch.load(run / "generated.pt")["tokens"], saved)
+
+
+@pytest.mark.ray
+def test_the_calibration_text_is_sampled_in_data_generate_dtype(ray_cluster, tiny_checkpoint, tmp_path, monkeypatch):
+    from searchllm.cluster.pool import EvaluatorPool
+    from searchllm.driver import main
+    from tests.test_level_driver import level_args
+
+    path, corpus = tiny_checkpoint
+    sample, dtypes = EvaluatorPool.generate, []
+
+    def recorded(self, *args, dtype="model", **kwargs):
+        dtypes.append(dtype)
+        return sample(self, *args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(EvaluatorPool, "generate", recorded)
+    mix = [f"data.calibration.{k}" for k in ("name=mix", f"mix=[text:{corpus}=1,generated=1]")]
+    run = tmp_path / "run"
+    assert main(level_args(path, corpus, run, "search.generations=1", "data.generate.dtype=bfloat16", *mix)) == 0
+    assert dtypes == ["bfloat16"] and json.loads((run / "generated.json").read_text())["dtype"] == "bfloat16"
 
 
 def sampled(calls: list[tuple[int, int]]) -> tuple[int, int]:

@@ -37,8 +37,7 @@ def heal_text(ctx: RunContext) -> None:
         return
     g = cfg.data.generate
     prompt = generation_prompt(ctx.loaded.tokenizer, g.chat)
-    # Sampled in heal.dtype, as the heal's teacher computes: bfloat16 where native samples ~1.7x faster (the
-    # calibration's text stays in the model's dtype: it decides the subnet).
+    # Sampled in heal.dtype, as the heal's teacher computes: bfloat16 where native samples ~1.7x faster.
     settings = sampling(cfg, prompt, need.seqlen) | {"dtype": cfg.heal.dtype}
     have = ctx.run.load_generated(settings, HEAL_GENERATED)
     kept = 0 if have is None else have.shape[0]
@@ -88,6 +87,8 @@ def calibration_text(ctx: RunContext) -> None:
     g = cfg.data.generate
     prompt = generation_prompt(ctx.loaded.tokenizer, g.chat)
     settings = sampling(cfg, prompt, need.seqlen) | {"sequences": need.sequences}
+    if g.dtype != "model":  # text sampled in the model's dtype (before data.generate.dtype) stays valid
+        settings["dtype"] = g.dtype
     generated = ctx.run.load_generated(settings)
     if generated is None:
         pool = ctx.need_pool()
@@ -103,7 +104,15 @@ def calibration_text(ctx: RunContext) -> None:
         t0 = time.perf_counter()
         with ctx.monitor.bar(need.sequences, "generate", "seq") as bar:
             generated = pool.generate(
-                prompt, need.sequences, need.seqlen, cfg.data.seed, g.temperature, g.top_p, g.batch, bar.update
+                prompt,
+                need.sequences,
+                need.seqlen,
+                cfg.data.seed,
+                g.temperature,
+                g.top_p,
+                g.batch,
+                bar.update,
+                dtype=g.dtype,
             )
         seconds = time.perf_counter() - t0
         new = need.sequences * (need.seqlen - len(prompt))
