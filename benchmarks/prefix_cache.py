@@ -2,7 +2,10 @@
 order the search scored them, each on its stage's tokens) with the cache off and on, in this process on
 one shard, and print the seconds, the layers skipped and whether every fitness equals the logged one.
 
-    python benchmarks/prefix_cache.py RUN [--cache-mb 2048] [--limit N]
+    python benchmarks/prefix_cache.py RUN [--cache-mb 2048] [--limit N] [--modes off,on]
+
+The candidates are scored in the run's levels.score_dtype as this machine resolves it (bfloat16 for `auto`
+where native), as the run's evaluators did.
 
 RUN is a run dir of method=searchllm (its config.yaml, levels/ and evals.jsonl); its token sets come from
 the driver's own token windows (`data.token_sets` with the level search's selection sets). Asserts nothing.
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--cache-mb", type=int, default=2048)
     ap.add_argument("--limit", type=int, default=0, help="replay only the first N evaluations (0: all)")
+    ap.add_argument("--modes", default="off,on", help="which of the cache off and on to replay")
     a = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -30,7 +34,7 @@ def main() -> None:
     from searchllm.models.loading import load
     from searchllm.pruning.levels import LevelSpace, load_layers
     from searchllm.pruning.prefix import PrefixCache
-    from searchllm.pruning.shard import ShardRunner, ShardSpec
+    from searchllm.pruning.shard import ShardRunner, ShardSpec, bf16_native, resolve_score_dtype
     from searchllm.rundir import RunDir
     from searchllm.search.levelsearch import fitness_metric, genome_from, stage_tokens
     from searchllm.stages.plan import selection_sets
@@ -44,8 +48,13 @@ def main() -> None:
     tokens, _ = token_sets(cfg, loaded.tokenizer, selection_sets(cfg), generated)
     space = LevelSpace(g, cfg.levels)
     folder = next(p for p in (run.path / "levels").iterdir() if p.is_dir())
+    model_dtype = getattr(torch, cfg.model.dtype)
+    scored = resolve_score_dtype(cfg.levels.score_dtype, model_dtype, bf16_native(torch.device("cpu")))
     runner = ShardRunner(
-        loaded.adapter.architecture(), loaded.model.state_dict(), ShardSpec(0, g.num_layers, True, True)
+        loaded.adapter.architecture(),
+        loaded.model.state_dict(),
+        ShardSpec(0, g.num_layers, True, True),
+        dtype=scored,
     )
     runner.levels, runner.level_space = load_layers(folder), space
     evals = sorted(run.load_evals().values(), key=lambda r: r["finished_at"])
@@ -56,7 +65,8 @@ def main() -> None:
         if metric == "kl":
             runner.forward(full, tokens[w], tokens[w], cfg.data.batch, f"targets:{cfg.levels.topk}", w)
     rows = []
-    for name, mb in (("off", 0), ("on", a.cache_mb)):
+    modes = [m for m in (("off", 0), ("on", a.cache_mb)) if m[0] in a.modes.split(",")]
+    for name, mb in modes:
         runner.prefix = PrefixCache(mb * 2**20) if mb else None
         if runner.prefix is not None:
             runner.prefix.set_views(tokens, cfg.data.batch)
@@ -69,7 +79,7 @@ def main() -> None:
             worst = max(worst, abs(got - r["fitness"]) / max(abs(r["fitness"]), 1e-30))
         c = runner.prefix
         rows.append((name, time.perf_counter() - t0, c.hits if c else 0, c.skipped if c else 0, same, worst))
-    print(f"{len(evals)} evaluations of {a.run} ({g.num_layers} layers), batch {cfg.data.batch}, 2 threads")
+    print(f"{len(evals)} evaluations of {a.run} ({g.num_layers} layers), batch {cfg.data.batch}, 2 threads, {scored}")
     print("| cache | seconds | hits | layers skipped | fitness equal to the log | max rel. diff |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, s, hits, skipped, same, worst in rows:

@@ -6,7 +6,9 @@ one column per run, with the CPU each ran on.
 
 The whole run is timed from outside (Python's start-up and imports included). Run it alone on the cores:
 Ray's workers run at nice 15 and anything else running starves them. For the AVX2 path on a bf16 machine, set
-ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 and levels.score_dtype=model.
+ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 and nothing else: oneDNN then reports
+no native bfloat16, so levels.score_dtype=auto falls back to float32 and levels.float32_share cuts the tokens, as
+on an AVX2 machine (levels.score_dtype=model would score the full tokens in float32: not the default's path).
 """
 
 from __future__ import annotations

@@ -64,3 +64,22 @@ def test_a_held_out_domain_cannot_calibrate_or_select(role):
 
     with pytest.raises(ConfigError, match=f"data.{role}.name=code is a held-out evaluation domain"):
         load_config([f"data.{role}.name=code", f"data.{role}.split=test"])
+
+
+def test_a_corpus_tokenized_again_in_a_process_is_not_tokenized_again_and_its_ids_are_the_callers_own(
+    tmp_path, monkeypatch
+):
+    from searchllm.data import tokenize
+
+    from conftest import WORDS, bpe_tokenizer, word_tokenizer
+
+    words, bpe = word_tokenizer(tmp_path / "words"), bpe_tokenizer(tmp_path / "bpe")
+    text = " ".join(WORDS * 3)
+    first = tokenize(text, words)
+    first[:] = 0  # a caller's writes stay its own
+    calls = []
+    monkeypatch.setattr(type(words), "__call__", lambda *a, **k: calls.append(a) or pytest.fail("tokenized again"))
+    again = tokenize(text, word_tokenizer(tmp_path / "words2"))  # the same tokenizer, loaded again
+    assert again.tolist() == [WORDS.index(w) + 2 for w in WORDS * 3] and not calls
+    monkeypatch.undo()
+    assert tokenize(text, bpe).tolist() != again.tolist()  # another tokenizer: its own ids
