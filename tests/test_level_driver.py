@@ -330,7 +330,7 @@ def test_sigterm_to_the_process_group_of_a_driver_that_started_its_own_ray_ends_
         ("heal", "searchllm.stages.heal:Progress.__call__", 2),
     ):
         proc = signal_driver_at(args, method, after, "SIGTERM", group=True)
-        args = ended_cleanly(proc, run, "SIGTERM", stage, worker_logs=stage in ("heal", "export"))
+        args = ended_cleanly(proc, run, "SIGTERM", stage, worker_logs=stage == "heal")
         assert _ray_daemons() == daemons  # the driver's own Ray is gone with it
     assert main([*args, f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]) == 0
     assert outcome(run) == outcome(tmp_path / "undisturbed")
