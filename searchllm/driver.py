@@ -127,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     previous, run_dir = interrupt.catch(), None
     try:
         cfg, run_dir = resolve_config(args)
-        return run(cfg, run_dir, plan(cfg, run_dir))
+        return run(cfg, run_dir, plan(cfg, run_dir, alongside=lambda: start_ray(cfg, run_dir)))
     except USER_ERRORS as e:
         print(f"searchllm: error: {e}", file=sys.stderr)
         return 2
@@ -152,8 +152,20 @@ def interrupted(e: interrupt.Interrupted, run_dir: Optional[RunDir], args: list[
     return f"{head}; every finished step is saved in {run_dir.path}; resume with: {cmd}"
 
 
-def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
+def job_name(cfg: Config, run_dir: RunDir) -> str:
+    return f"searchllm {cfg.method} {Path(cfg.model.path).name} {cfg.budget.target:g} ({run_dir.path.name})"
+
+
+def start_ray(cfg: Config, run_dir: RunDir) -> None:
+    """Attach to or start Ray (the plan runs it while the corpora are tokenized): before anything is written or
+    loaded, so an unreachable cluster fails in seconds."""
     from searchllm.cluster.connect import connect  # Ray is imported only once a run starts
+
+    log.info("%s", connect(cfg.ray, job_name(cfg, run_dir)))
+    interrupt.catch()  # again: ray.init replaced the SIGTERM handler with its own (a stack dump)
+
+
+def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
     from searchllm.cluster.metrics import RayMetrics
     from searchllm.cluster.pool import EvaluatorPool  # Ray is imported only once a run starts
     from searchllm.cluster.train import RayHealer
@@ -191,11 +203,7 @@ def run(cfg: Config, run_dir: RunDir, p: Plan) -> int:
             s.mlp_range,
             s.depth_range,
         )
-    name = f"searchllm {cfg.method} {Path(cfg.model.path).name} {cfg.budget.target:g} ({run_dir.path.name})"
-    log.info(
-        "%s", connect(cfg.ray, name)
-    )  # before anything is written or loaded: an unreachable cluster fails in seconds
-    interrupt.catch()  # again: ray.init replaced the SIGTERM handler with its own (a stack dump)
+    name = job_name(cfg, run_dir)
     run_dir.create()
     with run_dir.locked():  # a second driver on this run dir stops here (before any actor), naming this one
         with interrupt.during("load"), run_dir.timed("load"):

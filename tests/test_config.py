@@ -184,7 +184,7 @@ class Accepted(Exception):
 def test_random_overrides_are_accepted_or_stop_with_exit_2_and_one_line(argv, monkeypatch, capsys):
     import searchllm.driver as driver
 
-    def planned(cfg, run):
+    def planned(cfg, run, alongside=None):
         raise Accepted
 
     monkeypatch.setattr(driver, "plan", planned)

@@ -36,6 +36,21 @@ def test_perplexity_of_a_fixed_text_matches_the_hand_computed_value():
     assert nll.ppl == pytest.approx(hand, rel=1e-6)
 
 
+def test_perplexity_in_streams_adds_every_batch_in_order_without_autograd_and_restores_the_threads():
+    model = tiny_model("llama", layers=2, vocab_size=64)
+    grad = []
+    model.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
+    windows = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    two = perplexity(model, windows, batch=2, streams=2)
+    assert torch.get_num_threads() == threads and grad == [False] * 3
+    one = perplexity(model, windows, batch=2)
+    by_batch = [perplexity(model, windows[s : s + 2], batch=2) for s in (0, 2, 4)]
+    assert two.tokens == one.tokens == sum(b.tokens for b in by_batch) == 5 * 15
+    assert two.total == pytest.approx(sum(b.total for b in by_batch), rel=1e-6)
+    assert two.ppl == pytest.approx(one.ppl, rel=1e-6)
+
+
 def test_windows_are_non_overlapping_and_the_last_partial_window_is_dropped(tmp_path):
     tok = word_tokenizer(tmp_path / "tok")
     model = tiny_model("llama", layers=1, vocab_size=len(tok))

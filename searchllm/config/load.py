@@ -260,10 +260,10 @@ def validate(c: Config) -> None:
             f"export.dtype={c.export.dtype!r} is not allowed; choose one of: {', '.join(DTYPES)} (or null: model.dtype)"
         )
     e = c.eval
-    if e.batch < 1 or e.max_windows < 0 or (e.task_limit is not None and e.task_limit < 1):
+    if e.batch < 1 or e.max_windows < 0 or e.streams < 0 or (e.task_limit is not None and e.task_limit < 1):
         raise ConfigError(
-            f"eval.batch={e.batch} must be >= 1, eval.max_windows={e.max_windows} >= 0 and "
-            f"eval.task_limit={e.task_limit} >= 1 or null"
+            f"eval.batch={e.batch} must be >= 1, eval.max_windows={e.max_windows} >= 0, eval.streams={e.streams} "
+            f">= 0 (0: auto) and eval.task_limit={e.task_limit} >= 1 or null"
         )
     if e.corpora and not e.lengths:
         raise ConfigError(

@@ -62,6 +62,7 @@ class EvalConfig:
     task_limit: Optional[int] = None  # examples per task (None: all)
     include_path: Optional[str] = None  # extra lm-eval task YAMLs (local, offline tasks)
     batch: int = 1  # windows per forward pass
+    streams: int = 0  # perplexity passes at once on CPU, sharing the threads (0: 2 where >= 2 threads; 1 on CUDA)
     seed: int = 0  # lm-eval's seed
     device: str = "auto"  # auto: CUDA where present
 

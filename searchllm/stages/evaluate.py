@@ -112,7 +112,7 @@ def run(ctx: RunContext) -> None:
 def protocol(cfg: Config, checkpoint) -> str:
     """What the original's rows depend on besides their own columns: its checkpoint, the data, every eval.*
     setting that changes a number, the device. Equal keys: an earlier evaluation's rows stand for a new one."""
-    settings = {k: v for k, v in asdict(cfg.eval).items() if k not in ("enabled", "original", "device")}
+    settings = {k: v for k, v in asdict(cfg.eval).items() if k not in ("enabled", "original", "device", "streams")}
     what = [str(checkpoint), str(data_root(cfg.data.root)), str(device_of(cfg.eval.device)), settings]
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
