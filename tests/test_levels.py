@@ -369,6 +369,27 @@ def test_a_view_starts_from_its_larger_sets_prefix_states_and_scores_exactly_as_
     assert runner.prefix.hits == 1 and runner.prefix.skipped == L - 1
 
 
+def test_a_runner_in_two_streams_scores_targets_and_caches_to_the_bit_what_it_does_in_one():
+    _, _, runner, db, band = build_db()
+    tokens = torch.randint(0, 128, (5, 32), generator=torch.Generator().manual_seed(4))  # batches of 2, 2, 1
+    parent = uniform_genome(db.space, db.params, *band, db.space.attn_top)
+    child = parent.copy()
+    child[-1, 1] -= 1
+    full = [tuple(x) for x in db.space.full()]
+
+    def run(streams: int):
+        runner.streams, runner.prefix = streams, PrefixCache(2**30)
+        dense, targets = runner.forward(full, tokens, tokens, 2, "targets:16", "fit")
+        scores = [runner.forward([tuple(x) for x in g], tokens, tokens, 2, "kl", "fit").total for g in (parent, child)]
+        scores.append(runner.forward([tuple(x) for x in child], tokens, tokens, 2, "nll").total)
+        return dense.total, targets, scores, runner.prefix.data
+
+    one, two = run(1), run(2)
+    assert two[0] == one[0] and two[2] == one[2]  # bitwise
+    assert all(torch.equal(a, b) for a, b in zip(two[1], one[1]))
+    assert list(two[3]) == list(one[3]) and all(torch.equal(two[3][k], one[3][k]) for k in one[3])
+
+
 def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl():
     torch.manual_seed(0)
     p_logits, q_logits = torch.randn(20, 50) * 3, torch.randn(20, 50) * 3

@@ -16,6 +16,7 @@ from searchllm.pruning.prefix import PrefixCache
 from searchllm.pruning.reform import ReformParams, iter_reform
 from searchllm.pruning.scores import LayerScores
 from searchllm.pruning.shard import ShardRunner, ShardSpec, bf16_native, resolve_score_dtype
+from searchllm.streams import resolve_streams
 
 
 class StageActor:
@@ -30,6 +31,7 @@ class StageActor:
         threads: int,
         token_names: list[str],
         score_dtype: str = "model",
+        streams: int = 1,
     ) -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
@@ -40,6 +42,7 @@ class StageActor:
         # Candidates are scored by `scorer` (levels.score_dtype); a second copy of the weights only where it differs.
         scored = resolve_score_dtype(score_dtype, model_dtype, bf16_native(self.runner.device))
         self.scorer = self.runner if scored == model_dtype else ShardRunner(arch, state, spec, device, scored)
+        self.runner.streams = self.scorer.streams = resolve_streams(streams, device)
         self.tokens = {k: fetch(store, f"tokens.{k}") for k in token_names}
         self.spec, self.arch, self.store = spec, arch, store
         self.sampler = self.runner  # what decode_begin chose to sample the batch with
@@ -58,6 +61,7 @@ class StageActor:
             "pid": os.getpid(),
             "load_s": self.load_seconds,
             "threads": torch.get_num_threads(),
+            "streams": self.runner.streams,
         }
 
     def _sync(self, extras: tuple[int, list]) -> None:

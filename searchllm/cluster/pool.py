@@ -113,7 +113,7 @@ class EvaluatorPool:
                             max_restarts=cfg.max_restarts,
                             max_task_retries=-1 if cfg.max_restarts else 0,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
-                        ).remote(arch, store, spec, dtype, layout.threads, list(token_refs), score_dtype)
+                        ).remote(arch, store, spec, dtype, layout.threads, list(token_refs), score_dtype, cfg.streams)
                     )
                 self.replicas.append(chain)
             self.placed = [ray.get([a.ready.remote() for a in chain]) for chain in self.replicas]
@@ -126,7 +126,7 @@ class EvaluatorPool:
                 r,
                 "; ".join(
                     f"layers {a['layers']} on {a['device']} @ node {a['node'][:8]}, {a['threads']} thread(s) "
-                    f"({a['load_s']:.2f}s to load)"
+                    f"in {a['streams']} stream(s) ({a['load_s']:.2f}s to load)"
                     for a in chain
                 ),
             )

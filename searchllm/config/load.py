@@ -299,9 +299,10 @@ def validate(c: Config) -> None:
         value = getattr(r, key)
         if (value != "auto" or key == "in_flight") and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"ray.{key}={value!r} must be an integer >= 1{' or auto' if key != 'in_flight' else ''}")
-    if r.placement_timeout <= 0 or r.max_restarts < 0:
+    if r.placement_timeout <= 0 or r.max_restarts < 0 or r.streams < 0:
         raise ConfigError(
-            f"ray.placement_timeout={r.placement_timeout} must be > 0 and ray.max_restarts={r.max_restarts} >= 0"
+            f"ray.placement_timeout={r.placement_timeout} must be > 0, ray.max_restarts={r.max_restarts} >= 0 and "
+            f"ray.streams={r.streams} >= 0 (0: auto)"
         )
 
 

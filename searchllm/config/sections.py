@@ -524,6 +524,9 @@ class RayConfig:
     # Intra-op threads of each actor: auto = the CPUs it reserves. CPU bfloat16 matrix kernels round by thread
     # count (1e-4 of the KL), so runs reproduce each other's scores to the bit only with equal threads per actor.
     threads: Union[int, str] = "auto"
+    # Window batches each actor runs at once, sharing its threads (0: 2 on a CPU with 2 threads or more, 1 on
+    # CUDA): the scores do not depend on it (searchllm.streams).
+    streams: int = 0
     num_cpus: Optional[int] = None  # only when the driver starts its own Ray
     device: str = "auto"  # auto: a GPU per actor when Ray lists GPUs
     max_restarts: int = 3  # per actor; a replica whose actor runs out of restarts is dropped

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from searchllm.config import EvalConfig, EvalError, parse_corpus, resolve_length
 from searchllm.files import export_dir
 from searchllm.pruning.shard import NLL
+from searchllm.streams import in_streams, resolve_streams
 
 log = logging.getLogger("searchllm")
 
@@ -60,41 +60,20 @@ class Evaluated:
 
 # -- perplexity ---------------------------------------------------------------------------------------
 def perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch: int = 1, streams: int = 1) -> NLL:
-    """Perplexity of `tokens` (windows x length), `batch` windows per forward pass. `streams` passes run at once,
-    each on its share of the intra-op threads: on 2 Zen 4 cores two one-thread passes scored 15% more tokens per
-    second than one two-thread pass, to the bit the same numbers. Sums are added in window order whatever the
-    streams, so the result does not depend on them."""
+    """Perplexity of `tokens` (windows x length), `batch` windows per forward pass, `streams` passes at once
+    (searchllm.streams: the sums are added in window order, so the result does not depend on them)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     chunks = [tokens[s : s + batch] for s in range(0, tokens.shape[0], batch)]
 
     def score(t: torch.Tensor) -> float:
-        with torch.no_grad():  # grad mode is per thread: a stream's thread sets its own
-            t = t.to(device)
-            logits = model(t, use_cache=False).logits.float()
-            return float(
-                F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), reduction="sum")
-            )
+        t = t.to(device)
+        logits = model(t, use_cache=False).logits.float()
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return float(F.cross_entropy(flat, t[:, 1:].reshape(-1), reduction="sum"))
 
-    streams = min(streams, len(chunks))
-    if streams > 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // streams))
-        try:
-            with ThreadPoolExecutor(streams) as pool:
-                sums = list(pool.map(score, chunks))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        sums = [score(t) for t in chunks]
+    sums = in_streams(score, chunks, streams)
     return NLL(sum(sums), sum(t[:, 1:].numel() for t in chunks), time.perf_counter() - t0)
-
-
-def eval_streams(streams: int, device: torch.device) -> int:
-    """eval.streams resolved: 0 is two passes at once on a CPU with two threads or more, else one."""
-    if streams:
-        return streams
-    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 # -- parameters ---------------------------------------------------------------------------------------
@@ -266,7 +245,7 @@ def evaluate_model(
     step = step or (lambda: None)
     base = base_row(what, cfg) | {"weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
     lengths = [resolve_length(x, model.config) for x in cfg.lengths]
-    streams = eval_streams(cfg.streams, next(model.parameters()).device)
+    streams = resolve_streams(cfg.streams, next(model.parameters()).device)
     rows = perplexity_rows(
         lambda w: perplexity(model, w, cfg.batch, streams),
         tokenizer,

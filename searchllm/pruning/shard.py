@@ -6,6 +6,7 @@ LM head and returns the negative log-likelihood. One shard holding every layer i
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from searchllm.models.weights import SharedState, unshare
 from searchllm.pruning.joint import EMBED
 from searchllm.pruning.prefix import PrefixCache
 from searchllm.pruning.scores import GramAccumulator, LayerScores, compensation, layer_scores
+from searchllm.streams import in_streams
 
 if TYPE_CHECKING:
     from searchllm.pruning.levels import LayerLevels, LevelSpace
@@ -124,17 +126,19 @@ class QuantCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
         self.data: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()  # streams of one candidate share its weights (ShardRunner.streams)
 
     def get(self, key: tuple, make) -> torch.Tensor:
-        if key in self.data:
-            self.data.move_to_end(key)
-            return self.data[key]
-        t = make()
-        self.data[key], self.bytes = t, self.bytes + t.numel() * t.element_size()
-        while self.bytes > self.max_bytes and len(self.data) > 1:
-            _, old = self.data.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-        return t
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                return self.data[key]
+            t = make()
+            self.data[key], self.bytes = t, self.bytes + t.numel() * t.element_size()
+            while self.bytes > self.max_bytes and len(self.data) > 1:
+                _, old = self.data.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+            return t
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -214,6 +218,7 @@ class ShardRunner:
         # Quantized-and-read-back weights of joint candidates (budget.size); sized by quant.cache_mb on use.
         self.quant = QuantCache(2**30)
         self.outer_type: Optional[int] = None  # the token embedding's type index of the candidate being run
+        self.streams = 1  # window batches run at once (searchllm.streams; the scores do not depend on it)
 
     # -- building -------------------------------------------------------------------------------------
     def blocks(
@@ -334,18 +339,24 @@ class ShardRunner:
         self, blocks: Mapping[str, nn.Module], hidden: torch.Tensor, batch: int = 1, record=None, out=None
     ) -> torch.Tensor:
         """Blocks keyed by their layer index, in order, over all windows `batch` at a time;
-        `record(layer, key, x)` sees every block's module inputs, `out(layer, h)` every block's output."""
+        `record(layer, key, x)` sees every block's module inputs, `out(layer, h)` every block's output, both
+        batch after batch (without `record`, `streams` batches run at once and `out` sees them in order)."""
         hidden = hidden.to(self.device, self.dtype)
-        outs = []
-        for s in range(0, hidden.shape[0], batch):
-            h = hidden[s : s + batch]
+
+        def chain(s: int) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+            h, seen = hidden[s : s + batch], []
             for name, block in blocks.items():
                 rec = None if record is None else (lambda key, x, _i=int(name): record(_i, key, x))
                 h = self.run_block(block, h, rec)
                 if out is not None:
-                    out(int(name), h)
-            outs.append(h)
-        return torch.cat(outs)
+                    seen.append((int(name), h))
+            return h, seen
+
+        done = in_streams(chain, range(0, hidden.shape[0], batch), self.streams if record is None else 1)
+        for _, seen in done:
+            for layer, h in seen:
+                out(layer, h)
+        return torch.cat([h for h, _ in done])
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return norm(h.to(self.device), self.norm_w, self.norm_b, self.eps, self.block_config.norm_offset)
@@ -357,35 +368,36 @@ class ShardRunner:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
 
-    @torch.no_grad()
-    def nll(self, hidden: torch.Tensor, tokens: torch.Tensor) -> NLL:
-        total, count = 0.0, 0
-        tokens = tokens.to(self.device)
-        for h, t in zip(hidden, tokens):  # one window at a time: logits are vocab-wide
-            logits = self.logits(h)
-            total += float(F.cross_entropy(logits[:-1], t[1:], reduction="sum"))
-            count += t.numel() - 1
-        return NLL(total, count)
+    def per_window(self, fn, count: int) -> float:
+        """sum(fn(j) for j < count), the windows in `streams` at once, added in window order."""
+        return sum(in_streams(fn, range(count), self.streams))
 
-    @torch.no_grad()
+    def nll(self, hidden: torch.Tensor, tokens: torch.Tensor) -> NLL:
+        tokens = tokens.to(self.device)
+
+        def window(j: int) -> float:  # one window at a time: logits are vocab-wide
+            return float(F.cross_entropy(self.logits(hidden[j])[:-1], tokens[j, 1:], reduction="sum"))
+
+        return NLL(self.per_window(window, len(tokens)), sum(t.numel() - 1 for t in tokens))
+
     def kl(self, hidden: torch.Tensor, which: str) -> NLL:
         """Summed sparse KL from the dense model's cached targets of token set `which` (per position)."""
         logp, idx = self.targets[which]
-        total, count = 0.0, 0
-        for j, h in enumerate(hidden):
-            total += float(sparse_kl(self.head(h)[:-1], (logp[j], idx[j])))
-            count += h.shape[0] - 1
-        return NLL(total, count, kind="kl")
+        total = self.per_window(lambda j: float(sparse_kl(self.head(hidden[j])[:-1], (logp[j], idx[j]))), len(hidden))
+        return NLL(total, sum(h.shape[0] - 1 for h in hidden), kind="kl")
 
-    @torch.no_grad()
     def set_targets(self, hidden: torch.Tensor, tokens: torch.Tensor, which: str, k: int) -> NLL:
         """Cache the top-k next-token distributions of these (dense) hidden states as token set `which`'s
         KL targets; returns their NLL on `tokens` (from the same logits: the LM head runs once)."""
-        tops, total = [], 0.0
-        for h, t in zip(hidden, tokens.to(self.device)):
-            logp = F.log_softmax(self.logits(h)[:-1], -1)
-            tops.append(topk_targets(logp, k))
-            total -= float(logp.gather(-1, t[1:, None]).sum())
+        tokens = tokens.to(self.device)
+        tops: list = [None] * len(tokens)
+
+        def window(j: int) -> float:
+            logp = F.log_softmax(self.logits(hidden[j])[:-1], -1)
+            tops[j] = topk_targets(logp, k)
+            return -float(logp.gather(-1, tokens[j, 1:, None]).sum())
+
+        total = self.per_window(window, len(tokens))
         self.targets[which] = (torch.stack([p[0] for p in tops]), torch.stack([p[1] for p in tops]))
         return NLL(total, sum(t.numel() - 1 for t in tokens))
 

@@ -1,0 +1,46 @@
+"""Independent forward passes run at once on a CPU, each on its share of the intra-op threads: on 2 Zen 4 cores
+two one-thread passes do 11-15% more per second than one two-thread pass (the matrix kernels scale worse than
+linearly), with the same bits. Results come back in the items' order, so a caller that sums them in that order
+gets a number that does not depend on the streams. Knows nothing of Ray."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+# Kept for the process: a fresh thread per call costs more than the streams gain (each new thread's allocator
+# arena and kernel state start cold: 12 of the search's evaluations 9% slower than on one stream, not 14% faster).
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def resolve_streams(streams: int, device: torch.device | str) -> int:
+    """A streams setting resolved: 0 is two at once on a CPU with two threads or more, else one (a GPU
+    runs one pass at a time faster)."""
+    if streams:
+        return streams
+    return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int = 1) -> list[R]:
+    """[fn(x) for x in items] without autograd, `streams` items at a time, each stream on threads // streams
+    intra-op threads (restored after)."""
+    items = list(items)
+    streams = min(streams, len(items))
+
+    def call(x: T) -> R:
+        with torch.no_grad():  # grad mode is per thread: a stream's thread sets its own
+            return fn(x)
+
+    if streams <= 1:
+        return [call(x) for x in items]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))
+    try:
+        pool = _POOLS.setdefault(streams, ThreadPoolExecutor(streams, thread_name_prefix="searchllm-stream"))
+        return list(pool.map(call, items))
+    finally:
+        torch.set_num_threads(threads)
