@@ -5,8 +5,9 @@ gets a number that does not depend on the streams. Knows nothing of Ray."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -25,22 +26,37 @@ def resolve_streams(streams: int, device: torch.device | str) -> int:
     return 2 if torch.device(device).type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
-def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int = 1) -> list[R]:
-    """[fn(x) for x in items] without autograd, `streams` items at a time, each stream on threads // streams
-    intra-op threads (restored after)."""
-    items = list(items)
-    streams = min(streams, len(items))
+def imap_streams(fn: Callable[[T], R], items: Iterable[T], streams: int = 1) -> Iterator[R]:
+    """fn(x) for x in items, in order, without autograd, `streams` items at a time, each stream on
+    threads // streams intra-op threads; at most streams + 1 results wait to be taken (the statistics of a
+    large model's batches are big). The caller's own work between items runs on that share too."""
 
     def call(x: T) -> R:
         with torch.no_grad():  # grad mode is per thread: a stream's thread sets its own
             return fn(x)
 
     if streams <= 1:
-        return [call(x) for x in items]
+        yield from map(call, items)
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // streams))
+    pool = _POOLS.setdefault(streams, ThreadPoolExecutor(streams, thread_name_prefix="searchllm-stream"))
+    pending: deque[Future[R]] = deque()
     try:
-        pool = _POOLS.setdefault(streams, ThreadPoolExecutor(streams, thread_name_prefix="searchllm-stream"))
-        return list(pool.map(call, items))
+        for x in items:
+            pending.append(pool.submit(call, x))
+            if len(pending) > streams:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
+        for f in pending:  # a caller that stops early: nothing of its runs on after it
+            f.cancel()
+        wait(pending)
         torch.set_num_threads(threads)
+
+
+def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int = 1) -> list[R]:
+    """[fn(x) for x in items] in `streams` (imap_streams)."""
+    listed = list(items)
+    return list(imap_streams(fn, listed, min(streams, len(listed))))

@@ -390,6 +390,25 @@ def test_a_runner_in_two_streams_scores_targets_and_caches_to_the_bit_what_it_do
     assert list(two[3]) == list(one[3]) and all(torch.equal(two[3][k], one[3][k]) for k in one[3])
 
 
+@pytest.mark.parametrize("refit", ["module", "stream"])
+def test_the_level_database_built_in_two_streams_is_the_one_built_in_one_to_the_bit(refit):
+    model, adapter, runner, db, band = build_db(refit=refit)
+    calib = torch.randint(0, 128, (5, 32), generator=torch.Generator().manual_seed(2))  # batches of 2, 2, 1
+    implied = implied_levels(db.space, *band)
+    builds = []
+    for streams in (1, 2):
+        runner.streams = streams
+        builds.append(build_local(runner, db.space, implied, calib, 2))
+    (one, out_one), (two, out_two) = builds
+    assert torch.equal(out_two, out_one)
+    plain = lambda e: (e.head_order, e.mlp_order, e.attn_error, e.mlp_error)  # noqa: E731
+    for i, a in one.items():
+        b = two[i]
+        assert plain(b) == plain(a)
+        assert all(torch.equal(b.attn[k], a.attn[k]) for k in a.attn)
+        assert all(torch.equal(b.mlp[k], a.mlp[k]) for k in a.mlp)
+
+
 def test_kl_of_the_dense_model_to_itself_is_zero_and_full_topk_is_the_exact_kl():
     torch.manual_seed(0)
     p_logits, q_logits = torch.randn(20, 50) * 3, torch.randn(20, 50) * 3

@@ -29,7 +29,7 @@ import time
 from collections.abc import Generator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from searchllm.config import LevelError, LevelParams
 from searchllm.models.adapters import Geometry
 from searchllm.models.sliced import LayerSlice
 from searchllm.pruning.obs import gram, module_levels, obs_channel_order, obs_head_order
+from searchllm.streams import imap_streams, in_streams
 
 if TYPE_CHECKING:
     from searchllm.pruning.shard import ShardRunner
@@ -183,91 +184,97 @@ def iter_build(
         block: Any = runner.block(i, full)  # a sliced decoder layer (its submodules are attributes)
         w = runner.blocks_w[i]
         a_imp, m_imp = (int(x) for x in implied[i])
-        xs, mids, dense = [], [], []
+        xs, dense = [], []
         entry = done.get(i)  # built before: only run (no statistics), so the next layers see the same inputs
         build = entry is None
+        starts = range(0, h_all.shape[0], batch)
+
+        def attention(s: int):
+            """One batch through the attention: o's input, the attention's output, the dense stream's block
+            (aim != module) and this batch's statistics (G; R, YY toward the dense targets)."""
+            h, rec = h_all[s : s + batch], dict[str, torch.Tensor]()
+            attn_out = block.self_attn(block.input_layernorm(h), *runner.rope(h), rec.__setitem__)
+            x, d, stats = rec["o"], None, [cross(rec["o"], rec["o"])] if build else []
+            if hd_all is not None:  # the dense block on the dense stream, the targets and the next dense stream
+                hd = hd_all[s : s + batch]
+                attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd))
+                mid_d = block.attn_residual(hd, attn_d)
+                mlp_d = block.mlp(block.post_attention_layernorm(mid_d))
+                d = (block.mlp_residual(mid_d, mlp_d), mlp_d)
+                y = attn_d if aim == "dense" else mid_d - h
+                y = y - w["o_bias"] if w.get("o_bias") is not None else y  # the bias stays as it is
+                stats += [cross(y, x), cross(y, y)] if build else []
+            return (x, attn_out), d, stats
+
         with torch.no_grad():
-            G: Optional[torch.Tensor] = None
-            R: Optional[torch.Tensor] = None
-            YY: Optional[torch.Tensor] = None
-            for s in range(0, h_all.shape[0], batch):
-                h = h_all[s : s + batch]
-                rec: dict[str, torch.Tensor] = {}
-                attn_out = block.self_attn(block.input_layernorm(h), *runner.rope(h), rec.__setitem__)
-                x = rec["o"]
-                xs.append((x, attn_out))
-                if (
-                    hd_all is not None
-                ):  # aim != module: the dense block on the dense stream, the targets and the next dense stream
-                    hd = hd_all[s : s + batch]
-                    attn_d = block.self_attn(block.input_layernorm(hd), *runner.rope(hd))
-                    mid_d = block.attn_residual(hd, attn_d)
-                    mlp_d = block.mlp(block.post_attention_layernorm(mid_d))
-                    dense.append((block.mlp_residual(mid_d, mlp_d), mlp_d))
-                    y = attn_d if aim == "dense" else mid_d - h
-                    y = y - w["o_bias"] if w.get("o_bias") is not None else y  # the bias stays as it is
-                    if build:
-                        R = cross(y, x) if R is None else R.add_(cross(y, x))
-                        YY = cross(y, y) if YY is None else YY.add_(cross(y, y))
-                if build:
-                    G = cross(x, x) if G is None else G.add_(cross(x, x))
+            sums: list[torch.Tensor] = []  # G, R, YY summed in batch order: the same whatever the streams
+            for x_out, d, stats in imap_streams(attention, starts, runner.streams):
+                xs.append(x_out)
+                if d is not None:
+                    dense.append(d)
+                sums = stats if not sums else [a.add_(b) for a, b in zip(sums, stats)]
             if build:
-                assert G is not None
+                G, target = _summed(sums)
                 order = obs_head_order(w["o"], G, g, p.heads == "equal", p.obs_damp)
                 entry = LayerLevels(i, order, [])
                 kept = [
                     sum((list(range(h * g.head_dim, (h + 1) * g.head_dim)) for h in entry.kept_heads(space, a)), [])
                     for a in range(space.attn_top + 1)
                 ]
-                entry.attn, entry.attn_error = module_levels(
-                    w["o"], G, kept, p.damp, dtype, None, None if R is None or YY is None else (R, YY)
-                )
-            del G, R, YY
+                entry.attn, entry.attn_error = module_levels(w["o"], G, kept, p.damp, dtype, None, target)
+                del G, target
+            sums = []
             assert entry is not None
+            built: LayerLevels = entry  # (the batches' functions below see it narrowed)
             # The MLP sees the attention at its implied level (its kept heads' outputs, compensated o).
-            a_cols = _head_cols(entry.kept_heads(space, a_imp), g)
-            Gd: Optional[torch.Tensor] = None
-            R = YY = None
-            feats = []
-            for b, (x, attn_out) in enumerate(xs):
+            a_cols = _head_cols(built.kept_heads(space, a_imp), g)
+
+            def mlp(b: int):
+                """One batch into the MLP: its features (and full-width output where the implied level keeps the
+                whole MLP), its input stream and statistics (Gd; R, YY toward the dense targets)."""
+                x, attn_out = xs[b]
                 h = h_all[b * batch : b * batch + x.shape[0]]
                 if accumulate and a_imp != space.attn_top:
-                    attn_out = _project(x, a_cols, entry.attn.get(a_imp), w.get("o_bias"), h)
+                    attn_out = _project(x, a_cols, built.attn.get(a_imp), w.get("o_bias"), h)
                 mid = block.attn_residual(h, attn_out)
-                f = block.mlp.features(
-                    block.post_attention_layernorm(mid)
-                )  # full-width down_proj only where the implied level keeps the whole MLP
-                feats.append((f, block.mlp.down_proj(f) if not accumulate or m_imp == space.mlp_top else None))
+                f = block.mlp.features(block.post_attention_layernorm(mid))
+                down = block.mlp.down_proj(f) if not accumulate or m_imp == space.mlp_top else None
+                stats = [cross(f, f)] if build else []
+                if build and aim != "module":
+                    out_d, mlp_d = dense[b]
+                    y = mlp_d if aim == "dense" else out_d - mid
+                    y = y - w["down_bias"] if w.get("down_bias") is not None else y
+                    stats += [cross(y, f), cross(y, y)]
+                return (f, down), mid, stats
+
+            feats, mids = [], []
+            for feat, mid, stats in imap_streams(mlp, range(len(xs)), runner.streams):
+                feats.append(feat)
                 mids.append(mid)
-                if build:
-                    Gd = cross(f, f) if Gd is None else Gd.add_(cross(f, f))
-                    if aim != "module":
-                        out_d, mlp_d = dense[b]
-                        y = mlp_d if aim == "dense" else out_d - mid
-                        y = y - w["down_bias"] if w.get("down_bias") is not None else y
-                        R = cross(y, f) if R is None else R.add_(cross(y, f))
-                        YY = cross(y, y) if YY is None else YY.add_(cross(y, y))
-            del xs
+                sums = stats if not sums else [a.add_(b) for a, b in zip(sums, stats)]
+            xs.clear()
             if build:
-                assert Gd is not None
+                Gd, target = _summed(sums)
                 entry.mlp_order = obs_channel_order(
                     w["down"], Gd, space.mlp_step, p.obs_group, p.obs_damp, factors.get(i)
                 )
                 kept = [entry.kept_channels(space, m) for m in range(space.mlp_top + 1)]
-                entry.mlp, entry.mlp_error = module_levels(
-                    w["down"], Gd, kept, p.damp, dtype, factors.get(i), None if R is None or YY is None else (R, YY)
-                )
-            del Gd, R, YY
+                entry.mlp, entry.mlp_error = module_levels(w["down"], Gd, kept, p.damp, dtype, factors.get(i), target)
+                del Gd, target
+            sums = []
             m_cols = entry.kept_channels(space, m_imp)
-            outs = []
-            for (f, mlp_out), mid in zip(feats, mids):
+
+            def output(b: int) -> torch.Tensor:
+                (f, mlp_out), mid = feats[b], mids[b]
                 if accumulate and m_imp != space.mlp_top:
-                    mlp_out = _project(f, m_cols, entry.mlp.get(m_imp), w.get("down_bias"), mid)
-                outs.append(block.mlp_residual(mid, mlp_out))
-            h_all = torch.cat(outs)
+                    mlp_out = _project(f, m_cols, built.mlp.get(m_imp), w.get("down_bias"), mid)
+                return block.mlp_residual(mid, mlp_out)
+
+            h_all = torch.cat(in_streams(output, range(len(feats)), runner.streams))
             if aim != "module":
                 hd_all = torch.cat([out_d for out_d, _ in dense])
-            del feats, mids, outs, dense
+            for held in (feats, mids, dense):
+                held.clear()
         entry.seconds = time.perf_counter() - t0
         yield None if i in done else entry
     return h_all if hd_all is None else torch.cat([h_all, hd_all])
@@ -292,6 +299,12 @@ def build_local(
             return out, stop.value
         if entry is not None:
             out[entry.layer] = entry
+
+
+def _summed(sums: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """A module's statistics summed over the batches: (its input Gram, (R, YY) toward the dense targets or
+    None where it reproduces its own output)."""
+    return sums[0], (sums[1], sums[2]) if len(sums) == 3 else None
 
 
 def _head_cols(heads: list[int], g: Geometry) -> list[int]:
