@@ -41,7 +41,9 @@ def imap_streams(fn: Callable[[T], R], items: Iterable[T], streams: int = 1) -> 
         return
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // streams))
-    pool = _POOLS.setdefault(streams, ThreadPoolExecutor(streams, thread_name_prefix="searchllm-stream"))
+    pool = _POOLS.get(streams)
+    if pool is None:  # made once: setdefault would build (and drop) an executor on every call
+        pool = _POOLS[streams] = ThreadPoolExecutor(streams, thread_name_prefix="searchllm-stream")
     pending: deque[Future[R]] = deque()
     try:
         for x in items:
