@@ -1,6 +1,7 @@
 """Model families: which are accepted, which variants are refused, and the shapes each must handle."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -129,6 +130,17 @@ def test_the_blocks_torch_activations_are_transformers_to_the_bit(name):
     assert name in ACTIVATIONS
     x = torch.randn(4, 64) * 4
     assert torch.equal(activation(name)(x), ACT2FN[name](x))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 48), (16, 48), (0, 48), (3, 0), (4, 40, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_blocks_linear_computes_f_linear_on_few_rows_and_many(shape, bias):
+    from searchllm.models.blocks import FEW_ROWS, Linear
+
+    layer = Linear(shape[-1], 24, bias=bias)
+    x = torch.randn(*shape)
+    assert isinstance(layer, torch.nn.Linear) and (math.prod(shape[:-1]) > FEW_ROWS) == (shape == (4, 40, 48))
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_opt_positions_follow_the_attention_mask_under_left_padding(tokens):

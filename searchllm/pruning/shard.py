@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from searchllm.models.adapters import Architecture
-from searchllm.models.blocks import norm
+from searchllm.models.blocks import linear, norm
 from searchllm.models.generate import KVCache, generators, sample_next
 from searchllm.models.sliced import LayerSlice, build_block
 from searchllm.models.weights import SharedState, unshare
@@ -363,7 +363,7 @@ class ShardRunner:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head's output in the runner's dtype."""
-        return F.linear(self.final_norm(h), self.outer_weight("head"))
+        return linear(self.final_norm(h), self.outer_weight("head"))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
