@@ -37,17 +37,18 @@ if TYPE_CHECKING:
 Recorder = Optional[Callable[[str, torch.Tensor], None]]
 
 
-# At most this many rows (decoding: a few sequences, one position each), a CPU computes a float32 linear
-# layer as weight @ x^T: MKL then packs the activations, not the whole weight, on every call (16 rows: 30%
-# faster, the same bits; SmolLM2 samples 16% faster on AVX2). In bfloat16 decoding gained nothing measurable.
-FEW_ROWS = 64
+# Rows (decoding: a few sequences, one position each) at which a CPU computes a float32 linear layer as
+# weight @ x^T: MKL then packs the activations, not the whole weight, on every call (16 rows: 30% faster;
+# SmolLM2 samples 16% faster on AVX2), and every output is F.linear's to the bit: measured at 12-64 rows with
+# AVX-512 and AVX2 kernels, while at 2-11 rows the two round differently. bfloat16 gained nothing measurable.
+FEW_ROWS = range(12, 65)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, with a few float32 rows on a CPU as weight @ x^T (FEW_ROWS), made contiguous again (a
-    transposed output slowed the attention after it 3x and changed its bits)."""
+    """F.linear, with FEW_ROWS float32 rows on a CPU as weight @ x^T, made contiguous again (a transposed
+    output slowed the attention after it 3x and changed its bits)."""
     rows = x.shape[:-1].numel()
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > FEW_ROWS:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows not in FEW_ROWS:
         return F.linear(x, weight, bias)
     y = (weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous().reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
