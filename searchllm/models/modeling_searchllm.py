@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .blocks import (  # relative: the file ships beside exported weights
     DualRope,
+    Linear,
     Norm,
     Rope,
     SlicedAttention,
@@ -158,7 +159,7 @@ class SearchLLMForCausalLM(SearchLLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: SearchLLMConfig) -> None:
         super().__init__(config)
         self.model = SearchLLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # the blocks' few-row path
         self.post_init()
 
     def forward(
